@@ -1,0 +1,59 @@
+"""ckptvcs: content-addressed, git-like version control for model training checkpoints.
+
+The public API is what this module exports; everything else is internal and may change.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .diff import DiffEntry
+from .errors import (
+    AmbiguousRevisionError,
+    CkptvcsError,
+    CorruptObjectError,
+    ForkedRepoError,
+    IntegrityError,
+    InvalidInputError,
+    InvalidRefNameError,
+    KeyNotFoundError,
+    LockTimeoutError,
+    NotARepositoryError,
+    RefConflictError,
+    RefExistsError,
+    RepositoryExistsError,
+    RevisionNotFoundError,
+    StorageError,
+    UnsupportedFormatError,
+    UnsupportedValueError,
+)
+from .objects import Commit, Tag
+from .refs import ReflogEntry
+from .repo import Repo, RepoStats
+
+__all__ = [
+    "__version__",
+    "Repo",
+    "RepoStats",
+    "Commit",
+    "Tag",
+    "ReflogEntry",
+    "DiffEntry",
+    "CkptvcsError",
+    "AmbiguousRevisionError",
+    "CorruptObjectError",
+    "ForkedRepoError",
+    "IntegrityError",
+    "InvalidInputError",
+    "InvalidRefNameError",
+    "KeyNotFoundError",
+    "LockTimeoutError",
+    "NotARepositoryError",
+    "RefConflictError",
+    "RefExistsError",
+    "RepositoryExistsError",
+    "RevisionNotFoundError",
+    "StorageError",
+    "UnsupportedFormatError",
+    "UnsupportedValueError",
+]

@@ -1,0 +1,162 @@
+"""Differences between two committed states, tensor by tensor and value by value.
+
+Tensors whose stored bytes are provably identical (same layout, same chunk ids) are
+never read. The rest are loaded one at a time and compared bit by bit: the fraction of
+elements whose bits differ, and the largest absolute difference among them (NaN when a
+NaN is involved), so a diff of two checkpoints answers "what did training change".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .state import _children, _join, decode_state, iter_tensors
+
+if TYPE_CHECKING:
+    from .repo import Manifest
+
+__all__ = ["DiffEntry", "diff_manifests", "compare_values"]
+
+_INT_OF_SIZE_TORCH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_INT_OF_SIZE_NUMPY = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclass(frozen=True)
+class DiffEntry:
+    """One difference. ``kind`` is ``tensor`` or ``value``; ``status`` is added/removed/changed.
+
+    For a changed tensor of unchanged dtype and shape, ``fraction_changed`` (0..1) and
+    ``max_abs_diff`` are set; when dtype or shape changed, ``detail`` says how.
+    """
+
+    path: str
+    kind: str
+    status: str
+    detail: str = ""
+    fraction_changed: float | None = None
+    max_abs_diff: float | None = None
+    old: Any = None
+    new: Any = None
+
+
+def _describe(kind: str, body: dict) -> str:
+    dtype = body.get("dtype", "?")
+    return f"{dtype}{list(body.get('shape', []))}" if kind == "tensor" else f"ndarray {dtype}{list(body.get('shape', []))}"
+
+
+def _layout(kind: str, body: dict, manifest: Manifest) -> tuple:
+    blob = manifest.blobs[body["blob"]]
+    return (kind, body.get("dtype"), body.get("shape"), body.get("stride"), body.get("offset"), blob["nbytes"], tuple(blob["chunks"]))
+
+
+def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Non-tensor leaf nodes with their paths."""
+    if isinstance(node, dict) and len(node) >= 1 and next(iter(node)) in ("tensor", "ndarray"):
+        return
+    children = list(_children(node))
+    is_container = isinstance(node, dict) and next(iter(node), None) in ("dict", "odict", "list", "tuple")
+    if not is_container:
+        yield path, node
+        return
+    for key, child in children:
+        yield from _leaves(child, _join(path, key))
+
+
+def compare_values(a: Any, b: Any) -> tuple[float, float]:
+    """``(fraction of elements whose bits differ, max |a - b| over them)`` for equal dtype and shape."""
+    if isinstance(a, torch.Tensor):
+        return _compare_torch(a.detach().cpu().contiguous(), b.detach().cpu().contiguous())
+    return _compare_numpy(np.ascontiguousarray(a), np.ascontiguousarray(b))
+
+
+def _compare_torch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    if a.numel() == 0:
+        return 0.0, 0.0
+    if a.is_complex():
+        ra, rb = torch.view_as_real(a), torch.view_as_real(b)
+        bits = _INT_OF_SIZE_TORCH[ra.element_size()]
+        differs = (ra.view(bits) != rb.view(bits)).any(-1)
+        magnitude = (a.to(torch.complex128) - b.to(torch.complex128)).abs()
+    else:
+        bits = _INT_OF_SIZE_TORCH[a.element_size()]
+        differs = a.view(bits) != b.view(bits)
+        magnitude = (a.double() - b.double()).abs()
+    count = int(differs.sum())
+    if count == 0:
+        return 0.0, 0.0
+    return count / a.numel(), float(magnitude[differs].max()) if not magnitude[differs].isnan().any() else float("nan")
+
+
+def _compare_numpy(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    if a.size == 0:
+        return 0.0, 0.0
+    if a.dtype.kind == "c":
+        fa, fb = a.view(a.real.dtype).reshape(*a.shape, 2), b.view(b.real.dtype).reshape(*b.shape, 2)
+        bits = _INT_OF_SIZE_NUMPY[fa.dtype.itemsize]
+        differs = (fa.view(bits) != fb.view(bits)).any(-1)
+        magnitude = np.abs(a.astype(np.complex128) - b.astype(np.complex128))
+    else:
+        bits = _INT_OF_SIZE_NUMPY[a.dtype.itemsize]
+        differs = a.view(bits) != b.view(bits)
+        magnitude = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    count = int(differs.sum())
+    if count == 0:
+        return 0.0, 0.0
+    return count / a.size, float(np.max(magnitude[differs]))
+
+
+def diff_manifests(
+    a: Manifest,
+    b: Manifest,
+    load_a: Callable[[Any], Any],
+    load_b: Callable[[Any], Any],
+) -> list[DiffEntry]:
+    """Compare two manifests; ``load_x(node)`` decodes one tensor node of that side."""
+    result: list[DiffEntry] = []
+    tensors_a = {path: (kind, body) for path, kind, body in iter_tensors(a.root)}
+    tensors_b = {path: (kind, body) for path, kind, body in iter_tensors(b.root)}
+    for path in list(dict.fromkeys([*tensors_a, *tensors_b])):
+        if path not in tensors_b:
+            result.append(DiffEntry(path, "tensor", "removed", _describe(*tensors_a[path])))
+            continue
+        if path not in tensors_a:
+            result.append(DiffEntry(path, "tensor", "added", _describe(*tensors_b[path])))
+            continue
+        (kind_a, body_a), (kind_b, body_b) = tensors_a[path], tensors_b[path]
+        if _layout(kind_a, body_a, a) == _layout(kind_b, body_b, b):
+            continue
+        if (kind_a, body_a["dtype"], body_a["shape"]) != (kind_b, body_b["dtype"], body_b["shape"]):
+            result.append(
+                DiffEntry(path, "tensor", "changed", f"{_describe(kind_a, body_a)} -> {_describe(kind_b, body_b)}")
+            )
+            continue
+        fraction, max_abs = compare_values(load_a({kind_a: body_a}), load_b({kind_b: body_b}))
+        if fraction:
+            result.append(
+                DiffEntry(path, "tensor", "changed", _describe(kind_b, body_b), fraction, max_abs)
+            )
+    values_a, values_b = dict(_leaves(a.root)), dict(_leaves(b.root))
+    for path in list(dict.fromkeys([*values_a, *values_b])):
+        if path in values_a and path in values_b:
+            if values_a[path] != values_b[path]:
+                old, new = _plain(values_a[path]), _plain(values_b[path])
+                result.append(DiffEntry(path, "value", "changed", f"{old!r} -> {new!r}", old=old, new=new))
+        elif path in values_a:
+            old = _plain(values_a[path])
+            result.append(DiffEntry(path, "value", "removed", repr(old), old=old))
+        else:
+            new = _plain(values_b[path])
+            result.append(DiffEntry(path, "value", "added", repr(new), new=new))
+    return result
+
+
+def _plain(node: Any) -> Any:
+    """Decode a value leaf for display (large bytes stay summarised)."""
+    if isinstance(node, dict) and "bytes_blob" in node:
+        return "<large bytes>"
+    return decode_state(node, {})

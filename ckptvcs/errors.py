@@ -1,0 +1,139 @@
+"""Typed errors: one base class, one subclass per contract with the user.
+
+Every error carries a one-line, actionable message and a stable exit code that the
+CLI returns (borg-style): scripts can branch on the code, people read the line.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CkptvcsError",
+    "NotARepositoryError",
+    "RepositoryExistsError",
+    "UnsupportedFormatError",
+    "RevisionNotFoundError",
+    "AmbiguousRevisionError",
+    "KeyNotFoundError",
+    "InvalidRefNameError",
+    "RefExistsError",
+    "RefConflictError",
+    "UnsupportedValueError",
+    "InvalidInputError",
+    "IntegrityError",
+    "CorruptObjectError",
+    "LockTimeoutError",
+    "ForkedRepoError",
+    "StorageError",
+]
+
+
+class CkptvcsError(Exception):
+    """Base of every error ckptvcs raises on purpose; ``exit_code`` is the CLI's."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotARepositoryError(CkptvcsError):
+    """The path holds no ckptvcs repository."""
+
+    exit_code = 3
+
+
+class RepositoryExistsError(CkptvcsError):
+    """``init`` was asked to create a repository where something already is."""
+
+    exit_code = 3
+
+
+class UnsupportedFormatError(CkptvcsError):
+    """The repository was written by a newer (or unknown) format version."""
+
+    exit_code = 4
+
+
+class RevisionNotFoundError(CkptvcsError):
+    """A revision (id, prefix, branch, tag, ``REV~N``) names nothing in the repository."""
+
+    exit_code = 5
+
+
+class AmbiguousRevisionError(RevisionNotFoundError):
+    """An id prefix matches more than one object."""
+
+
+class KeyNotFoundError(CkptvcsError, KeyError):
+    """``load(keys=...)`` named a top-level entry the commit does not have."""
+
+    exit_code = 5
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRefNameError(CkptvcsError):
+    """A branch or tag name breaks the ref-name rules (see docs/format.md)."""
+
+    exit_code = 6
+
+
+class RefExistsError(CkptvcsError):
+    """A branch or tag of that name exists and ``force`` was not given."""
+
+    exit_code = 6
+
+
+class RefConflictError(CkptvcsError):
+    """A compare-and-swap on a ref lost: the ref moved while the operation ran."""
+
+    exit_code = 7
+
+
+class UnsupportedValueError(CkptvcsError):
+    """A value in the state cannot be represented; ``path`` names where it sits."""
+
+    exit_code = 8
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"cannot store value at {path or '<root>'}: {what}")
+        self.path = path
+
+
+class InvalidInputError(CkptvcsError):
+    """An input file (.pt, .safetensors, config JSON) is unreadable or malformed."""
+
+    exit_code = 9
+
+
+class IntegrityError(CkptvcsError):
+    """Stored bytes do not match their BLAKE3 id, or are missing: data is damaged."""
+
+    exit_code = 10
+
+
+class CorruptObjectError(IntegrityError):
+    """A stored object (commit, manifest, tag, pack entry) does not parse."""
+
+
+class LockTimeoutError(CkptvcsError):
+    """Another process holds a lock this operation needs, for longer than the timeout."""
+
+    exit_code = 11
+
+
+class ForkedRepoError(CkptvcsError):
+    """A Repo handle was used in a process forked after it was opened."""
+
+    exit_code = 12
+
+
+class StorageError(CkptvcsError):
+    """The operating system refused a write, read or sync (disk full, I/O error)."""
+
+    exit_code = 13

@@ -1,0 +1,131 @@
+"""The chunk index: an LMDB map from chunk id to its place in a pack.
+
+The index is derived data: everything in it can be rebuilt from the packs, whose
+entries describe themselves. Values are small fixed-size records. Write transactions
+are short and hold no hashing or compression; a full map is grown outside the
+transaction and the write retried. One LMDB environment per process and path, never
+used across fork (LMDB's rule), which the Repo enforces.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+
+from . import _fs
+from .errors import CorruptObjectError, StorageError
+from .pack import PackEntry
+
+__all__ = ["ChunkIndex"]
+
+_VALUE = struct.Struct("<16sQIIB")  # pack id, payload offset, stored length, raw length, codec
+_INITIAL_MAP_SIZE = 256 << 20
+_MAX_MAP_SIZE = 1 << 40
+
+_T = TypeVar("_T")
+
+_registry_lock = threading.Lock()
+_registry: dict[tuple[int, str], lmdb.Environment] = {}
+
+
+def _environment(path: Path, map_size: int) -> lmdb.Environment:
+    """One shared environment per (process, real path); LMDB forbids opening twice."""
+    key = (os.getpid(), os.path.realpath(path))
+    with _registry_lock:
+        env = _registry.get(key)
+        if env is None:
+            env = lmdb.open(
+                str(path),
+                map_size=map_size,
+                max_dbs=2,
+                max_readers=256,
+                subdir=True,
+                sync=True,
+                metasync=True,
+                readahead=False,
+                writemap=False,
+            )
+            env.reader_check()  # clear reader slots left by dead processes
+            _registry[key] = env
+        return env
+
+
+class ChunkIndex:
+    """Chunk id (32 bytes) → :class:`PackEntry`, stored in LMDB."""
+
+    def __init__(self, path: Path, map_size: int = _INITIAL_MAP_SIZE) -> None:
+        self.path = path
+        with _fs.storage_errors(f"opening the chunk index {path}"):
+            self._env = _environment(path, map_size)
+            self._db = self._env.open_db(b"chunks")
+
+    @staticmethod
+    def _decode(chunk_id: bytes, value: bytes) -> PackEntry:
+        if len(value) != _VALUE.size:
+            raise CorruptObjectError(f"index entry for chunk {chunk_id.hex()} is malformed")
+        pack, offset, stored_len, raw_len, codec = _VALUE.unpack(value)
+        return PackEntry(chunk_id, pack.hex(), offset, stored_len, raw_len, codec)
+
+    def _run(self, op: Callable[[], _T]) -> _T:
+        """Run an LMDB operation, growing the map or adopting another process's growth."""
+        while True:
+            try:
+                return op()
+            except lmdb.MapFullError:
+                size = self._env.info()["map_size"]
+                if size >= _MAX_MAP_SIZE:
+                    raise StorageError(f"chunk index {self.path} reached {size} bytes") from None
+                self._env.set_mapsize(size * 2)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+            except lmdb.Error as err:
+                raise StorageError(f"chunk index {self.path}: {err}") from None
+
+    def get(self, chunk_id: bytes) -> PackEntry | None:
+        def op() -> PackEntry | None:
+            with self._env.begin(db=self._db) as txn:
+                value = txn.get(chunk_id)
+            return None if value is None else self._decode(chunk_id, value)
+
+        return self._run(op)
+
+    def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
+        """The subset of ``chunk_ids`` the index does not hold, in one read transaction."""
+        ids = list(chunk_ids)
+
+        def op() -> set[bytes]:
+            with self._env.begin(db=self._db) as txn:
+                return {cid for cid in ids if txn.get(cid) is None}
+
+        return self._run(op)
+
+    def add(self, entries: Iterable[PackEntry]) -> None:
+        """Insert entries of sealed packs in one short, synchronous write transaction."""
+        rows = [
+            (e.chunk_id, _VALUE.pack(bytes.fromhex(e.pack), e.offset, e.stored_len, e.raw_len, e.codec))
+            for e in entries
+        ]
+        if not rows:
+            return
+
+        def op() -> None:
+            with self._env.begin(db=self._db, write=True) as txn:
+                for key, value in rows:
+                    txn.put(key, value)
+
+        self._run(op)
+
+    def __iter__(self) -> Iterator[PackEntry]:
+        with self._env.begin(db=self._db) as txn:
+            for key, value in txn.cursor():
+                yield self._decode(bytes(key), bytes(value))
+
+    def __len__(self) -> int:
+        with self._env.begin(db=self._db) as txn:
+            return txn.stat(self._db)["entries"]

@@ -1,0 +1,232 @@
+"""Immutable history objects (commits, manifests, tags) and their loose-object store.
+
+An object's bytes are ``<kind>\\n<canonical JSON>``; its id is the BLAKE3 of those
+bytes, so equal content always has one id and any change to a stored object is
+detected when it is read. Canonical JSON: sorted keys, no whitespace, UTF-8, no NaN.
+Objects are stored zstd-compressed, one file each, under ``objects/<2 hex>/<62 hex>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from . import _fs, codec
+from .errors import CorruptObjectError, IntegrityError
+
+__all__ = ["Commit", "Tag", "ObjectStore", "canonical_json", "encode_float", "decode_float", "KINDS"]
+
+KINDS = ("commit", "manifest", "tag")
+_MAX_OBJECT_SIZE = 1 << 30  # bound on decompression of one object
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte form of a JSON value that hashing relies on."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def encode_float(x: float) -> float | str:
+    """JSON has no NaN or infinity: those travel as strings ``"nan"``, ``"inf"``, ``"-inf"``."""
+    x = float(x)
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def decode_float(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise CorruptObjectError(f"expected a number, found {type(v).__name__}")
+    if isinstance(v, str) and v not in ("nan", "inf", "-inf"):
+        raise CorruptObjectError(f"expected a number, found string {v!r}")
+    return float(v)
+
+
+def _expect(obj: dict, key: str, types: type | tuple[type, ...], kind: str) -> Any:
+    if key not in obj:
+        raise CorruptObjectError(f"{kind} object has no field {key!r}")
+    value = obj[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        raise CorruptObjectError(f"{kind} field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _is_hex_id(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One checkpoint in the history. ``id`` is filled in once the commit is stored."""
+
+    manifest: str
+    parents: tuple[str, ...]
+    message: str
+    author: str
+    time: str  # UTC, ISO 8601 with a trailing Z
+    step: int | None = None
+    epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    config: Any = None
+    data_version: str | None = None
+    code_version: dict[str, Any] | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
+    id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        del body["id"]
+        body["parents"] = list(self.parents)
+        body["metrics"] = {k: encode_float(v) for k, v in self.metrics.items()}
+        return body
+
+    @classmethod
+    def from_json(cls, obj: Any, oid: str) -> Commit:
+        if not isinstance(obj, dict):
+            raise CorruptObjectError(f"commit {oid} is not a JSON object")
+        manifest = _expect(obj, "manifest", str, "commit")
+        parents = _expect(obj, "parents", list, "commit")
+        if not _is_hex_id(manifest) or not all(_is_hex_id(p) for p in parents):
+            raise CorruptObjectError(f"commit {oid} has a malformed manifest or parent id")
+        metrics = _expect(obj, "metrics", dict, "commit")
+        try:
+            decoded_metrics = {str(k): decode_float(v) for k, v in metrics.items()}
+        except CorruptObjectError as err:
+            raise CorruptObjectError(f"commit {oid} metrics: {err}") from None
+        return cls(
+            manifest=manifest,
+            parents=tuple(parents),
+            message=_expect(obj, "message", str, "commit"),
+            author=_expect(obj, "author", str, "commit"),
+            time=_expect(obj, "time", str, "commit"),
+            step=_expect(obj, "step", (int, type(None)), "commit"),
+            epoch=_expect(obj, "epoch", (int, type(None)), "commit"),
+            metrics=decoded_metrics,
+            config=obj.get("config"),
+            data_version=_expect(obj, "data_version", (str, type(None)), "commit"),
+            code_version=_expect(obj, "code_version", (dict, type(None)), "commit"),
+            environment=_expect(obj, "environment", dict, "commit"),
+            stats=_expect(obj, "stats", dict, "commit"),
+            id=oid,
+        )
+
+
+@dataclass(frozen=True)
+class Tag:
+    """An annotated tag: a named, immutable pointer to a commit with a message."""
+
+    object: str
+    name: str
+    message: str
+    tagger: str
+    time: str
+    id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        del body["id"]
+        return body
+
+    @classmethod
+    def from_json(cls, obj: Any, oid: str) -> Tag:
+        if not isinstance(obj, dict):
+            raise CorruptObjectError(f"tag {oid} is not a JSON object")
+        target = _expect(obj, "object", str, "tag")
+        if not _is_hex_id(target):
+            raise CorruptObjectError(f"tag {oid} points at a malformed id")
+        return cls(
+            object=target,
+            name=_expect(obj, "name", str, "tag"),
+            message=_expect(obj, "message", str, "tag"),
+            tagger=_expect(obj, "tagger", str, "tag"),
+            time=_expect(obj, "time", str, "tag"),
+            id=oid,
+        )
+
+
+class ObjectStore:
+    """Loose, content-addressed objects under ``objects/``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, oid: str) -> Path:
+        return self.root / oid[:2] / oid[2:]
+
+    def put(self, kind: str, body: Any) -> str:
+        """Store an object durably (fsync, rename, fsync dir); returns its id."""
+        assert kind in KINDS, kind
+        data = kind.encode() + b"\n" + canonical_json(body)
+        oid = blake3.blake3(data).hexdigest()
+        path = self.path(oid)
+        with _fs.storage_errors(f"writing {kind} object {oid}"):
+            if not path.exists():
+                path.parent.mkdir(exist_ok=True)
+                _fs.fsync_dir(self.root)
+                _fs.atomic_write(path, codec.compress_object(data), exclusive=True)
+        return oid
+
+    def has(self, oid: str) -> bool:
+        return self.path(oid).is_file()
+
+    def get(self, oid: str, expected_kind: str | None = None) -> tuple[str, Any]:
+        """Read, verify and parse an object; returns ``(kind, body)``."""
+        path = self.path(oid)
+        try:
+            with _fs.storage_errors(f"reading object {oid}"):
+                stored = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"object {oid} is missing") from None
+        data = codec.decompress_object(stored, _MAX_OBJECT_SIZE)
+        if blake3.blake3(data).hexdigest() != oid:
+            raise IntegrityError(f"object {oid} fails its BLAKE3 check (damaged on disk)")
+        kind, _, payload = data.partition(b"\n")
+        kind_name = kind.decode("ascii", "replace")
+        if kind_name not in KINDS:
+            raise CorruptObjectError(f"object {oid} has unknown kind {kind_name!r}")
+        if expected_kind is not None and kind_name != expected_kind:
+            raise CorruptObjectError(f"object {oid} is a {kind_name}, expected a {expected_kind}")
+        try:
+            body = json.loads(payload)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise CorruptObjectError(f"object {oid} does not parse: {err}") from None
+        return kind_name, body
+
+    def kind(self, oid: str) -> str:
+        return self.get(oid)[0]
+
+    def read_commit(self, oid: str) -> Commit:
+        return Commit.from_json(self.get(oid, "commit")[1], oid)
+
+    def read_tag(self, oid: str) -> Tag:
+        return Tag.from_json(self.get(oid, "tag")[1], oid)
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        """Ids of stored objects starting with a hex ``prefix`` of at least 4 characters."""
+        if len(prefix) < 4:
+            return []
+        folder = self.root / prefix[:2]
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        rest = prefix[2:]
+        return sorted(prefix[:2] + n for n in names if n.startswith(rest) and len(n) == 62)
+
+    def __iter__(self) -> Iterator[str]:
+        for folder in sorted(self.root.iterdir()):
+            if len(folder.name) == 2 and folder.is_dir():
+                for name in sorted(os.listdir(folder)):
+                    if len(name) == 62:
+                        yield folder.name + name

@@ -1,0 +1,174 @@
+"""Pack files: append-only, self-describing containers of stored chunks.
+
+A pack is written under ``tmp/``, sealed (footer, fsync, rename into ``packs/``,
+fsync of the directory) and never modified afterwards. Each entry carries its own
+header (chunk id, codec, lengths), so the LMDB index can always be rebuilt from the
+packs alone, and the footer lets a reader tell a complete pack from a torn one.
+Layout (all integers little-endian) is specified in docs/format.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from . import _fs
+from .errors import CorruptObjectError
+
+__all__ = ["PackWriter", "PackEntry", "PackFiles", "iter_pack_entries", "ENTRY_HEADER_SIZE"]
+
+PACK_MAGIC = b"CKPTPACK"
+PACK_VERSION = 1
+_PACK_HEADER = struct.Struct("<8sII")  # magic, version, reserved
+_ENTRY_HEADER = struct.Struct("<2sBBII32s")  # magic, codec, flags, raw_len, stored_len, chunk id
+_ENTRY_MAGIC = b"CE"
+_FOOTER = struct.Struct("<QQ32s8s")  # entry count, end of entries, BLAKE3(entry headers), magic
+_FOOTER_MAGIC = b"CKPTEND1"
+ENTRY_HEADER_SIZE = _ENTRY_HEADER.size
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    """Where one chunk sits: ``offset`` points at its payload, after the entry header."""
+
+    chunk_id: bytes
+    pack: str
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+
+
+class PackWriter:
+    """Accumulates chunks in a temp file; ``seal()`` makes it a durable pack."""
+
+    def __init__(self, tmp_dir: Path, packs_dir: Path) -> None:
+        self.name = uuid.uuid4().hex
+        self._packs_dir = packs_dir
+        self._tmp_path = tmp_dir / _fs.temp_name(f"pack-{self.name}-")
+        self._fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._headers = blake3.blake3()
+        self.entries: list[PackEntry] = []
+        self.size = 0
+        self._write(_PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        _fs.write_all(self._fd, data)
+        self.size += len(data)
+
+    def add(self, chunk_id: bytes, codec: int, raw_len: int, payload: bytes | memoryview) -> PackEntry:
+        header = _ENTRY_HEADER.pack(_ENTRY_MAGIC, codec, 0, raw_len, len(payload), chunk_id)
+        self._headers.update(header)
+        self._write(header)
+        entry = PackEntry(chunk_id, self.name, self.size, len(payload), raw_len, codec)
+        self._write(payload)
+        self.entries.append(entry)
+        return entry
+
+    def seal(self) -> Path:
+        """Write the footer, fsync, and move the pack into ``packs/`` durably."""
+        end = self.size
+        self._write(_FOOTER.pack(len(self.entries), end, self._headers.digest(), _FOOTER_MAGIC))
+        _fs.fsync_file(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        final = self._packs_dir / f"{self.name}.pack"
+        _fs.durable_rename(self._tmp_path, final)
+        return final
+
+    def abort(self) -> None:
+        """Drop an unsealed pack (the commit that wrote it failed)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp_path)
+
+
+class PackFiles:
+    """Reads chunk payloads from sealed packs, keeping file descriptors open."""
+
+    def __init__(self, packs_dir: Path) -> None:
+        self._dir = packs_dir
+        self._fds: dict[str, int] = {}
+
+    def path(self, pack: str) -> Path:
+        return self._dir / f"{pack}.pack"
+
+    def _fd(self, pack: str) -> int:
+        fd = self._fds.get(pack)
+        if fd is None:
+            try:
+                fd = os.open(self.path(pack), os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptObjectError(f"pack {pack} is missing") from None
+            # Another thread may have opened it meanwhile; keep one, close the other.
+            existing = self._fds.setdefault(pack, fd)
+            if existing != fd:
+                os.close(fd)
+                fd = existing
+        return fd
+
+    def read_payload(self, entry: PackEntry) -> bytes:
+        """Read one payload, checking the entry header in front of it names the chunk."""
+        start = entry.offset - ENTRY_HEADER_SIZE
+        want = ENTRY_HEADER_SIZE + entry.stored_len
+        data = os.pread(self._fd(entry.pack), want, start)
+        if len(data) != want:
+            raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
+        magic, codec, _flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack_from(data)
+        if (magic, codec, raw_len, stored_len, chunk_id) != (
+            _ENTRY_MAGIC, entry.codec, entry.raw_len, entry.stored_len, entry.chunk_id
+        ):
+            raise CorruptObjectError(
+                f"pack {entry.pack} entry at offset {entry.offset} does not match the index"
+            )
+        return data[ENTRY_HEADER_SIZE:]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def iter_pack_entries(path: Path) -> Iterator[PackEntry]:
+    """Walk a pack's entry headers (for index rebuild and fsck), validating its frame.
+
+    Raises CorruptObjectError on a bad header, a torn entry or a missing footer.
+    """
+    pack = path.stem
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_PACK_HEADER.size)
+        if len(head) != _PACK_HEADER.size or _PACK_HEADER.unpack(head)[:2] != (PACK_MAGIC, PACK_VERSION):
+            raise CorruptObjectError(f"pack {pack} has no valid header")
+        if size < _PACK_HEADER.size + _FOOTER.size:
+            raise CorruptObjectError(f"pack {pack} has no footer (torn write?)")
+        f.seek(size - _FOOTER.size)
+        count, end, digest, magic = _FOOTER.unpack(f.read(_FOOTER.size))
+        if magic != _FOOTER_MAGIC or end != size - _FOOTER.size:
+            raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)")
+        pos = _PACK_HEADER.size
+        headers = blake3.blake3()
+        entries = []
+        while pos < end:
+            f.seek(pos)
+            raw = f.read(ENTRY_HEADER_SIZE)
+            if len(raw) != ENTRY_HEADER_SIZE:
+                raise CorruptObjectError(f"pack {pack} entry header at {pos} is torn")
+            magic2, codec, _flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack(raw)
+            if magic2 != _ENTRY_MAGIC or pos + ENTRY_HEADER_SIZE + stored_len > end:
+                raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid")
+            headers.update(raw)
+            entries.append(PackEntry(chunk_id, pack, pos + ENTRY_HEADER_SIZE, stored_len, raw_len, codec))
+            pos += ENTRY_HEADER_SIZE + stored_len
+        if len(entries) != count or headers.digest() != digest:
+            raise CorruptObjectError(f"pack {pack} entry headers do not match its footer")
+    yield from entries

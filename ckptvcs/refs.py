@@ -1,0 +1,192 @@
+"""Refs: branches, tags, HEAD and the reflog, updated only by compare-and-swap.
+
+A ref is a small file (``refs/heads/<name>``, ``refs/tags/<name>``, ``HEAD``) holding
+a hex id or, for HEAD, ``ref: refs/heads/<branch>``. Every update takes the ref's lock
+file, re-reads the current value under it, and proceeds only if that value is the one
+the caller expected (``set_if_equals``): a writer that lost the race gets
+RefConflictError and nothing is overwritten. The rename of the lock file over the ref
+is the single commit point of every operation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _fs
+from .errors import CorruptObjectError, InvalidRefNameError, RefConflictError
+
+__all__ = ["Refs", "ReflogEntry", "check_ref_name", "ZERO_ID", "HEAD"]
+
+HEAD = "HEAD"
+ZERO_ID = "0" * 64
+_SYMREF_PREFIX = "ref: "
+_HEX_ID = re.compile(r"^[0-9a-f]{64}$")
+_BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def check_ref_name(name: str, what: str = "ref") -> str:
+    """Validate a branch or tag name by git's rules; returns it or raises InvalidRefNameError."""
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif len(name.encode()) > 200:
+        problem = "it is longer than 200 bytes"
+    elif _BAD_CHARS.search(name):
+        problem = "it contains a space, control character or one of ~ ^ : ? * [ \\"
+    elif name.startswith("-"):
+        problem = "it starts with '-'"
+    elif ".." in name or "@{" in name or "//" in name:
+        problem = "it contains '..', '@{' or '//'"
+    elif name == "@" or name == HEAD:
+        problem = f"'{name}' is reserved"
+    elif name.endswith((".", "/", ".lock")) or name.startswith("/"):
+        problem = "it starts with '/' or ends with '.', '/' or '.lock'"
+    elif any(part.startswith(".") or part.endswith(".lock") for part in name.split("/")):
+        problem = "a path component starts with '.' or ends with '.lock'"
+    if problem:
+        raise InvalidRefNameError(f"invalid {what} name {name!r}: {problem}")
+    return name
+
+
+@dataclass(frozen=True)
+class ReflogEntry:
+    """One ref movement: from ``old`` to ``new`` (ZERO_ID for none)."""
+
+    ref: str
+    old: str
+    new: str
+    time_ns: int
+    who: str
+    message: str
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.replace("\t", " ").splitlines())
+
+
+class Refs:
+    """Ref files under a repository root."""
+
+    def __init__(self, root: Path, lock_timeout: float = 30.0) -> None:
+        self.root = root
+        self.lock_timeout = lock_timeout
+
+    def _path(self, ref: str) -> Path:
+        return self.root / ref
+
+    # -- reading ---------------------------------------------------------------
+
+    def read_raw(self, ref: str) -> str | None:
+        """The stored value: a hex id, ``ref: <target>`` for a symbolic ref, or None."""
+        try:
+            text = self._path(ref).read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        value = text.strip()
+        if value.startswith(_SYMREF_PREFIX) or _HEX_ID.match(value):
+            return value
+        raise CorruptObjectError(f"ref {ref} is damaged: {value[:80]!r}")
+
+    def symbolic_target(self, ref: str) -> str | None:
+        value = self.read_raw(ref)
+        if value is not None and value.startswith(_SYMREF_PREFIX):
+            return value[len(_SYMREF_PREFIX):]
+        return None
+
+    def follow(self, ref: str) -> tuple[str, str | None]:
+        """``(final ref name, id or None)`` after following symbolic refs."""
+        for _ in range(5):
+            value = self.read_raw(ref)
+            if value is None or not value.startswith(_SYMREF_PREFIX):
+                return ref, value
+            ref = value[len(_SYMREF_PREFIX):]
+        raise CorruptObjectError(f"symbolic ref loop at {ref}")
+
+    def names(self, namespace: str) -> list[str]:
+        """Short names of the refs under ``refs/<namespace>/`` (``heads`` or ``tags``)."""
+        base = self.root / "refs" / namespace
+        found = []
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                if f.endswith(".lock") or f.endswith(".tmp"):
+                    continue
+                found.append(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"))
+        return sorted(found)
+
+    # -- compare-and-swap updates ------------------------------------------------
+
+    def set_if_equals(self, ref: str, expected: str | None, new: str, *, who: str, message: str) -> None:
+        """Point ``ref`` at ``new`` only if it currently holds ``expected`` (None: absent).
+
+        ``new`` is a hex id or ``ref: <target>``. Raises RefConflictError when the
+        current value differs. The reflog records the move after it is durable.
+        """
+        path = self._path(ref)
+        with _fs.storage_errors(f"updating {ref}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _fs.RefLock(path, self.lock_timeout) as lock:
+                current = self.read_raw(ref)
+                if current != expected:
+                    raise RefConflictError(
+                        f"{ref} moved from {_short(expected)} to {_short(current)} while this operation ran; "
+                        "nothing was overwritten, retry on top of the new value"
+                    )
+                lock.commit((new + "\n").encode())
+            self.log_move(ref, current, new, who=who, message=message)
+
+    def remove_if_equals(self, ref: str, expected: str, *, who: str, message: str) -> None:
+        """Delete ``ref`` only if it holds ``expected``."""
+        path = self._path(ref)
+        with _fs.storage_errors(f"deleting {ref}"), _fs.RefLock(path, self.lock_timeout):
+            current = self.read_raw(ref)
+            if current != expected:
+                raise RefConflictError(f"{ref} moved while it was being deleted; nothing was deleted")
+            os.unlink(path)
+            _fs.fsync_dir(path.parent)
+        self.log_move(ref, current, None, who=who, message=message)
+
+    # -- reflog ------------------------------------------------------------------
+
+    def _log_path(self, ref: str) -> Path:
+        return self.root / "logs" / ref
+
+    def log_move(self, ref: str, old: str | None, new: str | None, *, who: str, message: str) -> None:
+        """Append a durable reflog line for a move of ``ref`` (no-op if nothing moved)."""
+        def as_id(value: str | None) -> str:
+            return value if value and _HEX_ID.match(value) else ZERO_ID
+
+        if as_id(old) == as_id(new):
+            return  # symbolic moves of HEAD are logged by the branch they point at
+        line = f"{as_id(old)} {as_id(new)} {time.time_ns()} {_one_line(who)}\t{_one_line(message)}\n"
+        path = self._log_path(ref)
+        with _fs.storage_errors(f"appending to the reflog of {ref}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _fs.append_durably(path, line.encode())
+
+    def reflog(self, ref: str) -> Iterator[ReflogEntry]:
+        """Entries newest first; a torn last line (crash mid-append) is skipped."""
+        try:
+            lines = self._log_path(ref).read_text(encoding="utf-8", errors="replace").split("\n")
+        except FileNotFoundError:
+            return
+        for line in reversed(lines):
+            head, sep, message = line.partition("\t")
+            parts = head.split(" ", 3)
+            if not sep or len(parts) != 4 or not (_HEX_ID.match(parts[0]) and _HEX_ID.match(parts[1])):
+                continue
+            try:
+                stamp = int(parts[2])
+            except ValueError:
+                continue
+            yield ReflogEntry(ref, parts[0], parts[1], stamp, parts[3], message)
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "nothing"
+    return value[:12] if _HEX_ID.match(value) else value

@@ -1,0 +1,486 @@
+"""Trainer state ⇄ manifest tree and raw blobs, without pickle.
+
+``encode_state`` walks a nested structure of dicts, lists, tuples, tensors, arrays and
+plain values, and produces a JSON tree (the manifest's ``root``) plus the byte blobs
+the tree refers to. Torch tensors that share storage (tied weights, views) are stored
+as one blob holding the span of storage they cover, and each tensor records its byte
+offset, shape and strides in it; ``decode_state`` rebuilds them as views of one storage
+again. Anything the format cannot represent is refused with its key path before a
+single byte is written. Node encodings are specified in docs/format.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CorruptObjectError, UnsupportedValueError
+
+__all__ = [
+    "BlobSource",
+    "EncodedState",
+    "encode_state",
+    "decode_state",
+    "blob_kinds",
+    "select_keys",
+    "iter_tensors",
+    "TORCH_DTYPES",
+    "MapLocation",
+]
+
+MapLocation = str | torch.device | Mapping[str, str] | Callable[[str], str] | None
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "float16", "float32", "float64", "bfloat16", "complex32", "complex64", "complex128",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+    )
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
+_NUMPY_KINDS = "biufc"
+_INLINE_BYTES_LIMIT = 64 << 10
+_SPAN_ALIGN = 16  # a multiple of every itemsize, so each view's offset stays aligned
+
+
+@dataclass
+class BlobSource:
+    """Bytes to store as one blob: a zero-copy view of the caller's memory where possible."""
+
+    data: memoryview
+    dtype: str  # element type of the bytes, a hint for tensor-aware codecs
+    keepalive: Any = None  # the tensor or array that owns ``data``
+
+
+@dataclass
+class EncodedState:
+    root: Any
+    blobs: list[BlobSource] = field(default_factory=list)
+    tensors: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b.data) for b in self.blobs)
+
+
+def _torch_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.state = EncodedState(root=None)
+        # Storage groups: (device, storage pointer) → tensors that view that storage.
+        self._groups: dict[tuple[str, int], list[tuple[dict, torch.Tensor]]] = {}
+        self._active: set[int] = set()  # containers on the current path, for cycle detection
+
+    def encode(self, value: Any) -> EncodedState:
+        self.state.root = self._value(value, "")
+        self._emit_torch_blobs()
+        return self.state
+
+    def _blob(self, source: BlobSource) -> int:
+        self.state.blobs.append(source)
+        return len(self.state.blobs) - 1
+
+    def _value(self, value: Any, path: str) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return {"float": _float(value)}
+        if isinstance(value, str):
+            _check_utf8(value, path)
+            return value
+        if isinstance(value, (bytes, bytearray)):
+            return self._bytes(bytes(value), path)
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value, path)
+        if isinstance(value, np.ndarray):
+            return self._ndarray(value, path)
+        if isinstance(value, np.generic):
+            return self._npscalar(value, path)
+        if isinstance(value, torch.dtype):
+            return {"dtype": _torch_dtype_name(value)}
+        if isinstance(value, torch.device):
+            return {"device": str(value)}
+        if isinstance(value, torch.Size):
+            return {"size": [int(s) for s in value]}
+        if isinstance(value, (dict, list, tuple)):
+            return self._container(value, path)
+        raise UnsupportedValueError(
+            path,
+            f"type {type(value).__module__}.{type(value).__qualname__} is not supported "
+            "(store its state_dict(), tensors, arrays or plain values instead)",
+        )
+
+    def _container(self, value: dict | list | tuple, path: str) -> Any:
+        if id(value) in self._active:
+            raise UnsupportedValueError(path, "the structure contains itself (a reference cycle)")
+        self._active.add(id(value))
+        try:
+            if isinstance(value, dict):
+                if type(value) not in (dict, OrderedDict):
+                    raise UnsupportedValueError(path, f"dict subclass {type(value).__qualname__} is not supported")
+                items = [[self._key(k, path), self._value(v, _join(path, k))] for k, v in value.items()]
+                if isinstance(value, OrderedDict):
+                    body: dict[str, Any] = {"items": items}
+                    meta = getattr(value, "_metadata", None)
+                    if meta is not None:
+                        # nn.Module.state_dict() keeps per-module versions here.
+                        body["meta"] = self._value(meta, _join(path, "_metadata"))
+                    return {"odict": body}
+                return {"dict": items}
+            if type(value) not in (list, tuple):
+                raise UnsupportedValueError(
+                    path, f"{type(value).__qualname__} is not supported (use a plain list, tuple or dict)"
+                )
+            kind = "list" if isinstance(value, list) else "tuple"
+            return {kind: [self._value(v, _join(path, i)) for i, v in enumerate(value)]}
+        finally:
+            self._active.discard(id(value))
+
+    def _key(self, key: Any, path: str) -> Any:
+        if isinstance(key, (str, int, float, bytes, type(None))) or (
+            isinstance(key, tuple) and all(isinstance(k, (str, int, float, bool, type(None))) for k in key)
+        ):
+            return self._value(key, path)
+        raise UnsupportedValueError(_join(path, repr(key)), f"dict key of type {type(key).__qualname__}")
+
+    def _bytes(self, data: bytes, path: str) -> Any:
+        if len(data) <= _INLINE_BYTES_LIMIT:
+            return {"bytes": data.hex()}
+        array = np.frombuffer(data, dtype=np.uint8)
+        return {"bytes_blob": self._blob(BlobSource(memoryview(array), "uint8", array))}
+
+    def _ndarray(self, array: np.ndarray, path: str) -> Any:
+        if array.dtype.kind not in _NUMPY_KINDS or array.dtype.fields is not None:
+            raise UnsupportedValueError(path, f"numpy dtype {array.dtype} is not supported")
+        contiguous = np.ascontiguousarray(array)
+        flat = contiguous.reshape(-1).view(np.uint8)
+        blob = self._blob(BlobSource(memoryview(flat), array.dtype.str, contiguous))
+        return {"ndarray": {"dtype": array.dtype.str, "shape": list(array.shape), "blob": blob}}
+
+    def _npscalar(self, value: np.generic, path: str) -> Any:
+        if value.dtype.kind not in _NUMPY_KINDS:
+            raise UnsupportedValueError(path, f"numpy scalar of dtype {value.dtype} is not supported")
+        return {"npscalar": {"dtype": value.dtype.str, "hex": value.tobytes().hex()}}
+
+    def _tensor(self, t: torch.Tensor, path: str) -> Any:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            raise UnsupportedValueError(path, f"tensor subclass {type(t).__qualname__} is not supported")
+        if t.layout != torch.strided:
+            raise UnsupportedValueError(path, f"{t.layout} tensors are not supported (convert with .to_dense())")
+        if t.is_quantized:
+            raise UnsupportedValueError(path, "quantized tensors are not supported (store int_repr() and scales)")
+        if t.device.type == "meta":
+            raise UnsupportedValueError(path, "meta tensors have no data to store")
+        name = _torch_dtype_name(t.dtype)
+        if name not in TORCH_DTYPES:
+            raise UnsupportedValueError(path, f"dtype {t.dtype} is not supported")
+        node: dict[str, Any] = {"dtype": name, "shape": list(t.shape)}
+        if t.device.type != "cpu":
+            node["device"] = str(t.device)
+        if isinstance(t, torch.nn.Parameter):
+            node["param"] = True
+        if t.requires_grad:
+            node["requires_grad"] = True
+        data = t.detach()
+        if data.is_conj() or data.is_neg():
+            data = data.resolve_conj().resolve_neg()  # the lazy bit is not in storage
+        self.state.tensors += 1
+        if data.numel() == 0:
+            empty = torch.empty(0, dtype=torch.uint8)
+            node.update(stride=[1] * data.dim(), offset=0, blob=self._blob(BlobSource(memoryview(empty.numpy()), name, empty)))
+            return {"tensor": node}
+        key = (str(data.device), data.untyped_storage().data_ptr())
+        self._groups.setdefault(key, []).append((node, data))
+        return {"tensor": node}
+
+    def _emit_torch_blobs(self) -> None:
+        """Store each storage group once, as the byte span its tensors cover."""
+        for members in self._groups.values():
+            spans = [_byte_span(t) for _, t in members]
+            lo = min(s for s, _ in spans) // _SPAN_ALIGN * _SPAN_ALIGN
+            hi = max(e for _, e in spans)
+            first = members[0][1]
+            raw = torch.empty(0, dtype=torch.uint8, device=first.device).set_(
+                first.untyped_storage(), lo, (hi - lo,), (1,)
+            )
+            if raw.device.type != "cpu":
+                raw = raw.cpu()  # the one staging copy of device memory
+            blob = self._blob(BlobSource(memoryview(raw.numpy()), members[0][0]["dtype"], raw))
+            for (node, t), (start, _) in zip(members, spans):
+                node.update(stride=list(t.stride()), offset=start - lo, blob=blob)
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[start, end)`` bytes of storage a non-empty tensor reaches."""
+    item = t.element_size()
+    start = t.storage_offset() * item
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * item
+
+
+def _float(x: float) -> float | str:
+    if math.isfinite(x):
+        return float(x)
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _check_utf8(s: str, path: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedValueError(path, "string is not valid Unicode (lone surrogate)") from None
+
+
+def encode_state(state: Any) -> EncodedState:
+    """Validate and encode ``state``; raises UnsupportedValueError naming the key path."""
+    return _Encoder().encode(state)
+
+
+# -- decoding ---------------------------------------------------------------------
+
+
+def _corrupt(what: str) -> CorruptObjectError:
+    return CorruptObjectError(f"manifest is malformed: {what}")
+
+
+def _single(node: Any) -> tuple[str, Any]:
+    if not isinstance(node, dict) or len(node) != 1:
+        raise _corrupt(f"unexpected node {str(node)[:80]}")
+    tag = next(iter(node))
+    return tag, node[tag]
+
+
+def _children(node: Any) -> Iterator[tuple[Any, Any]]:
+    """(key, child) pairs of a container node; nothing for leaves."""
+    if node is None or isinstance(node, (bool, int, str)):
+        return
+    tag, body = _single(node)
+    if tag in ("dict", "odict"):
+        for pair in _dict_items(tag, body):
+            yield _decode_plain(pair[0]), pair[1]
+    elif tag in ("list", "tuple"):
+        if not isinstance(body, list):
+            raise _corrupt(f"{tag} body is not a list")
+        yield from enumerate(body)
+
+
+def _dict_items(tag: str, body: Any) -> list[list[Any]]:
+    """The ``[key, value]`` pairs of a dict or odict node body, validated."""
+    items = body.get("items") if tag == "odict" and isinstance(body, dict) else body
+    if not isinstance(items, list) or not all(isinstance(p, list) and len(p) == 2 for p in items):
+        raise _corrupt(f"{tag} items are not a list of [key, value] pairs")
+    return items
+
+
+def _decode_plain(node: Any) -> Any:
+    """Decode a node that holds no blob (dict keys)."""
+    return _Decoder({}, None).value(node, "")
+
+
+def iter_tensors(node: Any, path: str = "") -> Iterator[tuple[str, str, dict]]:
+    """Yield ``(path, kind, body)`` for every tensor and ndarray node below ``node``."""
+    if isinstance(node, dict) and len(node) >= 1:
+        tag = next(iter(node))
+        if tag in ("tensor", "ndarray"):
+            yield path, tag, node[tag]
+            return
+    for key, child in _children(node):
+        yield from iter_tensors(child, _join(path, key))
+
+
+def blob_kinds(node: Any) -> dict[int, str]:
+    """The blobs that decoding ``node`` reads: index → ``"torch"`` or ``"numpy"`` memory."""
+    kinds = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict) and len(n) >= 1:
+            tag = next(iter(n))
+            body = n[tag]
+            if tag == "tensor" and isinstance(body, dict):
+                kinds[body.get("blob")] = "torch"
+                continue
+            if tag == "ndarray" and isinstance(body, dict):
+                kinds[body.get("blob")] = "numpy"
+                continue
+            if tag == "bytes_blob":
+                kinds[body] = "numpy"
+                continue
+        stack.extend(child for _, child in _children(n))
+    return kinds
+
+
+def select_keys(root: Any, keys: list[str] | None) -> Any:
+    """The root node restricted to the named top-level entries (all when ``keys`` is None)."""
+    if keys is None:
+        return root
+    tag, body = _single(root)
+    if tag not in ("dict", "odict"):
+        raise KeyError("keys= needs a state whose top level is a dict")
+    wanted = list(dict.fromkeys(keys))
+    present = {_decode_plain(pair[0]): pair for pair in _dict_items(tag, body)}
+    missing = [k for k in wanted if k not in present]
+    if missing:
+        raise KeyError(f"no top-level entr{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))}")
+    selected = [present[k] for k in wanted]
+    return {"dict": selected} if tag == "dict" else {"odict": {**body, "items": selected}}
+
+
+def _resolve_device(saved: str, map_location: MapLocation) -> str:
+    if map_location is None:
+        return saved
+    if isinstance(map_location, (str, torch.device)):
+        return str(map_location)
+    if isinstance(map_location, Mapping):
+        return str(map_location.get(saved, saved))
+    return str(map_location(saved))
+
+
+class _Decoder:
+    def __init__(self, blobs: Mapping[int, Any], map_location: MapLocation) -> None:
+        self.blobs = blobs  # blob index → torch.uint8 tensor or numpy uint8 array
+        self.map_location = map_location
+        self._moved: dict[tuple[int, str], torch.Tensor] = {}
+
+    def value(self, node: Any, path: str) -> Any:
+        if node is None or isinstance(node, (bool, int, str)):
+            return node
+        tag, body = _single(node)
+        if tag == "float":
+            if isinstance(body, str):
+                if body not in ("nan", "inf", "-inf"):
+                    raise _corrupt(f"bad float {body!r} at {path}")
+                return float(body)
+            if isinstance(body, bool) or not isinstance(body, (int, float)):
+                raise _corrupt(f"bad float at {path}")
+            return float(body)
+        if tag in ("dict", "odict"):
+            items = [(k, self.value(v, _join(path, k))) for k, v in _children(node)]
+            if tag == "dict":
+                return dict(items)
+            result = OrderedDict(items)
+            if "meta" in body:
+                result._metadata = self.value(body["meta"], _join(path, "_metadata"))  # type: ignore[attr-defined]
+            return result
+        if tag == "list":
+            return [self.value(v, _join(path, i)) for i, v in _children(node)]
+        if tag == "tuple":
+            return tuple(self.value(v, _join(path, i)) for i, v in _children(node))
+        if tag == "bytes":
+            try:
+                return bytes.fromhex(body)
+            except (TypeError, ValueError):
+                raise _corrupt(f"bad bytes at {path}") from None
+        if tag == "bytes_blob":
+            return self._blob(body, path, np.ndarray).tobytes()
+        if tag == "tensor":
+            return self._tensor(body, path)
+        if tag == "ndarray":
+            return self._ndarray(body, path)
+        if tag == "npscalar":
+            dtype = self._np_dtype(body.get("dtype"), path)
+            try:
+                raw = bytes.fromhex(body["hex"])
+            except (KeyError, TypeError, ValueError):
+                raise _corrupt(f"bad numpy scalar at {path}") from None
+            if len(raw) != dtype.itemsize:
+                raise _corrupt(f"numpy scalar size mismatch at {path}")
+            return np.frombuffer(raw, dtype=dtype)[0]
+        if tag == "dtype":
+            if body not in TORCH_DTYPES:
+                raise _corrupt(f"unknown dtype {body!r} at {path}")
+            return TORCH_DTYPES[body]
+        if tag == "device":
+            return torch.device(str(body))
+        if tag == "size":
+            return torch.Size(_int_list(body, "size", path))
+        raise _corrupt(f"unknown node kind {tag!r} at {path}")
+
+    def _blob(self, index: Any, path: str, kind: type) -> Any:
+        if isinstance(index, bool) or not isinstance(index, int) or index not in self.blobs:
+            raise _corrupt(f"blob reference {index!r} at {path} is out of range")
+        blob = self.blobs[index]
+        if not isinstance(blob, kind):
+            raise _corrupt(f"blob {index} is shared between a tensor and an array at {path}")
+        return blob
+
+    @staticmethod
+    def _np_dtype(name: Any, path: str) -> np.dtype:
+        try:
+            dtype = np.dtype(name)
+        except TypeError:
+            raise _corrupt(f"bad numpy dtype {name!r} at {path}") from None
+        if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None:
+            raise _corrupt(f"bad numpy dtype {name!r} at {path}")
+        return dtype
+
+    def _ndarray(self, body: Any, path: str) -> np.ndarray:
+        if not isinstance(body, dict):
+            raise _corrupt(f"bad ndarray at {path}")
+        dtype = self._np_dtype(body.get("dtype"), path)
+        shape = _int_list(body.get("shape"), "shape", path)
+        blob = self._blob(body.get("blob"), path, np.ndarray)
+        if blob.nbytes != math.prod(shape) * dtype.itemsize:
+            raise _corrupt(f"ndarray at {path} does not match its blob size")
+        return blob.view(dtype).reshape(shape)
+
+    def _tensor(self, body: Any, path: str) -> torch.Tensor:
+        if not isinstance(body, dict) or body.get("dtype") not in TORCH_DTYPES:
+            raise _corrupt(f"bad tensor at {path}")
+        dtype = TORCH_DTYPES[body["dtype"]]
+        shape = _int_list(body.get("shape"), "shape", path)
+        stride = _int_list(body.get("stride"), "stride", path)
+        offset = body.get("offset")
+        if len(stride) != len(shape) or isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise _corrupt(f"bad tensor layout at {path}")
+        blob_index = body.get("blob")
+        blob = self._blob(blob_index, path, torch.Tensor)
+        item = torch.empty(0, dtype=dtype).element_size()
+        if math.prod(shape) > 0:
+            last = sum((n - 1) * s for n, s in zip(shape, stride))
+            if offset % item or offset + (last + 1) * item > blob.numel():
+                raise _corrupt(f"tensor at {path} reaches outside its blob")
+        device = _resolve_device(str(body.get("device", "cpu")), self.map_location)
+        blob = self._on_device(blob_index, blob, device)
+        t = torch.empty(0, dtype=dtype, device=blob.device).set_(blob.untyped_storage(), offset // item, shape, stride)
+        if body.get("param"):
+            return torch.nn.Parameter(t, requires_grad=bool(body.get("requires_grad")))
+        if body.get("requires_grad"):
+            t.requires_grad_(True)
+        return t
+
+    def _on_device(self, index: int, blob: torch.Tensor, device: str) -> torch.Tensor:
+        """Move a blob to ``device`` once, so tensors sharing it share it there too."""
+        if torch.device(device) == blob.device:
+            return blob
+        key = (index, device)
+        if key not in self._moved:
+            self._moved[key] = blob.to(device)
+        return self._moved[key]
+
+
+def _int_list(value: Any, what: str, path: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise _corrupt(f"bad {what} at {path}")
+    return value
+
+
+def decode_state(node: Any, blobs: Mapping[int, Any], map_location: MapLocation = None) -> Any:
+    """Rebuild the value of ``node`` from loaded blobs (torch.uint8 tensors or numpy arrays)."""
+    return _Decoder(blobs, map_location).value(node, "")
