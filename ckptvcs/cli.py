@@ -8,11 +8,12 @@ the working directory or one of its parents.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,8 +27,11 @@ from .graph import graph_lines
 from .objects import Commit
 from .repo import DEFAULT_CHUNK_SIZE, STORE_DIRNAME, Repo
 from .state import TORCH_DTYPES, iter_tensors
+from .store import Progress
 
 __all__ = ["main", "cli"]
+
+_PROGRESS_MIN_BYTES = 64 << 20
 
 
 class _Group(click.Group):
@@ -57,6 +61,29 @@ def _repo(ctx: click.Context) -> Repo:
         ctx.obj["repo"] = repo
         ctx.call_on_close(repo.close)
     return repo
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Progress | None]:
+    """A progress bar on stderr for long reads and writes, when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bar: Any = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            if total < _PROGRESS_MIN_BYTES:
+                return
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True).__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
 
 
 def _human(n: float) -> str:
@@ -145,8 +172,10 @@ def commit(ctx: click.Context, file: str, message: str, step: int | None, epoch:
     if file_metadata:
         config = {"run": config, "safetensors_metadata": file_metadata} if config is not None \
             else {"safetensors_metadata": file_metadata}
-    commit_id = repo.commit(state, message=message, branch=branch, step=step, epoch=epoch,
-                            metrics=parsed_metrics, config=config, data_version=data_version)
+    with _progress("committing") as progress:
+        commit_id = repo.commit(state, message=message, branch=branch, step=step, epoch=epoch,
+                                metrics=parsed_metrics, config=config, data_version=data_version,
+                                progress=progress)
     record = repo.show(commit_id)
     where = branch or repo.head()[0] or "detached HEAD"
     s = record.stats
@@ -329,7 +358,8 @@ def checkout(ctx: click.Context, rev: str, output: str | None, fmt: str | None) 
 def _export(repo: Repo, rev: str, output: str, fmt: str | None) -> None:
     fmt = fmt or guess_format(output)
     commit_id = repo.resolve(rev)
-    state = repo.load(commit_id, map_location="cpu")
+    with _progress("loading") as progress:
+        state = repo.load(commit_id, map_location="cpu", progress=progress)
     skipped = write_state_file(state, output, fmt, metadata={"ckptvcs.commit": commit_id} if fmt == "safetensors" else None)
     click.echo(f"Wrote {commit_id[:12]} to {output} ({fmt})")
     if skipped:

@@ -15,7 +15,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from .errors import (
 from .objects import Commit, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ReflogEntry, Refs, check_ref_name
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
-from .store import ChunkStore
+from .store import ChunkStore, Progress
 
 __all__ = ["Repo", "RepoStats", "Manifest", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "STORE_DIRNAME"]
 
@@ -315,6 +315,7 @@ class Repo:
         *,
         code_version: Mapping[str, Any] | None | bool = True,
         author: str | None = None,
+        progress: Progress | None = None,
     ) -> str:
         """Commit ``state`` and return the new commit's id (hex).
 
@@ -325,6 +326,7 @@ class Repo:
         of the working directory; pass a dict to record your own, or None for nothing.
         The commit is durable when this returns. If the branch moved meanwhile, raises
         RefConflictError and leaves the branch as the other writer left it.
+        ``progress(done_bytes, total_bytes)`` is called as the state's bytes are stored.
         """
         self._check_process()
         encoded = encode_state(state)  # refuses unsupported values before any write
@@ -343,7 +345,7 @@ class Repo:
         with self._lock.hold(exclusive=False):
             session = self.chunks.write_session()
             try:
-                chunk_lists = session.put_blobs(blob.data for blob in encoded.blobs)
+                chunk_lists = session.put_blobs([blob.data for blob in encoded.blobs], progress)
                 stats = session.finish()
             except BaseException:
                 session.abort()
@@ -396,14 +398,21 @@ class Repo:
         commit = self.show(rev)
         return Manifest.parse(commit.manifest, self.objects.get(commit.manifest, "manifest")[1])
 
-    def load(self, rev: str = "HEAD", keys: Iterable[str] | None = None, map_location: MapLocation = None) -> Any:
+    def load(
+        self,
+        rev: str = "HEAD",
+        keys: Iterable[str] | None = None,
+        map_location: MapLocation = None,
+        *,
+        progress: Progress | None = None,
+    ) -> Any:
         """Load a committed state: same structure, types, dtypes, shapes and bits.
 
         ``keys`` loads only the named top-level entries, reading no chunk of the rest.
         ``map_location`` places tensors: a device (``"cpu"``), a mapping from saved to
         wanted device, or a callable; by default tensors return to the device they were
         saved from. Every chunk is verified; damage raises IntegrityError naming the
-        tensor and the commit.
+        tensor and the commit. ``progress(done_bytes, total_bytes)`` reports reading.
         """
         self._check_process()
         commit_id = self.resolve(rev)
@@ -412,10 +421,13 @@ class Repo:
             node = select_keys(manifest.root, None if keys is None else [keys] if isinstance(keys, str) else list(keys))
         except KeyError as err:
             raise KeyNotFoundError(f"commit {commit_id[:12]}: {err.args[0]}") from None
-        blobs = self._read_blobs(manifest, node, commit_id)
+        blobs = self._read_blobs(manifest, node, commit_id, progress)
         return decode_state(node, blobs, map_location)
 
-    def _read_blobs(self, manifest: Manifest, node: Any, commit_id: str) -> dict[int, Any]:
+    def _read_blobs(
+        self, manifest: Manifest, node: Any, commit_id: str, progress: Progress | None = None
+    ) -> dict[int, Any]:
+        """Allocate and fill the blobs ``node`` needs, verifying every chunk."""
         kinds = blob_kinds(node)
         names = {body.get("blob"): path for path, _, body in iter_tensors(node)}
         buffers: dict[int, Any] = {}
@@ -435,8 +447,12 @@ class Repo:
                     view,
                     describe=lambda name=name: f"tensor {name} of commit {commit_id[:12]}",
                 )
-            for fut in futures:
-                fut.result()
+            total = sum(len(buf) for buf in buffers.values())
+            done = 0
+            for fut in as_completed(futures):
+                done += fut.result()
+                if progress is not None:
+                    progress(done, total)
         finally:
             for fut in futures:
                 fut.cancel()

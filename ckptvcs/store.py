@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +24,12 @@ from .errors import CorruptObjectError, IntegrityError
 from .index import ChunkIndex
 from .pack import PackEntry, PackFiles, PackWriter
 
-__all__ = ["ChunkStore", "WriteSession", "WriteStats", "chunk_hash"]
+__all__ = ["ChunkStore", "WriteSession", "WriteStats", "Progress", "chunk_hash"]
 
 PACK_TARGET_SIZE = 256 << 20
+
+Progress = Callable[[int, int], None]
+"""A progress callback: ``(bytes done, bytes total)``."""
 
 
 def chunk_hash(data: bytes | memoryview) -> bytes:
@@ -87,8 +90,8 @@ class ChunkStore:
 
     # -- reading -------------------------------------------------------------
 
-    def read_into(self, chunk_ids: Sequence[bytes], out: memoryview, *, describe: Callable[[], str]) -> list[Future]:
-        """Schedule decoding ``chunk_ids`` into ``out`` (one blob); returns the futures.
+    def read_into(self, chunk_ids: Sequence[bytes], out: memoryview, *, describe: Callable[[], str]) -> list[Future[int]]:
+        """Schedule decoding ``chunk_ids`` into ``out`` (one blob); returns futures of bytes filled.
 
         ``describe`` names the blob in error messages (tensor path, commit).
         Each chunk is verified against its id after decoding.
@@ -113,7 +116,7 @@ class ChunkStore:
             entries.append(entry)
         return entries
 
-    def _read_chunk(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> None:
+    def _read_chunk(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> int:
         if entry.raw_len != len(out):
             raise IntegrityError(
                 f"{describe()}: chunk {entry.chunk_id.hex()} holds {entry.raw_len} bytes, expected {len(out)}"
@@ -128,6 +131,7 @@ class ChunkStore:
             raise IntegrityError(
                 f"{describe()}: chunk {entry.chunk_id.hex()} in pack {entry.pack} fails its BLAKE3 check"
             )
+        return len(out)
 
 
 class WriteSession:
@@ -143,22 +147,27 @@ class WriteSession:
         self._written: set[bytes] = set()
         self.stats = WriteStats()
 
-    def put_blob(self, data: memoryview) -> list[bytes]:
-        """Store one blob's chunks; returns their ids in order."""
-        return self.put_blobs([data])[0]
+    def put_blobs(self, blobs: Sequence[memoryview], progress: Progress | None = None) -> list[list[bytes]]:
+        """Store many blobs, pipelining hashing and encoding across the thread pool.
 
-    def put_blobs(self, blobs: Iterable[memoryview]) -> list[list[bytes]]:
-        """Store many blobs, pipelining hashing and encoding across the thread pool."""
+        ``progress(done_bytes, total_bytes)`` is called as chunks are stored.
+        """
         store = self._store
         window = 2 * store._workers + 2
         pending: deque[tuple[int, Future[_Encoded]]] = deque()
         result: list[list[bytes]] = []
+        total = sum(len(b) for b in blobs)
+        done = 0
 
         def drain_one() -> None:
+            nonlocal done
             blob_no, fut = pending.popleft()
             enc = fut.result()
             result[blob_no].append(enc.chunk_id)
             self._append(enc)
+            done += enc.raw_len
+            if progress is not None:
+                progress(done, total)
 
         for blob in blobs:
             result.append([])
