@@ -31,15 +31,16 @@ _MAX_MAP_SIZE = 1 << 40
 _T = TypeVar("_T")
 
 _registry_lock = threading.Lock()
-_registry: dict[tuple[int, str], lmdb.Environment] = {}
+# (pid, real path) → [environment, number of open ChunkIndex objects using it]
+_registry: dict[tuple[int, str], list] = {}
 
 
-def _environment(path: Path, map_size: int) -> lmdb.Environment:
+def _acquire_environment(path: Path, map_size: int) -> lmdb.Environment:
     """One shared environment per (process, real path); LMDB forbids opening twice."""
     key = (os.getpid(), os.path.realpath(path))
     with _registry_lock:
-        env = _registry.get(key)
-        if env is None:
+        slot = _registry.get(key)
+        if slot is None:
             env = lmdb.open(
                 str(path),
                 map_size=map_size,
@@ -52,8 +53,20 @@ def _environment(path: Path, map_size: int) -> lmdb.Environment:
                 writemap=False,
             )
             env.reader_check()  # clear reader slots left by dead processes
-            _registry[key] = env
-        return env
+            slot = _registry[key] = [env, 0]
+        slot[1] += 1
+        return slot[0]
+
+
+def _release_environment(path: Path) -> None:
+    key = (os.getpid(), os.path.realpath(path))
+    with _registry_lock:
+        slot = _registry.get(key)
+        if slot is not None:
+            slot[1] -= 1
+            if slot[1] <= 0:
+                del _registry[key]
+                slot[0].close()
 
 
 class ChunkIndex:
@@ -62,8 +75,15 @@ class ChunkIndex:
     def __init__(self, path: Path, map_size: int = _INITIAL_MAP_SIZE) -> None:
         self.path = path
         with _fs.storage_errors(f"opening the chunk index {path}"):
-            self._env = _environment(path, map_size)
+            self._env = _acquire_environment(path, map_size)
             self._db = self._env.open_db(b"chunks")
+        self._closed = False
+
+    def close(self) -> None:
+        """Release this process's use of the environment (closed with its last user)."""
+        if not self._closed:
+            self._closed = True
+            _release_environment(self.path)
 
     @staticmethod
     def _decode(chunk_id: bytes, value: bytes) -> PackEntry:

@@ -172,8 +172,9 @@ class ObjectStore:
         path = self.path(oid)
         with _fs.storage_errors(f"writing {kind} object {oid}"):
             if not path.exists():
-                path.parent.mkdir(exist_ok=True)
-                _fs.fsync_dir(self.root)
+                if not path.parent.is_dir():
+                    path.parent.mkdir(exist_ok=True)
+                    _fs.fsync_dir(self.root)  # the new folder's entry must be durable too
                 _fs.atomic_write(path, codec.compress_object(data), exclusive=True)
         return oid
 

@@ -120,11 +120,14 @@ class Refs:
 
     # -- compare-and-swap updates ------------------------------------------------
 
-    def set_if_equals(self, ref: str, expected: str | None, new: str, *, who: str, message: str) -> None:
+    def set_if_equals(
+        self, ref: str, expected: str | None, new: str, *, who: str, message: str, log: bool = True
+    ) -> None:
         """Point ``ref`` at ``new`` only if it currently holds ``expected`` (None: absent).
 
         ``new`` is a hex id or ``ref: <target>``. Raises RefConflictError when the
-        current value differs. The reflog records the move after it is durable.
+        current value differs. The reflog records the move after it is durable (unless
+        ``log`` is False: the caller logs it itself).
         """
         path = self._path(ref)
         with _fs.storage_errors(f"updating {ref}"):
@@ -137,7 +140,8 @@ class Refs:
                         "nothing was overwritten, retry on top of the new value"
                     )
                 lock.commit((new + "\n").encode())
-            self.log_move(ref, current, new, who=who, message=message)
+            if log:
+                self.log_move(ref, current, new, who=who, message=message)
 
     def remove_if_equals(self, ref: str, expected: str, *, who: str, message: str) -> None:
         """Delete ``ref`` only if it holds ``expected``."""

@@ -581,12 +581,10 @@ class Repo:
         expected = self.refs.read_raw(HEAD)
         _, old_id = self.refs.follow(HEAD)
         who = provenance.default_author()
-        if self.refs.read_raw(branch_ref) is not None and not rev.startswith("refs/"):
-            target = self.resolve(rev)
-            self.refs.set_if_equals(HEAD, expected, f"ref: {branch_ref}", who=who, message=f"checkout: {rev}")
-        else:
-            target = self.resolve(rev)
-            self.refs.set_if_equals(HEAD, expected, target, who=who, message=f"checkout: {rev}")
+        target = self.resolve(rev)
+        is_branch = self.refs.read_raw(branch_ref) is not None and not rev.startswith("refs/")
+        new_value = f"ref: {branch_ref}" if is_branch else target
+        self.refs.set_if_equals(HEAD, expected, new_value, who=who, message="", log=False)
         self.refs.log_move(HEAD, old_id, target, who=who, message=f"checkout: moving to {rev}")
         return target
 

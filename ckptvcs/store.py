@@ -80,6 +80,7 @@ class ChunkStore:
             self._pool.shutdown(wait=True)
             self._pool = None
         self.packs.close()
+        self.index.close()
 
     def split(self, nbytes: int) -> list[tuple[int, int]]:
         """``(start, end)`` byte ranges of the chunks of a blob of ``nbytes``."""
