@@ -27,6 +27,17 @@ def _join_line(width: int, drop: int) -> str:
     return "| " * (drop - 1) + "|/" + " /" * (width - drop - 1)
 
 
+def _shift_line(width: int, gone: int) -> str:
+    """The line drawn when rail ``gone`` ends and the rails right of it move one left."""
+    cells = [" "] * (2 * width - 1)
+    for j in range(width):
+        if j < gone:
+            cells[2 * j] = "|"
+        elif j > gone:
+            cells[2 * j - 1] = "/"
+    return "".join(cells).rstrip()
+
+
 def graph_lines(commits: Sequence[tuple[str, Sequence[str]]], texts: Sequence[Sequence[str]]) -> list[str]:
     """Lines of the drawing: ``commits`` are ``(id, parents)`` newest first, ``texts`` their lines."""
     columns: list[str] = []
@@ -39,6 +50,8 @@ def graph_lines(commits: Sequence[tuple[str, Sequence[str]]], texts: Sequence[Se
         for i, line in enumerate(text or [""]):
             prefix = _rail(len(columns), col if i == 0 else None)
             out.append(f"{prefix:<{width}} {line}".rstrip())
+        if not parents and col < len(columns) - 1:
+            out.append(_shift_line(len(columns), col))  # a root ends its rail; the rest move left
         columns[col : col + 1] = list(parents)
         while True:  # columns now waiting for the same commit join, leftmost wins
             dup = next((i for i, cid in enumerate(columns) if cid in columns[:i]), None)
