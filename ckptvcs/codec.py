@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 
+import blake3
 import zstandard
 
 from .errors import CorruptObjectError
@@ -43,13 +44,19 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def encode(raw: memoryview, *, verify: bool = True) -> tuple[int, bytes | memoryview]:
-    """Return ``(codec, payload)`` for a chunk, choosing the smallest lossless form."""
+def encode(raw: memoryview, chunk_id: bytes, *, verify: bool = True) -> tuple[int, bytes | memoryview]:
+    """Return ``(codec, payload)`` for a chunk, choosing the smallest lossless form.
+
+    With ``verify``, a compressed payload is decoded again and must hash to
+    ``chunk_id`` (hashing releases the GIL; a byte-by-byte compare would not).
+    """
     compressed = _compressor().compress(raw)
     if len(compressed) > len(raw) * (1 - _MIN_SAVING):
         return RAW, raw
-    if verify and _decompressor().decompress(compressed, max_output_size=len(raw)) != raw:
-        raise CorruptObjectError("zstd produced an encoding that does not decode to its input")
+    if verify:
+        decoded = _decompressor().decompress(compressed, max_output_size=len(raw))
+        if blake3.blake3(decoded).digest() != chunk_id:
+            raise CorruptObjectError("zstd produced an encoding that does not decode to its input")
     return ZSTD, compressed
 
 

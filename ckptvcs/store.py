@@ -124,8 +124,10 @@ class ChunkStore:
             )
         try:
             with _fs.storage_errors(f"reading pack {entry.pack}"):
-                payload = self.packs.read_payload(entry)
-            codec.decode_into(entry.codec, payload, out)
+                if entry.codec == codec.RAW:
+                    self.packs.read_raw_into(entry, out)  # straight into the tensor, no copy
+                else:
+                    codec.decode_into(entry.codec, self.packs.read_payload(entry), out)
         except CorruptObjectError as err:
             raise IntegrityError(f"{describe()}: chunk {entry.chunk_id.hex()}: {err}") from None
         if chunk_hash(out) != entry.chunk_id:
@@ -185,7 +187,7 @@ class WriteSession:
         cid = chunk_hash(raw)
         if cid in self._written or self._store.index.get(cid) is not None:
             return _Encoded(cid, len(raw))
-        kind, payload = codec.encode(raw, verify=self._store.verify_encoding)
+        kind, payload = codec.encode(raw, cid, verify=self._store.verify_encoding)
         return _Encoded(cid, len(raw), kind, payload)
 
     def _append(self, enc: _Encoded) -> None:
