@@ -113,10 +113,10 @@ def _compare_numpy(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def diff_manifests(
     a: Manifest,
     b: Manifest,
-    load_a: Callable[[Any], Any],
-    load_b: Callable[[Any], Any],
+    load_a: Callable[[Any, str], Any],
+    load_b: Callable[[Any, str], Any],
 ) -> list[DiffEntry]:
-    """Compare two manifests; ``load_x(node)`` decodes one tensor node of that side."""
+    """Compare two manifests; ``load_x(node, path)`` decodes the tensor node at ``path`` of that side."""
     result: list[DiffEntry] = []
     tensors_a = {path: (kind, body) for path, kind, body in iter_tensors(a.root)}
     tensors_b = {path: (kind, body) for path, kind, body in iter_tensors(b.root)}
@@ -135,7 +135,7 @@ def diff_manifests(
                 DiffEntry(path, "tensor", "changed", f"{_describe(kind_a, body_a)} -> {_describe(kind_b, body_b)}")
             )
             continue
-        fraction, max_abs = compare_values(load_a({kind_a: body_a}), load_b({kind_b: body_b}))
+        fraction, max_abs = compare_values(load_a({kind_a: body_a}, path), load_b({kind_b: body_b}, path))
         if fraction:
             result.append(
                 DiffEntry(path, "tensor", "changed", _describe(kind_b, body_b), fraction, max_abs)

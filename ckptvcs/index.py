@@ -19,7 +19,7 @@ from typing import TypeVar
 import lmdb
 
 from . import _fs
-from .errors import CorruptObjectError, StorageError
+from .errors import CorruptObjectError, ForkedRepoError, StorageError
 from .pack import PackEntry
 
 __all__ = ["ChunkIndex"]
@@ -37,9 +37,19 @@ _registry: dict[tuple[int, str], list] = {}
 
 def _acquire_environment(path: Path, map_size: int) -> lmdb.Environment:
     """One shared environment per (process, real path); LMDB forbids opening twice."""
-    key = (os.getpid(), os.path.realpath(path))
+    real = os.path.realpath(path)
+    key = (os.getpid(), real)
     with _registry_lock:
         slot = _registry.get(key)
+        if slot is None and any(p != key[0] and r == real for p, r in _registry):
+            # LMDB (and py-lmdb, which refuses outright) cannot open an environment a
+            # parent process had open before fork; closing the inherited handle here
+            # would drop the parent's reader locks, so refuse clearly instead.
+            raise ForkedRepoError(
+                f"this process was forked from one that has {path.parent} open, and LMDB cannot "
+                "open it again here; start workers with the 'spawn' method, or open the "
+                "repository in the parent only after forking"
+            )
         if slot is None:
             env = lmdb.open(
                 str(path),
@@ -75,8 +85,11 @@ class ChunkIndex:
     def __init__(self, path: Path, map_size: int = _INITIAL_MAP_SIZE) -> None:
         self.path = path
         with _fs.storage_errors(f"opening the chunk index {path}"):
-            self._env = _acquire_environment(path, map_size)
-            self._db = self._env.open_db(b"chunks")
+            try:
+                self._env = _acquire_environment(path, map_size)
+                self._db = self._env.open_db(b"chunks")
+            except lmdb.Error as err:
+                raise StorageError(f"opening the chunk index {path}: {err}") from None
         self._closed = False
 
     def close(self) -> None:

@@ -184,12 +184,15 @@ class ObjectStore:
     def get(self, oid: str, expected_kind: str | None = None) -> tuple[str, Any]:
         """Read, verify and parse an object; returns ``(kind, body)``."""
         path = self.path(oid)
-        try:
-            with _fs.storage_errors(f"reading object {oid}"):
+        with _fs.storage_errors(f"reading object {oid}"):
+            try:
                 stored = path.read_bytes()
-        except FileNotFoundError:
-            raise IntegrityError(f"object {oid} is missing") from None
-        data = codec.decompress_object(stored, _MAX_OBJECT_SIZE)
+            except FileNotFoundError:  # inside: storage_errors would make it a StorageError
+                raise IntegrityError(f"object {oid} is missing") from None
+        try:
+            data = codec.decompress_object(stored, _MAX_OBJECT_SIZE)
+        except CorruptObjectError as err:
+            raise CorruptObjectError(f"object {oid} is damaged on disk: {err}") from None
         if blake3.blake3(data).hexdigest() != oid:
             raise IntegrityError(f"object {oid} fails its BLAKE3 check (damaged on disk)")
         kind, _, payload = data.partition(b"\n")

@@ -117,7 +117,8 @@ class Repo:
 
     Open with :meth:`Repo.init` or :meth:`Repo.open`; use as a context manager or call
     :meth:`close`. A handle belongs to the process that opened it: using it after
-    ``fork()`` raises ForkedRepoError (open a new one in the child).
+    ``fork()`` raises ForkedRepoError. Start worker processes with ``spawn`` and open
+    the repository there (LMDB cannot reopen, in a forked child, what the parent holds).
     """
 
     def __init__(self, root: Path, config: dict[str, Any]) -> None:
@@ -165,8 +166,8 @@ class Repo:
                 _fs.atomic_write(staging / "config.json", json.dumps(config, indent=2).encode() + b"\n")
                 for dirpath, _, _ in os.walk(staging, topdown=False):
                     _fs.fsync_dir(dirpath)
-                if target.exists():
-                    target.rmdir()  # empty, checked above; rename needs it gone or empty
+                # An existing target is an empty directory (checked above): rename
+                # replaces it, so a failure before this point leaves it as it was.
                 _fs.durable_rename(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -425,11 +426,11 @@ class Repo:
         return decode_state(node, blobs, map_location)
 
     def _read_blobs(
-        self, manifest: Manifest, node: Any, commit_id: str, progress: Progress | None = None
+        self, manifest: Manifest, node: Any, commit_id: str, progress: Progress | None = None, *, path: str = ""
     ) -> dict[int, Any]:
-        """Allocate and fill the blobs ``node`` needs, verifying every chunk."""
+        """Allocate and fill the blobs ``node`` (found at ``path``) needs, verifying every chunk."""
         kinds = blob_kinds(node)
-        names = {body.get("blob"): path for path, _, body in iter_tensors(node)}
+        names = {body.get("blob"): name for name, _, body in iter_tensors(node, path)}
         buffers: dict[int, Any] = {}
         futures: list[Future] = []
         try:
@@ -506,8 +507,8 @@ class Repo:
         commit_a, commit_b = self.resolve(a), self.resolve(b)
 
         def loader(manifest: Manifest, commit_id: str):
-            def load_node(node: Any) -> Any:
-                return decode_state(node, self._read_blobs(manifest, node, commit_id), "cpu")
+            def load_node(node: Any, path: str) -> Any:
+                return decode_state(node, self._read_blobs(manifest, node, commit_id, path=path), "cpu")
             return load_node
 
         return diff_manifests(manifest_a, manifest_b, loader(manifest_a, commit_a), loader(manifest_b, commit_b))

@@ -47,6 +47,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 _NUMPY_KINDS = "biufc"
 _INLINE_BYTES_LIMIT = 64 << 10
+_MAX_INT_DIGITS = 4300  # Python's default int_max_str_digits: json refuses longer ints
+_MAX_INT = 10**_MAX_INT_DIGITS
 _SPAN_ALIGN = 16  # a multiple of every itemsize, so each view's offset stays aligned
 
 
@@ -97,7 +99,13 @@ class _Encoder:
     def _value(self, value: Any, path: str) -> Any:
         if value is None or isinstance(value, bool):
             return value
+        if isinstance(value, np.generic) and value.dtype.kind in _NUMPY_KINDS:
+            return self._npscalar(value, path)  # before float: np.float64 is a float subclass
         if isinstance(value, int):
+            if not -_MAX_INT < value < _MAX_INT:
+                raise UnsupportedValueError(
+                    path, f"integer has more than {_MAX_INT_DIGITS} digits (JSON readers refuse it)"
+                )
             return int(value)
         if isinstance(value, float):
             return {"float": _float(value)}
@@ -153,6 +161,9 @@ class _Encoder:
             self._active.discard(id(value))
 
     def _key(self, key: Any, path: str) -> Any:
+        if isinstance(key, bytes) and len(key) > _INLINE_BYTES_LIMIT:
+            # Keys are decoded without blobs, so they must stay inline.
+            raise UnsupportedValueError(_join(path, repr(key[:16]) + "..."), "bytes dict keys longer than 64 KiB")
         if isinstance(key, (str, int, float, bytes, type(None))) or (
             isinstance(key, tuple) and all(isinstance(k, (str, int, float, bool, type(None))) for k in key)
         ):
@@ -215,7 +226,9 @@ class _Encoder:
             spans = [_byte_span(t) for _, t in members]
             lo = min(s for s, _ in spans) // _SPAN_ALIGN * _SPAN_ALIGN
             hi = max(e for _, e in spans)
-            first = members[0][1]
+            # Storages that start at one address (from_numpy of views of one array)
+            # can differ in size: view the span through the largest.
+            first = max((t for _, t in members), key=lambda t: t.untyped_storage().nbytes())
             raw = torch.empty(0, dtype=torch.uint8, device=first.device).set_(
                 first.untyped_storage(), lo, (hi - lo,), (1,)
             )

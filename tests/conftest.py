@@ -1,0 +1,69 @@
+"""Shared fixtures for the ckptvcs test suite (assertion helpers live in helpers.py).
+
+Hypothesis profiles: ``ci`` (the default: no deadline, 50 examples) and ``deep``
+(many more examples), chosen with the ``HYPOTHESIS_PROFILE`` environment variable.
+Tests marked ``slow`` run only with ``--run-slow``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from ckptvcs import Repo
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=50,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "deep",
+    deadline=None,
+    max_examples=1000,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # torch warns on every complex32 allocation; the round trips allocate many.
+    config.addinivalue_line("filterwarnings", "ignore:ComplexHalf support is experimental:UserWarning")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repo]:
+    """A fresh repository with the default chunk size."""
+    r = Repo.init(tmp_path / "store")
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def small_repo(tmp_path: Path) -> Iterator[Repo]:
+    """A fresh repository with the smallest chunk size (4 KiB), for multi-chunk blobs."""
+    r = Repo.init(tmp_path / "small", chunk_size=4096)
+    try:
+        yield r
+    finally:
+        r.close()
