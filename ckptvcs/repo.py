@@ -524,33 +524,22 @@ class Repo:
         """Create branch ``name`` at ``rev`` (move it there with ``force``); returns the id."""
         ref = f"refs/heads/{check_ref_name(name, 'branch')}"
         target = self.resolve(rev)
-        current = self.refs.read_raw(ref)
-        if current is not None and not force:
-            raise RefExistsError(f"branch {name!r} already exists (at {current[:12]}); use force to move it")
-        if current is None:
-            self._check_ref_path_free(ref)
+        current = self._ref_to_write(ref, force, f"branch {name!r}", "use force to move it")
         self.refs.set_if_equals(ref, current, target, who=provenance.default_author(), message=f"branch: {rev}")
         return target
 
     def delete_branch(self, name: str) -> None:
         """Delete a branch (not the one HEAD is on). Its commits stay until gc."""
         ref = f"refs/heads/{check_ref_name(name, 'branch')}"
-        current = self.refs.read_raw(ref)
-        if current is None:
-            raise RevisionNotFoundError(f"no branch named {name!r}")
-        if self.refs.symbolic_target(HEAD) == ref:
+        if self.refs.symbolic_target(HEAD) == ref and self.refs.read_raw(ref) is not None:
             raise CkptvcsError(f"cannot delete branch {name!r}: HEAD is on it; check out another revision first")
-        self.refs.remove_if_equals(ref, current, who=provenance.default_author(), message="branch: deleted")
+        self._delete_ref(ref, "branch", name)
 
     def tag(self, name: str, rev: str = "HEAD", message: str = "", force: bool = False) -> str:
         """Create an annotated tag at ``rev``; a tag never moves unless ``force``. Returns the commit id."""
         ref = f"refs/tags/{check_ref_name(name, 'tag')}"
         target = self.resolve(rev)
-        current = self.refs.read_raw(ref)
-        if current is not None and not force:
-            raise RefExistsError(f"tag {name!r} already exists (at {self._peel(current)[:12]}); tags never move unless forced")
-        if current is None:
-            self._check_ref_path_free(ref)
+        current = self._ref_to_write(ref, force, f"tag {name!r}", "tags never move unless forced")
         who = provenance.default_author()
         tag = Tag(object=target, name=name, message=_require_str(message, "message"), tagger=who, time=provenance.utc_now())
         tag_id = self.objects.put("tag", tag.to_json())
@@ -569,11 +558,7 @@ class Repo:
 
     def delete_tag(self, name: str) -> None:
         """Delete a tag. Releases are meant to be permanent: this is for mistakes."""
-        ref = f"refs/tags/{check_ref_name(name, 'tag')}"
-        current = self.refs.read_raw(ref)
-        if current is None:
-            raise RevisionNotFoundError(f"no tag named {name!r}")
-        self.refs.remove_if_equals(ref, current, who=provenance.default_author(), message="tag: deleted")
+        self._delete_ref(f"refs/tags/{check_ref_name(name, 'tag')}", "tag", name)
 
     def checkout(self, rev: str) -> str:
         """Point HEAD at a branch (by name) or detach it at any other revision; returns the id."""
@@ -588,6 +573,21 @@ class Repo:
         self.refs.set_if_equals(HEAD, expected, new_value, who=who, message="", log=False)
         self.refs.log_move(HEAD, old_id, target, who=who, message=f"checkout: moving to {rev}")
         return target
+
+    def _ref_to_write(self, ref: str, force: bool, what: str, hint: str) -> str | None:
+        """The current value of a ref about to be created (or, with ``force``, moved)."""
+        current = self.refs.read_raw(ref)
+        if current is not None and not force:
+            raise RefExistsError(f"{what} already exists at {self._peel(current)[:12]}; {hint}")
+        if current is None:
+            self._check_ref_path_free(ref)
+        return current
+
+    def _delete_ref(self, ref: str, what: str, name: str) -> None:
+        current = self.refs.read_raw(ref)
+        if current is None:
+            raise RevisionNotFoundError(f"no {what} named {name!r}")
+        self.refs.remove_if_equals(ref, current, who=provenance.default_author(), message=f"{what}: deleted")
 
     def _check_ref_path_free(self, ref: str) -> None:
         """A new ref may not sit where another ref's name needs a directory, or inside one."""
