@@ -25,6 +25,7 @@ from .pack import PackEntry
 __all__ = ["ChunkIndex"]
 
 _VALUE = struct.Struct("<16sQIIB")  # pack id, payload offset, stored length, raw length, codec
+_BASE_ID_SIZE = 32  # a delta chunk's value is followed by its base chunk id
 _INITIAL_MAP_SIZE = 256 << 20
 _MAX_MAP_SIZE = 1 << 40
 
@@ -100,10 +101,11 @@ class ChunkIndex:
 
     @staticmethod
     def _decode(chunk_id: bytes, value: bytes) -> PackEntry:
-        if len(value) != _VALUE.size:
+        if len(value) not in (_VALUE.size, _VALUE.size + _BASE_ID_SIZE):
             raise CorruptObjectError(f"index entry for chunk {chunk_id.hex()} is malformed")
-        pack, offset, stored_len, raw_len, codec = _VALUE.unpack(value)
-        return PackEntry(chunk_id, pack.hex(), offset, stored_len, raw_len, codec)
+        pack, offset, stored_len, raw_len, codec = _VALUE.unpack_from(value)
+        base = bytes(value[_VALUE.size :]) if len(value) > _VALUE.size else None
+        return PackEntry(chunk_id, pack.hex(), offset, stored_len, raw_len, codec, base)
 
     def _run(self, op: Callable[[], _T]) -> _T:
         """Run an LMDB operation, growing the map or adopting another process's growth."""
@@ -141,7 +143,7 @@ class ChunkIndex:
     def add(self, entries: Iterable[PackEntry]) -> None:
         """Insert entries of sealed packs in one short, synchronous write transaction."""
         rows = [
-            (e.chunk_id, _VALUE.pack(bytes.fromhex(e.pack), e.offset, e.stored_len, e.raw_len, e.codec))
+            (e.chunk_id, _VALUE.pack(bytes.fromhex(e.pack), e.offset, e.stored_len, e.raw_len, e.codec) + (e.base or b""))
             for e in entries
         ]
         if not rows:

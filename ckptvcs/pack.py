@@ -22,7 +22,7 @@ import blake3
 from . import _fs
 from .errors import CorruptObjectError
 
-__all__ = ["PackWriter", "PackEntry", "PackFiles", "iter_pack_entries", "ENTRY_HEADER_SIZE"]
+__all__ = ["PackWriter", "PackEntry", "PackFiles", "iter_pack_entries", "ENTRY_HEADER_SIZE", "FLAG_HAS_BASE"]
 
 PACK_MAGIC = b"CKPTPACK"
 PACK_VERSION = 1
@@ -32,11 +32,23 @@ _ENTRY_MAGIC = b"CE"
 _FOOTER = struct.Struct("<QQ32s8s")  # entry count, end of entries, BLAKE3(entry headers), magic
 _FOOTER_MAGIC = b"CKPTEND1"
 ENTRY_HEADER_SIZE = _ENTRY_HEADER.size
+FLAG_HAS_BASE = 0x01  # entry flags bit: a 32-byte base chunk id follows the entry header
+_KNOWN_FLAGS = FLAG_HAS_BASE
+_BASE_ID_SIZE = 32
+
+
+def _prefix_size(base: bytes | None) -> int:
+    """Bytes between an entry's start and its payload: the header, and the base id if any."""
+    return ENTRY_HEADER_SIZE + (_BASE_ID_SIZE if base is not None else 0)
 
 
 @dataclass(frozen=True)
 class PackEntry:
-    """Where one chunk sits: ``offset`` points at its payload, after the entry header."""
+    """Where one chunk sits: ``offset`` points at its payload, after the entry header.
+
+    ``base`` is the id of the chunk a delta codec refers to (None for self-contained
+    codecs): reading this chunk needs the base chunk first, and gc must keep it.
+    """
 
     chunk_id: bytes
     pack: str
@@ -44,6 +56,7 @@ class PackEntry:
     stored_len: int
     raw_len: int
     codec: int
+    base: bytes | None = None
 
 
 class PackWriter:
@@ -63,11 +76,19 @@ class PackWriter:
         _fs.write_all(self._fd, data)
         self.size += len(data)
 
-    def add(self, chunk_id: bytes, codec: int, raw_len: int, payload: bytes | memoryview) -> PackEntry:
-        header = _ENTRY_HEADER.pack(_ENTRY_MAGIC, codec, 0, raw_len, len(payload), chunk_id)
+    def add(
+        self, chunk_id: bytes, codec: int, raw_len: int, payload: bytes | memoryview, base: bytes | None = None
+    ) -> PackEntry:
+        """Append one chunk; ``base`` is the chunk id a delta payload refers to (else None)."""
+        if base is not None and len(base) != _BASE_ID_SIZE:
+            raise ValueError("a base chunk id is 32 bytes")
+        flags = FLAG_HAS_BASE if base is not None else 0
+        header = _ENTRY_HEADER.pack(_ENTRY_MAGIC, codec, flags, raw_len, len(payload), chunk_id)
+        if base is not None:
+            header += base
         self._headers.update(header)
         self._write(header)
-        entry = PackEntry(chunk_id, self.name, self.size, len(payload), raw_len, codec)
+        entry = PackEntry(chunk_id, self.name, self.size, len(payload), raw_len, codec, base)
         self._write(payload)
         self.entries.append(entry)
         return entry
@@ -118,15 +139,18 @@ class PackFiles:
 
     def read_payload(self, entry: PackEntry) -> memoryview:
         """Read one payload, checking the entry header in front of it names the chunk."""
-        want = ENTRY_HEADER_SIZE + entry.stored_len
-        data = os.pread(self._fd(entry.pack), want, entry.offset - ENTRY_HEADER_SIZE)
+        prefix = _prefix_size(entry.base)
+        want = prefix + entry.stored_len
+        data = os.pread(self._fd(entry.pack), want, entry.offset - prefix)
         if len(data) != want:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, data)
-        return memoryview(data)[ENTRY_HEADER_SIZE:]
+        return memoryview(data)[prefix:]
 
     def read_raw_into(self, entry: PackEntry, out: memoryview) -> None:
         """Read a raw-codec payload directly into ``out`` (one syscall, no copy)."""
+        if entry.base is not None:
+            raise CorruptObjectError(f"pack {entry.pack} entry at offset {entry.offset}: a raw chunk has no base")
         header = bytearray(ENTRY_HEADER_SIZE)
         got = os.preadv(self._fd(entry.pack), [header, out], entry.offset - ENTRY_HEADER_SIZE)
         if got != ENTRY_HEADER_SIZE + len(out) or len(out) != entry.stored_len:
@@ -135,9 +159,12 @@ class PackFiles:
 
     @staticmethod
     def _check_header(entry: PackEntry, data: bytes | bytearray) -> None:
-        magic, codec, _flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack_from(data)
-        if (magic, codec, raw_len, stored_len, chunk_id) != (
-            _ENTRY_MAGIC, entry.codec, entry.raw_len, entry.stored_len, entry.chunk_id
+        magic, codec, flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack_from(data)
+        base = None
+        if flags & FLAG_HAS_BASE:
+            base = bytes(data[ENTRY_HEADER_SIZE : ENTRY_HEADER_SIZE + _BASE_ID_SIZE])
+        if (magic, codec, raw_len, stored_len, chunk_id, base) != (
+            _ENTRY_MAGIC, entry.codec, entry.raw_len, entry.stored_len, entry.chunk_id, entry.base
         ):
             raise CorruptObjectError(
                 f"pack {entry.pack} entry at offset {entry.offset} does not match the index"
@@ -174,12 +201,21 @@ def iter_pack_entries(path: Path) -> Iterator[PackEntry]:
             raw = f.read(ENTRY_HEADER_SIZE)
             if len(raw) != ENTRY_HEADER_SIZE:
                 raise CorruptObjectError(f"pack {pack} entry header at {pos} is torn")
-            magic2, codec, _flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack(raw)
-            if magic2 != _ENTRY_MAGIC or pos + ENTRY_HEADER_SIZE + stored_len > end:
+            magic2, codec, flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack(raw)
+            if magic2 != _ENTRY_MAGIC or flags & ~_KNOWN_FLAGS:
+                raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid")
+            base = None
+            if flags & FLAG_HAS_BASE:
+                base = f.read(_BASE_ID_SIZE)
+                if len(base) != _BASE_ID_SIZE:
+                    raise CorruptObjectError(f"pack {pack} entry header at {pos} is torn")
+                raw += base
+            prefix = _prefix_size(base)
+            if pos + prefix + stored_len > end:
                 raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid")
             headers.update(raw)
-            entries.append(PackEntry(chunk_id, pack, pos + ENTRY_HEADER_SIZE, stored_len, raw_len, codec))
-            pos += ENTRY_HEADER_SIZE + stored_len
+            entries.append(PackEntry(chunk_id, pack, pos + prefix, stored_len, raw_len, codec, base))
+            pos += prefix + stored_len
         if len(entries) != count or headers.digest() != digest:
             raise CorruptObjectError(f"pack {pack} entry headers do not match its footer")
     yield from entries

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _fs, provenance
+from . import _fs, delta, provenance
 from .diff import DiffEntry, diff_manifests
 from .errors import (
     AmbiguousRevisionError,
@@ -42,9 +42,11 @@ from .errors import (
 from .objects import Commit, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ReflogEntry, Refs, check_ref_name
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
-from .store import ChunkStore, Progress
+from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
 
-__all__ = ["Repo", "RepoStats", "Manifest", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "STORE_DIRNAME"]
+__all__ = [
+    "Repo", "RepoStats", "Manifest", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "DEFAULT_KEYFRAME_INTERVAL", "STORE_DIRNAME",
+]
 
 FORMAT_NAME = "ckptvcs"
 FORMAT_VERSION = 1
@@ -128,22 +130,35 @@ class Repo:
         self._pid = os.getpid()
         self.objects = ObjectStore(root / "objects")
         self.refs = Refs(root)
-        self.chunks = ChunkStore(root, chunk_size=self.chunk_size, verify_encoding=config.get("verify_encoding", True))
+        self.chunks = ChunkStore(
+            root,
+            chunk_size=self.chunk_size,
+            verify_encoding=config.get("verify_encoding", True),
+            keyframe_interval=config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL),
+        )
         self._lock = _fs.RepoLock(root / "lock")
 
     # -- creation and opening ------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repo:
+    def init(
+        cls,
+        path: str | os.PathLike[str],
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
+    ) -> Repo:
         """Create a repository at ``path`` atomically: a crash leaves none or a whole one.
 
         ``path`` must not exist or be an empty directory. ``chunk_size`` (bytes, a
         multiple of 16 between 4 KiB and 256 MiB) is fixed for the repository's life.
+        ``keyframe_interval`` K bounds delta chains: a chunk is stored whole at least
+        every K versions, so a load resolves at most K - 1 deltas (1 disables deltas).
         """
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
             4096 <= chunk_size <= 256 << 20 and chunk_size % 16 == 0
         ):
             raise InvalidInputError(f"chunk_size must be a multiple of 16 between 4096 and {256 << 20}, got {chunk_size!r}")
+        _check_keyframe_interval(keyframe_interval)
         target = Path(path).absolute()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise RepositoryExistsError(f"{target} already exists and is not an empty directory")
@@ -151,6 +166,7 @@ class Repo:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "chunk_size": chunk_size,
+            "keyframe_interval": keyframe_interval,
             "hash": "blake3",
             "id": uuid.uuid4().hex,
             "created": provenance.utc_now(),
@@ -195,6 +211,10 @@ class Repo:
         chunk_size = config.get("chunk_size")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
             raise CorruptObjectError(f"{root}/config.json has an invalid chunk_size {chunk_size!r}")
+        try:
+            _check_keyframe_interval(config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL))
+        except InvalidInputError as err:
+            raise CorruptObjectError(f"{root}/config.json: {err}") from None
         return cls(root, config)
 
     @classmethod
@@ -346,7 +366,12 @@ class Repo:
         with self._lock.hold(exclusive=False):
             session = self.chunks.write_session()
             try:
-                chunk_lists = session.put_blobs([blob.data for blob in encoded.blobs], progress)
+                chunk_lists = session.put_blobs(
+                    [blob.data for blob in encoded.blobs],
+                    progress,
+                    dtypes=[blob.dtype for blob in encoded.blobs],
+                    bases=self._delta_bases(parent, encoded),
+                )
                 stats = session.finish()
             except BaseException:
                 session.abort()
@@ -378,6 +403,16 @@ class Repo:
             if target != HEAD and self.refs.symbolic_target(HEAD) == target:
                 self.refs.log_move(HEAD, expected, commit_id, who=who, message=summary)
         return commit_id
+
+    def _delta_bases(self, parent: str | None, encoded: Any) -> list[list[bytes] | None] | None:
+        """Per blob, the parent commit's chunk ids to try XOR deltas against (None: no parent)."""
+        if parent is None or self.chunks.keyframe_interval <= 1:
+            return None
+        try:
+            manifest = self.manifest(parent)
+        except (CorruptObjectError, RevisionNotFoundError):
+            return None  # a damaged parent is no base; the new commit stands on its own
+        return delta.parent_bases(manifest.root, manifest.blobs, encoded.root, [b.dtype for b in encoded.blobs])
 
     def _commit_target(self, branch: str | None) -> tuple[str, str | None, str | None]:
         """``(ref to update, its expected current value, parent commit)``."""
@@ -635,6 +670,11 @@ class Repo:
             pack_bytes=folder_size(self.root / "packs"),
             object_bytes=folder_size(self.root / "objects"),
         )
+
+
+def _check_keyframe_interval(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise InvalidInputError(f"keyframe_interval must be an integer between 1 and 64, got {value!r}")
 
 
 def _desc(timestamp: str) -> tuple[int, ...]:

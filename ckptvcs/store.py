@@ -1,11 +1,14 @@
 """The chunk store: content-addressed chunks in packs, found through the index.
 
-Writing hashes every chunk, skips those already stored, encodes the rest and appends
-them to a pack; the index learns about a pack only after the pack is sealed. Reading
-decodes straight into the caller's buffer and re-hashes every chunk, so damaged bytes
-raise IntegrityError instead of being returned. Hashing, encoding and decoding run on
-a thread pool (BLAKE3 and zstd release the GIL); pack appends stay in order on the
-calling thread.
+Writing hashes every chunk, skips those already stored (an unchanged tensor costs only
+its hash), encodes the rest and appends them to a pack; the index learns about a pack
+only after the pack is sealed. A new chunk may be stored as an XOR delta against a
+*base*: the chunk at the same place in the parent commit, as long as the base's delta
+chain stays shorter than the repository's keyframe interval. Reading decodes straight
+into the caller's buffer and re-hashes every chunk (and every base on the way), so
+damaged bytes raise IntegrityError instead of being returned. Hashing, encoding and
+decoding run on a thread pool (BLAKE3, zstd and numpy release the GIL); pack appends
+stay in order on the calling thread.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import blake3
 
-from . import _fs, codec
+from . import _fs, codec, planes
 from .errors import CorruptObjectError, IntegrityError
 from .index import ChunkIndex
 from .pack import PackEntry, PackFiles, PackWriter
@@ -27,6 +30,10 @@ from .pack import PackEntry, PackFiles, PackWriter
 __all__ = ["ChunkStore", "WriteSession", "WriteStats", "Progress", "chunk_hash"]
 
 PACK_TARGET_SIZE = 256 << 20
+DEFAULT_KEYFRAME_INTERVAL = 4
+# No reader follows a delta chain longer than this, whatever the config says: a cycle or
+# an absurd chain can only come from damage.
+MAX_CHAIN_LENGTH = 64
 
 Progress = Callable[[int, int], None]
 """A progress callback: ``(bytes done, bytes total)``."""
@@ -46,6 +53,7 @@ class WriteStats:
     new_chunks: int = 0
     new_raw_bytes: int = 0
     new_stored_bytes: int = 0
+    delta_chunks: int = 0  # new chunks stored as a delta against a base
     packs: list[str] = field(default_factory=list)
 
 
@@ -55,15 +63,27 @@ class _Encoded:
     raw_len: int
     codec: int = codec.RAW
     payload: bytes | memoryview | None = None  # None: already stored, nothing to write
+    base: bytes | None = None
 
 
 class ChunkStore:
     """Chunks stored in ``packs/``, located through the LMDB index in ``index/``."""
 
-    def __init__(self, root: Path, *, chunk_size: int, verify_encoding: bool = True, workers: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        chunk_size: int,
+        verify_encoding: bool = True,
+        workers: int | None = None,
+        keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
+    ):
         self.root = root
         self.chunk_size = chunk_size
         self.verify_encoding = verify_encoding
+        # A delta chain holds at most keyframe_interval - 1 deltas: every K-th version
+        # of a chunk (at the latest) is a keyframe. 1 disables deltas.
+        self.keyframe_interval = keyframe_interval
         self.index = ChunkIndex(root / "index")
         self.packs = PackFiles(root / "packs")
         self._workers = workers or max(1, min(8, os.cpu_count() or 1))
@@ -118,23 +138,61 @@ class ChunkStore:
         return entries
 
     def _read_chunk(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> int:
+        self._decode_verified(entry, out, describe, depth=0)
+        return len(out)
+
+    def _decode_verified(self, entry: PackEntry, out: memoryview, describe: Callable[[], str], depth: int) -> None:
+        """Decode one chunk into ``out`` (its base first, recursively) and check its BLAKE3."""
         if entry.raw_len != len(out):
             raise IntegrityError(
                 f"{describe()}: chunk {entry.chunk_id.hex()} holds {entry.raw_len} bytes, expected {len(out)}"
             )
+        base_bytes = None
+        if entry.base is not None:
+            if depth >= MAX_CHAIN_LENGTH:
+                raise IntegrityError(
+                    f"{describe()}: chunk {entry.chunk_id.hex()} has a delta chain longer than {MAX_CHAIN_LENGTH}"
+                )
+            base_entry = self.index.get(entry.base)
+            if base_entry is None:
+                raise IntegrityError(
+                    f"{describe()}: base chunk {entry.base.hex()} of chunk {entry.chunk_id.hex()} is missing from the store"
+                )
+            base_bytes = bytearray(len(out))
+            self._decode_verified(base_entry, memoryview(base_bytes), describe, depth + 1)
+        elif entry.codec in codec.USES_BASE:
+            raise IntegrityError(f"{describe()}: delta chunk {entry.chunk_id.hex()} names no base")
         try:
             with _fs.storage_errors(f"reading pack {entry.pack}"):
                 if entry.codec == codec.RAW:
                     self.packs.read_raw_into(entry, out)  # straight into the tensor, no copy
                 else:
-                    codec.decode_into(entry.codec, self.packs.read_payload(entry), out)
+                    codec.decode_into(entry.codec, self.packs.read_payload(entry), out, base=base_bytes)
         except CorruptObjectError as err:
             raise IntegrityError(f"{describe()}: chunk {entry.chunk_id.hex()}: {err}") from None
         if chunk_hash(out) != entry.chunk_id:
             raise IntegrityError(
                 f"{describe()}: chunk {entry.chunk_id.hex()} in pack {entry.pack} fails its BLAKE3 check"
             )
-        return len(out)
+
+    def read_chunk(self, chunk_id: bytes, *, describe: Callable[[], str]) -> bytearray:
+        """One chunk's raw bytes, decoded (bases included) and verified."""
+        entry = self.index.get(chunk_id)
+        if entry is None:
+            raise IntegrityError(f"{describe()}: chunk {chunk_id.hex()} is missing from the store")
+        out = bytearray(entry.raw_len)
+        self._decode_verified(entry, memoryview(out), describe, depth=0)
+        return out
+
+    def chain_length(self, entry: PackEntry) -> int:
+        """How many deltas decoding ``entry`` resolves (0 for a keyframe), from the index alone."""
+        length = 0
+        while entry.base is not None and length <= MAX_CHAIN_LENGTH:
+            base = self.index.get(entry.base)
+            if base is None:
+                break
+            entry, length = base, length + 1
+        return length
 
 
 class WriteSession:
@@ -150,10 +208,21 @@ class WriteSession:
         self._written: set[bytes] = set()
         self.stats = WriteStats()
 
-    def put_blobs(self, blobs: Sequence[memoryview], progress: Progress | None = None) -> list[list[bytes]]:
-        """Store many blobs, pipelining hashing and encoding across the thread pool.
+    def put_blobs(
+        self,
+        blobs: Sequence[memoryview],
+        progress: Progress | None = None,
+        *,
+        dtypes: Sequence[str | None] | None = None,
+        bases: Sequence[Sequence[bytes | None] | None] | None = None,
+    ) -> list[list[bytes]]:
+        """Store many blobs, pipelining hashing, encoding and writing across the thread pool.
 
-        ``progress(done_bytes, total_bytes)`` is called as chunks are stored.
+        ``dtypes[i]`` (the element type of blob ``i``) selects byte-plane coding for
+        floats; ``bases[i][j]`` is the chunk id to try an XOR delta against for chunk
+        ``j`` of blob ``i`` (the chunk at the same place in the parent commit), or None.
+        At most a bounded window of chunks is in flight, so no second copy of the state
+        is ever held. ``progress(done_bytes, total_bytes)`` is called as chunks are stored.
         """
         store = self._store
         window = 2 * store._workers + 2
@@ -172,23 +241,48 @@ class WriteSession:
             if progress is not None:
                 progress(done, total)
 
-        for blob in blobs:
+        for blob_no, blob in enumerate(blobs):
             result.append([])
             self.stats.logical_bytes += len(blob)
-            for start, end in store.split(len(blob)):
+            layout = planes.layout_for_dtype(dtypes[blob_no] if dtypes is not None else None)
+            blob_bases = bases[blob_no] if bases is not None else None
+            for chunk_no, (start, end) in enumerate(store.split(len(blob))):
                 if len(pending) >= window:
                     drain_one()
-                pending.append((len(result) - 1, store.pool.submit(self._encode, blob[start:end])))
+                base_id = blob_bases[chunk_no] if blob_bases is not None and chunk_no < len(blob_bases) else None
+                pending.append((blob_no, store.pool.submit(self._encode, blob[start:end], layout, base_id)))
         while pending:
             drain_one()
         return result
 
-    def _encode(self, raw: memoryview) -> _Encoded:
+    def _encode(self, raw: memoryview, layout: int = planes.BYTES, base_id: bytes | None = None) -> _Encoded:
         cid = chunk_hash(raw)
         if cid in self._written or self._store.index.get(cid) is not None:
             return _Encoded(cid, len(raw))
-        kind, payload = codec.encode(raw, cid, verify=self._store.verify_encoding)
-        return _Encoded(cid, len(raw), kind, payload)
+        base = self._delta_base(base_id, cid, len(raw))
+        enc = codec.encode(raw, cid, layout=layout, base=base, verify=self._store.verify_encoding)
+        return _Encoded(cid, len(raw), enc.codec, enc.payload, enc.base)
+
+    def _delta_base(self, base_id: bytes | None, chunk_id: bytes, raw_len: int) -> tuple[bytes, bytearray] | None:
+        """``(base id, base bytes)`` when a delta against ``base_id`` is allowed, else None.
+
+        Allowed when the base is stored, has the chunk's length, and a delta on top of
+        it keeps its chain within ``keyframe_interval - 1`` deltas (so every K-th
+        version of a chunk, at the latest, is a keyframe). A base that fails its own
+        verification is not built upon: the chunk becomes a keyframe instead.
+        """
+        store = self._store
+        if base_id is None or base_id == chunk_id or store.keyframe_interval <= 1:
+            return None
+        entry = store.index.get(base_id)
+        if entry is None or entry.raw_len != raw_len:
+            return None
+        if store.chain_length(entry) + 1 > store.keyframe_interval - 1:
+            return None
+        try:
+            return base_id, store.read_chunk(base_id, describe=lambda: "delta base")
+        except IntegrityError:
+            return None
 
     def _append(self, enc: _Encoded) -> None:
         self.stats.chunks += 1
@@ -198,9 +292,10 @@ class WriteSession:
             with _fs.storage_errors("creating a pack"):
                 self._writer = PackWriter(self._store.root / "tmp", self._store.root / "packs")
         with _fs.storage_errors(f"writing pack {self._writer.name}"):
-            self._writer.add(enc.chunk_id, enc.codec, enc.raw_len, enc.payload)
+            self._writer.add(enc.chunk_id, enc.codec, enc.raw_len, enc.payload, base=enc.base)
         self._written.add(enc.chunk_id)
         self.stats.new_chunks += 1
+        self.stats.delta_chunks += enc.base is not None
         self.stats.new_raw_bytes += enc.raw_len
         self.stats.new_stored_bytes += len(enc.payload)
         if self._writer.size >= PACK_TARGET_SIZE:

@@ -424,14 +424,22 @@ def test_changing_one_tensor_stores_only_its_chunks(repo: Repo) -> None:
     commit_stats = repo.show().stats
     raw = memoryview(changed.numpy()).cast("B")
     chunks = [raw[s : s + repo.chunk_size] for s in range(0, len(raw), repo.chunk_size)]
+    old = memoryview(state["t2"].numpy()).cast("B")
+    bases = [old[s : s + repo.chunk_size] for s in range(0, len(old), repo.chunk_size)]
     assert len(chunks) == 2
-    compressed = sum(len(codec.encode(c, chunk_hash(c))[1]) for c in chunks)
+    # Each new chunk is coded as the smaller of byte planes and an XOR delta against the
+    # chunk at the same offset of the parent's t2.
+    encodings = [
+        codec.encode(c, chunk_hash(c), layout=4, base=(chunk_hash(b), b)) for c, b in zip(chunks, bases)
+    ]
+    compressed = sum(len(e.payload) for e in encodings)
     assert commit_stats["new_chunks"] == len(chunks)
     assert commit_stats["new_stored_bytes"] == compressed
     assert commit_stats["logical_bytes"] == 8 << 20
     stats_after = repo.stats()
     assert stats_after.chunks == stats_before.chunks + len(chunks)
-    pack_overhead = pack._PACK_HEADER.size + len(chunks) * pack.ENTRY_HEADER_SIZE + pack._FOOTER.size
+    base_ids = 32 * sum(e.base is not None for e in encodings)
+    pack_overhead = pack._PACK_HEADER.size + len(chunks) * pack.ENTRY_HEADER_SIZE + base_ids + pack._FOOTER.size
     assert stats_after.pack_bytes - stats_before.pack_bytes == compressed + pack_overhead
 
     # Changing one element touches one chunk only.

@@ -1,0 +1,95 @@
+"""Byte-plane (and nibble-plane) grouping of a chunk's bytes, and the XOR used by deltas.
+
+A float stores sign, exponent and mantissa in fixed bytes of each element. Weights of a
+trained model share a narrow range of exponents, so the byte holding the exponent is
+very repetitive across elements while the low mantissa bytes are close to random. Raw
+bytes interleave the two and a compressor sees noise; grouping byte *i* of every
+element into plane *i* puts the compressible bytes together, so each plane can be
+compressed (or stored raw) on its own. One-byte floats (fp8) are split into their high
+and low nibbles instead, for the same reason.
+
+The transforms here are pure array shuffles (numpy releases the GIL for them); they
+never compress and never check ids. ``layout`` numbers are part of the on-disk format
+(docs/format.md, section 5.2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["BYTES", "NIBBLES", "LAYOUTS", "layout_for_dtype", "split", "merge_into", "plane_lengths", "xor_into"]
+
+BYTES = 0  # one plane: the bytes as they are
+NIBBLES = 1  # two planes: high nibbles, low nibbles, each packed two to a byte
+LAYOUTS = (BYTES, NIBBLES, 2, 4, 8)  # 2/4/8: byte planes of elements of that width
+
+_FLOAT_WIDTHS = {
+    "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "complex32": 2, "complex64": 4, "complex128": 8,
+    "float8_e4m3fn": NIBBLES, "float8_e5m2": NIBBLES, "float8_e4m3fnuz": NIBBLES,
+    "float8_e5m2fnuz": NIBBLES, "float8_e8m0fnu": NIBBLES,
+    # numpy dtype strings (byte order included)
+    "<f2": 2, "<f4": 4, "<f8": 8, "<c8": 4, "<c16": 8, ">f2": 2, ">f4": 4, ">f8": 8, ">c8": 4, ">c16": 8,
+}
+
+
+def layout_for_dtype(dtype: str | None) -> int:
+    """The plane layout that suits a blob's element type: byte planes for floats, else BYTES."""
+    return _FLOAT_WIDTHS.get(dtype or "", BYTES)
+
+
+def plane_lengths(layout: int, nbytes: int) -> tuple[list[int], int]:
+    """``(length of each plane, length of the raw tail)`` for ``nbytes`` bytes in ``layout``.
+
+    Byte planes cover the whole elements; the ``nbytes % width`` bytes left over (only
+    in a blob's odd last chunk) are kept raw after the planes.
+    """
+    if layout == BYTES:
+        return [nbytes], 0
+    if layout == NIBBLES:
+        half = (nbytes + 1) // 2
+        return [half, half], 0
+    count, tail = divmod(nbytes, layout)
+    return [count] * layout, tail
+
+
+def split(data: np.ndarray, layout: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ``data`` (uint8, 1-D) into planes; returns ``(planes as rows of a 2-D array, raw tail)``."""
+    n = data.shape[0]
+    if layout == BYTES:
+        return data.reshape(1, n), data[:0]
+    if layout == NIBBLES:
+        padded = data if n % 2 == 0 else np.concatenate([data, np.zeros(1, np.uint8)])
+        high = (padded[0::2] & 0xF0) | (padded[1::2] >> 4)
+        low = (padded[0::2] << 4) | (padded[1::2] & 0x0F)
+        return np.stack([high, low]), data[:0]
+    count = n // layout
+    grouped = np.ascontiguousarray(data[: count * layout].reshape(count, layout).T)
+    return grouped, data[count * layout :]
+
+
+def merge_into(planes: np.ndarray, tail: np.ndarray, layout: int, out: np.ndarray) -> None:
+    """Inverse of :func:`split`: interleave ``planes`` (2-D, one row per plane) and ``tail`` into ``out``."""
+    n = out.shape[0]
+    if layout == BYTES:
+        out[:] = planes[0]
+        return
+    if layout == NIBBLES:
+        high, low = planes
+        out[0::2] = ((high & 0xF0) | (low >> 4))[: (n + 1) // 2]
+        out[1::2] = ((high << 4) | (low & 0x0F))[: n // 2]
+        return
+    count = n // layout
+    np.copyto(out[: count * layout].reshape(count, layout), planes.T)
+    out[count * layout :] = tail
+
+
+def xor_into(data: np.ndarray, base: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = data XOR base`` (uint8 arrays of one length), eight bytes at a time where aligned."""
+    n = data.shape[0]
+    wide = n - n % 8
+    if wide:
+        np.bitwise_xor(data[:wide].view(np.uint64), base[:wide].view(np.uint64), out=out[:wide].view(np.uint64))
+    if n - wide:
+        np.bitwise_xor(data[wide:], base[wide:], out=out[wide:])
+    return out
