@@ -122,9 +122,10 @@ def encode(
     """
     data = np.frombuffer(raw, dtype=np.uint8)
     candidates: list[Encoded] = []
-    if layout == planes.BYTES:
+    if layout in (planes.BYTES, planes.NIBBLES):
+        # For one-byte elements zstd's own entropy coder may beat the nibble split.
         candidates.append(Encoded(ZSTD, _compressor().compress(raw)))
-    else:
+    if layout != planes.BYTES:
         candidates.append(Encoded(PLANES, encode_planes(data, layout)))
     base_data = None
     if base is not None:
