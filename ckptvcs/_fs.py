@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ __all__ = [
     "RefLock",
     "RepoLock",
     "temp_name",
+    "EarlyWriteback",
 ]
 
 # Primitives, looked up at call time so tests can replace them.
@@ -69,6 +71,49 @@ def temp_name(prefix: str = "") -> str:
 def fsync_file(fd: int) -> None:
     """fsync a file descriptor; any error propagates (never retried)."""
     _fsync(fd)
+
+
+class EarlyWriteback:
+    """Flushes a growing file to disk in the background while its writer keeps writing.
+
+    A pack is written in one pass and fsynced when sealed; without help, the whole
+    file's dirty pages reach the disk only in that final fsync, after all the encoding
+    work is done. Every ``step`` bytes this starts an fsync on a background thread
+    (one at a time), so disk writes overlap the encoding and the final fsync has little
+    left. It is *not* a durability point: :func:`fsync_file` at seal time still is.
+    An error from a background fsync is kept and raised by :meth:`finish` (the kernel
+    may report a writeback error only once).
+    """
+
+    def __init__(self, fd: int, step: int = 32 << 20) -> None:
+        self._fd = fd
+        self._step = step
+        self._next = step
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def wrote(self, size: int) -> None:
+        """Tell how many bytes the file holds now; may start a background fsync."""
+        if size < self._next or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._next = size + self._step
+        self._thread = threading.Thread(target=self._flush, name="ckptvcs-writeback", daemon=True)
+        self._thread.start()
+
+    def _flush(self) -> None:
+        try:
+            _fsync(self._fd)
+        except BaseException as err:  # kept for finish(): never lost, never retried
+            self._error = err
+
+    def finish(self) -> None:
+        """Wait for the background fsync; raise the error it met, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

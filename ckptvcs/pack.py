@@ -67,6 +67,7 @@ class PackWriter:
         self._packs_dir = packs_dir
         self._tmp_path = tmp_dir / _fs.temp_name(f"pack-{self.name}-")
         self._fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._writeback = _fs.EarlyWriteback(self._fd)
         self._headers = blake3.blake3()
         self.entries: list[PackEntry] = []
         self.size = 0
@@ -75,6 +76,7 @@ class PackWriter:
     def _write(self, data: bytes | memoryview) -> None:
         _fs.write_all(self._fd, data)
         self.size += len(data)
+        self._writeback.wrote(self.size)
 
     def add(
         self, chunk_id: bytes, codec: int, raw_len: int, payload: bytes | memoryview, base: bytes | None = None
@@ -97,6 +99,7 @@ class PackWriter:
         """Write the footer, fsync, and move the pack into ``packs/`` durably."""
         end = self.size
         self._write(_FOOTER.pack(len(self.entries), end, self._headers.digest(), _FOOTER_MAGIC))
+        self._writeback.finish()
         _fs.fsync_file(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -106,6 +109,8 @@ class PackWriter:
 
     def abort(self) -> None:
         """Drop an unsealed pack (the commit that wrote it failed)."""
+        with contextlib.suppress(Exception):
+            self._writeback.finish()  # the pack is dropped: its flush errors no longer matter
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -33,6 +33,9 @@ _FLOAT_WIDTHS = {
 }
 
 
+_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+
 def layout_for_dtype(dtype: str | None) -> int:
     """The plane layout that suits a blob's element type: byte planes for floats, else BYTES."""
     return _FLOAT_WIDTHS.get(dtype or "", BYTES)
@@ -64,7 +67,13 @@ def split(data: np.ndarray, layout: int) -> tuple[np.ndarray, np.ndarray]:
         low = (padded[0::2] << 4) | (padded[1::2] & 0x0F)
         return np.stack([high, low]), data[:0]
     count = n // layout
-    grouped = np.ascontiguousarray(data[: count * layout].reshape(count, layout).T)
+    # Plane i is byte i of each element in memory order, i.e. bits 8i..8i+7 of the
+    # little-endian integer: a shift and a truncating cast per plane is several times
+    # faster in numpy than a strided transpose copy.
+    elements = data[: count * layout].view(_UINT[layout])
+    grouped = np.empty((layout, count), dtype=np.uint8)
+    for i in range(layout):
+        np.copyto(grouped[i], elements >> (8 * i) if i else elements, casting="unsafe")
     return grouped, data[count * layout :]
 
 
@@ -80,7 +89,9 @@ def merge_into(planes: np.ndarray, tail: np.ndarray, layout: int, out: np.ndarra
         out[1::2] = ((high << 4) | (low & 0x0F))[: n // 2]
         return
     count = n // layout
-    np.copyto(out[: count * layout].reshape(count, layout), planes.T)
+    columns = out[: count * layout].reshape(count, layout)
+    for i in range(layout):
+        columns[:, i] = planes[i]  # one strided column at a time beats a 2-D transpose copy
     out[count * layout :] = tail
 
 
