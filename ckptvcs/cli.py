@@ -25,7 +25,7 @@ from .errors import CkptvcsError, InvalidInputError
 from .exchange import FORMATS, guess_format, read_state_file, write_state_file
 from .graph import graph_lines
 from .objects import Commit
-from .repo import DEFAULT_CHUNK_SIZE, STORE_DIRNAME, Repo
+from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_KEYFRAME_INTERVAL, STORE_DIRNAME, Repo
 from .state import TORCH_DTYPES, iter_tensors
 from .store import Progress
 
@@ -120,11 +120,14 @@ def cli(ctx: click.Context, repo_path: str | None) -> None:
 @click.argument("path", required=False, type=click.Path(file_okay=False))
 @click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, show_default=True,
               help="Chunk size in bytes (a multiple of 16, fixed for the repository's life).")
+@click.option("--keyframe-interval", type=int, default=DEFAULT_KEYFRAME_INTERVAL, show_default=True,
+              help="Store each chunk whole at least every K versions (a load resolves at most K-1 "
+                   "deltas); 1 disables deltas against the parent commit.")
 @click.pass_context
-def init(ctx: click.Context, path: str | None, chunk_size: int) -> None:
+def init(ctx: click.Context, path: str | None, chunk_size: int, keyframe_interval: int) -> None:
     """Create a repository at PATH (default: --repo, else ./.ckptvcs)."""
     target = path or ctx.obj.get("path") or STORE_DIRNAME
-    with Repo.init(target, chunk_size=chunk_size) as repo:
+    with Repo.init(target, chunk_size=chunk_size, keyframe_interval=keyframe_interval) as repo:
         click.echo(f"Initialized empty ckptvcs repository in {repo.root}")
 
 

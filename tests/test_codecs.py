@@ -292,3 +292,16 @@ def test_unchanged_tensors_cost_no_encoding(repo: Repo, monkeypatch) -> None:
     monkeypatch.setattr(codec, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
     repo.commit(state, "again")
     assert calls == [] and repo.show().stats["new_chunks"] == 0
+
+
+def test_cli_init_records_the_keyframe_interval(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ckptvcs.cli import cli
+
+    result = CliRunner().invoke(cli, ["init", str(tmp_path / "r"), "--keyframe-interval", "6"])
+    assert result.exit_code == 0, result.output
+    with Repo.open(tmp_path / "r") as repo:
+        assert repo.config["keyframe_interval"] == 6 and repo.chunks.keyframe_interval == 6
+    bad = CliRunner().invoke(cli, ["init", str(tmp_path / "s"), "--keyframe-interval", "0"])
+    assert bad.exit_code != 0 and "keyframe_interval" in bad.output
