@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -305,3 +306,30 @@ def test_cli_init_records_the_keyframe_interval(tmp_path: Path) -> None:
         assert repo.config["keyframe_interval"] == 6 and repo.chunks.keyframe_interval == 6
     bad = CliRunner().invoke(cli, ["init", str(tmp_path / "s"), "--keyframe-interval", "0"])
     assert bad.exit_code != 0 and "keyframe_interval" in bad.output
+
+
+def test_a_failed_background_flush_fails_the_seal(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from ckptvcs import _fs
+
+    calls = []
+
+    def failing_fsync(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.EIO, "injected writeback error")
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        monkeypatch.setattr(_fs, "_fsync", failing_fsync)
+        flush = _fs.EarlyWriteback(fd, step=10)
+        flush.wrote(5)
+        flush.finish()  # below the step: nothing started, nothing to report
+        assert calls == []
+        flush.wrote(20)
+        with pytest.raises(OSError, match="injected"):
+            flush.finish()
+        assert calls == [fd]
+        flush.finish()  # reported once, like the kernel does; the seal's own fsync decides next
+    finally:
+        os.close(fd)
