@@ -19,7 +19,7 @@ from pathlib import Path
 
 import blake3
 
-from . import _fs
+from . import _fs, scratch
 from .errors import CorruptObjectError
 
 __all__ = ["PackWriter", "PackEntry", "PackFiles", "iter_pack_entries", "ENTRY_HEADER_SIZE", "FLAG_HAS_BASE"]
@@ -152,6 +152,17 @@ class PackFiles:
         self._check_header(entry, data)
         return memoryview(data)[prefix:]
 
+    def read_payload_reusing(self, entry: PackEntry) -> memoryview:
+        """:meth:`read_payload` into this thread's scratch buffer (valid until its next call)."""
+        prefix = _prefix_size(entry.base)
+        want = prefix + entry.stored_len
+        buf = memoryview(scratch.buffer("pack-read", want))
+        got = os.preadv(self._fd(entry.pack), [buf], entry.offset - prefix)
+        if got != want:
+            raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
+        self._check_header(entry, buf)
+        return buf[prefix:]
+
     def read_raw_into(self, entry: PackEntry, out: memoryview) -> None:
         """Read a raw-codec payload directly into ``out`` (one syscall, no copy)."""
         if entry.base is not None:
@@ -163,7 +174,7 @@ class PackFiles:
         self._check_header(entry, header)
 
     @staticmethod
-    def _check_header(entry: PackEntry, data: bytes | bytearray) -> None:
+    def _check_header(entry: PackEntry, data: bytes | bytearray | memoryview) -> None:
         magic, codec, flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack_from(data)
         base = None
         if flags & FLAG_HAS_BASE:

@@ -56,8 +56,11 @@ def plane_lengths(layout: int, nbytes: int) -> tuple[list[int], int]:
     return [count] * layout, tail
 
 
-def split(data: np.ndarray, layout: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut ``data`` (uint8, 1-D) into planes; returns ``(planes as rows of a 2-D array, raw tail)``."""
+def split(data: np.ndarray, layout: int, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ``data`` (uint8, 1-D) into planes; returns ``(planes as rows of a 2-D array, raw tail)``.
+
+    Byte planes are written into ``out`` (uint8, at least ``len(data)`` bytes) when given.
+    """
     n = data.shape[0]
     if layout == BYTES:
         return data.reshape(1, n), data[:0]
@@ -71,7 +74,10 @@ def split(data: np.ndarray, layout: int) -> tuple[np.ndarray, np.ndarray]:
     # little-endian integer: a shift and a truncating cast per plane is several times
     # faster in numpy than a strided transpose copy.
     elements = data[: count * layout].view(_UINT[layout])
-    grouped = np.empty((layout, count), dtype=np.uint8)
+    if out is None:
+        grouped = np.empty((layout, count), dtype=np.uint8)
+    else:
+        grouped = out[: layout * count].reshape(layout, count)
     for i in range(layout):
         np.copyto(grouped[i], elements >> (8 * i) if i else elements, casting="unsafe")
     return grouped, data[count * layout :]

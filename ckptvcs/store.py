@@ -14,6 +14,7 @@ stay in order on the calling thread.
 from __future__ import annotations
 
 import os
+import queue
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import blake3
+import numpy as np
 
-from . import _fs, codec, planes
+from . import _fs, codec, planes, scratch
 from .errors import CorruptObjectError, IntegrityError
 from .index import ChunkIndex
 from .pack import PackEntry, PackFiles, PackWriter
@@ -64,6 +66,7 @@ class _Encoded:
     codec: int = codec.RAW
     payload: bytes | memoryview | None = None  # None: already stored, nothing to write
     base: bytes | None = None
+    buffer: bytearray | None = None  # the recycled buffer holding the payload, if any
 
 
 class ChunkStore:
@@ -158,7 +161,9 @@ class ChunkStore:
                 raise IntegrityError(
                     f"{describe()}: base chunk {entry.base.hex()} of chunk {entry.chunk_id.hex()} is missing from the store"
                 )
-            base_bytes = bytearray(len(out))
+            # One scratch buffer per chain level: a level's base is in use while the
+            # level below it decodes.
+            base_bytes = scratch.buffer(f"base-{depth}", len(out))
             self._decode_verified(base_entry, memoryview(base_bytes), describe, depth + 1)
         elif entry.codec in codec.USES_BASE:
             raise IntegrityError(f"{describe()}: delta chunk {entry.chunk_id.hex()} names no base")
@@ -167,7 +172,7 @@ class ChunkStore:
                 if entry.codec == codec.RAW:
                     self.packs.read_raw_into(entry, out)  # straight into the tensor, no copy
                 else:
-                    codec.decode_into(entry.codec, self.packs.read_payload(entry), out, base=base_bytes)
+                    codec.decode_into(entry.codec, self.packs.read_payload_reusing(entry), out, base=base_bytes)
         except CorruptObjectError as err:
             raise IntegrityError(f"{describe()}: chunk {entry.chunk_id.hex()}: {err}") from None
         if chunk_hash(out) != entry.chunk_id:
@@ -175,14 +180,20 @@ class ChunkStore:
                 f"{describe()}: chunk {entry.chunk_id.hex()} in pack {entry.pack} fails its BLAKE3 check"
             )
 
-    def read_chunk(self, chunk_id: bytes, *, describe: Callable[[], str]) -> bytearray:
-        """One chunk's raw bytes, decoded (bases included) and verified."""
+    def read_chunk(self, chunk_id: bytes, *, describe: Callable[[], str], reuse: bool = False) -> memoryview:
+        """One chunk's raw bytes, decoded (bases included) and verified.
+
+        With ``reuse`` the bytes live in this thread's scratch space: valid only until
+        the thread's next ``read_chunk(..., reuse=True)`` (the commit pipeline reads a
+        delta base and uses it at once).
+        """
         entry = self.index.get(chunk_id)
         if entry is None:
             raise IntegrityError(f"{describe()}: chunk {chunk_id.hex()} is missing from the store")
-        out = bytearray(entry.raw_len)
+        out = scratch.buffer("read-chunk", entry.raw_len) if reuse else np.empty(entry.raw_len, dtype=np.uint8)
+        # The chain below starts at depth 1 so that it never shares this buffer's slot.
         self._decode_verified(entry, memoryview(out), describe, depth=0)
-        return out
+        return memoryview(out)
 
     def chain_length(self, entry: PackEntry) -> int:
         """How many deltas decoding ``entry`` resolves (0 for a keyframe), from the index alone."""
@@ -207,6 +218,9 @@ class WriteSession:
         self._writer: PackWriter | None = None
         self._written: set[bytes] = set()
         self.stats = WriteStats()
+        # Payload buffers go back here once written: fresh MiB-sized buffers cost page
+        # faults on every use (see scratch.py), recycled ones do not.
+        self._spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
 
     def put_blobs(
         self,
@@ -260,10 +274,28 @@ class WriteSession:
         if cid in self._written or self._store.index.get(cid) is not None:
             return _Encoded(cid, len(raw))
         base = self._delta_base(base_id, cid, len(raw))
-        enc = codec.encode(raw, cid, layout=layout, base=base, verify=self._store.verify_encoding)
-        return _Encoded(cid, len(raw), enc.codec, enc.payload, enc.base)
+        taken: list[bytearray] = []
 
-    def _delta_base(self, base_id: bytes | None, chunk_id: bytes, raw_len: int) -> tuple[bytes, bytearray] | None:
+        def allocate(n: int) -> memoryview:
+            try:
+                buf = self._spare.get_nowait()
+            except queue.Empty:
+                buf = bytearray(self._store.chunk_size)
+            if len(buf) < n:
+                buf = bytearray(n)
+            taken.append(buf)
+            return memoryview(buf)[:n]
+
+        enc = codec.encode(raw, cid, layout=layout, base=base, verify=self._store.verify_encoding, allocate=allocate)
+        payload_buffer = None
+        for buf in taken:  # at most one holds the payload; the others go straight back
+            if isinstance(enc.payload, memoryview) and enc.payload.obj is buf:
+                payload_buffer = buf
+            else:
+                self._spare.put(buf)
+        return _Encoded(cid, len(raw), enc.codec, enc.payload, enc.base, payload_buffer)
+
+    def _delta_base(self, base_id: bytes | None, chunk_id: bytes, raw_len: int) -> tuple[bytes, memoryview] | None:
         """``(base id, base bytes)`` when a delta against ``base_id`` is allowed, else None.
 
         Allowed when the base is stored, has the chunk's length, and a delta on top of
@@ -280,11 +312,19 @@ class WriteSession:
         if store.chain_length(entry) + 1 > store.keyframe_interval - 1:
             return None
         try:
-            return base_id, store.read_chunk(base_id, describe=lambda: "delta base")
+            return base_id, store.read_chunk(base_id, describe=lambda: "delta base", reuse=True)
         except IntegrityError:
             return None
 
     def _append(self, enc: _Encoded) -> None:
+        try:
+            self._write_chunk(enc)
+        finally:
+            if enc.buffer is not None:
+                enc.payload = None
+                self._spare.put(enc.buffer)
+
+    def _write_chunk(self, enc: _Encoded) -> None:
         self.stats.chunks += 1
         if enc.payload is None or enc.chunk_id in self._written:
             return

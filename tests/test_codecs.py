@@ -109,14 +109,15 @@ def test_random_bytes_stay_raw() -> None:
 
 
 def test_verify_after_encode_rejects_a_broken_encoder(monkeypatch) -> None:
-    real = codec.encode_planes
+    real = codec._plane_parts
 
-    def broken(data, layout):
-        payload = bytearray(real(data, layout))
-        payload[-1] ^= 0x01  # silently wrong, but well-formed
-        return bytes(payload)
+    def broken(data, layout, slot):
+        parts = real(data, layout, slot)
+        last = bytearray(parts[-2])
+        last[-1] ^= 0x01  # silently wrong, but well-formed
+        return [*parts[:-2], bytes(last), parts[-1]]
 
-    monkeypatch.setattr(codec, "encode_planes", broken)
+    monkeypatch.setattr(codec, "_plane_parts", broken)
     raw = _raw(torch.zeros(4096))
     with pytest.warns(codec.EncodingRejectedWarning):
         enc = codec.encode(raw, chunk_hash(raw), layout=4)
@@ -125,8 +126,8 @@ def test_verify_after_encode_rejects_a_broken_encoder(monkeypatch) -> None:
 
 
 def test_a_commit_with_a_broken_encoder_still_loads_bit_exact(repo: Repo, monkeypatch) -> None:
-    real = codec.encode_planes
-    monkeypatch.setattr(codec, "encode_planes", lambda data, layout: real(data, layout)[:-1] + b"\x00")
+    real = codec._plane_parts
+    monkeypatch.setattr(codec, "_plane_parts", lambda data, layout, slot: [*real(data, layout, slot), b"\x00"])
     state = {"w": _weights(torch.float32, 300_000, 1) * 0}  # zeros: planes would win
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
