@@ -292,22 +292,26 @@ def _decode_planes(payload: bytes | memoryview, out: np.ndarray) -> None:
     if pos + sum(stored for _, stored in entries) + tail_len != len(view):
         raise CorruptObjectError("planes payload lengths do not add up")
     if layout == planes.BYTES:
-        grouped = out.reshape(1, -1)
+        rows = out.reshape(1, -1)
     else:
-        grouped = scratch.buffer("decode-planes", count * lengths[0]).reshape(count, lengths[0])
-    for row, (mode, stored), length in zip(grouped, entries, lengths):
+        rows = scratch.buffer("decode-planes", count * lengths[0]).reshape(count, lengths[0])
+    decoded: list[np.ndarray] = []  # raw planes are merged straight from the payload
+    for row, (mode, stored), length in zip(rows, entries, lengths):
         body = view[pos : pos + stored]
         pos += stored
         if mode == _PLANE_RAW:
             if stored != length:
                 raise CorruptObjectError(f"raw plane holds {stored} bytes, expected {length}")
-            row[:] = np.frombuffer(body, dtype=np.uint8)
+            if layout == planes.BYTES:
+                row[:] = np.frombuffer(body, dtype=np.uint8)
+            decoded.append(np.frombuffer(body, dtype=np.uint8))
         elif mode == _PLANE_ZSTD:
             _zstd_into(body, memoryview(row))
+            decoded.append(row)
         else:
             raise CorruptObjectError(f"planes payload has an unknown plane mode {mode}")
     if layout != planes.BYTES:
-        planes.merge_into(grouped, np.frombuffer(view[pos:], dtype=np.uint8), layout, out)
+        planes.merge_into(decoded, np.frombuffer(view[pos:], dtype=np.uint8), layout, out)
 
 
 # -- metadata objects ------------------------------------------------------------------

@@ -15,6 +15,8 @@ never compress and never check ids. ``layout`` numbers are part of the on-disk f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 __all__ = ["BYTES", "NIBBLES", "LAYOUTS", "layout_for_dtype", "split", "merge_into", "plane_lengths", "xor_into"]
@@ -83,8 +85,8 @@ def split(data: np.ndarray, layout: int, out: np.ndarray | None = None) -> tuple
     return grouped, data[count * layout :]
 
 
-def merge_into(planes: np.ndarray, tail: np.ndarray, layout: int, out: np.ndarray) -> None:
-    """Inverse of :func:`split`: interleave ``planes`` (2-D, one row per plane) and ``tail`` into ``out``."""
+def merge_into(planes: Sequence[np.ndarray], tail: np.ndarray, layout: int, out: np.ndarray) -> None:
+    """Inverse of :func:`split`: interleave ``planes`` (one 1-D uint8 array each) and ``tail`` into ``out``."""
     n = out.shape[0]
     if layout == BYTES:
         out[:] = planes[0]
