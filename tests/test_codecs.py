@@ -334,3 +334,34 @@ def test_a_failed_background_flush_fails_the_seal(tmp_path: Path, monkeypatch) -
         flush.finish()  # reported once, like the kernel does; the seal's own fsync decides next
     finally:
         os.close(fd)
+
+
+def test_mixed_dtypes_over_many_small_chunks_round_trip_through_deltas(small_repo: Repo) -> None:
+    """Many chunks in flight at once: recycled payload buffers and scratch never leak between chunks."""
+    gen = torch.Generator().manual_seed(7)
+    state = {
+        "w32": torch.randn(100_003, generator=gen) * 0.02,
+        "w16": (torch.randn(50_001, generator=gen) * 0.02).to(torch.bfloat16),
+        "h16": (torch.randn(30_000, generator=gen)).to(torch.float16),
+        "f8": (torch.randn(20_001, generator=gen)).to(torch.float8_e4m3fn),
+        "ids": torch.arange(10_000, dtype=torch.int64),
+        "arr": np.linspace(0, 1, 9_999, dtype=np.float64),
+    }
+    versions = []
+    for step in range(3):
+        state = {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in state.items()}
+        if step:
+            state["w32"] -= 1e-4 * torch.randn(100_003, generator=gen).sign()
+            state["w16"] = (state["w16"].float() * 1.001).to(torch.bfloat16)
+            state["h16"][::7] += 1
+            state["arr"][::3] *= 1.0001
+        small_repo.commit(state, f"v{step}")
+        versions.append(state)
+    assert any(e.base is not None for e in small_repo.chunks.index)
+    for back, expected in enumerate(reversed(versions)):
+        loaded = small_repo.load(f"HEAD~{back}")
+        for key, value in expected.items():
+            if isinstance(value, np.ndarray):
+                assert loaded[key].tobytes() == value.tobytes()
+            else:
+                assert_tensor_identical(loaded[key], value)
