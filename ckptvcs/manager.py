@@ -42,7 +42,7 @@ from .errors import (
 from .repo import Repo
 from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time, select_prunable
 from .rng import capture_rng, restore_rng
-from .snapshot import host_copy
+from .snapshot import HostBuffers, host_copy
 from .state import encode_state
 
 __all__ = ["CheckpointManager", "MANAGER_KEY"]
@@ -132,7 +132,10 @@ class CheckpointManager:
         self._best: float | None = None
         self._best_loaded = False
         self._records: list[CheckpointRecord] = []  # first-parent history of the branch, newest first
+        self._other_tips: frozenset[str] | None = None
+        self._other_history: set[str] = set()
         self._executor: ThreadPoolExecutor | None = None
+        self._buffers = HostBuffers()
         self._inflight: Future[str] | None = None
         self._inflight_step: int | None = None
         self._closed = False
@@ -255,6 +258,7 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._buffers.clear()
             if self._owns_repo:
                 self.repo.close()
 
@@ -339,7 +343,8 @@ class CheckpointManager:
             commit_id = self._commit_and_retain(captured, options, tag)
             self._saved(step, plain)
             return commit_id
-        snapshot = host_copy(captured)  # the only part the loop waits for
+        self._buffers.release()  # the previous snapshot is committed (or failed): reuse its memory
+        snapshot = host_copy(captured, self._buffers)  # the only part the loop waits for
         del captured
         encode_state(snapshot)  # refuse unsupported values here, not in the background
         if self._executor is None:
@@ -412,6 +417,21 @@ class CheckpointManager:
         self._records = fresh + (self._records[known[oid]:] if oid is not None else [])
         return self._records
 
+    def _other_branches_history(self) -> set[str]:
+        """Commits reachable from any other branch: that branch's history too, left alone.
+
+        (A run started from another branch's head, or a branch forked off this run,
+        shares those commits.) Cached until the other branches move.
+        """
+        own = f"refs/heads/{self.branch}" if self.branch is not None else None
+        tips = frozenset(
+            cid for name, cid in self.repo.branches().items() if f"refs/heads/{name}" != own and cid is not None
+        )
+        if tips != self._other_tips:
+            self._other_tips = tips
+            self._other_history = {c.id for c in self.repo._walk(tips)} if tips else set()
+        return self._other_history
+
     def _protected(self) -> set[str]:
         protected = set(self.repo.branches().values())
         protected.update(t.object for t in self.repo.tags().values())
@@ -427,7 +447,8 @@ class CheckpointManager:
     def _apply_retention(self) -> None:
         if not self.policy.active:
             return
-        records = self._history()
+        others = self._other_branches_history()
+        records = [r for r in self._history() if r.id not in others]
         decisions = select_prunable(records, self.policy, self._protected(), time.time())
         dropped = set()
         for decision in decisions:

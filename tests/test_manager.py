@@ -220,24 +220,35 @@ def test_manager_opens_or_creates_a_repository_path(tmp_path) -> None:
 # -- retention --------------------------------------------------------------------------------
 
 
-def test_retention_keeps_last_and_protects_tags_heads_and_resumed_from(repo) -> None:
+def test_retention_keeps_last_and_protects_tags_branches_and_resumed_from(repo) -> None:
     model, opt, sched = make_run()
     with manager(repo, model, opt, sched, every_steps=1, keep_last=2) as mgr:
         for step in range(1, 4):
             mgr.step(step)
+        repo.branch("experiment", "HEAD~1")  # forked at step 2 (step 1 was pruned already): its history now
         mgr.save(4, tag="milestone")
-        repo.branch("experiment", "HEAD")  # step 4 is also a branch head
         for step in range(5, 8):
             mgr.step(step)
     kept = sorted(c.step for c in repo.log() if c.pruned is None)
-    assert kept == [4, 6, 7]
+    assert kept == [2, 4, 6, 7]
 
     with manager(repo, model, opt, sched, every_steps=1, keep_last=1) as mgr:
         assert mgr.restore(repo.log()[1].id) == 6  # resume from step 6 (not the head)
         for step in range(8, 11):
             mgr.step(step)
     kept = sorted(c.step for c in repo.log() if c.pruned is None)
-    assert kept == [4, 6, 10]
+    assert kept == [2, 4, 6, 10]
+
+
+def test_a_run_started_from_another_branch_leaves_its_history_alone(repo) -> None:
+    model, opt, sched = make_run()
+    with manager(repo, model, opt, sched, every_steps=1) as mgr:
+        for step in range(1, 4):
+            mgr.step(step)
+    with manager(repo, model, opt, sched, branch="finetune", every_steps=1, keep_last=1) as mgr:
+        for step in range(11, 14):
+            mgr.step(step)
+    assert sorted(c.step for c in repo.log("finetune") if c.pruned is None) == [1, 2, 3, 13]
 
 
 def test_pruned_commit_keeps_history_and_refuses_to_load(repo) -> None:
