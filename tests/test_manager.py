@@ -430,3 +430,96 @@ def test_sigint_saves_then_raises_keyboard_interrupt(repo) -> None:
     assert repo.show().step == 5
     mgr.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- host copies for async saves ---------------------------------------------------------------
+
+
+def test_host_copy_is_deep_and_keeps_structure() -> None:
+    from collections import OrderedDict
+
+    from ckptvcs.snapshot import HostBuffers, host_copy
+
+    base = torch.arange(12.0)
+    view = base[2:8].view(2, 3)
+    odict = OrderedDict(w=nn.Parameter(torch.ones(2)))
+    odict._metadata = {"": {"version": 1}}
+    state = {"base": base, "view": view, "odict": odict, "arr": np.arange(3), "groups": [{"lr": 0.1}], "n": 3}
+    buffers = HostBuffers()
+    copy = host_copy(state, buffers)
+    base.add_(100)
+    state["groups"][0]["lr"] = 0.5
+    state["arr"][0] = 9
+    assert torch.equal(copy["base"], torch.arange(12.0))
+    assert torch.equal(copy["view"], torch.arange(2.0, 8.0).view(2, 3)) and copy["view"].stride() == (3, 1)
+    assert copy["view"].untyped_storage().data_ptr() == copy["base"].untyped_storage().data_ptr()
+    assert isinstance(copy["odict"], OrderedDict) and copy["odict"]._metadata == {"": {"version": 1}}
+    assert isinstance(copy["odict"]["w"], nn.Parameter) and copy["odict"]["w"].requires_grad
+    assert copy["groups"] == [{"lr": 0.1}] and copy["arr"][0] == 0 and copy["n"] == 3
+    # After release the next copy reuses the same memory (no fresh allocation).
+    first_ptr = copy["base"].untyped_storage().data_ptr()
+    buffers.release()
+    again = host_copy(state, buffers)
+    assert again["base"].untyped_storage().data_ptr() == first_ptr
+    assert torch.equal(again["base"], torch.arange(12.0) + 100)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_and_device_tensors_round_trip(repo) -> None:
+    model = nn.Linear(4, 4).cuda()
+    torch.cuda.manual_seed_all(3)
+    torch.rand(1, device="cuda")
+    with CheckpointManager(repo, {"model": model}, async_save=True, code_version=None) as mgr:
+        mgr.save(1).result()
+        expected_draw = torch.rand(5, device="cuda")
+        expected_weight = model.weight.detach().clone()
+        torch.cuda.manual_seed_all(99)
+        with torch.no_grad():
+            model.weight.zero_()
+        assert mgr.restore() == 1
+        assert torch.equal(torch.rand(5, device="cuda"), expected_draw)
+        assert torch.equal(model.weight, expected_weight) and model.weight.is_cuda
+    assert len(repo.load(keys=[MANAGER_KEY])[MANAGER_KEY]["rng"]["cuda"]) == torch.cuda.device_count()
+
+
+def test_ref_lock_of_a_process_killed_mid_update_is_broken(repo, tmp_path) -> None:
+    """A writer SIGKILLed inside a ref update leaves ``<ref>.lock`` holding the new value,
+    not its owner line; the next writer must still recognise it as dead (an async save
+    can be killed exactly there)."""
+    import subprocess
+    import sys
+
+    cid = repo.commit({"a": 1}, code_version=None)
+    lock = repo.root / "refs" / "heads" / "main.lock"
+    script = (
+        "import fcntl, os, signal, sys\n"
+        "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, (sys.argv[2] + '\\n').encode())\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(lock), "f" * 64])
+    assert proc.returncode == -signal.SIGKILL and lock.exists()
+    os.utime(lock, (time.time() - 5, time.time() - 5))  # past the creation grace period
+    repo.refs.lock_timeout = 5
+    new = repo.commit({"a": 2}, code_version=None)
+    assert repo.resolve("HEAD") == new and repo.show(new).parents == (cid,)
+    assert not lock.exists()
+
+
+def test_ref_lock_held_by_a_live_process_without_owner_line_is_respected(repo) -> None:
+    import fcntl
+
+    repo.commit({"a": 1}, code_version=None)
+    lock = repo.root / "refs" / "heads" / "main.lock"
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"f" * 64 + b"\n")
+        os.utime(lock, (time.time() - 5, time.time() - 5))
+        repo.refs.lock_timeout = 0.2
+        with pytest.raises(ckptvcs.LockTimeoutError):
+            repo.commit({"a": 2}, code_version=None)
+    finally:
+        os.close(fd)
+        lock.unlink()
