@@ -96,6 +96,10 @@ def measure(mode: str, model, opt, work: Path, saves: int, compute_s: float) -> 
             if step > 0:  # step 0 is the warm-up
                 stalls.append(stall)
                 durable.append(finished[0] - start if finished else stall)
+        # The last save happened after the last change: what it committed must be the live state.
+        committed = mgr.repo.load(mgr.last_commit, keys=["model"])["model"]
+        if not all(torch.equal(committed[k], v) for k, v in model.state_dict().items()):
+            raise SystemExit(f"{mode}: the committed state differs from the state at save time")
         mgr.repo.close()
     shutil.rmtree(store, ignore_errors=True)
     return {
