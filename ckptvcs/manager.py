@@ -36,6 +36,7 @@ from .errors import (
     AsyncSaveError,
     InvalidInputError,
     KeyNotFoundError,
+    NotARepositoryError,
     ProtectedCommitError,
     UnsupportedValueError,
 )
@@ -102,8 +103,10 @@ class CheckpointManager:
         if isinstance(repo, Repo):
             self.repo = repo
         else:
-            path = os.fspath(repo)
-            self.repo = Repo.open(path) if os.path.exists(os.path.join(path, "config.json")) else Repo.init(path)
+            try:
+                self.repo = Repo.open(repo)
+            except NotARepositoryError:
+                self.repo = Repo.init(repo)
         self.state: dict[str, Any] = dict(state)
         if branch is None:
             branch = self.repo.head()[0]  # None: HEAD is detached, commit there

@@ -190,3 +190,16 @@ def test_cli_gc_reports_and_dry_run(small_repo) -> None:
     report = json.loads(real.output)
     assert report["bytes_reclaimed"] > 0 and report["dry_run"] is False
     assert runner.invoke(cli, ["--repo", root, "gc", "--help"]).exit_code == 0
+
+
+def test_a_reader_holding_a_stale_location_follows_the_moved_chunk(small_repo) -> None:
+    states = build_history(small_repo)
+    ids = list(states)
+    shared_chunk = bytes.fromhex(small_repo.manifest(ids[1]).blobs[0]["chunks"][0])
+    stale = small_repo.chunks.index.get(shared_chunk)  # looked up before gc ...
+    small_repo.prune(ids[0], "manual")
+    report = small_repo.gc()
+    assert stale.pack in report.packs_rewritten  # ... which moved it to a new pack
+    out = bytearray(stale.raw_len)
+    assert small_repo.chunks._read_chunk(stale, memoryview(out), lambda: "shared tensor") == stale.raw_len
+    assert bytes(out) == states[ids[1]]["shared"].numpy().tobytes()[: stale.raw_len]
