@@ -59,7 +59,10 @@ class CheckpointManager:
     then closes it). ``state`` maps names to objects with ``state_dict()`` /
     ``load_state_dict()`` (modules, optimizers, schedulers, GradScaler, samplers, your
     own) or to plain tensors and values. Commits go to ``branch`` (default: the branch
-    HEAD is on; a new branch starts at HEAD). See the README for every argument.
+    HEAD is on; a new branch starts at HEAD). ``gc_every=N`` runs ``repo.gc()`` after
+    every N saves that followed a prune (in the background with ``async_save``), so
+    pruned data leaves the disk without a separate ``ckptvcs gc``. See the README for
+    every argument.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class CheckpointManager:
         config: Any = None,
         data_version: str | None = None,
         code_version: Mapping[str, Any] | None | bool = True,
+        gc_every: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(state, Mapping) or not state:
@@ -95,6 +99,11 @@ class CheckpointManager:
         if every_seconds is not None and (isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
                                           or not every_seconds > 0):
             raise InvalidInputError(f"every_seconds must be a positive number, got {every_seconds!r}")
+        if gc_every is not None and (isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 1):
+            raise InvalidInputError(f"gc_every must be a positive integer, got {gc_every!r}")
+        self.gc_every = gc_every
+        self._saves_since_gc = 0
+        self._pruned_since_gc = False
         self.policy = RetentionPolicy(
             keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
             keep_every_steps=keep_every_steps, max_age=max_age,
@@ -390,7 +399,18 @@ class CheckpointManager:
         if tag is not None:
             self.repo.tag(tag, commit_id, message=options["message"])
         self._apply_retention()
+        self._maybe_collect_garbage()
         return commit_id
+
+    def _maybe_collect_garbage(self) -> None:
+        """With ``gc_every=N``: release pruned data every N saves (only if something was pruned)."""
+        if self.gc_every is None:
+            return
+        self._saves_since_gc += 1
+        if self._saves_since_gc >= self.gc_every and self._pruned_since_gc:
+            self.repo.gc()
+            self._saves_since_gc = 0
+            self._pruned_since_gc = False
 
     # -- retention ------------------------------------------------------------------------------
 
@@ -462,6 +482,7 @@ class CheckpointManager:
             dropped.add(decision.id)
         if dropped:
             self._records = [r for r in self._records if r.id not in dropped]
+            self._pruned_since_gc = True
 
     # -- restoring -----------------------------------------------------------------------------
 

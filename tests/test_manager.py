@@ -523,3 +523,18 @@ def test_ref_lock_held_by_a_live_process_without_owner_line_is_respected(repo) -
     finally:
         os.close(fd)
         lock.unlink()
+
+
+def test_gc_every_keeps_the_disk_bounded(small_repo) -> None:
+    weights = torch.zeros(16384)
+    with CheckpointManager(small_repo, {"w": weights}, every_steps=1, keep_last=2, gc_every=1,
+                           async_save=True, code_version=None) as mgr:
+        sizes = []
+        for step in range(1, 9):
+            weights.copy_(torch.randn(16384, generator=torch.Generator().manual_seed(step)))  # all new data
+            mgr.step(step)
+            mgr.wait()
+            sizes.append(sum(p.stat().st_size for p in (small_repo.root / "packs").glob("*.pack")))
+    assert max(sizes[3:]) <= 2 * 16384 * 4 * 1.1  # two checkpoints' worth, not eight
+    assert small_repo.gc(dry_run=True).bytes_reclaimed == 0
+    assert torch.equal(small_repo.load()["w"], torch.randn(16384, generator=torch.Generator().manual_seed(8)))
