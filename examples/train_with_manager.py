@@ -2,16 +2,19 @@
 
 Run it, interrupt it (Ctrl-C, or `kill` it: with save_on_preemption the state is saved
 at the next step boundary first), run it again: it resumes where it stopped, with the
-same losses an uninterrupted run would have printed.
+same losses an uninterrupted run would have printed. `--slow` sleeps 20 ms a step, to
+leave time for the interruption.
 
     python examples/train_with_manager.py [STORE]      # default STORE: ./manager-demo-store
     python examples/train_with_manager.py --fresh      # start over
+    python examples/train_with_manager.py --slow       # 20 ms a step: time to press Ctrl-C
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +26,8 @@ STEPS = 320
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--fresh"]
+    args = [a for a in sys.argv[1:] if a not in ("--fresh", "--slow")]
+    delay = 0.02 if "--slow" in sys.argv else 0.0
     store = Path(args[0] if args else "manager-demo-store")
     if "--fresh" in sys.argv and store.exists():
         shutil.rmtree(store)
@@ -62,7 +66,11 @@ def main() -> None:
                 model.train()
                 print(f"  step {step:>3}  loss {metrics['loss']:.4f}  val_loss {metrics['val_loss']:.4f}")
             mgr.step(step, metrics)
-        mgr.save(STEPS, metrics, message="end of training", tag=None if mgr.repo.tags().get("final") else "final")
+            time.sleep(delay)
+        if start < STEPS:
+            mgr.save(STEPS, metrics, message="end of training", tag="final")
+        else:
+            print("already trained; run with --fresh to start over")
 
     with ckptvcs.Repo.open(store) as repo:
         print("\nHistory (pruned checkpoints keep their metadata; their tensors are released by gc):")
