@@ -97,3 +97,61 @@ def test_decision_names_the_rule_and_says_why() -> None:
 def test_invalid_policies_are_refused(kwargs) -> None:
     with pytest.raises(InvalidInputError):
         RetentionPolicy(**kwargs)
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def histories_and_policies(draw):
+    n = draw(st.integers(0, 30))
+    steps = sorted(draw(st.lists(st.integers(0, 500), min_size=n, max_size=n, unique=True)), reverse=True)
+    records = [
+        CheckpointRecord(
+            f"c{i}", step, NOW - draw(st.floats(0, 1000)) if i else NOW,
+            {"loss": draw(st.floats(-10, 10) | st.just(math.nan))} if draw(st.booleans()) else {},
+        )
+        for i, step in enumerate(steps)
+    ]
+    policy = RetentionPolicy(
+        keep_last=draw(st.none() | st.integers(1, 5)),
+        keep_best=draw(st.none() | st.integers(1, 3)),
+        best_metric="loss",
+        best_mode=draw(st.sampled_from(["min", "max"])),
+        keep_every_steps=draw(st.none() | st.integers(1, 50)),
+        max_age=draw(st.none() | st.floats(1, 1000)),
+    )
+    protected = {r.id for r in records if draw(st.booleans()) and draw(st.booleans())}
+    return records, policy, protected
+
+
+@given(histories_and_policies())
+def test_retention_invariants(case) -> None:
+    records, policy, protected = case
+    decisions = select_prunable(records, policy, protected, NOW)
+    dropped = {d.id for d in decisions}
+    by_id = {r.id: r for r in records}
+    assert len(dropped) == len(decisions) and dropped <= set(by_id)
+    assert not dropped & protected
+    for record in records:
+        too_old = policy.max_age is not None and NOW - record.time > policy.max_age
+        if record.id in protected:
+            continue
+        if too_old:
+            assert record.id in dropped
+            continue
+        if not policy.has_keep_rules:
+            assert record.id not in dropped
+            continue
+        if policy.keep_last is not None and records.index(record) < policy.keep_last:
+            assert record.id not in dropped
+        if policy.keep_every_steps is not None and record.step % policy.keep_every_steps == 0:
+            assert record.id not in dropped
+    if policy.keep_best is not None and not policy.max_age:
+        scored = [r for r in records if "loss" in r.metrics and r.metrics["loss"] == r.metrics["loss"]]
+        best = sorted(scored, key=lambda r: r.metrics["loss"] * (1 if policy.best_mode == "min" else -1))
+        for record in best[: policy.keep_best]:
+            ties = [r for r in scored if r.metrics["loss"] == record.metrics["loss"]]
+            if len(ties) == 1:
+                assert record.id not in dropped
