@@ -142,8 +142,8 @@ def test_crash_before_deleting_old_packs_loses_nothing(small_repo, monkeypatch) 
         assert_loads_exactly(small_repo, cid, states[cid])
 
 
-def test_gc_concurrent_with_a_committing_process(small_repo) -> None:
-    count = 40
+@pytest.mark.parametrize("count", [40, pytest.param(400, marks=pytest.mark.slow)])
+def test_gc_concurrent_with_a_committing_process(small_repo, count) -> None:
     small_repo.commit(chain_state(0), "chain 0", branch="chain", step=0, code_version=None)
     ctx = multiprocessing.get_context("spawn")
     writer = ctx.Process(target=chain_committer, args=(str(small_repo.root), 1, count))
