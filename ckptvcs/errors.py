@@ -159,8 +159,9 @@ class CommitPrunedError(CkptvcsError):
 class AsyncSaveError(CkptvcsError):
     """A background save of a CheckpointManager failed; ``__cause__`` holds the original error.
 
-    Raised at the manager call that follows the failure (or at ``wait()``/``close()``);
-    the failed checkpoint was not committed (the ref did not move).
+    Raised at the manager call that follows the failure (or at ``wait()``/``close()``).
+    When the commit itself failed, the ref did not move; a failure in tagging or
+    retention happens after the commit is durable.
     """
 
     exit_code = 15
