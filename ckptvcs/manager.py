@@ -61,8 +61,9 @@ class CheckpointManager:
     own) or to plain tensors and values. Commits go to ``branch`` (default: the branch
     HEAD is on; a new branch starts at HEAD). ``gc_every=N`` runs ``repo.gc()`` after
     every N saves that followed a prune (in the background with ``async_save``), so
-    pruned data leaves the disk without a separate ``ckptvcs gc``. See the README for
-    every argument.
+    pruned data leaves the disk without a separate ``ckptvcs gc``. With
+    ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
+    seconds takes its course without a save. See the README for every argument.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class CheckpointManager:
         data_version: str | None = None,
         code_version: Mapping[str, Any] | None | bool = True,
         gc_every: int | None = None,
+        preemption_grace: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(state, Mapping) or not state:
@@ -152,6 +154,7 @@ class CheckpointManager:
         self._inflight_step: int | None = None
         self._closed = False
         self._pending_signal: int | None = None
+        self.preemption_grace = preemption_grace
         self._previous_handlers: dict[int, Any] = {}
         if save_on_preemption:
             self._install_signal_handlers()
@@ -538,10 +541,20 @@ class CheckpointManager:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._pending_signal == signum:
             # Asked twice: stop waiting for a step boundary and let the signal act now.
+            self._pending_signal = None
             self._uninstall_signal_handlers()
             signal.raise_signal(signum)
             return
         self._pending_signal = signum
+        # No step boundary within the grace period (a long evaluation, or a loop that
+        # ended without close()): send the signal again, which then acts at once.
+        timer = threading.Timer(self.preemption_grace, self._signal_again, (signum,))
+        timer.daemon = True
+        timer.start()
+
+    def _signal_again(self, signum: int) -> None:
+        if self._pending_signal == signum:
+            os.kill(os.getpid(), signum)
 
     def _preemption_save(self, step: int, metrics: Mapping[str, float] | None) -> None:
         """Save the state at this step boundary (blocking), then let the signal take its course."""

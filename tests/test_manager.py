@@ -538,3 +538,22 @@ def test_gc_every_keeps_the_disk_bounded(small_repo) -> None:
     assert max(sizes[3:]) <= 2 * 16384 * 4 * 1.1  # two checkpoints' worth, not eight
     assert small_repo.gc(dry_run=True).bytes_reclaimed == 0
     assert torch.equal(small_repo.load()["w"], torch.randn(16384, generator=torch.Generator().manual_seed(8)))
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_preemption_without_a_step_boundary_takes_its_course_after_the_grace(repo) -> None:
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        model, opt, sched = make_run()
+        mgr = manager(repo, model, opt, sched, save_on_preemption=True, preemption_grace=0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)  # no step(): the loop is busy elsewhere, or ended without close()
+        assert calls == [signal.SIGTERM] and not mgr.preempted
+        assert repo.head()[1] is None  # no consistent step to save: nothing saved
+        assert mgr.step(1) is None
+        mgr.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
