@@ -154,6 +154,28 @@ class ChunkIndex:
 
         self._run(op)
 
+    def update(self, put: Iterable[PackEntry], remove: Iterable[PackEntry]) -> None:
+        """In one write transaction: insert ``put``, and delete each entry of ``remove``
+        whose stored value is still exactly that entry (gc moving or dropping chunks)."""
+        rows = [(e.chunk_id, self._encode(e)) for e in put]
+        drops = [(e.chunk_id, self._encode(e)) for e in remove]
+        if not rows and not drops:
+            return
+
+        def op() -> None:
+            with self._env.begin(db=self._db, write=True) as txn:
+                for key, value in drops:
+                    if txn.get(key) == value:
+                        txn.delete(key)
+                for key, value in rows:
+                    txn.put(key, value)
+
+        self._run(op)
+
+    @staticmethod
+    def _encode(e: PackEntry) -> bytes:
+        return _VALUE.pack(bytes.fromhex(e.pack), e.offset, e.stored_len, e.raw_len, e.codec)
+
     def __iter__(self) -> Iterator[PackEntry]:
         with self._env.begin(db=self._db) as txn:
             for key, value in txn.cursor():

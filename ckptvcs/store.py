@@ -118,6 +118,19 @@ class ChunkStore:
         return entries
 
     def _read_chunk(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> int:
+        try:
+            return self._read_chunk_at(entry, out, describe)
+        except IntegrityError:
+            # gc in another process may have moved the chunk to a new pack (and deleted
+            # the old one) after we looked it up: look again, once.
+            if self.packs.path(entry.pack).exists():
+                raise
+            moved = self.index.get(entry.chunk_id)
+            if moved is None or moved == entry:
+                raise
+            return self._read_chunk_at(moved, out, describe)
+
+    def _read_chunk_at(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> int:
         if entry.raw_len != len(out):
             raise IntegrityError(
                 f"{describe()}: chunk {entry.chunk_id.hex()} holds {entry.raw_len} bytes, expected {len(out)}"
