@@ -59,8 +59,8 @@ class CheckpointManager:
     then closes it). ``state`` maps names to objects with ``state_dict()`` /
     ``load_state_dict()`` (modules, optimizers, schedulers, GradScaler, samplers, your
     own) or to plain tensors and values. Commits go to ``branch`` (default: the branch
-    HEAD is on; a new branch starts at HEAD). ``gc_every=N`` runs ``repo.gc()`` after
-    every N saves that followed a prune (in the background with ``async_save``), so
+    HEAD is on; a new branch starts at HEAD). ``gc_every=N`` (default 1; 0 disables)
+    runs ``repo.gc()`` after every N saves that followed a prune (in the background with ``async_save``), so
     pruned data leaves the disk without a separate ``ckptvcs gc``. With
     ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
     seconds takes its course without a save. See the README for every argument.
@@ -85,7 +85,7 @@ class CheckpointManager:
         config: Any = None,
         data_version: str | None = None,
         code_version: Mapping[str, Any] | None | bool = True,
-        gc_every: int | None = None,
+        gc_every: int = 1,
         preemption_grace: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -101,8 +101,8 @@ class CheckpointManager:
         if every_seconds is not None and (isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
                                           or not every_seconds > 0):
             raise InvalidInputError(f"every_seconds must be a positive number, got {every_seconds!r}")
-        if gc_every is not None and (isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 1):
-            raise InvalidInputError(f"gc_every must be a positive integer, got {gc_every!r}")
+        if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
+            raise InvalidInputError(f"gc_every must be a non-negative integer (0 disables), got {gc_every!r}")
         self.gc_every = gc_every
         self._saves_since_gc = 0
         self._pruned_since_gc = False
@@ -407,7 +407,7 @@ class CheckpointManager:
 
     def _maybe_collect_garbage(self) -> None:
         """With ``gc_every=N``: release pruned data every N saves (only if something was pruned)."""
-        if self.gc_every is None:
+        if self.gc_every == 0:
             return
         self._saves_since_gc += 1
         if self._saves_since_gc >= self.gc_every and self._pruned_since_gc:

@@ -525,19 +525,37 @@ def test_ref_lock_held_by_a_live_process_without_owner_line_is_respected(repo) -
         lock.unlink()
 
 
-def test_gc_every_keeps_the_disk_bounded(small_repo) -> None:
+def _pack_bytes_per_save(repo, gc_every: int | None) -> list[int]:
+    """Pack bytes on disk after each of 8 saves of all-new data with keep_last=2."""
     weights = torch.zeros(16384)
-    with CheckpointManager(small_repo, {"w": weights}, every_steps=1, keep_last=2, gc_every=1,
-                           async_save=True, code_version=None) as mgr:
+    extra = {} if gc_every is None else {"gc_every": gc_every}
+    with CheckpointManager(repo, {"w": weights}, every_steps=1, keep_last=2, async_save=True,
+                           code_version=None, **extra) as mgr:
         sizes = []
         for step in range(1, 9):
             weights.copy_(torch.randn(16384, generator=torch.Generator().manual_seed(step)))  # all new data
             mgr.step(step)
             mgr.wait()
-            sizes.append(sum(p.stat().st_size for p in (small_repo.root / "packs").glob("*.pack")))
+            sizes.append(sum(p.stat().st_size for p in (repo.root / "packs").glob("*.pack")))
+    return sizes
+
+
+def test_by_default_pruned_data_leaves_the_disk(small_repo) -> None:
+    sizes = _pack_bytes_per_save(small_repo, gc_every=None)
     assert max(sizes[3:]) <= 2 * 16384 * 4 * 1.1  # two checkpoints' worth, not eight
     assert small_repo.gc(dry_run=True).bytes_reclaimed == 0
     assert torch.equal(small_repo.load()["w"], torch.randn(16384, generator=torch.Generator().manual_seed(8)))
+
+
+def test_gc_every_zero_leaves_pruned_data_for_an_explicit_gc(small_repo) -> None:
+    sizes = _pack_bytes_per_save(small_repo, gc_every=0)
+    assert sizes[-1] >= 8 * 16384 * 4 * 0.9  # every save's data is still there (randn compresses ~5%)
+    assert small_repo.gc().bytes_reclaimed >= 6 * 16384 * 4 * 0.9
+
+
+def test_gc_every_is_validated(small_repo) -> None:
+    with pytest.raises(ckptvcs.InvalidInputError, match="gc_every"):
+        CheckpointManager(small_repo, {"w": torch.zeros(1)}, gc_every=-1)
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
