@@ -10,7 +10,9 @@ __version__ = "0.1.0"
 from .diff import DiffEntry
 from .errors import (
     AmbiguousRevisionError,
+    AsyncSaveError,
     CkptvcsError,
+    CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
     IntegrityError,
@@ -19,6 +21,7 @@ from .errors import (
     KeyNotFoundError,
     LockTimeoutError,
     NotARepositoryError,
+    ProtectedCommitError,
     RefConflictError,
     RefExistsError,
     RepositoryExistsError,
@@ -27,14 +30,20 @@ from .errors import (
     UnsupportedFormatError,
     UnsupportedValueError,
 )
+from .gc import GcReport
+from .manager import CheckpointManager
 from .objects import Commit, Tag
 from .refs import ReflogEntry
 from .repo import Repo, RepoStats
+from .retention import RetentionPolicy
 
 __all__ = [
     "__version__",
     "Repo",
     "RepoStats",
+    "CheckpointManager",
+    "RetentionPolicy",
+    "GcReport",
     "Commit",
     "Tag",
     "ReflogEntry",
@@ -56,4 +65,7 @@ __all__ = [
     "StorageError",
     "UnsupportedFormatError",
     "UnsupportedValueError",
+    "CommitPrunedError",
+    "AsyncSaveError",
+    "ProtectedCommitError",
 ]

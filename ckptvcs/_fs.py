@@ -193,6 +193,11 @@ class RefLock:
     point); ``release()`` without commit removes it. A lock left by a process that
     died on this host is broken automatically; one held by a live process is waited
     for up to ``timeout`` seconds, then LockTimeoutError names the holder.
+
+    The holder also keeps an ``flock`` on the lock file for as long as it holds it (the
+    kernel drops it when the process dies). That identifies a dead holder even when its
+    owner line is gone: killed between creating the file and writing the line, or in
+    ``commit()`` after the new value replaced the line but before the rename.
     """
 
     def __init__(self, target: str | os.PathLike[str], timeout: float = 30.0) -> None:
@@ -219,6 +224,7 @@ class RefLock:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
                 continue
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
             # The owner line is only a hint for stale-lock detection; the value
             # written by commit() replaces it.
             write_all(self._fd, owner)
@@ -232,17 +238,41 @@ class RefLock:
 
     def _break_if_stale(self) -> bool:
         holder = self._holder().split()
-        if len(holder) != 2 or holder[0] != socket.gethostname():
-            return False
-        try:
+        if len(holder) == 2 and holder[1].isdigit() and holder[0] != "ref:":
+            if holder[0] != socket.gethostname():
+                return False
             pid = int(holder[1])
-        except ValueError:
-            return False
-        if pid == os.getpid() or _pid_alive(pid):
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        return True
+            if pid == os.getpid() or _pid_alive(pid):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return True
+        return self._break_if_unlocked()
+
+    def _break_if_unlocked(self, grace: float = 1.0) -> bool:
+        """Break a lock without an owner line if no live process holds its flock.
+
+        ``grace`` seconds after creation the lock is left alone: its creator may not have
+        taken the flock yet.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True  # released meanwhile: try again
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a live process holds it
+            info = os.fstat(fd)
+            if time.time() - info.st_mtime < grace:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == info.st_ino:  # still the file we checked
+                    os.unlink(self.path)
+            return True
+        finally:
+            os.close(fd)
 
     def commit(self, data: bytes) -> None:
         """Replace the target with ``data`` durably, then release the lock."""

@@ -209,6 +209,8 @@ def _oneline(c: Commit, labels: dict[str, list[str]]) -> str:
         parts.append(f"step={c.step}")
     if c.metrics:
         parts.append(_metric_text(c.metrics))
+    if c.pruned is not None:
+        parts.append(click.style(f"[pruned: {c.pruned.get('rule', '?')}]", fg="red"))
     parts.append(c.message.splitlines()[0] if c.message else "")
     return " ".join(p for p in parts if p)
 
@@ -233,6 +235,10 @@ def _long(c: Commit, labels: dict[str, list[str]]) -> list[str]:
     if c.code_version:
         dirty = " (dirty)" if c.code_version.get("dirty") else ""
         lines.append(f"Code:   {c.code_version.get('git_commit', '?')}{dirty}")
+    if c.pruned is not None:
+        why = f": {c.pruned['reason']}" if c.pruned.get("reason") else ""
+        lines.append(click.style(f"Pruned: by {c.pruned.get('rule', '?')} on {_local_time(c.pruned.get('time', ''))}{why} "
+                                 "(tensor data released)", fg="red"))
     lines.append("")
     lines += [f"    {line}" for line in (c.message or "(no message)").splitlines()]
     lines.append("")
@@ -466,6 +472,25 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<18} {value}")
+
+
+@cli.command()
+@click.option("-n", "--dry-run", is_flag=True, help="Report what would be reclaimed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Reclaim the space of chunks no kept commit needs (pruned or unreachable commits)."""
+    report = _repo(ctx).gc(dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    verb = "would reclaim" if dry_run else "reclaimed"
+    click.echo(f"{report.live_commits} live commits ({report.pruned_commits} pruned), "
+               f"{report.live_chunks} live chunks, {report.dead_chunks} dead")
+    click.echo(f"packs: {len(report.packs_deleted)} deleted, {len(report.packs_rewritten)} rewritten"
+               + (f", {len(report.packs_skipped)} unreadable left alone (run fsck)" if report.packs_skipped else ""))
+    click.echo(f"{verb} {_human(report.bytes_reclaimed)} ({report.bytes_reclaimed} bytes); "
+               f"packs now {_human(report.pack_bytes_after)}")
 
 
 def main() -> None:

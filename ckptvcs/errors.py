@@ -24,6 +24,9 @@ __all__ = [
     "LockTimeoutError",
     "ForkedRepoError",
     "StorageError",
+    "CommitPrunedError",
+    "AsyncSaveError",
+    "ProtectedCommitError",
 ]
 
 
@@ -137,3 +140,34 @@ class StorageError(CkptvcsError):
     """The operating system refused a write, read or sync (disk full, I/O error)."""
 
     exit_code = 13
+
+
+class CommitPrunedError(CkptvcsError):
+    """The commit was pruned by a retention rule: its history stays, its tensor data is gone.
+
+    ``rule`` names the rule that pruned it (e.g. ``keep_last=3``); ``commit_id`` the commit.
+    """
+
+    exit_code = 14
+
+    def __init__(self, commit_id: str, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.commit_id = commit_id
+        self.rule = rule
+
+
+class AsyncSaveError(CkptvcsError):
+    """A background save of a CheckpointManager failed; ``__cause__`` holds the original error.
+
+    Raised at the manager call that follows the failure (or at ``wait()``/``close()``).
+    When the commit itself failed, the ref did not move; a failure in tagging or
+    retention happens after the commit is durable.
+    """
+
+    exit_code = 15
+
+
+class ProtectedCommitError(CkptvcsError):
+    """A commit that a branch, tag or HEAD points at cannot be pruned."""
+
+    exit_code = 16

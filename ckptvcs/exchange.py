@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,11 @@ def read_state_file(path: str | os.PathLike[str], fmt: str | None = None) -> tup
     if not Path(path).is_file():
         raise InvalidInputError(f"{path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not support; the failure, if
+            # any, is reported below as one line, so the warning is only noise.
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad files; all mean "unreadable"
         raise InvalidInputError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(err)})") from None
     return state, {}
@@ -55,9 +60,12 @@ def read_state_file(path: str | os.PathLike[str], fmt: str | None = None) -> tup
 def _load_failure(err: Exception) -> str:
     """The useful part of torch.load's (long, multi-paragraph) error message."""
     text = str(err)
-    refused = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    refused = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", text)
     if refused:
         return f"it holds a Python object ({refused.group(1)}); ckptvcs never unpickles arbitrary objects"
+    if "Unsupported operand" in text:
+        return ("it is a pickle with constructs the safe loader refuses (arbitrary objects or code); "
+                "ckptvcs never unpickles arbitrary objects")
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
     elif "failed finding central directory" in text:

@@ -142,10 +142,7 @@ class ChunkIndex:
 
     def add(self, entries: Iterable[PackEntry]) -> None:
         """Insert entries of sealed packs in one short, synchronous write transaction."""
-        rows = [
-            (e.chunk_id, _VALUE.pack(bytes.fromhex(e.pack), e.offset, e.stored_len, e.raw_len, e.codec) + (e.base or b""))
-            for e in entries
-        ]
+        rows = [(e.chunk_id, self._encode(e)) for e in entries]
         if not rows:
             return
 
@@ -155,6 +152,29 @@ class ChunkIndex:
                     txn.put(key, value)
 
         self._run(op)
+
+    def update(self, put: Iterable[PackEntry], remove: Iterable[PackEntry]) -> None:
+        """In one write transaction: insert ``put``, and delete each entry of ``remove``
+        whose stored value is still exactly that entry (gc moving or dropping chunks)."""
+        rows = [(e.chunk_id, self._encode(e)) for e in put]
+        drops = [(e.chunk_id, self._encode(e)) for e in remove]
+        if not rows and not drops:
+            return
+
+        def op() -> None:
+            with self._env.begin(db=self._db, write=True) as txn:
+                for key, value in drops:
+                    if txn.get(key) == value:
+                        txn.delete(key)
+                for key, value in rows:
+                    txn.put(key, value)
+
+        self._run(op)
+
+    @staticmethod
+    def _encode(e: PackEntry) -> bytes:
+        """The stored value: the fixed record, then the base chunk id of a delta entry."""
+        return _VALUE.pack(bytes.fromhex(e.pack), e.offset, e.stored_len, e.raw_len, e.codec) + (e.base or b"")
 
     def __iter__(self) -> Iterator[PackEntry]:
         with self._env.begin(db=self._db) as txn:

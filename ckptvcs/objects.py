@@ -83,10 +83,14 @@ class Commit:
     environment: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     id: str = ""
+    # Not part of the object (nor of its id): the pruned record (``pruned/<id>``) when a
+    # retention rule released this commit's tensor data; filled in by Repo.log/show.
+    pruned: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
         del body["id"]
+        del body["pruned"]
         body["parents"] = list(self.parents)
         body["metrics"] = {k: encode_float(v) for k, v in self.metrics.items()}
         return body

@@ -186,6 +186,12 @@ class PackFiles:
                 f"pack {entry.pack} entry at offset {entry.offset} does not match the index"
             )
 
+    def forget(self, pack: str) -> None:
+        """Close the descriptor of a pack that gc is about to delete."""
+        fd = self._fds.pop(pack, None)
+        if fd is not None:
+            os.close(fd)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -16,7 +16,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +28,28 @@ from .diff import DiffEntry, diff_manifests
 from .errors import (
     AmbiguousRevisionError,
     CkptvcsError,
+    CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
     InvalidInputError,
     KeyNotFoundError,
     NotARepositoryError,
+    ProtectedCommitError,
     RefExistsError,
     RepositoryExistsError,
     RevisionNotFoundError,
     UnsupportedFormatError,
     UnsupportedValueError,
 )
+from .gc import GcReport, collect_garbage
 from .objects import Commit, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ReflogEntry, Refs, check_ref_name
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
 
 __all__ = [
-    "Repo", "RepoStats", "Manifest", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "DEFAULT_KEYFRAME_INTERVAL", "STORE_DIRNAME",
+    "Repo", "RepoStats", "Manifest", "GcReport", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "DEFAULT_KEYFRAME_INTERVAL",
+    "STORE_DIRNAME",
 ]
 
 FORMAT_NAME = "ckptvcs"
@@ -464,6 +468,7 @@ class Repo:
         self, manifest: Manifest, node: Any, commit_id: str, progress: Progress | None = None, *, path: str = ""
     ) -> dict[int, Any]:
         """Allocate and fill the blobs ``node`` (found at ``path``) needs, verifying every chunk."""
+        self._check_not_pruned(commit_id)
         kinds = blob_kinds(node)
         names = {body.get("blob"): name for name, _, body in iter_tensors(node, path)}
         buffers: dict[int, Any] = {}
@@ -497,8 +502,9 @@ class Repo:
     # -- history -------------------------------------------------------------------
 
     def show(self, rev: str = "HEAD") -> Commit:
-        """The commit record a revision names."""
-        return self.objects.read_commit(self.resolve(rev))
+        """The commit record a revision names (``.pruned`` set when it was pruned)."""
+        commit_id = self.resolve(rev)
+        return self._with_pruned(self.objects.read_commit(commit_id), self.pruned_record(commit_id))
 
     def log(self, rev: str = "HEAD", n: int | None = None) -> list[Commit]:
         """Commits reachable from ``rev``, newest first (by commit time), at most ``n``."""
@@ -508,11 +514,12 @@ class Repo:
     def _walk(self, starts: Iterable[str], n: int | None = None) -> list[Commit]:
         seen: set[str] = set()
         heap: list[tuple[str, str, Commit]] = []
+        pruned = self.pruned()
 
         def push(oid: str) -> None:
             if oid not in seen:
                 seen.add(oid)
-                commit = self.objects.read_commit(oid)
+                commit = self._with_pruned(self.objects.read_commit(oid), pruned.get(oid))
                 # Negated time via a sort key: newest first with a min-heap.
                 heapq.heappush(heap, (_desc(commit.time), oid, commit))
 
@@ -632,6 +639,101 @@ class Repo:
         for parent in path.relative_to(self.root).parents:
             if parent != Path(".") and (self.root / parent).is_file():
                 raise RefExistsError(f"cannot create {ref}: ref {parent.as_posix()} exists")
+
+    # -- pruning and garbage collection ----------------------------------------------
+
+    def _pruned_dir(self) -> Path:
+        return self.root / "pruned"
+
+    def pruned(self) -> dict[str, dict[str, Any]]:
+        """Commit id → pruned record (``rule``, ``reason``, ``time``, ``who``) of every pruned commit."""
+        self._check_process()
+        folder = self._pruned_dir()
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return {}
+        return {name: self._read_pruned(name) for name in sorted(names) if _HEX_ID.match(name)}
+
+    def is_pruned(self, commit_id: str) -> bool:
+        """Whether a retention rule released this commit's tensor data."""
+        return _HEX_ID.match(commit_id) is not None and (self._pruned_dir() / commit_id).is_file()
+
+    def pruned_record(self, commit_id: str) -> dict[str, Any] | None:
+        """The pruned record of a commit, or None when it was not pruned."""
+        return self._read_pruned(commit_id) if self.is_pruned(commit_id) else None
+
+    def _read_pruned(self, commit_id: str) -> dict[str, Any]:
+        path = self._pruned_dir() / commit_id
+        try:
+            record = json.loads(path.read_bytes())
+        except (OSError, ValueError) as err:
+            raise CorruptObjectError(f"pruned record {path} is unreadable: {err}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("rule"), str):
+            raise CorruptObjectError(f"pruned record {path} is malformed")
+        return record
+
+    def prune(self, rev: str, rule: str, reason: str = "") -> str:
+        """Mark a commit pruned: its history stays, its tensor data is released at the next gc.
+
+        ``rule`` names the retention rule (``keep_last=3``), ``reason`` says why in words.
+        A commit that a branch, tag or HEAD points at cannot be pruned
+        (ProtectedCommitError). Pruning is permanent once gc has run. Returns the id.
+        """
+        commit_id = self.resolve(rev)
+        if commit_id in self._all_tips():
+            raise ProtectedCommitError(
+                f"commit {commit_id[:12]} is the tip of a branch, tag or HEAD; it cannot be pruned"
+            )
+        record = {
+            "commit": commit_id,
+            "rule": _require_str(rule, "rule"),
+            "reason": _require_str(reason, "reason"),
+            "time": provenance.utc_now(),
+            "who": provenance.default_author(),
+        }
+        folder = self._pruned_dir()
+        with _fs.storage_errors(f"recording that commit {commit_id[:12]} was pruned"):
+            if not folder.is_dir():
+                folder.mkdir(exist_ok=True)
+                _fs.fsync_dir(self.root)
+            _fs.atomic_write(folder / commit_id, canonical_json(record) + b"\n")
+        return commit_id
+
+    def _check_not_pruned(self, commit_id: str) -> None:
+        record = self.pruned_record(commit_id)
+        if record is not None:
+            why = f": {record['reason']}" if record.get("reason") else ""
+            raise CommitPrunedError(
+                commit_id,
+                record["rule"],
+                f"commit {commit_id[:12]} was pruned by retention rule {record['rule']} on "
+                f"{record.get('time', '?')}{why}; its history and metadata remain but its tensor data was released",
+            )
+
+    @staticmethod
+    def _with_pruned(commit: Commit, record: dict[str, Any] | None) -> Commit:
+        return commit if record is None else replace(commit, pruned=record)
+
+    def gc(self, dry_run: bool = False) -> GcReport:
+        """Release the chunks no kept commit needs; returns what was (or would be) reclaimed.
+
+        Live chunks: those of every non-pruned commit reachable from a branch, tag or
+        HEAD (a ref's own commit always counts as live), plus the delta bases they need.
+        Packs holding no live chunk are deleted; packs mostly dead are rewritten with
+        their live entries copied verbatim. Interrupted commits' files in ``tmp/`` are
+        removed. Runs under the exclusive repository lock: commits in flight finish
+        first, and commits wait for gc.
+        """
+        self._check_process()
+        with self._lock.hold(exclusive=True):
+            return collect_garbage(self, dry_run=dry_run)
+
+    def live_commits(self) -> list[str]:
+        """Ids of the commits whose data gc keeps: reachable, and not pruned unless a ref's tip."""
+        tips = set(self._all_tips())
+        pruned = self.pruned()
+        return [c.id for c in self._walk(tips) if c.id in tips or c.id not in pruned]
 
     # -- reporting -------------------------------------------------------------------
 

@@ -141,8 +141,22 @@ class ChunkStore:
         return entries
 
     def _read_chunk(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> int:
-        self._decode_verified(entry, out, describe, depth=0)
+        self._decode_with_retry(entry, out, describe, depth=0)
         return len(out)
+
+    def _decode_with_retry(self, entry: PackEntry, out: memoryview, describe: Callable[[], str], depth: int) -> None:
+        try:
+            self._decode_verified(entry, out, describe, depth)
+        except IntegrityError:
+            # gc in another process may have moved the chunk (or, for a delta, its base:
+            # each level retries on its own) to a new pack and deleted the old one after
+            # we looked it up: look again, once.
+            if self.packs.path(entry.pack).exists():
+                raise
+            moved = self.index.get(entry.chunk_id)
+            if moved is None or moved == entry:
+                raise
+            self._decode_verified(moved, out, describe, depth)
 
     def _decode_verified(self, entry: PackEntry, out: memoryview, describe: Callable[[], str], depth: int) -> None:
         """Decode one chunk into ``out`` (its base first, recursively) and check its BLAKE3."""
@@ -164,7 +178,7 @@ class ChunkStore:
             # One scratch buffer per chain level: a level's base is in use while the
             # level below it decodes.
             base_bytes = scratch.buffer(f"base-{depth}", len(out))
-            self._decode_verified(base_entry, memoryview(base_bytes), describe, depth + 1)
+            self._decode_with_retry(base_entry, memoryview(base_bytes), describe, depth + 1)
         elif entry.codec in codec.USES_BASE:
             raise IntegrityError(f"{describe()}: delta chunk {entry.chunk_id.hex()} names no base")
         try:

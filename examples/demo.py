@@ -4,7 +4,9 @@ It trains a little regressor, commits its whole training state every 50 steps
 (weights, AdamW, LR scheduler, RNG streams, step, metrics, config), tags the best
 checkpoint as a release, branches a learning-rate experiment off an earlier
 checkpoint after resuming from it, and finally prints the history, a diff and the
-storage statistics through the `ckptvcs` command.
+storage statistics through the `ckptvcs` command. The last part runs the same loop
+under `ckptvcs.CheckpointManager` (triggers, retention, exact resume after a simulated
+interruption) and reclaims the space of pruned checkpoints with `ckptvcs gc`.
 
     python examples/demo.py [STORE]     # default STORE: ./demo-store (recreated)
 """
@@ -90,6 +92,52 @@ def train(repo: ckptvcs.Repo, model, opt, sched, start: int, stop: int, branch: 
     return commits
 
 
+def managed_run(store: Path) -> None:
+    """The loop under CheckpointManager: interrupted at step 130, resumed exactly."""
+    def run(stop: int) -> list[float]:
+        model, opt, sched = make_run()
+        with ckptvcs.CheckpointManager(
+            store, {"model": model, "optimizer": opt, "scheduler": sched}, branch="managed",
+            every_steps=25, best_metric="loss", keep_last=2, keep_best=1, keep_every_steps=100,
+            config=CONFIG, data_version="synthetic-v1",
+        ) as mgr:
+            start = mgr.restore() or 0  # weights, AdamW, scheduler, every RNG stream, step
+            losses = []
+            for step in range(start + 1, stop + 1):
+                x, y = batch()
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                mgr.step(step, {"loss": loss.item()})
+            print(f"  run from step {start} to {stop}: last loss {losses[-1]:.6f}")
+            return losses
+
+    def seed() -> None:
+        torch.manual_seed(1)
+        random.seed(1)
+        np.random.seed(1)
+
+    seed()
+    model, opt, sched = make_run()  # the reference: 200 uninterrupted steps, no checkpoints
+    reference = []
+    for _ in range(200):
+        x, y = batch()
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        reference.append(loss.item())
+    seed()
+    run(130)  # "interrupted": the process state is gone, only the store remains
+    torch.manual_seed(12345)  # a fresh process would start from other RNG states
+    resumed = run(200)  # resumes from step 125, the last checkpoint
+    print(f"  losses of steps 126..200 identical to an uninterrupted run: {resumed == reference[125:]}")
+
+
 def ckptvcs_cli(store: Path, *args: str) -> None:
     print(f"\n$ ckptvcs {' '.join(args)}")
     subprocess.run([sys.executable, "-m", "ckptvcs", "--repo", str(store), *args], check=True)
@@ -132,6 +180,12 @@ def main() -> None:
     ckptvcs_cli(store, "show", "v1.0")
     ckptvcs_cli(store, "diff", "main~1", "main")  # the frozen encoder is not listed: unchanged
     ckptvcs_cli(store, "stats")
+
+    print("\nThe same loop under CheckpointManager (branch 'managed'): every 25 steps and on a new best")
+    print("loss, keeping the last 2, the best 1 and every 100th step; interrupted at step 130, resumed")
+    managed_run(store)
+    ckptvcs_cli(store, "log", "--oneline", "managed")
+    ckptvcs_cli(store, "gc")
 
 
 if __name__ == "__main__":

@@ -365,3 +365,29 @@ def test_mixed_dtypes_over_many_small_chunks_round_trip_through_deltas(small_rep
                 assert loaded[key].tobytes() == value.tobytes()
             else:
                 assert_tensor_identical(loaded[key], value)
+
+
+def test_gc_keeps_delta_bases_of_kept_commits_and_moves_deltas_intact(tmp_path: Path) -> None:
+    repo = Repo.init(tmp_path / "r", chunk_size=16 << 10)
+    try:
+        ids, states = [], []
+        for i, state in enumerate(_training_run(20_000, 4)):
+            state["junk"] = _weights(torch.float32, 40_000, 1000 + i) * 50  # this commit's own, bigger
+            ids.append(repo.commit(state, f"c{i}", code_version=None))
+            states.append(state)
+        for cid in ids[:2]:
+            repo.prune(cid, "keep_last=2", "test")
+        report = repo.gc()
+        assert report.packs_rewritten  # c0's and c1's packs held live bases beside dead junk
+        moved = [e for e in repo.chunks.index if e.pack in report.packs_written]
+        assert any(e.base is not None for e in moved)  # delta entries moved with their base ids
+        for cid, state in zip(ids[2:], states[2:]):
+            loaded = repo.load(cid)
+            assert_tensor_identical(loaded["model"]["w"], state["model"]["w"])
+            assert_tensor_identical(loaded["junk"], state["junk"])
+        walked = {e.chunk_id: e for p in (repo.root / "packs").glob("*.pack") for e in iter_pack_entries(p)}
+        for entry in repo.chunks.index:
+            assert walked[entry.chunk_id] == entry
+        assert repo.gc().bytes_reclaimed == 0
+    finally:
+        repo.close()

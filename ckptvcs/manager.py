@@ -1,0 +1,599 @@
+"""CheckpointManager: checkpointing, retention and exact resume for a training loop.
+
+The manager sits on top of :class:`ckptvcs.Repo`. Each save commits the ``state_dict()``
+of every object it was given, the RNG streams, and the loop's progress (step, epoch,
+metrics, training wall time) onto one branch. Triggers decide when to save; retention
+decides which older checkpoints to prune, and runs only after the new commit is durable
+(the branch moved). Restore loads a commit back into the live objects in place.
+
+With ``async_save`` the loop waits only while the state is copied to host memory; the
+commit (hashing, compression, writes, ref update, retention) runs on one background
+thread, at most one save in flight. A background failure is raised (AsyncSaveError) at
+the next manager call.
+
+Layout of a manager commit: the user's state keys at the top level (so
+``repo.load(rev, keys=["model"])`` reads the model alone) plus one reserved key,
+``"ckptvcs.manager"``, holding ``{"step", "epoch", "metrics", "wall_time", "rng"}``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import provenance
+from .errors import (
+    AsyncSaveError,
+    InvalidInputError,
+    KeyNotFoundError,
+    NotARepositoryError,
+    ProtectedCommitError,
+    UnsupportedValueError,
+)
+from .repo import Repo
+from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time, select_prunable
+from .rng import capture_rng, restore_rng
+from .snapshot import HostBuffers, host_copy
+from .state import encode_state
+
+__all__ = ["CheckpointManager", "MANAGER_KEY"]
+
+MANAGER_KEY = "ckptvcs.manager"
+_PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class CheckpointManager:
+    """Save triggers, retention, async save and exact resume for one training run.
+
+    ``repo`` is a :class:`Repo` or a path (opened, or created when absent; the manager
+    then closes it). ``state`` maps names to objects with ``state_dict()`` /
+    ``load_state_dict()`` (modules, optimizers, schedulers, GradScaler, samplers, your
+    own) or to plain tensors and values. Commits go to ``branch`` (default: the branch
+    HEAD is on; a new branch starts at HEAD). ``gc_every=N`` (default 1; 0 disables)
+    runs ``repo.gc()`` after every N saves that followed a prune (in the background with ``async_save``), so
+    pruned data leaves the disk without a separate ``ckptvcs gc``. With
+    ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
+    seconds takes its course without a save. See the README for every argument.
+    """
+
+    def __init__(
+        self,
+        repo: Repo | str | os.PathLike[str],
+        state: Mapping[str, Any],
+        branch: str | None = None,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        keep_every_steps: int | None = None,
+        max_age: float | timedelta | None = None,
+        async_save: bool = False,
+        save_on_preemption: bool = False,
+        *,
+        config: Any = None,
+        data_version: str | None = None,
+        code_version: Mapping[str, Any] | None | bool = True,
+        gc_every: int = 1,
+        preemption_grace: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(state, Mapping) or not state:
+            raise InvalidInputError("state must be a non-empty dict of name -> object, tensor or value")
+        for name in state:
+            if not isinstance(name, str):
+                raise InvalidInputError(f"state names must be strings, got {name!r}")
+            if name == MANAGER_KEY:
+                raise InvalidInputError(f"state name {MANAGER_KEY!r} is reserved for the manager's own record")
+        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1):
+            raise InvalidInputError(f"every_steps must be a positive integer, got {every_steps!r}")
+        if every_seconds is not None and (isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
+                                          or not every_seconds > 0):
+            raise InvalidInputError(f"every_seconds must be a positive number, got {every_seconds!r}")
+        if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
+            raise InvalidInputError(f"gc_every must be a non-negative integer (0 disables), got {gc_every!r}")
+        self.gc_every = gc_every
+        self._saves_since_gc = 0
+        self._pruned_since_gc = False
+        self.policy = RetentionPolicy(
+            keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
+            keep_every_steps=keep_every_steps, max_age=max_age,
+        )
+        self._owns_repo = not isinstance(repo, Repo)
+        if isinstance(repo, Repo):
+            self.repo = repo
+        else:
+            try:
+                self.repo = Repo.open(repo)
+            except NotARepositoryError:
+                self.repo = Repo.init(repo)
+        self.state: dict[str, Any] = dict(state)
+        if branch is None:
+            branch = self.repo.head()[0]  # None: HEAD is detached, commit there
+        self.branch = branch
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.async_save = bool(async_save)
+        self._commit_options = {
+            "config": config,
+            "data_version": data_version,
+            # Captured once: one git call per run, not per save.
+            "code_version": provenance.code_version() if code_version is True else code_version,
+        }
+        self._clock = clock
+        self._started = clock()
+        self._wall_offset = 0.0
+        self._last_save_clock = self._started
+        self._last_saved_step: int | None = None
+        self._current_step: int | None = None
+        self.epoch: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.resumed_from: str | None = None
+        self.last_commit: str | None = None
+        self._best: float | None = None
+        self._best_loaded = False
+        self._records: list[CheckpointRecord] = []  # first-parent history of the branch, newest first
+        self._other_tips: frozenset[str] | None = None
+        self._other_history: set[str] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._buffers = HostBuffers()
+        self._inflight: Future[str] | None = None
+        self._inflight_step: int | None = None
+        self._closed = False
+        self._pending_signal: int | None = None
+        self.preemption_grace = preemption_grace
+        self._previous_handlers: dict[int, Any] = {}
+        if save_on_preemption:
+            self._install_signal_handlers()
+
+    # -- the loop's calls --------------------------------------------------------------
+
+    def step(self, step: int, metrics: Mapping[str, float] | None = None, *, epoch: int | None = None) -> Any:
+        """Report a finished training step; saves when a trigger fires.
+
+        Returns the new commit id (with ``async_save``, a Future of it), or None when no
+        trigger fired. A pending preemption signal saves now and then takes its course.
+        """
+        self._check_open()
+        self._raise_background_error(wait=False)
+        step = _step_number(step)
+        self._current_step = step
+        if epoch is not None:
+            self.epoch = epoch
+        if self._pending_signal is not None:
+            self._preemption_save(step, metrics)
+        reasons = self._triggers(step, metrics)
+        if not reasons:
+            return None
+        return self._save(step, metrics, f"step {step} ({', '.join(reasons)})", None)
+
+    def save(
+        self,
+        step: int,
+        metrics: Mapping[str, float] | None = None,
+        message: str = "",
+        tag: str | None = None,
+        *,
+        epoch: int | None = None,
+    ) -> Any:
+        """Save now, whatever the triggers say (epoch end, before a change, a release).
+
+        ``tag`` names an annotated tag to put on the new commit (tags are never pruned).
+        Returns the commit id (with ``async_save``, a Future of it).
+        """
+        self._check_open()
+        self._raise_background_error(wait=False)
+        step = _step_number(step)
+        self._current_step = step
+        if epoch is not None:
+            self.epoch = epoch
+        return self._save(step, metrics, message or f"step {step} (explicit save)", tag)
+
+    def restore(self, rev: str = "latest", *, map_location: Any = None, strict: bool = True) -> int | None:
+        """Load a checkpoint into the live objects in place; returns its step.
+
+        ``rev`` is ``"latest"`` (the head of the manager's branch) or any revision.
+        Returns None when ``"latest"`` finds nothing to resume. Restores every object's
+        state, the RNG streams, epoch, metrics and training wall time; the restored
+        commit is protected from retention for the rest of the run. Objects without
+        ``load_state_dict`` are updated in place (tensors copied into, dicts and lists
+        refilled); immutable values are replaced in ``manager.state``. With ``strict``
+        a state name missing from the checkpoint raises KeyNotFoundError.
+        """
+        self._check_open()
+        self.wait()
+        if rev == "latest":
+            commit_id = self._branch_head()
+            if commit_id is None:
+                return None
+        else:
+            commit_id = self.repo.resolve(rev)
+        loaded = self.repo.load(commit_id, map_location=map_location)
+        if not isinstance(loaded, dict):
+            raise InvalidInputError(f"commit {commit_id[:12]} does not hold a dict of named states")
+        missing = [name for name in self.state if name not in loaded]
+        if missing and strict:
+            raise KeyNotFoundError(
+                f"commit {commit_id[:12]} has no state named {', '.join(map(repr, missing))} "
+                f"(it has {', '.join(map(repr, (k for k in loaded if k != MANAGER_KEY)))}); pass strict=False to skip"
+            )
+        for name in list(self.state):
+            if name in loaded:
+                self._load_into(name, loaded[name])
+        record = loaded.get(MANAGER_KEY)
+        commit = self.repo.show(commit_id)
+        if isinstance(record, dict):
+            if "rng" in record:
+                restore_rng(record["rng"])
+            step = record.get("step")
+            self.epoch = record.get("epoch")
+            self.metrics = dict(record.get("metrics") or {})
+            self._wall_offset = float(record.get("wall_time") or 0.0)
+        else:  # a commit not made by a manager: what the commit record says
+            step = commit.step
+            self.epoch = commit.epoch
+            self.metrics = dict(commit.metrics)
+            self._wall_offset = 0.0
+        self._started = self._clock()
+        self._last_save_clock = self._started
+        self._last_saved_step = step
+        self._current_step = step
+        self.resumed_from = commit_id
+        self.last_commit = commit_id
+        return step
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is durable; raise its error if it failed."""
+        self._raise_background_error(wait=True)
+
+    def close(self) -> None:
+        """Flush the save in flight, remove signal handlers, release resources. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._pending_signal is not None and self._current_step is not None:
+                self._preemption_save(self._current_step, None)
+            self.wait()
+        finally:
+            self._closed = True
+            self._uninstall_signal_handlers()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._buffers.clear()
+            if self._owns_repo:
+                self.repo.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as err:  # do not mask the exception that ended the block
+            warnings.warn(f"while closing the checkpoint manager: {err}", RuntimeWarning, stacklevel=2)
+
+    # -- information --------------------------------------------------------------------
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds of training wall time, summed over resumed runs."""
+        return self._wall_offset + (self._clock() - self._started)
+
+    @property
+    def preempted(self) -> bool:
+        """True once SIGTERM/SIGINT arrived and has not been handled yet."""
+        return self._pending_signal is not None
+
+    @property
+    def best(self) -> float | None:
+        """The best value of ``best_metric`` saved on this branch so far."""
+        self._load_best()
+        return self._best
+
+    # -- triggers ---------------------------------------------------------------------------
+
+    def _triggers(self, step: int, metrics: Mapping[str, float] | None) -> list[str]:
+        if step == self._last_saved_step:
+            return []  # already saved (or restored) at this step
+        reasons = []
+        if self.every_steps is not None and step % self.every_steps == 0:
+            reasons.append(f"every_steps={self.every_steps}")
+        if self.every_seconds is not None and self._clock() - self._last_save_clock >= self.every_seconds:
+            reasons.append(f"every_seconds={self.every_seconds:g}")
+        if self.best_metric is not None and self._improves(metrics):
+            reasons.append(f"best {self.best_metric}")
+        return reasons
+
+    def _improves(self, metrics: Mapping[str, float] | None) -> bool:
+        value = best_value(_plain_metrics(metrics), self.best_metric)
+        if value is None:
+            return False
+        self._load_best()
+        if self._best is None:
+            return True
+        return value < self._best if self.best_mode == "min" else value > self._best
+
+    def _load_best(self) -> None:
+        """The best saved value on the branch, read from history once."""
+        if self._best_loaded or self.best_metric is None:
+            return
+        self._best_loaded = True
+        for record in self._history():
+            self._note_best(record.metrics)
+
+    def _note_best(self, metrics: Mapping[str, float]) -> None:
+        value = best_value(dict(metrics), self.best_metric)
+        if value is None:
+            return
+        if self._best is None or (value < self._best if self.best_mode == "min" else value > self._best):
+            self._best = value
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def _save(self, step: int, metrics: Mapping[str, float] | None, message: str, tag: str | None) -> Any:
+        self._raise_background_error(wait=True)  # at most one save in flight
+        plain = _plain_metrics(metrics)
+        captured = self._capture(step, plain)
+        options = dict(
+            message=message, branch=self.branch, step=step, epoch=self.epoch, metrics=plain, **self._commit_options
+        )
+        if not self.async_save:
+            commit_id = self._commit_and_retain(captured, options, tag)
+            self._saved(step, plain)
+            return commit_id
+        self._buffers.release()  # the previous snapshot is committed (or failed): reuse its memory
+        snapshot = host_copy(captured, self._buffers)  # the only part the loop waits for
+        del captured
+        encode_state(snapshot)  # refuse unsupported values here, not in the background
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvcs-save")
+        self._inflight_step = step
+        self._inflight = self._executor.submit(self._commit_and_retain, snapshot, options, tag)
+        self._saved(step, plain)
+        return self._inflight
+
+    def _saved(self, step: int, metrics: dict[str, float]) -> None:
+        """Trigger bookkeeping once a save is committed (sync) or handed to the background."""
+        self._last_saved_step = step
+        self._last_save_clock = self._clock()
+        if self.best_metric is not None:
+            self._load_best()
+            self._note_best(metrics)
+
+    def _capture(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """Every object's state_dict plus the manager's record; tensors still live (no copy)."""
+        captured: dict[str, Any] = {}
+        for name, obj in self.state.items():
+            if hasattr(obj, "state_dict") and callable(obj.state_dict) and not isinstance(obj, torch.Tensor):
+                captured[name] = obj.state_dict()
+            else:
+                captured[name] = obj
+        captured[MANAGER_KEY] = {
+            "step": step,
+            "epoch": self.epoch,
+            "metrics": metrics,
+            "wall_time": self.wall_time,
+            "rng": capture_rng(),
+        }
+        self.metrics = metrics
+        return captured
+
+    def _commit_and_retain(self, captured: dict[str, Any], options: dict[str, Any], tag: str | None) -> str:
+        """Commit, tag, then apply retention: the prune decisions follow a durable commit."""
+        commit_id = self.repo.commit(captured, **options)
+        self.last_commit = commit_id
+        if tag is not None:
+            self.repo.tag(tag, commit_id, message=options["message"])
+        self._apply_retention()
+        self._maybe_collect_garbage()
+        return commit_id
+
+    def _maybe_collect_garbage(self) -> None:
+        """With ``gc_every=N``: release pruned data every N saves (only if something was pruned)."""
+        if self.gc_every == 0:
+            return
+        self._saves_since_gc += 1
+        if self._saves_since_gc >= self.gc_every and self._pruned_since_gc:
+            self.repo.gc()
+            self._saves_since_gc = 0
+            self._pruned_since_gc = False
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def _branch_head(self) -> str | None:
+        if self.branch is None:
+            return self.repo.head()[1]
+        return self.repo.refs.read_raw(f"refs/heads/{self.branch}")
+
+    def _history(self) -> list[CheckpointRecord]:
+        """Non-pruned commits on the branch's first-parent chain, newest first (cached)."""
+        head = self._branch_head()
+        known = {r.id: i for i, r in enumerate(self._records)}
+        if head is None:
+            self._records = []
+            return self._records
+        if head in known:  # the branch moved back (or not at all)
+            self._records = self._records[known[head]:]
+            return self._records
+        fresh: list[CheckpointRecord] = []
+        oid: str | None = head
+        pruned = self.repo.pruned()
+        while oid is not None and oid not in known:
+            commit = self.repo.objects.read_commit(oid)
+            if oid not in pruned:
+                fresh.append(CheckpointRecord(oid, commit.step, parse_time(commit.time), dict(commit.metrics)))
+            oid = commit.parents[0] if commit.parents else None
+        self._records = fresh + (self._records[known[oid]:] if oid is not None else [])
+        return self._records
+
+    def _other_branches_history(self) -> set[str]:
+        """Commits reachable from any other branch: that branch's history too, left alone.
+
+        (A run started from another branch's head, or a branch forked off this run,
+        shares those commits.) Cached until the other branches move.
+        """
+        own = f"refs/heads/{self.branch}" if self.branch is not None else None
+        tips = frozenset(
+            cid for name, cid in self.repo.branches().items() if f"refs/heads/{name}" != own and cid is not None
+        )
+        if tips != self._other_tips:
+            self._other_tips = tips
+            self._other_history = {c.id for c in self.repo._walk(tips)} if tips else set()
+        return self._other_history
+
+    def _protected(self) -> set[str]:
+        protected = set(self.repo.branches().values())
+        protected.update(t.object for t in self.repo.tags().values())
+        head = self.repo.head()[1]
+        if head is not None:
+            protected.add(head)
+        if self.resumed_from is not None:
+            protected.add(self.resumed_from)
+        if self.last_commit is not None:
+            protected.add(self.last_commit)
+        return protected
+
+    def _apply_retention(self) -> None:
+        if not self.policy.active:
+            return
+        others = self._other_branches_history()
+        records = [r for r in self._history() if r.id not in others]
+        decisions = select_prunable(records, self.policy, self._protected(), time.time())
+        dropped = set()
+        for decision in decisions:
+            try:
+                self.repo.prune(decision.id, decision.rule, decision.reason)
+            except ProtectedCommitError:
+                continue  # a ref moved onto it meanwhile: it stays
+            dropped.add(decision.id)
+        if dropped:
+            self._records = [r for r in self._records if r.id not in dropped]
+            self._pruned_since_gc = True
+
+    # -- restoring -----------------------------------------------------------------------------
+
+    def _load_into(self, name: str, value: Any) -> None:
+        target = self.state[name]
+        if hasattr(target, "load_state_dict") and callable(target.load_state_dict) \
+                and not isinstance(target, torch.Tensor):
+            target.load_state_dict(value)
+        elif isinstance(target, torch.Tensor):
+            if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+                raise InvalidInputError(f"state {name!r}: checkpoint holds {_describe(value)}, "
+                                        f"the live tensor is {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value)
+        elif isinstance(target, dict) and isinstance(value, dict):
+            target.clear()
+            target.update(value)
+        elif isinstance(target, list) and isinstance(value, list):
+            target[:] = value
+        else:
+            self.state[name] = value
+
+    # -- background errors -----------------------------------------------------------------------
+
+    def _raise_background_error(self, *, wait: bool) -> None:
+        fut = self._inflight
+        if fut is None or (not wait and not fut.done()):
+            return
+        self._inflight = None
+        err = fut.exception()  # blocks until done
+        if err is not None:
+            raise AsyncSaveError(f"background save of step {self._inflight_step} failed: {err}") from err
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInputError("this CheckpointManager is closed")
+
+    # -- preemption -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise InvalidInputError("save_on_preemption installs signal handlers: create the manager in the main thread")
+        for sig in _PREEMPTION_SIGNALS:
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _uninstall_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._pending_signal == signum:
+            # Asked twice: stop waiting for a step boundary and let the signal act now.
+            self._pending_signal = None
+            self._uninstall_signal_handlers()
+            signal.raise_signal(signum)
+            return
+        self._pending_signal = signum
+        # No step boundary within the grace period (a long evaluation, or a loop that
+        # ended without close()): send the signal again, which then acts at once.
+        timer = threading.Timer(self.preemption_grace, self._signal_again, (signum,))
+        timer.daemon = True
+        timer.start()
+
+    def _signal_again(self, signum: int) -> None:
+        if self._pending_signal == signum:
+            os.kill(os.getpid(), signum)
+
+    def _preemption_save(self, step: int, metrics: Mapping[str, float] | None) -> None:
+        """Save the state at this step boundary (blocking), then let the signal take its course."""
+        signum = self._pending_signal
+        self._pending_signal = None
+        try:
+            if step != self._last_saved_step:
+                result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)
+                if isinstance(result, Future):
+                    self.wait()
+            else:
+                self.wait()
+        finally:
+            self._uninstall_signal_handlers()
+            if signum is not None:
+                signal.raise_signal(signum)
+
+
+def _step_number(step: Any) -> int:
+    if isinstance(step, np.integer):
+        return int(step)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise UnsupportedValueError("step", f"expected an integer, got {type(step).__name__}")
+    return step
+
+
+def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        try:
+            result[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise UnsupportedValueError(f"metrics/{name}", f"expected a number, got {type(value).__name__}") from None
+    return result
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
