@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _fs
 from .errors import CorruptObjectError
-from .pack import ENTRY_HEADER_SIZE, PackEntry, PackWriter, iter_pack_entries
+from .pack import PackEntry, PackWriter, entry_size, iter_pack_entries
 from .store import PACK_TARGET_SIZE
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class _PackPlan:
 
     @property
     def live_bytes(self) -> int:
-        return sum(ENTRY_HEADER_SIZE + e.stored_len for e in self.keep)
+        return sum(entry_size(e) for e in self.keep)
 
 
 def live_chunk_ids(repo: Repo, commit_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
@@ -119,7 +119,7 @@ def _plan_pack(path: Path, live: set[bytes], index: dict[bytes, PackEntry]) -> _
             keep.append(entry)
         else:
             drop.append(entry)
-            dead += ENTRY_HEADER_SIZE + entry.stored_len
+            dead += entry_size(entry)
     return _PackPlan(path.stem, path, path.stat().st_size, keep, drop, dead)
 
 

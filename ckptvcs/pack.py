@@ -22,7 +22,9 @@ import blake3
 from . import _fs, scratch
 from .errors import CorruptObjectError
 
-__all__ = ["PackWriter", "PackEntry", "PackFiles", "iter_pack_entries", "ENTRY_HEADER_SIZE", "FLAG_HAS_BASE"]
+__all__ = [
+    "PackWriter", "PackEntry", "PackFiles", "iter_pack_entries", "entry_size", "ENTRY_HEADER_SIZE", "FLAG_HAS_BASE",
+]
 
 PACK_MAGIC = b"CKPTPACK"
 PACK_VERSION = 1
@@ -57,6 +59,11 @@ class PackEntry:
     raw_len: int
     codec: int
     base: bytes | None = None
+
+
+def entry_size(entry: PackEntry) -> int:
+    """Bytes an entry takes in its pack: header, base id (if any) and payload."""
+    return _prefix_size(entry.base) + entry.stored_len
 
 
 class PackWriter:
