@@ -204,9 +204,9 @@ class ChunkStore:
         entry = self.index.get(chunk_id)
         if entry is None:
             raise IntegrityError(f"{describe()}: chunk {chunk_id.hex()} is missing from the store")
+        # The chain below uses the "base-N" slots, never this one.
         out = scratch.buffer("read-chunk", entry.raw_len) if reuse else np.empty(entry.raw_len, dtype=np.uint8)
-        # The chain below starts at depth 1 so that it never shares this buffer's slot.
-        self._decode_verified(entry, memoryview(out), describe, depth=0)
+        self._decode_with_retry(entry, memoryview(out), describe, depth=0)
         return memoryview(out)
 
     def chain_length(self, entry: PackEntry) -> int:
