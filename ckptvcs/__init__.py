@@ -8,6 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .diff import DiffEntry
+from .fsck import Finding, FsckReport
 from .errors import (
     AmbiguousRevisionError,
     CkptvcsError,
@@ -21,6 +22,7 @@ from .errors import (
     NotARepositoryError,
     RefConflictError,
     RefExistsError,
+    RepositoryDamagedError,
     RepositoryExistsError,
     RevisionNotFoundError,
     StorageError,
@@ -29,6 +31,7 @@ from .errors import (
 )
 from .objects import Commit, Tag
 from .refs import ReflogEntry
+from .repair import RepairReport
 from .repo import Repo, RepoStats
 
 __all__ = [
@@ -39,6 +42,9 @@ __all__ = [
     "Tag",
     "ReflogEntry",
     "DiffEntry",
+    "Finding",
+    "FsckReport",
+    "RepairReport",
     "CkptvcsError",
     "AmbiguousRevisionError",
     "CorruptObjectError",
@@ -51,6 +57,7 @@ __all__ = [
     "NotARepositoryError",
     "RefConflictError",
     "RefExistsError",
+    "RepositoryDamagedError",
     "RepositoryExistsError",
     "RevisionNotFoundError",
     "StorageError",

@@ -32,12 +32,21 @@ __all__ = [
     "RefLock",
     "RepoLock",
     "temp_name",
+    "pread",
+    "preadv",
+    "read_file",
+    "exchange_directories",
+    "remove_tree",
 ]
 
-# Primitives, looked up at call time so tests can replace them.
+# Primitives, looked up at call time so tests can replace them (fault injection:
+# failing writes, fsyncs, renames, ENOSPC, and EIO on reads).
 _fsync = os.fsync
 _replace = os.replace
 _write = os.write
+_pread = os.pread
+_preadv = os.preadv
+_RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def _describe(err: OSError, what: str) -> str:
@@ -86,6 +95,77 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         written = _write(fd, view)
         view = view[written:]
+
+
+def pread(fd: int, size: int, offset: int) -> bytes:
+    """Read up to ``size`` bytes at ``offset`` (pack payloads); errors propagate."""
+    return _pread(fd, size, offset)
+
+
+def preadv(fd: int, buffers: list, offset: int) -> int:
+    """Scatter-read at ``offset`` straight into ``buffers``; returns the bytes read."""
+    return _preadv(fd, buffers, offset)
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The whole content of a small file (objects), read through the ``_pread`` seam."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = []
+        offset = 0
+        while True:
+            block = _pread(fd, 1 << 20, offset)
+            if not block:
+                return b"".join(parts)
+            parts.append(block)
+            offset += len(block)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> None:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) (Linux 3.15+)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), a)
+
+
+def exchange_directories(new: str | os.PathLike[str], current: str | os.PathLike[str], parked: str | os.PathLike[str]) -> None:
+    """Put the complete directory ``new`` in place of ``current``; the old one ends at ``parked``.
+
+    Where the filesystem can swap two paths atomically (renameat2 RENAME_EXCHANGE:
+    ext4, xfs, btrfs, tmpfs) a reader sees the old or the new directory, never none.
+    Elsewhere ``current`` is first renamed to ``parked`` and ``new`` then renamed into
+    place; a crash in between leaves no ``current`` but a complete ``new``, which the
+    caller's recovery (see index.py) moves into place. The parent directory is fsynced.
+    """
+    new, current, parked = os.fspath(new), os.fspath(current), os.fspath(parked)
+    parent = os.path.dirname(os.path.abspath(current))
+    try:
+        _exchange(new, current)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        _replace(current, parked)
+        fsync_dir(parent)
+        _replace(new, current)
+    else:
+        _replace(new, parked)
+    fsync_dir(parent)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a directory tree that holds garbage only (errors ignored: it stays garbage)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def durable_rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "LockTimeoutError",
     "ForkedRepoError",
     "StorageError",
+    "RepositoryDamagedError",
 ]
 
 
@@ -137,3 +138,7 @@ class StorageError(CkptvcsError):
     """The operating system refused a write, read or sync (disk full, I/O error)."""
 
     exit_code = 13
+
+
+class RepositoryDamagedError(IntegrityError):
+    """``fsck`` found damage (missing, corrupt or mismatching data); the findings say where."""
