@@ -30,6 +30,7 @@ __all__ = [
     "append_durably",
     "durable_rename",
     "RefLock",
+    "lock_file_is_stale",
     "RepoLock",
     "temp_name",
     "pread",
@@ -210,24 +211,47 @@ def append_durably(path: str | os.PathLike[str], line: bytes) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+_EMPTY_LOCK_GRACE = 2.0  # seconds an empty, unlocked lock file may be young (see RefLock)
+
+
+def _try_flock(fd: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    except PermissionError:
-        return True
     return True
 
 
+def lock_file_is_stale(path: str | os.PathLike[str]) -> bool:
+    """True when a ``.lock`` file's holder is gone (see :class:`RefLock`); never breaks it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _try_flock(fd):
+            return False
+        info = os.fstat(fd)
+        return info.st_size > 0 or time.time() - info.st_mtime > _EMPTY_LOCK_GRACE
+    finally:
+        os.close(fd)
+
+
 class RefLock:
-    """A git-style ``<ref>.lock`` file taken with O_CREAT|O_EXCL.
+    """A git-style ``<ref>.lock`` file taken with O_CREAT|O_EXCL, and held with flock.
 
     The lock file doubles as the staging file of the new ref value: ``commit()``
     writes the value into it, fsyncs and renames it over the ref (the atomic commit
-    point); ``release()`` without commit removes it. A lock left by a process that
-    died on this host is broken automatically; one held by a live process is waited
-    for up to ``timeout`` seconds, then LockTimeoutError names the holder.
+    point); ``release()`` without commit removes it. The holder keeps an exclusive
+    flock on the file from right after creating it until it is renamed or removed,
+    and writes an owner line (host, pid) right after taking the flock. flock dies with
+    its process, so a waiter that can take the flock of a non-empty lock file knows
+    the holder died (at whatever step: after the owner line, after the new value was
+    written, ...) and breaks the lock; an empty one is broken only once it is older
+    than a grace period (its creator may not have reached flock yet). A lock held by
+    a live process is waited for up to ``timeout`` seconds, then LockTimeoutError
+    names the holder. The breaker unlinks the stale file while holding its flock and
+    only if the path still names that file, so two breakers never remove a new lock.
     """
 
     def __init__(self, target: str | os.PathLike[str], timeout: float = 30.0) -> None:
@@ -242,7 +266,7 @@ class RefLock:
         delay = 0.001
         while True:
             try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 if self._break_if_stale():
                     continue
@@ -254,9 +278,10 @@ class RefLock:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
                 continue
-            # The owner line is only a hint for stale-lock detection; the value
-            # written by commit() replaces it.
-            write_all(self._fd, owner)
+            self._fd = fd
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: no one else holds it
+            # The owner line names the holder in messages; commit() replaces it.
+            write_all(fd, owner)
             return self
 
     def _holder(self) -> str:
@@ -266,18 +291,25 @@ class RefLock:
             return ""
 
     def _break_if_stale(self) -> bool:
-        holder = self._holder().split()
-        if len(holder) != 2 or holder[0] != socket.gethostname():
-            return False
         try:
-            pid = int(holder[1])
-        except ValueError:
-            return False
-        if pid == os.getpid() or _pid_alive(pid):
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        return True
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True  # released meanwhile: try again at once
+        try:
+            if not _try_flock(fd):
+                return False  # a live holder
+            info = os.fstat(fd)
+            if info.st_size == 0 and time.time() - info.st_mtime <= _EMPTY_LOCK_GRACE:
+                return False  # its creator may be between O_EXCL and flock
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                return True
+            if (current.st_dev, current.st_ino) == (info.st_dev, info.st_ino):
+                os.unlink(self.path)  # still the stale file, and we hold its flock
+            return True
+        finally:
+            os.close(fd)
 
     def commit(self, data: bytes) -> None:
         """Replace the target with ``data`` durably, then release the lock."""
@@ -288,22 +320,23 @@ class RefLock:
             os.lseek(fd, 0, os.SEEK_SET)
             write_all(fd, data)
             fsync_file(fd)
-        finally:
-            os.close(fd)
-        try:
-            durable_rename(self.path, self.target)
+            durable_rename(self.path, self.target)  # still holding the flock
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
             raise
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Give the lock up without changing the target."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            fd, self._fd = self._fd, None
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # before the flock goes, so no waiter breaks a new lock
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> RefLock:
         return self.acquire()

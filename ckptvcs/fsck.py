@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import _fs
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, StorageError
 from .objects import Commit, Tag
 from .pack import PackEntry, iter_pack_entries
@@ -487,7 +487,7 @@ class _Checker:
             if name.startswith("index.rebuild-") or name.startswith("index.old-"):
                 self.add("garbage", f"{name} is left over from an interrupted `repair index`", objects=[name])
         for path in sorted([root / "HEAD.lock", *root.joinpath("refs").rglob("*.lock")]):
-            if path.is_file() and _lock_is_stale(path):
+            if path.is_file() and _fs.lock_file_is_stale(path):
                 rel = path.relative_to(root).as_posix()
                 self.add("garbage", f"{rel} is a stale lock of a process that died; the next update breaks it",
                          objects=[rel])
@@ -549,19 +549,6 @@ class _Checker:
             self.verify_data(index)
         self.check_garbage(index, packs)
         return self.report
-
-
-def _lock_is_stale(path: Path) -> bool:
-    try:
-        host, pid = path.read_text().split()[:2]
-        if host != socket.gethostname():
-            return False
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return False
 
 
 def check_repository(repo: Repo, *, read_data: bool = False, progress: FsckProgress | None = None) -> FsckReport:
