@@ -228,19 +228,21 @@ class _Checker:
                 return None
 
         head = read(HEAD)
+        head_branch = None
         if head is not None and head.startswith("ref: "):
-            target = head[len("ref: "):]
-            if not target.startswith("refs/heads/"):
-                self.add("corrupt", f"HEAD points at {target}, which is not a branch", objects=[HEAD])
+            head_branch = head[len("ref: "):]
+            if not head_branch.startswith("refs/heads/"):
+                self.add("corrupt", f"HEAD points at {head_branch}, which is not a branch", objects=[HEAD])
         elif head is not None:
             tips.setdefault(head, []).append(HEAD)
         for name in refs.names("heads"):
-            value = read(f"refs/heads/{name}")
+            ref = f"refs/heads/{name}"
+            value = read(ref)
             if value is not None:
                 if value.startswith("ref: "):
-                    self.add("corrupt", f"branch refs/heads/{name} is a symbolic ref", objects=[f"refs/heads/{name}"])
+                    self.add("corrupt", f"branch {ref} is a symbolic ref", objects=[ref])
                 else:
-                    tips.setdefault(value, []).append(f"refs/heads/{name}")
+                    tips.setdefault(value, []).extend([HEAD, ref] if ref == head_branch else [ref])
         for name in refs.names("tags"):
             ref = f"refs/tags/{name}"
             value = read(ref)
@@ -377,7 +379,7 @@ class _Checker:
         return packs, located, damaged
 
     def check_index(self, index: dict[bytes, PackEntry], packs: dict[str, dict[int, PackEntry]],
-                    located: dict[bytes, list[PackEntry]]) -> None:
+                    damaged: set[str]) -> None:
         missing_packs: dict[str, list[bytes]] = {}
         for chunk, entry in index.items():
             in_pack = packs.get(entry.pack)
@@ -385,6 +387,13 @@ class _Checker:
                 missing_packs.setdefault(entry.pack, []).append(chunk)
                 continue
             found = in_pack.get(entry.offset)
+            if found is None and entry.pack in damaged:
+                self.flagged.add(chunk)
+                commits, tensors, users = self.users(chunk)
+                self.add("missing", f"chunk {chunk.hex()} is lost: pack {entry.pack} is damaged before its entry "
+                         f"at offset {entry.offset}; {users}", objects=[chunk.hex(), entry.pack],
+                         commits=commits, tensors=tensors)
+                continue
             if found is None or (found.chunk_id, found.codec, found.raw_len, found.stored_len) != (
                 entry.chunk_id, entry.codec, entry.raw_len, entry.stored_len
             ):
@@ -541,9 +550,9 @@ class _Checker:
         self.walk_commits(tips)
         self.check_manifests()
         index = self.read_index()
-        packs, located, _damaged = self.read_packs()
+        packs, located, damaged = self.read_packs()
         self.report.chunks = len(index)
-        self.check_index(index, packs, located)
+        self.check_index(index, packs, damaged)
         self.check_required_chunks(index, located)
         if self.read_data:
             self.verify_data(index)

@@ -66,8 +66,8 @@ def rebuild_index(root: Path, store: ChunkStore, progress: Callable[[int, int], 
         report.previous_chunks = len(store.index)
     except Exception:  # StorageError, or lmdb's errors for a damaged file: rebuilding is the cure
         report.previous_chunks = None
-    for leftover in root.glob("index.rebuild-*"):
-        _fs.remove_tree(leftover)  # an earlier repair that was interrupted while building
+    for leftover in [*root.glob("index.rebuild-*"), *root.glob("index.old-*")]:
+        _fs.remove_tree(leftover)  # an earlier repair that was interrupted while building or swapping
     work = root / _fs.temp_name("index.rebuild-")
     with _fs.storage_errors("rebuilding the chunk index"):
         work.mkdir()
