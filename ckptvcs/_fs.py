@@ -279,9 +279,13 @@ class RefLock:
                 delay = min(delay * 2, 0.05)
                 continue
             self._fd = fd
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: no one else holds it
-            # The owner line names the holder in messages; commit() replaces it.
-            write_all(fd, owner)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: no one else holds it
+                # The owner line names the holder in messages; commit() replaces it.
+                write_all(fd, owner)
+            except BaseException:
+                self.release()  # never leave a lock file behind that our own fd holds
+                raise
             return self
 
     def _holder(self) -> str:

@@ -88,11 +88,11 @@ def _acquire_environment(path: Path, map_size: int) -> tuple[lmdb.Environment, t
         return slot[0], key
 
 
-def open_environment(path: Path, map_size: int = _INITIAL_MAP_SIZE) -> lmdb.Environment:
+def open_environment(path: Path, map_size: int | None = None) -> lmdb.Environment:
     """Open (creating if needed) the LMDB environment of a chunk index at ``path``."""
     return lmdb.open(
         str(path),
-        map_size=map_size,
+        map_size=map_size or _INITIAL_MAP_SIZE,
         max_dbs=2,
         max_readers=256,
         subdir=True,
@@ -150,9 +150,9 @@ def write_entries(env: lmdb.Environment, entries: Iterable[PackEntry], batch: in
 class ChunkIndex:
     """Chunk id (32 bytes) → :class:`PackEntry`, stored in LMDB."""
 
-    def __init__(self, path: Path, map_size: int = _INITIAL_MAP_SIZE) -> None:
+    def __init__(self, path: Path, map_size: int | None = None) -> None:
         self.path = path
-        self._map_size = map_size
+        self._map_size = map_size or _INITIAL_MAP_SIZE
         self._closed = True
         self._open()
 
