@@ -261,9 +261,12 @@ def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, grap
 def _tensor_bytes(body: dict) -> int:
     import torch
 
-    dtype = TORCH_DTYPES.get(body.get("dtype", ""))
+    name, shape = body.get("dtype"), body.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+        return 0  # a malformed manifest: `load` reports it; `show` just prints what it can
+    dtype = TORCH_DTYPES.get(name) if isinstance(name, str) else None
     itemsize = torch.empty(0, dtype=dtype).element_size() if dtype is not None else _numpy_itemsize(body)
-    return math.prod(body.get("shape", [])) * itemsize
+    return math.prod(shape) * itemsize
 
 
 def _numpy_itemsize(body: dict) -> int:
@@ -271,7 +274,7 @@ def _numpy_itemsize(body: dict) -> int:
 
     try:
         return np.dtype(body.get("dtype")).itemsize
-    except TypeError:
+    except (TypeError, ValueError):
         return 0
 
 
@@ -306,7 +309,9 @@ def show(ctx: click.Context, rev: str, list_tensors: bool, as_json: bool) -> Non
         click.echo(f"  {top:<30} {count:>6} tensors {_human(nbytes):>10}")
     if list_tensors:
         for path, kind, body in tensors:
-            click.echo(f"  {path}  {body.get('dtype')}{list(body.get('shape', []))}" + ("  (ndarray)" if kind == "ndarray" else ""))
+            shape = body.get("shape")
+            shape_text = str(list(shape)) if isinstance(shape, list) else "[?]"
+            click.echo(f"  {path}  {body.get('dtype')}{shape_text}" + ("  (ndarray)" if kind == "ndarray" else ""))
 
 
 @cli.command()
