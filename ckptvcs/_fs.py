@@ -52,9 +52,11 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 
 def _describe(err: OSError, what: str) -> str:
     if err.errno == errno.ENOSPC:
-        return f"disk full while {what}; free space and retry (the repository is unchanged)"
+        # Not "unchanged": a fault after a commit point (the ref rename) leaves the new,
+        # complete commit in place. What is true at every step: nothing is half-written.
+        return f"disk full while {what}; free space and retry (nothing was left half-written)"
     if err.errno == errno.EDQUOT:
-        return f"disk quota exceeded while {what}; the repository is unchanged"
+        return f"disk quota exceeded while {what}; nothing was left half-written"
     if err.errno == errno.EIO:
         return f"I/O error while {what}: the disk reported a failure"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -126,6 +126,17 @@ def scenario_tag(store: str, ack_path: str, first_seed: int) -> None:
             seed += 1
 
 
+def scenario_repair(store: str, ack_path: str, first_seed: int) -> None:
+    """Rebuild the index in a loop (exclusive lock, build aside, swap)."""
+    with Repo.open(store) as repo:
+        ack(ack_path, READY)
+        seed = first_seed
+        while True:
+            report = repo.repair_index()
+            ack(ack_path, f"repair{seed} {report.chunks}")
+            seed += 1
+
+
 # -- the kill loop ---------------------------------------------------------------------------------
 
 

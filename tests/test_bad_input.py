@@ -55,6 +55,7 @@ def _assert_one_line_error(result, code: int) -> str:  # type: ignore[no-untyped
 # -- hostile and broken checkpoint files ---------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("container", ["torch.save", "bare pickle"])
 def test_pickle_carrying_an_object_is_refused_and_never_executed(tmp_path: Path, store: Path, container: str) -> None:
     marker = tmp_path / "pwned"

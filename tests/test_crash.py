@@ -3,7 +3,8 @@
 After every kill: fsck finds no damage (garbage from the interrupted operation is
 allowed), every operation acknowledged before the kill is there and loads bit-exact,
 HEAD names a complete commit, and the next operation succeeds. The default run makes
-80 kills (50 during commits, 15 during init, 15 during tag); ``--run-slow`` adds 600.
+90 kills (50 during commits, 15 during init, 15 during tag, 10 during repair index);
+``--run-slow`` adds 700.
 Scenarios live in crash_harness.py; a new one (kill during gc, gc racing a writer) is
 one function there plus one test here.
 """
@@ -22,6 +23,7 @@ from crash_harness import (
     run_kill_rounds,
     scenario_commit,
     scenario_init,
+    scenario_repair,
     scenario_tag,
     seed_of,
 )
@@ -170,3 +172,37 @@ def test_kill_during_tag(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_kill_during_tag_many(tmp_path: Path) -> None:
     _kill_during_tag(tmp_path, rounds=100, seed=131)
+
+
+def _kill_during_repair(tmp_path: Path, rounds: int, seed: int) -> None:
+    store = _new_store(tmp_path)
+    with Repo.open(store) as repo:
+        commits = {repo.commit(make_state(s), f"seed {s}", code_version=None): s for s in range(2, 6)}
+        commits[repo.resolve("HEAD~4")] = 1
+        indexed = {"chunks": len(repo.chunks.index)}
+    repairs: list[str] = []
+
+    def verify(kill: KillRound) -> None:
+        repairs.extend(line[0] for line in read_acks(kill.ack_path))
+        with Repo.open(store) as repo:  # an interrupted swap is finished here, at open
+            assert_no_damage(repo.fsck(read_data=kill.number % 3 == 0), f"round {kill.number}")
+            assert len(repo.chunks.index) == indexed["chunks"]  # the old index or the new one, never a partial one
+            for cid, s in commits.items():
+                assert_state_identical(repo.load(cid), make_state(s))
+            cid = repo.commit(make_state(kill.first_seed), f"seed {kill.first_seed}", code_version=None)
+            commits[cid] = kill.first_seed
+            indexed["chunks"] = len(repo.chunks.index)
+
+    kills = run_kill_rounds(scenario_repair, lambda: str(store), verify, rounds=rounds, workdir=tmp_path,
+                            seed=seed, max_delay=0.1)
+    assert kills == rounds
+    assert repairs
+
+
+def test_kill_during_repair_index(tmp_path: Path) -> None:
+    _kill_during_repair(tmp_path, rounds=10, seed=41)
+
+
+@pytest.mark.slow
+def test_kill_during_repair_index_many(tmp_path: Path) -> None:
+    _kill_during_repair(tmp_path, rounds=100, seed=141)
