@@ -158,7 +158,13 @@ def exchange_directories(new: str | os.PathLike[str], current: str | os.PathLike
             raise
         _replace(current, parked)
         fsync_dir(parent)
-        _replace(new, current)
+        try:
+            _replace(new, current)
+        except FileNotFoundError:
+            if not os.path.isdir(current):
+                raise
+            # A process that opened the index in between found no ``current`` and
+            # completed the swap itself (the documented recovery): the result is the same.
     else:
         _replace(new, parked)
     fsync_dir(parent)

@@ -493,7 +493,7 @@ class _Checker:
         for name in sorted(os.listdir(tmp)) if tmp.is_dir() else []:
             self.add("garbage", f"tmp/{name} is left over from an interrupted write", objects=[f"tmp/{name}"])
         for name in sorted(os.listdir(root)):
-            if name.startswith("index.rebuild-") or name.startswith("index.old-"):
+            if name.startswith(("index.rebuild-", "index.old-")) or name == "index.rebuilt":
                 self.add("garbage", f"{name} is left over from an interrupted `repair index`", objects=[name])
         for path in sorted([root / "HEAD.lock", *root.joinpath("refs").rglob("*.lock")]):
             if path.is_file() and _fs.lock_file_is_stale(path):

@@ -54,7 +54,11 @@ def _finish_interrupted_swap(path: Path) -> None:
     rebuilt = path.with_name(path.name + REBUILT_SUFFIX)
     if not path.exists() and rebuilt.is_dir():
         with _fs.storage_errors(f"finishing the interrupted rebuild of {path}"):
-            _fs.durable_rename(rebuilt, path)
+            try:
+                _fs.durable_rename(rebuilt, path)
+            except FileNotFoundError:
+                if not path.is_dir():
+                    raise  # else another process finished it first
 
 
 def _acquire_environment(path: Path, map_size: int) -> tuple[lmdb.Environment, tuple]:
