@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _fs
@@ -508,7 +508,7 @@ class _Checker:
         todo = sorted((e for c, e in index.items() if c not in self.flagged), key=lambda e: (e.pack, e.offset))
         total = sum(e.raw_len for e in todo)
         done = 0
-        pending: list[tuple[PackEntry, Future[int]]] = []
+        pending: deque[tuple[PackEntry, Future[int]]] = deque()
 
         def finish(entry: PackEntry, fut: Future[int]) -> None:
             nonlocal done
@@ -539,7 +539,7 @@ class _Checker:
                 futures = [failed]
             pending.append((entry, futures[0]))
             if len(pending) >= _READ_WINDOW:
-                finish(*pending.pop(0))
+                finish(*pending.popleft())
         for item in pending:
             finish(*item)
 

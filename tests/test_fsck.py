@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import ckptvcs._fs
-from ckptvcs import IntegrityError, RefConflictError, Repo
+from ckptvcs import IntegrityError, RefConflictError, Repo, StorageError
 from ckptvcs.cli import cli
 from ckptvcs.fsck import ERROR_KINDS, FsckReport
 from ckptvcs.pack import PackEntry
@@ -220,7 +220,7 @@ def test_lost_or_garbled_index_file(tmp_path: Path, damage: str) -> None:
         found = repo.fsck().errors
         assert found and all(f.kind in ("index-mismatch", "corrupt") for f in found)
         assert all(f.commits in ((cid,), ()) for f in found)
-        with pytest.raises(IntegrityError if damage == "deleted" else Exception):
+        with pytest.raises(IntegrityError if damage == "deleted" else StorageError, match="index" if damage != "deleted" else "missing"):
             repo.load()
         report = repo.repair_index()
         assert report.previous_chunks == (0 if damage == "deleted" else None)
