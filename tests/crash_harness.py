@@ -137,6 +137,17 @@ def scenario_repair(store: str, ack_path: str, first_seed: int) -> None:
             seed += 1
 
 
+def scenario_gc(store: str, ack_path: str, first_seed: int) -> None:
+    """Collect garbage in a loop (needs ``Repo.gc``, from the garbage-collection work)."""
+    with Repo.open(store) as repo:
+        ack(ack_path, READY)
+        seed = first_seed
+        while True:
+            repo.gc()
+            ack(ack_path, f"gc{seed}")
+            seed += 1
+
+
 # -- the kill loop ---------------------------------------------------------------------------------
 
 

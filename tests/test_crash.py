@@ -3,8 +3,8 @@
 After every kill: fsck finds no damage (garbage from the interrupted operation is
 allowed), every operation acknowledged before the kill is there and loads bit-exact,
 HEAD names a complete commit, and the next operation succeeds. The default run makes
-90 kills (50 during commits, 15 during init, 15 during tag, 10 during repair index);
-``--run-slow`` adds 700.
+90 kills (50 during commits, 15 during init, 15 during tag, 10 during repair index),
+plus 10 during gc once ``Repo.gc`` exists; ``--run-slow`` adds 800.
 Scenarios live in crash_harness.py; a new one (kill during gc, gc racing a writer) is
 one function there plus one test here.
 """
@@ -22,6 +22,7 @@ from crash_harness import (
     read_acks,
     run_kill_rounds,
     scenario_commit,
+    scenario_gc,
     scenario_init,
     scenario_repair,
     scenario_tag,
@@ -216,3 +217,50 @@ def test_kill_during_repair_index(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_kill_during_repair_index_many(tmp_path: Path) -> None:
     _kill_during_repair(tmp_path, rounds=100, seed=141)
+
+
+def _kill_during_gc(tmp_path: Path, rounds: int, seed: int) -> None:
+    if not hasattr(Repo, "gc") or not hasattr(Repo, "prune"):
+        pytest.skip("Repo.gc / Repo.prune are not in this tree (garbage-collection work not merged)")
+    store = _new_store(tmp_path)
+    live: dict[str, int] = {}
+    with Repo.open(store) as repo:
+        live[repo.resolve("HEAD")] = 1
+    collected: list[str] = []
+
+    def give_gc_work(repo: Repo, first_seed: int) -> None:
+        """Two new commits, and the oldest live non-tip commit pruned: the next gc frees it."""
+        for s in (first_seed, first_seed + 1):
+            live[repo.commit(make_state(s), f"seed {s}", code_version=None)] = s
+        tip = repo.resolve("HEAD")
+        victim = next(c for c in live if c != tip)
+        repo.prune(victim, rule="crash-test")
+        del live[victim]
+
+    with Repo.open(store) as repo:
+        give_gc_work(repo, 10)
+
+    def verify(kill: KillRound) -> None:
+        collected.extend(line[0] for line in read_acks(kill.ack_path))
+        with Repo.open(store) as repo:
+            assert_no_damage(repo.fsck(read_data=kill.number % 3 == 0), f"round {kill.number}")
+            for cid, s in live.items():  # every kept commit still loads, bit-exact
+                assert_state_identical(repo.load(cid), make_state(s))
+            give_gc_work(repo, kill.first_seed)  # the next commit (and prune) succeed
+
+    kills = run_kill_rounds(scenario_gc, lambda: str(store), verify, rounds=rounds, workdir=tmp_path,
+                            seed=seed, max_delay=0.1)
+    assert kills == rounds
+    assert collected
+    with Repo.open(store) as repo:
+        repo.gc()
+        assert repo.fsck(read_data=True).ok
+
+
+def test_kill_during_gc(tmp_path: Path) -> None:
+    _kill_during_gc(tmp_path, rounds=10, seed=51)
+
+
+@pytest.mark.slow
+def test_kill_during_gc_many(tmp_path: Path) -> None:
+    _kill_during_gc(tmp_path, rounds=100, seed=151)
