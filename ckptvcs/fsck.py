@@ -394,8 +394,9 @@ class _Checker:
                          f"at offset {entry.offset}; {users}", objects=[chunk.hex(), entry.pack],
                          commits=commits, tensors=tensors)
                 continue
-            if found is None or (found.chunk_id, found.codec, found.raw_len, found.stored_len) != (
-                entry.chunk_id, entry.codec, entry.raw_len, entry.stored_len
+            if found is None or (found.chunk_id, found.codec, found.raw_len, found.stored_len,
+                                 getattr(found, "base", None)) != (
+                entry.chunk_id, entry.codec, entry.raw_len, entry.stored_len, getattr(entry, "base", None)
             ):
                 self.flagged.add(chunk)
                 commits, tensors, users = self.users(chunk)
