@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import ckptvcs._fs
+import ckptvcs.fsck
 from ckptvcs import IntegrityError, RefConflictError, Repo, StorageError
 from ckptvcs.cli import cli
 from ckptvcs.fsck import ERROR_KINDS, FsckReport
@@ -245,6 +246,14 @@ def test_missing_delta_base_is_named(damaged: Damaged, monkeypatch: pytest.Monke
             yield DeltaEntry(**dataclasses.asdict(entry), base=base)
 
     monkeypatch.setattr(type(index), "__iter__", with_base)
+    real_walk = ckptvcs.fsck.iter_pack_entries
+
+    def walk_with_base(path, **kwargs):  # type: ignore[no-untyped-def]
+        for entry in real_walk(path, **kwargs):  # the pack's entry header names the same base
+            base = absent if entry.chunk_id == damaged.entry.chunk_id else None
+            yield DeltaEntry(**dataclasses.asdict(entry), base=base)
+
+    monkeypatch.setattr(ckptvcs.fsck, "iter_pack_entries", walk_with_base)
     [finding] = damaged.repo.fsck().errors
     assert finding.kind == "missing" and finding.objects == (absent.hex(), damaged.chunk)
     assert finding.commits == (damaged.target,)
