@@ -443,6 +443,13 @@ class _Checker:
 
     def check_garbage(self, index: dict[bytes, PackEntry], packs: dict[str, dict[int, PackEntry]]) -> None:
         used = set(self.usage)
+        frontier = list(used)
+        while frontier:  # the delta bases of used chunks are used too
+            entry = index.get(frontier.pop())
+            base = getattr(entry, "base", None)
+            if base is not None and base not in used:
+                used.add(base)
+                frontier.append(base)
         for pack, entries in packs.items():
             if not any(e.chunk_id in used for e in entries.values()):
                 self.add("garbage", f"pack {pack} holds no chunk any reachable commit uses "
