@@ -103,6 +103,7 @@ def _kill_during_commits(tmp_path: Path, rounds: int, seed: int) -> None:
         "writing objects, before the ref": any(f.kind in ("dangling", "unreachable") or
                                                any(o.startswith("objects/") for o in f.objects)
                                                for f in report.garbage),
+        "after the ref update, before the acknowledgement": checker.kills_after_commit_point > 0,
     }
     assert sum(phases.values()) >= 2, phases
 

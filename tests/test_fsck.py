@@ -325,9 +325,14 @@ def test_repair_without_atomic_exchange_and_crash_between_renames(damaged: Damag
 # -- objects and refs ------------------------------------------------------------------------------------
 
 
-def test_flipped_commit_object_names_commit_and_refs(damaged: Damaged) -> None:
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_damaged_commit_object_names_commit_and_refs(damaged: Damaged, damage: str) -> None:
     repo = damaged.repo
-    flip_byte(repo.objects.path(damaged.target), 20)
+    path = repo.objects.path(damaged.target)
+    if damage == "flipped":
+        flip_byte(path, 20)
+    else:
+        os.truncate(path, path.stat().st_size // 2)
     found = repo.fsck().errors
     assert [f.kind for f in found] == ["hash-mismatch"]
     assert found[0].objects == (damaged.target,) and found[0].commits == (damaged.target,)
