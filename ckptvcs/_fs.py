@@ -327,15 +327,19 @@ class RefLock:
         """Replace the target with ``data`` durably, then release the lock."""
         assert self._fd is not None, "commit() on a lock that is not held"
         fd, self._fd = self._fd, None
+        renamed = False
         try:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             write_all(fd, data)
             fsync_file(fd)
-            durable_rename(self.path, self.target)  # still holding the flock
+            _replace(self.path, self.target)  # still holding the flock
+            renamed = True
+            fsync_dir(self.target.parent)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            if not renamed:  # after the rename, the lock path may already be another writer's lock
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             raise
         finally:
             os.close(fd)
