@@ -25,7 +25,6 @@ import torch
 
 from . import _fs, provenance
 from .diff import DiffEntry, diff_manifests
-from .fsck import FsckProgress, FsckReport, check_repository
 from .errors import (
     AmbiguousRevisionError,
     CkptvcsError,
@@ -41,6 +40,7 @@ from .errors import (
     UnsupportedFormatError,
     UnsupportedValueError,
 )
+from .fsck import FsckProgress, FsckReport, check_repository
 from .objects import Commit, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ReflogEntry, Refs, check_ref_name
 from .repair import RepairReport, rebuild_index
@@ -643,7 +643,6 @@ class Repo:
             pack_bytes=folder_size(self.root / "packs"),
             object_bytes=folder_size(self.root / "objects"),
         )
-
 
     # -- integrity ---------------------------------------------------------------------
 
