@@ -445,3 +445,23 @@ def test_error_kinds_are_documented() -> None:
     text = (Path(__file__).parent.parent / "docs" / "durability.md").read_text()
     for kind in ERROR_KINDS:
         assert f"`{kind}`" in text
+
+
+def test_gc_by_a_handle_opened_before_a_repair(small_repo: Repo) -> None:
+    """gc must work on the index ``repair index`` swapped in, not on the one its handle
+    opened: Repo.gc refreshes the index after taking the exclusive lock, as commit does."""
+    if not hasattr(Repo, "gc") or not hasattr(Repo, "prune"):
+        pytest.skip("Repo.gc / Repo.prune are not in this tree (garbage-collection work not merged)")
+    repo = small_repo
+    commits = [repo.commit({"w": torch.randn(5000)}, f"c{i}", code_version=None) for i in range(4)]
+    other = Repo.open(repo.root)
+    try:
+        other.repair_index()
+    finally:
+        other.close()
+    repo.prune(commits[0], rule="test")
+    assert repo.gc().packs_deleted  # through this handle's (refreshed) index
+    with Repo.open(repo.root) as fresh:
+        assert_clean(fresh)
+        for cid in commits[1:]:
+            assert fresh.load(cid)["w"].shape == (5000,)
