@@ -418,7 +418,9 @@ class _Checker:
                 c, t, _ = self.users(chunk)
                 commits += c
                 tensors += t
-            lost = f"{len(needed)} of its {len(chunks)} indexed chunks are needed" if needed else "none of its chunks is needed"
+            lost = (f"{len(needed)} of its {len(chunks)} indexed chunks are needed" if needed else
+                    f"none of its {len(chunks)} indexed chunks is needed now, but a new commit would trust "
+                    "the index and skip storing them: run `ckptvcs repair index`")
             self.add("missing", f"pack {pack} is missing; {lost}"
                      + (f" by {len(set(commits))} commit(s): {', '.join(sorted({_short(c) for c in commits}))}"
                         f"{self._where(commits)}" if needed else ""),
