@@ -8,6 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .diff import DiffEntry
+from .fsck import Finding, FsckReport
 from .errors import (
     AmbiguousRevisionError,
     AsyncSaveError,
@@ -24,6 +25,7 @@ from .errors import (
     ProtectedCommitError,
     RefConflictError,
     RefExistsError,
+    RepositoryDamagedError,
     RepositoryExistsError,
     RevisionNotFoundError,
     StorageError,
@@ -34,6 +36,7 @@ from .gc import GcReport
 from .manager import CheckpointManager
 from .objects import Commit, Tag
 from .refs import ReflogEntry
+from .repair import RepairReport
 from .repo import Repo, RepoStats
 from .retention import RetentionPolicy
 
@@ -48,6 +51,9 @@ __all__ = [
     "Tag",
     "ReflogEntry",
     "DiffEntry",
+    "Finding",
+    "FsckReport",
+    "RepairReport",
     "CkptvcsError",
     "AmbiguousRevisionError",
     "CorruptObjectError",
@@ -60,6 +66,7 @@ __all__ = [
     "NotARepositoryError",
     "RefConflictError",
     "RefExistsError",
+    "RepositoryDamagedError",
     "RepositoryExistsError",
     "RevisionNotFoundError",
     "StorageError",

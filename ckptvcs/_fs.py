@@ -31,22 +31,34 @@ __all__ = [
     "append_durably",
     "durable_rename",
     "RefLock",
+    "lock_file_is_stale",
     "RepoLock",
     "temp_name",
     "EarlyWriteback",
+    "pread",
+    "preadv",
+    "read_file",
+    "exchange_directories",
+    "remove_tree",
 ]
 
-# Primitives, looked up at call time so tests can replace them.
+# Primitives, looked up at call time so tests can replace them (fault injection:
+# failing writes, fsyncs, renames, ENOSPC, and EIO on reads).
 _fsync = os.fsync
 _replace = os.replace
 _write = os.write
+_pread = os.pread
+_preadv = os.preadv
+_RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def _describe(err: OSError, what: str) -> str:
     if err.errno == errno.ENOSPC:
-        return f"disk full while {what}; free space and retry (the repository is unchanged)"
+        # Not "unchanged": a fault after a commit point (the ref rename) leaves the new,
+        # complete commit in place. What is true at every step: nothing is half-written.
+        return f"disk full while {what}; free space and retry (nothing was left half-written)"
     if err.errno == errno.EDQUOT:
-        return f"disk quota exceeded while {what}; the repository is unchanged"
+        return f"disk quota exceeded while {what}; nothing was left half-written"
     if err.errno == errno.EIO:
         return f"I/O error while {what}: the disk reported a failure"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -133,6 +145,83 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
+def pread(fd: int, size: int, offset: int) -> bytes:
+    """Read up to ``size`` bytes at ``offset`` (pack payloads); errors propagate."""
+    return _pread(fd, size, offset)
+
+
+def preadv(fd: int, buffers: list, offset: int) -> int:
+    """Scatter-read at ``offset`` straight into ``buffers``; returns the bytes read."""
+    return _preadv(fd, buffers, offset)
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The whole content of a small file (objects), read through the ``_pread`` seam."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = []
+        offset = 0
+        while True:
+            block = _pread(fd, 1 << 20, offset)
+            if not block:
+                return b"".join(parts)
+            parts.append(block)
+            offset += len(block)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> None:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) (Linux 3.15+)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), a)
+
+
+def exchange_directories(new: str | os.PathLike[str], current: str | os.PathLike[str], parked: str | os.PathLike[str]) -> None:
+    """Put the complete directory ``new`` in place of ``current``; the old one ends at ``parked``.
+
+    Where the filesystem can swap two paths atomically (renameat2 RENAME_EXCHANGE:
+    ext4, xfs, btrfs, tmpfs) a reader sees the old or the new directory, never none.
+    Elsewhere ``current`` is first renamed to ``parked`` and ``new`` then renamed into
+    place; a crash in between leaves no ``current`` but a complete ``new``, which the
+    caller's recovery (see index.py) moves into place. The parent directory is fsynced.
+    """
+    new, current, parked = os.fspath(new), os.fspath(current), os.fspath(parked)
+    parent = os.path.dirname(os.path.abspath(current))
+    try:
+        _exchange(new, current)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        _replace(current, parked)
+        fsync_dir(parent)
+        try:
+            _replace(new, current)
+        except FileNotFoundError:
+            if not os.path.isdir(current):
+                raise
+            # A process that opened the index in between found no ``current`` and
+            # completed the swap itself (the documented recovery): the result is the same.
+    else:
+        _replace(new, parked)
+    fsync_dir(parent)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a directory tree that holds garbage only (errors ignored: it stays garbage)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def durable_rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Rename ``src`` over ``dst`` and fsync the destination directory."""
     _replace(src, dst)
@@ -175,29 +264,47 @@ def append_durably(path: str | os.PathLike[str], line: bytes) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+_EMPTY_LOCK_GRACE = 2.0  # seconds an empty, unlocked lock file may be young (see RefLock)
+
+
+def _try_flock(fd: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    except PermissionError:
-        return True
     return True
 
 
+def lock_file_is_stale(path: str | os.PathLike[str]) -> bool:
+    """True when a ``.lock`` file's holder is gone (see :class:`RefLock`); never breaks it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _try_flock(fd):
+            return False
+        info = os.fstat(fd)
+        return info.st_size > 0 or time.time() - info.st_mtime > _EMPTY_LOCK_GRACE
+    finally:
+        os.close(fd)
+
+
 class RefLock:
-    """A git-style ``<ref>.lock`` file taken with O_CREAT|O_EXCL.
+    """A git-style ``<ref>.lock`` file taken with O_CREAT|O_EXCL, and held with flock.
 
     The lock file doubles as the staging file of the new ref value: ``commit()``
     writes the value into it, fsyncs and renames it over the ref (the atomic commit
-    point); ``release()`` without commit removes it. A lock left by a process that
-    died on this host is broken automatically; one held by a live process is waited
-    for up to ``timeout`` seconds, then LockTimeoutError names the holder.
-
-    The holder also keeps an ``flock`` on the lock file for as long as it holds it (the
-    kernel drops it when the process dies). That identifies a dead holder even when its
-    owner line is gone: killed between creating the file and writing the line, or in
-    ``commit()`` after the new value replaced the line but before the rename.
+    point); ``release()`` without commit removes it. The holder keeps an exclusive
+    flock on the file from right after creating it until it is renamed or removed,
+    and writes an owner line (host, pid) right after taking the flock. flock dies with
+    its process, so a waiter that can take the flock of a non-empty lock file knows
+    the holder died (at whatever step: after the owner line, after the new value was
+    written, ...) and breaks the lock; an empty one is broken only once it is older
+    than a grace period (its creator may not have reached flock yet). A lock held by
+    a live process is waited for up to ``timeout`` seconds, then LockTimeoutError
+    names the holder. The breaker unlinks the stale file while holding its flock and
+    only if the path still names that file, so two breakers never remove a new lock.
     """
 
     def __init__(self, target: str | os.PathLike[str], timeout: float = 30.0) -> None:
@@ -212,7 +319,7 @@ class RefLock:
         delay = 0.001
         while True:
             try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 if self._break_if_stale():
                     continue
@@ -224,10 +331,14 @@ class RefLock:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
                 continue
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            # The owner line is only a hint for stale-lock detection; the value
-            # written by commit() replaces it.
-            write_all(self._fd, owner)
+            self._fd = fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: no one else holds it
+                # The owner line names the holder in messages; commit() replaces it.
+                write_all(fd, owner)
+            except BaseException:
+                self.release()  # never leave a lock file behind that our own fd holds
+                raise
             return self
 
     def _holder(self) -> str:
@@ -237,39 +348,22 @@ class RefLock:
             return ""
 
     def _break_if_stale(self) -> bool:
-        holder = self._holder().split()
-        if len(holder) == 2 and holder[1].isdigit() and holder[0] != "ref:":
-            if holder[0] != socket.gethostname():
-                return False
-            pid = int(holder[1])
-            if pid == os.getpid() or _pid_alive(pid):
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            return True
-        return self._break_if_unlocked()
-
-    def _break_if_unlocked(self, grace: float = 1.0) -> bool:
-        """Break a lock without an owner line if no live process holds its flock.
-
-        ``grace`` seconds after creation the lock is left alone: its creator may not have
-        taken the flock yet.
-        """
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            return True  # released meanwhile: try again
+            return True  # released meanwhile: try again at once
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False  # a live process holds it
+            if not _try_flock(fd):
+                return False  # a live holder
             info = os.fstat(fd)
-            if time.time() - info.st_mtime < grace:
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == info.st_ino:  # still the file we checked
-                    os.unlink(self.path)
+            if info.st_size == 0 and time.time() - info.st_mtime <= _EMPTY_LOCK_GRACE:
+                return False  # its creator may be between O_EXCL and flock
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                return True
+            if (current.st_dev, current.st_ino) == (info.st_dev, info.st_ino):
+                os.unlink(self.path)  # still the stale file, and we hold its flock
             return True
         finally:
             os.close(fd)
@@ -278,27 +372,32 @@ class RefLock:
         """Replace the target with ``data`` durably, then release the lock."""
         assert self._fd is not None, "commit() on a lock that is not held"
         fd, self._fd = self._fd, None
+        renamed = False
         try:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             write_all(fd, data)
             fsync_file(fd)
+            _replace(self.path, self.target)  # still holding the flock
+            renamed = True
+            fsync_dir(self.target.parent)
+        except BaseException:
+            if not renamed:  # after the rename, the lock path may already be another writer's lock
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            raise
         finally:
             os.close(fd)
-        try:
-            durable_rename(self.path, self.target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            raise
 
     def release(self) -> None:
         """Give the lock up without changing the target."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            fd, self._fd = self._fd, None
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # before the flock goes, so no waiter breaks a new lock
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> RefLock:
         return self.acquire()

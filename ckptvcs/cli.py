@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .errors import CkptvcsError, InvalidInputError
+from .errors import CkptvcsError, InvalidInputError, RepositoryDamagedError
 from .exchange import FORMATS, guess_format, read_state_file, write_state_file
 from .graph import graph_lines
 from .objects import Commit
@@ -270,9 +270,12 @@ def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, grap
 def _tensor_bytes(body: dict) -> int:
     import torch
 
-    dtype = TORCH_DTYPES.get(body.get("dtype", ""))
+    name, shape = body.get("dtype"), body.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+        return 0  # a malformed manifest: `load` reports it; `show` just prints what it can
+    dtype = TORCH_DTYPES.get(name) if isinstance(name, str) else None
     itemsize = torch.empty(0, dtype=dtype).element_size() if dtype is not None else _numpy_itemsize(body)
-    return math.prod(body.get("shape", [])) * itemsize
+    return math.prod(shape) * itemsize
 
 
 def _numpy_itemsize(body: dict) -> int:
@@ -280,7 +283,7 @@ def _numpy_itemsize(body: dict) -> int:
 
     try:
         return np.dtype(body.get("dtype")).itemsize
-    except TypeError:
+    except (TypeError, ValueError):
         return 0
 
 
@@ -315,7 +318,9 @@ def show(ctx: click.Context, rev: str, list_tensors: bool, as_json: bool) -> Non
         click.echo(f"  {top:<30} {count:>6} tensors {_human(nbytes):>10}")
     if list_tensors:
         for path, kind, body in tensors:
-            click.echo(f"  {path}  {body.get('dtype')}{list(body.get('shape', []))}" + ("  (ndarray)" if kind == "ndarray" else ""))
+            shape = body.get("shape")
+            shape_text = str(list(shape)) if isinstance(shape, list) else "[?]"
+            click.echo(f"  {path}  {body.get('dtype')}{shape_text}" + ("  (ndarray)" if kind == "ndarray" else ""))
 
 
 @cli.command()
@@ -491,6 +496,76 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
                + (f", {len(report.packs_skipped)} unreadable left alone (run fsck)" if report.packs_skipped else ""))
     click.echo(f"{verb} {_human(report.bytes_reclaimed)} ({report.bytes_reclaimed} bytes); "
                f"packs now {_human(report.pack_bytes_after)}")
+@contextlib.contextmanager
+def _phase_progress() -> Iterator[Any]:
+    """Progress bars for fsck's phases (``(phase, done, total)``) when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bars: dict[str, Any] = {}
+    labels = {"packs": "checking packs", "data": "reading data", "commits": "walking commits"}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if total <= 0:
+            return  # open-ended counts (commits) get no bar
+        bar = bars.get(phase)
+        if bar is None:
+            for other in bars.values():
+                other.__exit__(None, None, None)
+            bars.clear()
+            bar = bars[phase] = click.progressbar(length=total, label=labels.get(phase, phase),
+                                                  file=sys.stderr, show_eta=True).__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.__exit__(None, None, None)
+
+
+@cli.command()
+@click.option("--read-data", is_flag=True, help="Also read every chunk back and verify it against its BLAKE3 id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.pass_context
+def fsck(ctx: click.Context, read_data: bool, as_json: bool) -> None:
+    """Check the repository: refs, commits, manifests, index and packs (and data with --read-data).
+
+    Prints one line per finding. Garbage (left by interrupted commits, removed by gc)
+    is listed but is not an error; any damage makes the exit code non-zero.
+    """
+    repo = _repo(ctx)
+    with _phase_progress() as progress:
+        report = repo.fsck(read_data=read_data, progress=progress)
+    if as_json:
+        click.echo(json.dumps({
+            "ok": report.ok, "summary": report.summary(),
+            "findings": [{"kind": f.kind, "error": f.is_error, "message": f.message, "objects": list(f.objects),
+                          "commits": list(f.commits), "tensors": list(f.tensors), "refs": list(f.refs)}
+                         for f in report.findings],
+        }, indent=2))
+    else:
+        for finding in report.errors + report.garbage:
+            click.echo(click.style(str(finding), fg="red" if finding.is_error else None))
+        click.echo(report.summary())
+    if not report.ok:
+        hint = "; `ckptvcs repair index` fixes index-mismatch" if any(f.kind == "index-mismatch" for f in report.errors) else ""
+        raise RepositoryDamagedError(f"fsck found {len(report.errors)} problem(s) in {repo.root}{hint}")
+
+
+@cli.group()
+def repair() -> None:
+    """Repair derived data (the chunk index) from the primary data (the packs)."""
+
+
+@repair.command("index")
+@click.pass_context
+def repair_index(ctx: click.Context) -> None:
+    """Rebuild the chunk index from the packs (under the exclusive repository lock)."""
+    repo = _repo(ctx)
+    with _phase_progress() as progress:
+        report = repo.repair_index(progress=None if progress is None else lambda d, t: progress("packs", d, t))
+    click.echo(report.summary())
 
 
 def main() -> None:

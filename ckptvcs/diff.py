@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .errors import CorruptObjectError
 from .state import _children, _join, decode_state, iter_tensors
 
 if TYPE_CHECKING:
@@ -46,11 +47,16 @@ class DiffEntry:
 
 def _describe(kind: str, body: dict) -> str:
     dtype = body.get("dtype", "?")
-    return f"{dtype}{list(body.get('shape', []))}" if kind == "tensor" else f"ndarray {dtype}{list(body.get('shape', []))}"
+    shape = body.get("shape")
+    shape_text = str(list(shape)) if isinstance(shape, list) else "[?]"  # a damaged manifest still prints
+    return f"{dtype}{shape_text}" if kind == "tensor" else f"ndarray {dtype}{shape_text}"
 
 
 def _layout(kind: str, body: dict, manifest: Manifest) -> tuple:
-    blob = manifest.blobs[body["blob"]]
+    index = body["blob"]  # an int: iter_tensors checked it
+    if not 0 <= index < len(manifest.blobs):
+        raise CorruptObjectError(f"manifest {manifest.id} refers to blob {index}, which it lacks")
+    blob = manifest.blobs[index]
     return (kind, body.get("dtype"), body.get("shape"), body.get("stride"), body.get("offset"), blob["nbytes"], tuple(blob["chunks"]))
 
 
@@ -130,7 +136,7 @@ def diff_manifests(
         (kind_a, body_a), (kind_b, body_b) = tensors_a[path], tensors_b[path]
         if _layout(kind_a, body_a, a) == _layout(kind_b, body_b, b):
             continue
-        if (kind_a, body_a["dtype"], body_a["shape"]) != (kind_b, body_b["dtype"], body_b["shape"]):
+        if (kind_a, body_a.get("dtype"), body_a.get("shape")) != (kind_b, body_b.get("dtype"), body_b.get("shape")):
             result.append(
                 DiffEntry(path, "tensor", "changed", f"{_describe(kind_a, body_a)} -> {_describe(kind_b, body_b)}")
             )

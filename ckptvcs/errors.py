@@ -27,6 +27,7 @@ __all__ = [
     "CommitPrunedError",
     "AsyncSaveError",
     "ProtectedCommitError",
+    "RepositoryDamagedError",
 ]
 
 
@@ -171,3 +172,5 @@ class ProtectedCommitError(CkptvcsError):
     """A commit that a branch, tag or HEAD points at cannot be pruned."""
 
     exit_code = 16
+class RepositoryDamagedError(IntegrityError):
+    """``fsck`` found damage (missing, corrupt or mismatching data); the findings say where."""

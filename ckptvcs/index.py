@@ -22,7 +22,7 @@ from . import _fs
 from .errors import CorruptObjectError, ForkedRepoError, StorageError
 from .pack import PackEntry
 
-__all__ = ["ChunkIndex"]
+__all__ = ["ChunkIndex", "open_environment", "write_entries", "REBUILT_SUFFIX"]
 
 _VALUE = struct.Struct("<16sQIIB")  # pack id, payload offset, stored length, raw length, codec
 _BASE_ID_SIZE = 32  # a delta chunk's value is followed by its base chunk id
@@ -32,17 +32,48 @@ _MAX_MAP_SIZE = 1 << 40
 _T = TypeVar("_T")
 
 _registry_lock = threading.Lock()
-# (pid, real path) → [environment, number of open ChunkIndex objects using it]
-_registry: dict[tuple[int, str], list] = {}
+# (pid, real path, inode of data.mdb) → [environment, number of open ChunkIndex objects using it]
+_registry: dict[tuple[int, str, int | None], list] = {}
 
 
-def _acquire_environment(path: Path, map_size: int) -> lmdb.Environment:
-    """One shared environment per (process, real path); LMDB forbids opening twice."""
+REBUILT_SUFFIX = ".rebuilt"  # a complete rebuilt index waiting to be swapped in (repair)
+
+
+def _data_inode(path: Path) -> int | None:
+    try:
+        return os.stat(path / "data.mdb").st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _finish_interrupted_swap(path: Path) -> None:
+    """Complete a ``repair index`` swap that a crash cut between its two renames.
+
+    Only on filesystems without an atomic directory exchange: there ``index/`` is
+    renamed away before the complete ``index.rebuilt/`` is renamed into its place.
+    """
+    rebuilt = path.with_name(path.name + REBUILT_SUFFIX)
+    if not path.exists() and rebuilt.is_dir():
+        with _fs.storage_errors(f"finishing the interrupted rebuild of {path}"):
+            try:
+                _fs.durable_rename(rebuilt, path)
+            except FileNotFoundError:
+                if not path.is_dir():
+                    raise  # else another process finished it first
+
+
+def _acquire_environment(path: Path, map_size: int) -> tuple[lmdb.Environment, tuple]:
+    """One shared environment per (process, real path, data file); LMDB forbids opening twice.
+
+    The data file's inode is part of the key so that, once ``repair index`` has
+    swapped in a rebuilt environment, handles that reopen get the new one.
+    """
     real = os.path.realpath(path)
-    key = (os.getpid(), real)
     with _registry_lock:
+        _finish_interrupted_swap(path)
+        key = (os.getpid(), real, _data_inode(path))
         slot = _registry.get(key)
-        if slot is None and any(p != key[0] and r == real for p, r in _registry):
+        if slot is None and any(p != key[0] and r == real for p, r, _ in _registry):
             # LMDB (and py-lmdb, which refuses outright) cannot open an environment a
             # parent process had open before fork; closing the inherited handle here
             # would drop the parent's reader locks, so refuse clearly instead.
@@ -52,25 +83,32 @@ def _acquire_environment(path: Path, map_size: int) -> lmdb.Environment:
                 "repository in the parent only after forking"
             )
         if slot is None:
-            env = lmdb.open(
-                str(path),
-                map_size=map_size,
-                max_dbs=2,
-                max_readers=256,
-                subdir=True,
-                sync=True,
-                metasync=True,
-                readahead=False,
-                writemap=False,
-            )
+            env = open_environment(path, map_size)
             env.reader_check()  # clear reader slots left by dead processes
-            slot = _registry[key] = [env, 0]
+            key = (key[0], real, _data_inode(path))  # created just now if it was missing
+            slot = _registry.setdefault(key, [env, 0])
+            if slot[0] is not env:
+                env.close()
         slot[1] += 1
-        return slot[0]
+        return slot[0], key
 
 
-def _release_environment(path: Path) -> None:
-    key = (os.getpid(), os.path.realpath(path))
+def open_environment(path: Path, map_size: int | None = None) -> lmdb.Environment:
+    """Open (creating if needed) the LMDB environment of a chunk index at ``path``."""
+    return lmdb.open(
+        str(path),
+        map_size=map_size or _INITIAL_MAP_SIZE,
+        max_dbs=2,
+        max_readers=256,
+        subdir=True,
+        sync=True,
+        metasync=True,
+        readahead=False,
+        writemap=False,
+    )
+
+
+def _release_environment(key: tuple) -> None:
     with _registry_lock:
         slot = _registry.get(key)
         if slot is not None:
@@ -80,24 +118,81 @@ def _release_environment(path: Path) -> None:
                 slot[0].close()
 
 
+def encode_entry(entry: PackEntry) -> bytes:
+    """The index value of a pack entry (docs/format.md, section 5.3): 33 bytes, followed
+    by the 32-byte base chunk id for an entry that has one (delta codecs)."""
+    value = _VALUE.pack(bytes.fromhex(entry.pack), entry.offset, entry.stored_len, entry.raw_len, entry.codec)
+    return value + (getattr(entry, "base", None) or b"")
+
+
+def write_entries(env: lmdb.Environment, entries: Iterable[PackEntry], batch: int = 10_000) -> int:
+    """Fill the ``chunks`` database of a private environment (index rebuild).
+
+    The first entry of a chunk wins (a chunk stored twice by racing writers is valid
+    in either pack). Transactions hold ``batch`` rows; a full map is doubled and the
+    batch retried. Returns the number of distinct chunks written.
+    """
+    db = env.open_db(b"chunks")
+    written = 0
+    rows: list[tuple[bytes, bytes]] = []
+
+    def flush() -> int:
+        while True:
+            try:
+                with env.begin(db=db, write=True) as txn:
+                    return sum(txn.put(key, value, overwrite=False) for key, value in rows)
+            except lmdb.MapFullError:
+                env.set_mapsize(env.info()["map_size"] * 2)
+
+    for entry in entries:
+        rows.append((entry.chunk_id, encode_entry(entry)))
+        if len(rows) >= batch:
+            written += flush()
+            rows.clear()
+    if rows:
+        written += flush()
+    return written
+
+
 class ChunkIndex:
     """Chunk id (32 bytes) → :class:`PackEntry`, stored in LMDB."""
 
-    def __init__(self, path: Path, map_size: int = _INITIAL_MAP_SIZE) -> None:
+    def __init__(self, path: Path, map_size: int | None = None) -> None:
         self.path = path
-        with _fs.storage_errors(f"opening the chunk index {path}"):
+        self._map_size = map_size or _INITIAL_MAP_SIZE
+        self._closed = True
+        self._open()
+
+    def _open(self) -> None:
+        with _fs.storage_errors(f"opening the chunk index {self.path}"):
             try:
-                self._env = _acquire_environment(path, map_size)
+                self._env, self._key = _acquire_environment(self.path, self._map_size)
+                self._closed = False
                 self._db = self._env.open_db(b"chunks")
             except lmdb.Error as err:
-                raise StorageError(f"opening the chunk index {path}: {err}") from None
-        self._closed = False
+                self.close()
+                raise StorageError(
+                    f"opening the chunk index {self.path}: {err}; rebuild it with `ckptvcs repair index`"
+                ) from None
 
     def close(self) -> None:
         """Release this process's use of the environment (closed with its last user)."""
         if not self._closed:
             self._closed = True
-            _release_environment(self.path)
+            _release_environment(self._key)
+
+    def refresh(self) -> bool:
+        """Reopen if ``repair index`` replaced the environment since it was opened.
+
+        Writers call this under the shared repository lock (which repair excludes), so
+        they never add entries to, or trust the answers of, an index that was swapped
+        out. Returns True when it reopened.
+        """
+        if self._closed or _data_inode(self.path) == self._key[2]:
+            return False
+        self.close()
+        self._open()
+        return True
 
     @staticmethod
     def _decode(chunk_id: bytes, value: bytes) -> PackEntry:
@@ -142,7 +237,7 @@ class ChunkIndex:
 
     def add(self, entries: Iterable[PackEntry]) -> None:
         """Insert entries of sealed packs in one short, synchronous write transaction."""
-        rows = [(e.chunk_id, self._encode(e)) for e in entries]
+        rows = [(e.chunk_id, encode_entry(e)) for e in entries]
         if not rows:
             return
 
@@ -153,11 +248,15 @@ class ChunkIndex:
 
         self._run(op)
 
+    def map_size(self) -> int:
+        """The current size of the LMDB map (grown on demand)."""
+        return self._env.info()["map_size"]
+
     def update(self, put: Iterable[PackEntry], remove: Iterable[PackEntry]) -> None:
         """In one write transaction: insert ``put``, and delete each entry of ``remove``
         whose stored value is still exactly that entry (gc moving or dropping chunks)."""
-        rows = [(e.chunk_id, self._encode(e)) for e in put]
-        drops = [(e.chunk_id, self._encode(e)) for e in remove]
+        rows = [(e.chunk_id, encode_entry(e)) for e in put]
+        drops = [(e.chunk_id, encode_entry(e)) for e in remove]
         if not rows and not drops:
             return
 
@@ -170,11 +269,6 @@ class ChunkIndex:
                     txn.put(key, value)
 
         self._run(op)
-
-    @staticmethod
-    def _encode(e: PackEntry) -> bytes:
-        """The stored value: the fixed record, then the base chunk id of a delta entry."""
-        return _VALUE.pack(bytes.fromhex(e.pack), e.offset, e.stored_len, e.raw_len, e.codec) + (e.base or b"")
 
     def __iter__(self) -> Iterator[PackEntry]:
         with self._env.begin(db=self._db) as txn:

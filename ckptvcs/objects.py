@@ -190,7 +190,7 @@ class ObjectStore:
         path = self.path(oid)
         with _fs.storage_errors(f"reading object {oid}"):
             try:
-                stored = path.read_bytes()
+                stored = _fs.read_file(path)
             except FileNotFoundError:  # inside: storage_errors would make it a StorageError
                 raise IntegrityError(f"object {oid} is missing") from None
         try:

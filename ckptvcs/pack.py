@@ -153,7 +153,7 @@ class PackFiles:
         """Read one payload, checking the entry header in front of it names the chunk."""
         prefix = _prefix_size(entry.base)
         want = prefix + entry.stored_len
-        data = os.pread(self._fd(entry.pack), want, entry.offset - prefix)
+        data = _fs.pread(self._fd(entry.pack), want, entry.offset - prefix)
         if len(data) != want:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, data)
@@ -164,7 +164,7 @@ class PackFiles:
         prefix = _prefix_size(entry.base)
         want = prefix + entry.stored_len
         buf = memoryview(scratch.buffer("pack-read", want))
-        got = os.preadv(self._fd(entry.pack), [buf], entry.offset - prefix)
+        got = _fs.preadv(self._fd(entry.pack), [buf], entry.offset - prefix)
         if got != want:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, buf)
@@ -175,7 +175,7 @@ class PackFiles:
         if entry.base is not None:
             raise CorruptObjectError(f"pack {entry.pack} entry at offset {entry.offset}: a raw chunk has no base")
         header = bytearray(ENTRY_HEADER_SIZE)
-        got = os.preadv(self._fd(entry.pack), [header, out], entry.offset - ENTRY_HEADER_SIZE)
+        got = _fs.preadv(self._fd(entry.pack), [header, out], entry.offset - ENTRY_HEADER_SIZE)
         if got != ENTRY_HEADER_SIZE + len(out) or len(out) != entry.stored_len:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, header)
@@ -205,22 +205,32 @@ class PackFiles:
         self._fds.clear()
 
 
-def iter_pack_entries(path: Path) -> Iterator[PackEntry]:
+def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]:
     """Walk a pack's entry headers (for index rebuild and fsck), validating its frame.
 
-    Raises CorruptObjectError on a bad header, a torn entry or a missing footer.
+    Raises CorruptObjectError on a bad header, a torn entry or a missing footer. With
+    ``strict=False`` (salvage, for ``repair index``) a damaged pack yields the entries
+    before the first invalid header instead, ignoring the footer: every chunk read is
+    verified against its id anyway, so a salvaged entry can never return wrong bytes.
     """
     pack = path.stem
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(_PACK_HEADER.size)
         if len(head) != _PACK_HEADER.size or _PACK_HEADER.unpack(head)[:2] != (PACK_MAGIC, PACK_VERSION):
+            if not strict:
+                return
             raise CorruptObjectError(f"pack {pack} has no valid header")
-        if size < _PACK_HEADER.size + _FOOTER.size:
-            raise CorruptObjectError(f"pack {pack} has no footer (torn write?)")
-        f.seek(size - _FOOTER.size)
-        count, end, digest, magic = _FOOTER.unpack(f.read(_FOOTER.size))
-        if magic != _FOOTER_MAGIC or end != size - _FOOTER.size:
+        end = size
+        count = digest = None
+        if size >= _PACK_HEADER.size + _FOOTER.size:
+            f.seek(size - _FOOTER.size)
+            count, footer_end, digest, magic = _FOOTER.unpack(f.read(_FOOTER.size))
+            if magic == _FOOTER_MAGIC and footer_end == size - _FOOTER.size:
+                end = footer_end
+            else:
+                count = digest = None
+        if count is None and strict:
             raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)")
         pos = _PACK_HEADER.size
         headers = blake3.blake3()
@@ -228,23 +238,23 @@ def iter_pack_entries(path: Path) -> Iterator[PackEntry]:
         while pos < end:
             f.seek(pos)
             raw = f.read(ENTRY_HEADER_SIZE)
-            if len(raw) != ENTRY_HEADER_SIZE:
-                raise CorruptObjectError(f"pack {pack} entry header at {pos} is torn")
-            magic2, codec, flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack(raw)
-            if magic2 != _ENTRY_MAGIC or flags & ~_KNOWN_FLAGS:
-                raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid")
+            valid = len(raw) == ENTRY_HEADER_SIZE
             base = None
-            if flags & FLAG_HAS_BASE:
-                base = f.read(_BASE_ID_SIZE)
-                if len(base) != _BASE_ID_SIZE:
-                    raise CorruptObjectError(f"pack {pack} entry header at {pos} is torn")
-                raw += base
-            prefix = _prefix_size(base)
-            if pos + prefix + stored_len > end:
-                raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid")
+            if valid:
+                magic2, codec, flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack(raw)
+                valid = magic2 == _ENTRY_MAGIC and not flags & ~_KNOWN_FLAGS
+                if valid and flags & FLAG_HAS_BASE:
+                    base = f.read(_BASE_ID_SIZE)
+                    valid = len(base) == _BASE_ID_SIZE
+                    raw += base
+                valid = valid and pos + _prefix_size(base) + stored_len <= end
+            if not valid:
+                if not strict:
+                    break
+                raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid or torn")
             headers.update(raw)
-            entries.append(PackEntry(chunk_id, pack, pos + prefix, stored_len, raw_len, codec, base))
-            pos += prefix + stored_len
-        if len(entries) != count or headers.digest() != digest:
+            entries.append(PackEntry(chunk_id, pack, pos + _prefix_size(base), stored_len, raw_len, codec, base))
+            pos += _prefix_size(base) + stored_len
+        if strict and (len(entries) != count or headers.digest() != digest):
             raise CorruptObjectError(f"pack {pack} entry headers do not match its footer")
     yield from entries

@@ -38,12 +38,15 @@ from .errors import (
     RefExistsError,
     RepositoryExistsError,
     RevisionNotFoundError,
+    StorageError,
     UnsupportedFormatError,
     UnsupportedValueError,
 )
+from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import GcReport, collect_garbage
 from .objects import Commit, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ReflogEntry, Refs, check_ref_name
+from .repair import RepairReport, rebuild_index
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
 
@@ -141,6 +144,10 @@ class Repo:
             keyframe_interval=config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL),
         )
         self._lock = _fs.RepoLock(root / "lock")
+        try:
+            self.chunks.index  # open now: a forked child is refused here, at open
+        except StorageError:
+            pass  # an unreadable index fails on first use; `repair index` needs no index
 
     # -- creation and opening ------------------------------------------------------
 
@@ -368,6 +375,7 @@ class Repo:
         target, expected, parent = self._commit_target(branch)
         who = author or provenance.default_author()
         with self._lock.hold(exclusive=False):
+            self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
             session = self.chunks.write_session()
             try:
                 chunk_lists = session.put_blobs(
@@ -727,6 +735,7 @@ class Repo:
         """
         self._check_process()
         with self._lock.hold(exclusive=True):
+            self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
             return collect_garbage(self, dry_run=dry_run)
 
     def live_commits(self) -> list[str]:
@@ -772,6 +781,35 @@ class Repo:
             pack_bytes=folder_size(self.root / "packs"),
             object_bytes=folder_size(self.root / "objects"),
         )
+
+    # -- integrity ---------------------------------------------------------------------
+
+    def fsck(self, read_data: bool = False, *, progress: FsckProgress | None = None) -> FsckReport:
+        """Check refs, commits, manifests, index and packs; with ``read_data`` also every chunk.
+
+        Read-only. Returns a report whose ``findings`` name each problem (``missing``,
+        ``hash-mismatch``, ``corrupt``, ``index-mismatch``, ``unreadable``) and each
+        piece of garbage (``dangling``, ``unreachable``, ``garbage``); ``report.ok`` is
+        True when nothing is damaged. Holds the repository lock shared, so gc and repair
+        wait, while commits may go on. ``progress(phase, done, total)`` reports.
+        """
+        self._check_process()
+        with self._lock.hold(exclusive=False):
+            try:
+                self.chunks.index.refresh()
+            except StorageError:
+                pass  # an unreadable index becomes a finding
+            return check_repository(self, read_data=read_data, progress=progress)
+
+    def repair_index(self, *, progress: Progress | None = None) -> RepairReport:
+        """Rebuild the chunk index from the packs alone, under the exclusive repository lock.
+
+        The new index is built aside and swapped in atomically; packs and objects are
+        not touched. Use it when fsck reports ``index-mismatch`` or the index is damaged.
+        """
+        self._check_process()
+        with self._lock.hold(exclusive=True):
+            return rebuild_index(self.root, self.chunks, progress)
 
 
 def _check_keyframe_interval(value: Any) -> None:

@@ -306,12 +306,20 @@ def _decode_plain(node: Any) -> Any:
     return _Decoder({}, None).value(node, "")
 
 
+def _array_body(tag: str, body: Any, path: str) -> dict:
+    """The body of a tensor/ndarray node, checked to be an object with an integer blob index."""
+    blob = body.get("blob") if isinstance(body, dict) else None
+    if isinstance(blob, bool) or not isinstance(blob, int):
+        raise _corrupt(f"{tag} node at {path or '<root>'} has no valid blob index")
+    return body
+
+
 def iter_tensors(node: Any, path: str = "") -> Iterator[tuple[str, str, dict]]:
     """Yield ``(path, kind, body)`` for every tensor and ndarray node below ``node``."""
     if isinstance(node, dict) and len(node) >= 1:
         tag = next(iter(node))
         if tag in ("tensor", "ndarray"):
-            yield path, tag, node[tag]
+            yield path, tag, _array_body(tag, node[tag], path)
             return
     for key, child in _children(node):
         yield from iter_tensors(child, _join(path, key))
@@ -326,13 +334,12 @@ def blob_kinds(node: Any) -> dict[int, str]:
         if isinstance(n, dict) and len(n) >= 1:
             tag = next(iter(n))
             body = n[tag]
-            if tag == "tensor" and isinstance(body, dict):
-                kinds[body.get("blob")] = "torch"
-                continue
-            if tag == "ndarray" and isinstance(body, dict):
-                kinds[body.get("blob")] = "numpy"
+            if tag in ("tensor", "ndarray"):
+                kinds[_array_body(tag, body, "")["blob"]] = "torch" if tag == "tensor" else "numpy"
                 continue
             if tag == "bytes_blob":
+                if isinstance(body, bool) or not isinstance(body, int):
+                    raise _corrupt(f"bytes_blob node holds {type(body).__name__}, not a blob index")
                 kinds[body] = "numpy"
                 continue
         stack.extend(child for _, child in _children(n))
@@ -416,11 +423,14 @@ class _Decoder:
                 raise _corrupt(f"numpy scalar size mismatch at {path}")
             return np.frombuffer(raw, dtype=dtype)[0]
         if tag == "dtype":
-            if body not in TORCH_DTYPES:
+            if not isinstance(body, str) or body not in TORCH_DTYPES:
                 raise _corrupt(f"unknown dtype {body!r} at {path}")
             return TORCH_DTYPES[body]
         if tag == "device":
-            return torch.device(str(body))
+            try:
+                return torch.device(body)
+            except (TypeError, ValueError, RuntimeError):
+                raise _corrupt(f"bad device {body!r} at {path}") from None
         if tag == "size":
             return torch.Size(_int_list(body, "size", path))
         raise _corrupt(f"unknown node kind {tag!r} at {path}")
@@ -437,7 +447,7 @@ class _Decoder:
     def _np_dtype(name: Any, path: str) -> np.dtype:
         try:
             dtype = np.dtype(name)
-        except TypeError:
+        except (TypeError, ValueError):
             raise _corrupt(f"bad numpy dtype {name!r} at {path}") from None
         if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None:
             raise _corrupt(f"bad numpy dtype {name!r} at {path}")
@@ -454,7 +464,7 @@ class _Decoder:
         return blob.view(dtype).reshape(shape)
 
     def _tensor(self, body: Any, path: str) -> torch.Tensor:
-        if not isinstance(body, dict) or body.get("dtype") not in TORCH_DTYPES:
+        if not isinstance(body, dict) or not isinstance(body.get("dtype"), str) or body["dtype"] not in TORCH_DTYPES:
             raise _corrupt(f"bad tensor at {path}")
         dtype = TORCH_DTYPES[body["dtype"]]
         shape = _int_list(body.get("shape"), "shape", path)

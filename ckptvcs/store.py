@@ -87,10 +87,24 @@ class ChunkStore:
         # A delta chain holds at most keyframe_interval - 1 deltas: every K-th version
         # of a chunk (at the latest) is a keyframe. 1 disables deltas.
         self.keyframe_interval = keyframe_interval
-        self.index = ChunkIndex(root / "index")
+        self._index: ChunkIndex | None = None
         self.packs = PackFiles(root / "packs")
         self._workers = workers or max(1, min(8, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def index(self) -> ChunkIndex:
+        """The LMDB chunk index, opened on first use (so ``repair index`` can run when
+        the old one does not open at all)."""
+        if self._index is None:
+            self._index = ChunkIndex(self.root / "index")
+        return self._index
+
+    def close_index(self) -> None:
+        """Release the index (before ``repair index`` swaps it); reopened on next use."""
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
     @property
     def pool(self) -> ThreadPoolExecutor:
@@ -103,7 +117,7 @@ class ChunkStore:
             self._pool.shutdown(wait=True)
             self._pool = None
         self.packs.close()
-        self.index.close()
+        self.close_index()
 
     def split(self, nbytes: int) -> list[tuple[int, int]]:
         """``(start, end)`` byte ranges of the chunks of a blob of ``nbytes``."""

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import socket
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -455,25 +456,58 @@ def test_damaged_ref_file(repo: Repo) -> None:
 
 def test_ref_lock_held_by_live_process_times_out(repo: Repo) -> None:
     cid = repo.commit({"a": 1}, code_version=None)
-    lock = repo.root / "refs" / "heads" / "dev.lock"
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    holder = ckptvcs._fs.RefLock(repo.root / "refs" / "heads" / "dev").acquire()  # a live holder (flock held)
     repo.refs.lock_timeout = 0.05
     with pytest.raises(LockTimeoutError, match=str(os.getpid())):
         repo.branch("dev")
     assert "dev" not in repo.branches()
-    lock.unlink()
+    holder.release()
     assert repo.branch("dev") == cid
 
 
-def test_stale_ref_lock_of_dead_process_is_broken(repo: Repo) -> None:
-    cid = repo.commit({"a": 1}, code_version=None)
+def _dead_pid() -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover
         os._exit(0)
-    os.waitpid(pid, 0)  # now a dead pid
-    (repo.root / "refs" / "heads" / "dev.lock").write_text(f"{socket.gethostname()} {pid}\n")
-    repo.refs.lock_timeout = 5
+    os.waitpid(pid, 0)
+    return pid
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["owner", "new value", "truncated"],
+    ids=["died-after-owner-line", "died-before-rename", "died-after-truncate"],
+)
+def test_stale_ref_lock_of_dead_process_is_broken(repo: Repo, content: str) -> None:
+    """A holder killed at any step leaves a lock file nobody holds a flock on: it is broken.
+
+    Regression: the lock used to be judged by its owner line only, so a writer killed
+    after writing the new value into it (or after truncating it) blocked every later
+    update of that ref until the 30 s timeout, and then for ever.
+    """
+    cid = repo.commit({"a": 1}, code_version=None)
+    lock = repo.root / "refs" / "heads" / "dev.lock"
+    lock.write_text({"owner": f"{socket.gethostname()} {_dead_pid()}\n", "new value": "ab" * 32 + "\n",
+                     "truncated": ""}[content])
+    if content == "truncated":
+        old = time.time() - 60
+        os.utime(lock, (old, old))
+    assert ckptvcs._fs.lock_file_is_stale(lock)
+    repo.refs.lock_timeout = 0.2  # a lock that is not broken at once raises LockTimeoutError
     assert repo.branch("dev") == cid
+    assert not lock.exists()
+
+
+def test_young_empty_ref_lock_is_not_broken(repo: Repo) -> None:
+    """An empty lock file may belong to a writer between O_EXCL and flock: wait for it."""
+    repo.commit({"a": 1}, code_version=None)
+    lock = repo.root / "refs" / "heads" / "dev.lock"
+    lock.write_text("")
+    assert not ckptvcs._fs.lock_file_is_stale(lock)
+    repo.refs.lock_timeout = 0.05
+    with pytest.raises(LockTimeoutError):
+        repo.branch("dev")
+    assert lock.exists()
 
 
 # -- error classes ---------------------------------------------------------------------

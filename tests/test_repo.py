@@ -594,3 +594,5 @@ def test_concurrent_writers_lose_no_update(repo: Repo) -> None:
         assert state["worker"] == w and state["j"] == per_worker - 1
         assert torch.equal(state["w"], torch.full((256,), float(w * 100 + per_worker - 1)))
     assert repo.head() == ("main", root)
+    report = repo.fsck(read_data=True)  # the losers' retried commits left garbage at most
+    assert report.ok, [str(f) for f in report.errors]

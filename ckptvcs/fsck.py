@@ -1,0 +1,575 @@
+"""fsck: check that every ref reaches complete, intact commits, and say exactly what is not.
+
+Read-only. Checks, in an order that is safe while writers commit (refs first, then
+what they reach, then the index, then the packs, so nothing a writer adds meanwhile
+looks damaged):
+
+1. **refs**: HEAD, branches and tags parse and point at a commit (tags: a tag object
+   that names a commit);
+2. **connectivity**: every commit reachable from a ref, its parents and its manifest
+   exist, verify (BLAKE3) and parse; every chunk a manifest lists is in the index
+   (chunks of pruned commits, which gc may have removed on purpose, are exempt);
+3. **index ↔ packs**: every index entry points at a pack that exists and at an entry
+   header there that names the same chunk, codec and lengths; a delta base an entry
+   names is indexed too; every pack's frame (header, entry headers, footer) is valid;
+4. **garbage** (informational, not errors): unreachable objects, packs and indexed
+   chunks no commit uses, leftovers in ``tmp/``, stale lock files. Interrupted
+   commits leave exactly these; gc removes them.
+5. with ``read_data``: every indexed chunk is read back through the store's own
+   verified read path (decode, then BLAKE3 against its id), as ``load`` would.
+
+Each problem is a :class:`Finding` whose ``kind`` is one of ``missing``,
+``hash-mismatch``, ``corrupt``, ``index-mismatch``, ``unreadable`` (errors) or
+``dangling``, ``unreachable``, ``garbage`` (informational), and which names the
+objects, chunks or packs involved, the commits whose state is affected, the tensors
+that hold the damaged chunks, and the refs that reach those commits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import _fs
+from .errors import CkptvcsError, CorruptObjectError, IntegrityError, StorageError
+from .objects import Commit, Tag
+from .pack import PackEntry, iter_pack_entries
+from .refs import HEAD
+from .state import iter_tensors
+
+if TYPE_CHECKING:
+    from .repo import Repo
+
+__all__ = ["Finding", "FsckReport", "FsckProgress", "ERROR_KINDS", "INFO_KINDS", "check_repository"]
+
+ERROR_KINDS = ("missing", "hash-mismatch", "corrupt", "index-mismatch", "unreadable")
+INFO_KINDS = ("dangling", "unreachable", "garbage")
+
+FsckProgress = Callable[[str, int, int], None]
+"""Progress of a long check: ``(phase, done, total)``; phases ``packs``, ``commits``
+(counted in items) and ``data`` (counted in bytes)."""
+
+_PACK_NAME = re.compile(r"^[0-9a-f]{32}\.pack$")
+_MAX_NAMED = 5  # users of a damaged chunk spelled out in a message; all are in the fields
+_READ_WINDOW = 16
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem (or one piece of garbage) fsck found.
+
+    ``objects`` holds the ids of what is damaged or missing (object ids, chunk ids,
+    pack names); ``commits`` the commits whose state it affects, ``tensors`` the key
+    paths of the tensors holding it, ``refs`` the refs that reach those commits.
+    """
+
+    kind: str
+    message: str
+    objects: tuple[str, ...] = ()
+    commits: tuple[str, ...] = ()
+    tensors: tuple[str, ...] = ()
+    refs: tuple[str, ...] = ()
+
+    @property
+    def is_error(self) -> bool:
+        return self.kind in ERROR_KINDS
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+@dataclass
+class FsckReport:
+    """Everything fsck found, plus what it covered."""
+
+    findings: list[Finding] = field(default_factory=list)
+    refs: int = 0
+    commits: int = 0
+    objects: int = 0
+    packs: int = 0
+    chunks: int = 0
+    bytes_read: int = 0
+    read_data: bool = False
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.is_error]
+
+    @property
+    def garbage(self) -> list[Finding]:
+        return [f for f in self.findings if not f.is_error]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is damaged (garbage is allowed)."""
+        return not self.errors
+
+    def summary(self) -> str:
+        checked = (
+            f"checked {self.refs} refs, {self.commits} commits, {self.objects} objects, "
+            f"{self.chunks} chunks in {self.packs} packs"
+        )
+        if self.read_data:
+            checked += f" ({self.bytes_read} bytes read and verified)"
+        return f"{checked}: {len(self.errors)} problem(s), {len(self.garbage)} garbage item(s)"
+
+
+def _short(oid: str) -> str:
+    return oid[:12]
+
+
+class _Checker:
+    """One fsck run; collects findings into a report."""
+
+    def __init__(self, repo: Repo, read_data: bool, progress: FsckProgress | None) -> None:
+        self.repo = repo
+        self.read_data = read_data
+        self.progress = progress
+        self.report = FsckReport(read_data=read_data)
+        self.pruned: dict[str, Any] = repo.pruned() if hasattr(repo, "pruned") else {}
+        self.commit_refs: dict[str, set[str]] = {}  # reachable commit → refs reaching it
+        self.commits: dict[str, Commit] = {}
+        self.reached: set[str] = set()  # every object id reached from a ref
+        self.manifest_ids: list[str] = []
+        self.manifest_roots: dict[int, Any] = {}
+        self.manifest_commits: dict[int, set[str]] = {}
+        # chunk id → [(manifest number, blob number)] of the manifests that list it
+        self.usage: dict[bytes, list[tuple[int, int]]] = {}
+        self.required: set[bytes] = set()  # chunks some non-pruned reachable commit needs
+        self.flagged: set[bytes] = set()  # chunks already reported damaged
+        self._tensor_names: dict[int, dict[int, list[str]]] = {}
+        self._failed_commits: list[tuple[str, str]] = []  # commits that did not load, reported later
+
+    # -- reporting helpers ---------------------------------------------------------
+
+    def add(self, kind: str, message: str, *, objects: Iterable[str] = (), commits: Iterable[str] = (),
+            tensors: Iterable[str] = ()) -> None:
+        commit_list = tuple(dict.fromkeys(commits))
+        refs = sorted({r for c in commit_list for r in self.commit_refs.get(c, ())})
+        self.report.findings.append(
+            Finding(kind, message, tuple(dict.fromkeys(objects)), commit_list, tuple(dict.fromkeys(tensors)), tuple(refs))
+        )
+
+    def _where(self, commits: Iterable[str]) -> str:
+        refs = sorted({r for c in commits for r in self.commit_refs.get(c, ())})
+        return f" (reachable from {', '.join(refs)})" if refs else ""
+
+    def _tensors_of(self, manifest_no: int, blob_no: int) -> list[str]:
+        names = self._tensor_names.get(manifest_no)
+        if names is None:
+            names = {}
+            try:
+                for path, _, body in iter_tensors(self.manifest_roots.get(manifest_no)):
+                    names.setdefault(body.get("blob") if isinstance(body, dict) else None, []).append(path)
+            except CorruptObjectError:
+                pass
+            self._tensor_names[manifest_no] = names
+        return names.get(blob_no) or ["(a bytes value)"]
+
+    def users(self, chunk: bytes) -> tuple[list[str], list[str], str]:
+        """``(commits, tensors, text)``: who needs a chunk, for a message."""
+        pairs: list[tuple[str, str]] = []
+        for manifest_no, blob_no in self.usage.get(chunk, ()):
+            for commit in sorted(self.manifest_commits.get(manifest_no, ())):
+                if commit in self.pruned:
+                    continue
+                for tensor in self._tensors_of(manifest_no, blob_no):
+                    pairs.append((commit, tensor))
+        pairs = list(dict.fromkeys(pairs))
+        if not pairs:
+            return [], [], "used by no commit"
+        named = "; ".join(f"tensor {t} of commit {_short(c)}" for c, t in pairs[:_MAX_NAMED])
+        more = f"; and {len(pairs) - _MAX_NAMED} more" if len(pairs) > _MAX_NAMED else ""
+        commits = [c for c, _ in pairs]
+        return commits, [t for _, t in pairs], f"needed by {named}{more}{self._where(commits)}"
+
+    # -- objects ---------------------------------------------------------------------
+
+    def read_object(self, oid: str, kind: str, context: str, commits: Iterable[str] = ()) -> Any | None:
+        """Read, verify and parse an object; on failure record a finding and return None."""
+        self.reached.add(oid)
+        commits = list(commits)
+        if not self.repo.objects.has(oid):
+            self.add("missing", f"{kind} {oid} is missing ({context}){self._where(commits)}",
+                     objects=[oid], commits=commits)
+            return None
+        try:
+            return self.repo.objects.get(oid, kind)[1]
+        except StorageError as err:
+            self.add("unreadable", f"{kind} {oid} cannot be read ({context}): {err}", objects=[oid], commits=commits)
+        except CorruptObjectError as err:
+            damaged = "damaged on disk" in str(err)
+            self.add("hash-mismatch" if damaged else "corrupt",
+                     f"{kind} {oid} ({context}) {'fails verification' if damaged else 'is malformed'}: {err}"
+                     f"{self._where(commits)}", objects=[oid], commits=commits)
+        except IntegrityError as err:
+            self.add("hash-mismatch", f"{kind} {oid} ({context}) fails its BLAKE3 check: {err}{self._where(commits)}",
+                     objects=[oid], commits=commits)
+        return None
+
+    # -- 1. refs and 2. connectivity ------------------------------------------------
+
+    def check_refs(self) -> dict[str, list[str]]:
+        """Ref → the commit it names (tips of the walk)."""
+        refs = self.repo.refs
+        tips: dict[str, list[str]] = {}
+
+        def read(ref: str) -> str | None:
+            self.report.refs += 1
+            try:
+                return refs.read_raw(ref)
+            except CorruptObjectError as err:
+                self.add("corrupt", f"{err}; the file holds no valid id", objects=[ref])
+                return None
+
+        head = read(HEAD)
+        head_branch = None
+        if head is not None and head.startswith("ref: "):
+            head_branch = head[len("ref: "):]
+            if not head_branch.startswith("refs/heads/"):
+                self.add("corrupt", f"HEAD points at {head_branch}, which is not a branch", objects=[HEAD])
+        elif head is not None:
+            tips.setdefault(head, []).append(HEAD)
+        for name in refs.names("heads"):
+            ref = f"refs/heads/{name}"
+            value = read(ref)
+            if value is not None:
+                if value.startswith("ref: "):
+                    self.add("corrupt", f"branch {ref} is a symbolic ref", objects=[ref])
+                else:
+                    tips.setdefault(value, []).extend([HEAD, ref] if ref == head_branch else [ref])
+        for name in refs.names("tags"):
+            ref = f"refs/tags/{name}"
+            value = read(ref)
+            if value is None or value.startswith("ref: "):
+                continue
+            body = self.read_object(value, "tag", f"the tag object of {ref}")
+            if body is None:
+                continue
+            try:
+                tag = Tag.from_json(body, value)
+            except CorruptObjectError as err:
+                self.add("corrupt", f"tag {value} of {ref} is malformed: {err}", objects=[value, ref])
+                continue
+            tips.setdefault(tag.object, []).append(ref)
+        return tips
+
+    def walk_commits(self, tips: dict[str, list[str]]) -> None:
+        """Parse every reachable commit; record which refs reach each one."""
+        for tip, names in tips.items():
+            stack = [(tip, f"named by {', '.join(names)}")]
+            seen: set[str] = set()
+            while stack:
+                oid, context = stack.pop()
+                if oid in seen:
+                    continue
+                seen.add(oid)
+                first_visit = oid not in self.commit_refs
+                self.commit_refs.setdefault(oid, set()).update(names)
+                if first_visit:
+                    self._load_commit(oid, context)
+                commit = self.commits.get(oid)
+                if commit is not None:
+                    stack.extend((p, f"parent of commit {_short(oid)}") for p in commit.parents)
+        # Report commits that failed to load only now that their refs are all known.
+        for oid, context in self._failed_commits:
+            self._report_commit(oid, context)
+
+    def _load_commit(self, oid: str, context: str) -> None:
+        self.report.commits += 1
+        if self.progress is not None:
+            self.progress("commits", self.report.commits, 0)
+        self.reached.add(oid)
+        try:
+            body = self.repo.objects.get(oid, "commit")[1]
+            self.commits[oid] = Commit.from_json(body, oid)
+        except (CkptvcsError, OSError):
+            self._failed_commits.append((oid, context))
+
+    def _report_commit(self, oid: str, context: str) -> None:
+        body = self.read_object(oid, "commit", context, commits=[oid])
+        if body is not None:
+            try:
+                Commit.from_json(body, oid)
+            except CorruptObjectError as err:
+                self.add("corrupt", f"commit {oid} ({context}) is malformed: {err}{self._where([oid])}",
+                         objects=[oid], commits=[oid])
+
+    def check_manifests(self) -> None:
+        from .repo import Manifest  # repo imports this module; import here to avoid a cycle
+
+        by_id: dict[str, int] = {}
+        chunk_size = self.repo.chunk_size
+        for oid, commit in self.commits.items():
+            number = by_id.get(commit.manifest)
+            if number is not None:
+                self.manifest_commits[number].add(oid)
+                continue
+            number = by_id[commit.manifest] = len(self.manifest_ids)
+            self.manifest_ids.append(commit.manifest)
+            self.manifest_commits[number] = {oid}
+            body = self.read_object(commit.manifest, "manifest", f"the state of commit {_short(oid)}", commits=[oid])
+            if body is None:
+                continue
+            try:
+                manifest = Manifest.parse(commit.manifest, body)
+                list(iter_tensors(manifest.root))
+            except CorruptObjectError as err:
+                self.add("corrupt", f"manifest {commit.manifest} of commit {_short(oid)} is malformed: {err}",
+                         objects=[commit.manifest], commits=[oid])
+                continue
+            self.manifest_roots[number] = manifest.root
+            for blob_no, blob in enumerate(manifest.blobs):
+                chunks = blob["chunks"]
+                if len(chunks) != -(-blob["nbytes"] // chunk_size):
+                    self.add("corrupt", f"manifest {commit.manifest} blob {blob_no} lists {len(chunks)} chunks "
+                             f"for {blob['nbytes']} bytes", objects=[commit.manifest], commits=[oid])
+                for chunk in chunks:
+                    self.usage.setdefault(bytes.fromhex(chunk), []).append((number, blob_no))
+        # Manifests shared by several commits: attribute after all commits are known.
+        for chunk, pairs in self.usage.items():
+            if any(c not in self.pruned for m, _ in pairs for c in self.manifest_commits[m]):
+                self.required.add(chunk)
+
+    # -- 3. index and packs -----------------------------------------------------------
+
+    def read_index(self) -> dict[bytes, PackEntry]:
+        try:
+            return {entry.chunk_id: entry for entry in self.repo.chunks.index}
+        except Exception as err:  # StorageError, or lmdb's own error types for a damaged file
+            self.add("corrupt", f"the chunk index cannot be read ({err}); rebuild it with `ckptvcs repair index`",
+                     objects=["index"])
+            return {}
+
+    def read_packs(self) -> tuple[dict[str, dict[int, PackEntry]], dict[bytes, list[PackEntry]], set[str]]:
+        """``(pack → offset → entry, chunk → entries holding it, damaged packs)``."""
+        folder = self.repo.root / "packs"
+        names = sorted(os.listdir(folder)) if folder.is_dir() else []
+        packs: dict[str, dict[int, PackEntry]] = {}
+        located: dict[bytes, list[PackEntry]] = {}
+        damaged: set[str] = set()
+        for done, name in enumerate(names, 1):
+            if self.progress is not None:
+                self.progress("packs", done, len(names))
+            path = folder / name
+            if not _PACK_NAME.match(name) or not path.is_file():
+                self.add("garbage", f"packs/{name} is not a pack file", objects=[f"packs/{name}"])
+                continue
+            pack = name[:-5]
+            try:
+                entries = list(iter_pack_entries(path))
+            except CorruptObjectError as err:
+                damaged.add(pack)
+                entries = list(iter_pack_entries(path, strict=False))
+                self.add("corrupt", f"{err}; {len(entries)} entries before the damage are readable",
+                         objects=[pack])
+            except OSError as err:
+                damaged.add(pack)
+                entries = []
+                self.add("unreadable", f"pack {pack} cannot be read: {err}", objects=[pack])
+            packs[pack] = {e.offset: e for e in entries}
+            for entry in entries:
+                located.setdefault(entry.chunk_id, []).append(entry)
+        self.report.packs = len(packs)
+        return packs, located, damaged
+
+    def check_index(self, index: dict[bytes, PackEntry], packs: dict[str, dict[int, PackEntry]],
+                    damaged: set[str]) -> None:
+        missing_packs: dict[str, list[bytes]] = {}
+        for chunk, entry in index.items():
+            in_pack = packs.get(entry.pack)
+            if in_pack is None:
+                missing_packs.setdefault(entry.pack, []).append(chunk)
+                continue
+            found = in_pack.get(entry.offset)
+            if found is None and entry.pack in damaged:
+                self.flagged.add(chunk)
+                commits, tensors, users = self.users(chunk)
+                self.add("missing", f"chunk {chunk.hex()} is lost: pack {entry.pack} is damaged before its entry "
+                         f"at offset {entry.offset}; {users}", objects=[chunk.hex(), entry.pack],
+                         commits=commits, tensors=tensors)
+                continue
+            if found is None or (found.chunk_id, found.codec, found.raw_len, found.stored_len,
+                                 getattr(found, "base", None)) != (
+                entry.chunk_id, entry.codec, entry.raw_len, entry.stored_len, getattr(entry, "base", None)
+            ):
+                self.flagged.add(chunk)
+                commits, tensors, users = self.users(chunk)
+                self.add("index-mismatch", f"index entry of chunk {chunk.hex()} does not match pack {entry.pack} "
+                         f"at offset {entry.offset}; {users}", objects=[chunk.hex(), entry.pack],
+                         commits=commits, tensors=tensors)
+            base = getattr(entry, "base", None)
+            if base is not None and base not in index:
+                self.flagged.add(chunk)
+                commits, tensors, users = self.users(chunk)
+                self.add("missing", f"delta base {base.hex()} of chunk {chunk.hex()} is not in the index; {users}",
+                         objects=[base.hex(), chunk.hex()], commits=commits, tensors=tensors)
+        for pack, chunks in missing_packs.items():
+            self.flagged.update(chunks)
+            needed = [c for c in chunks if c in self.required]
+            commits: list[str] = []
+            tensors: list[str] = []
+            for chunk in needed:
+                c, t, _ = self.users(chunk)
+                commits += c
+                tensors += t
+            lost = (f"{len(needed)} of its {len(chunks)} indexed chunks are needed" if needed else
+                    f"none of its {len(chunks)} indexed chunks is needed now, but a new commit would trust "
+                    "the index and skip storing them: run `ckptvcs repair index`")
+            self.add("missing", f"pack {pack} is missing; {lost}"
+                     + (f" by {len(set(commits))} commit(s): {', '.join(sorted({_short(c) for c in commits}))}"
+                        f"{self._where(commits)}" if needed else ""),
+                     objects=[pack, *(c.hex() for c in needed)], commits=commits, tensors=tensors)
+
+    def check_required_chunks(self, index: dict[bytes, PackEntry], located: dict[bytes, list[PackEntry]]) -> None:
+        for chunk in sorted(self.required):
+            if chunk in index:
+                continue
+            self.flagged.add(chunk)
+            commits, tensors, users = self.users(chunk)
+            holders = located.get(chunk)
+            if holders:
+                self.add("index-mismatch", f"chunk {chunk.hex()} is in pack {holders[0].pack} but not in the index; "
+                         f"{users}; run `ckptvcs repair index`", objects=[chunk.hex(), holders[0].pack],
+                         commits=commits, tensors=tensors)
+            else:
+                self.add("missing", f"chunk {chunk.hex()} is missing (in no pack and not indexed); {users}",
+                         objects=[chunk.hex()], commits=commits, tensors=tensors)
+
+    # -- 4. garbage ------------------------------------------------------------------------
+
+    def check_garbage(self, index: dict[bytes, PackEntry], packs: dict[str, dict[int, PackEntry]]) -> None:
+        used = set(self.usage)
+        frontier = list(used)
+        while frontier:  # the delta bases of used chunks are used too
+            entry = index.get(frontier.pop())
+            base = getattr(entry, "base", None)
+            if base is not None and base not in used:
+                used.add(base)
+                frontier.append(base)
+        for pack, entries in packs.items():
+            if not any(e.chunk_id in used for e in entries.values()):
+                self.add("garbage", f"pack {pack} holds no chunk any reachable commit uses "
+                         "(left by an interrupted or removed commit; gc deletes it)", objects=[pack])
+        unused = [c for c in index if c not in used]
+        if unused:
+            self.add("garbage", f"{len(unused)} indexed chunk(s) are used by no reachable commit", objects=[])
+        self.check_loose_objects()
+        self.check_leftover_files()
+
+    def check_loose_objects(self) -> None:
+        objects = self.repo.objects
+        unreachable: dict[str, str] = {}
+        parents_of_unreachable: set[str] = set()
+        for oid in objects:
+            self.report.objects += 1
+            if oid in self.reached:
+                continue
+            try:
+                kind, body = objects.get(oid)
+            except StorageError as err:
+                self.add("unreadable", f"object {oid} cannot be read: {err}", objects=[oid])
+                continue
+            except CorruptObjectError as err:
+                self.add("hash-mismatch" if "damaged on disk" in str(err) else "corrupt",
+                         f"unreachable object {oid} is damaged: {err}", objects=[oid])
+                continue
+            except IntegrityError as err:
+                self.add("hash-mismatch", f"unreachable object {oid}: {err}", objects=[oid])
+                continue
+            unreachable[oid] = kind
+            if kind == "commit" and isinstance(body, dict) and isinstance(body.get("parents"), list):
+                parents_of_unreachable.update(p for p in body["parents"] if isinstance(p, str))
+        for oid, kind in unreachable.items():
+            if kind == "commit" and oid not in parents_of_unreachable:
+                self.add("dangling", f"dangling commit {oid}: no ref reaches it (an interrupted or "
+                         "conflicting commit, or a deleted branch; gc removes it)", objects=[oid])
+            else:
+                self.add("unreachable", f"unreachable {kind} {oid}", objects=[oid])
+        for folder in sorted(objects.root.iterdir()) if objects.root.is_dir() else []:
+            for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+                if len(folder.name) != 2 or len(name) != 62:
+                    self.add("garbage", f"objects/{folder.name}/{name} is a leftover temporary file",
+                             objects=[f"objects/{folder.name}/{name}"])
+
+    def check_leftover_files(self) -> None:
+        root = self.repo.root
+        tmp = root / "tmp"
+        for name in sorted(os.listdir(tmp)) if tmp.is_dir() else []:
+            self.add("garbage", f"tmp/{name} is left over from an interrupted write", objects=[f"tmp/{name}"])
+        for name in sorted(os.listdir(root)):
+            if name.startswith(("index.rebuild-", "index.old-")) or name == "index.rebuilt":
+                self.add("garbage", f"{name} is left over from an interrupted `repair index`", objects=[name])
+        for path in sorted([root / "HEAD.lock", *root.joinpath("refs").rglob("*.lock")]):
+            if path.is_file() and _fs.lock_file_is_stale(path):
+                rel = path.relative_to(root).as_posix()
+                self.add("garbage", f"{rel} is a stale lock of a process that died; the next update breaks it",
+                         objects=[rel])
+
+    # -- 5. data -------------------------------------------------------------------------------
+
+    def verify_data(self, index: dict[bytes, PackEntry]) -> None:
+        store = self.repo.chunks
+        todo = sorted((e for c, e in index.items() if c not in self.flagged), key=lambda e: (e.pack, e.offset))
+        total = sum(e.raw_len for e in todo)
+        done = 0
+        pending: deque[tuple[PackEntry, Future[int]]] = deque()
+
+        def finish(entry: PackEntry, fut: Future[int]) -> None:
+            nonlocal done
+            try:
+                fut.result()
+                self.report.bytes_read += entry.raw_len
+            except StorageError as err:
+                commits, tensors, users = self.users(entry.chunk_id)
+                self.add("unreadable", f"chunk {entry.chunk_id.hex()} in pack {entry.pack} cannot be read: {err}; "
+                         f"{users}", objects=[entry.chunk_id.hex(), entry.pack], commits=commits, tensors=tensors)
+            except IntegrityError as err:
+                commits, tensors, users = self.users(entry.chunk_id)
+                self.add("hash-mismatch", f"chunk {entry.chunk_id.hex()} in pack {entry.pack} at offset "
+                         f"{entry.offset} does not verify ({err}); {users}",
+                         objects=[entry.chunk_id.hex(), entry.pack], commits=commits, tensors=tensors)
+            done += entry.raw_len
+            if self.progress is not None:
+                self.progress("data", done, total)
+
+        for entry in todo:
+            buffer = bytearray(entry.raw_len)
+            try:
+                futures = store.read_into([entry.chunk_id], memoryview(buffer),
+                                          describe=lambda e=entry: f"chunk {e.chunk_id.hex()}")
+            except CkptvcsError as err:
+                failed: Future[int] = Future()
+                failed.set_exception(err)
+                futures = [failed]
+            pending.append((entry, futures[0]))
+            if len(pending) >= _READ_WINDOW:
+                finish(*pending.popleft())
+        for item in pending:
+            finish(*item)
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(self) -> FsckReport:
+        tips = self.check_refs()
+        self.walk_commits(tips)
+        self.check_manifests()
+        index = self.read_index()
+        packs, located, damaged = self.read_packs()
+        self.report.chunks = len(index)
+        self.check_index(index, packs, damaged)
+        self.check_required_chunks(index, located)
+        if self.read_data:
+            self.verify_data(index)
+        self.check_garbage(index, packs)
+        return self.report
+
+
+def check_repository(repo: Repo, *, read_data: bool = False, progress: FsckProgress | None = None) -> FsckReport:
+    """Run every check on ``repo`` (see the module docstring); never writes."""
+    return _Checker(repo, read_data, progress).run()

@@ -1,0 +1,106 @@
+"""Concurrency across processes: compare-and-swap races have exactly one winner and
+losers get RefConflictError; readers and fsck run safely beside a committing writer.
+
+(Many writers on different branches and on one branch with retry:
+test_repo.py::test_concurrent_writers_lose_no_update; use after fork:
+test_errors.py::test_use_after_fork_raises and the tests next to it.)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from crash_harness import context
+
+from ckptvcs import RefConflictError, Repo
+
+
+def _race_one_commit(store: str, barrier, result_path: str, worker: int) -> None:  # type: ignore[no-untyped-def]
+    """Read the branch, wait until every racer has read it, then commit on top of it."""
+    with Repo.open(store) as repo:
+        real_target = repo._commit_target
+
+        def target_then_wait(branch):  # type: ignore[no-untyped-def]
+            found = real_target(branch)
+            barrier.wait(30)  # everyone now expects the same parent
+            return found
+
+        repo._commit_target = target_then_wait  # type: ignore[method-assign]
+        try:
+            cid = repo.commit({"w": torch.full((2000,), float(worker)), "worker": worker}, f"racer {worker}",
+                              branch="race", code_version=None)
+            outcome = f"won {cid}"
+        except RefConflictError as err:
+            outcome = "conflict " + str(err).replace("\n", " ")
+    Path(result_path).write_text(outcome)
+
+
+def test_compare_and_swap_race_has_one_winner(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with Repo.init(store, chunk_size=4096) as repo:
+        tip = repo.commit({"w": torch.zeros(2000)}, "base", branch="race", code_version=None)
+    ctx = context()
+    racers = 4
+    for race in range(4):
+        barrier = ctx.Barrier(racers)
+        results = [tmp_path / f"race{race}-{w}.txt" for w in range(racers)]
+        procs = [ctx.Process(target=_race_one_commit, args=(str(store), barrier, str(results[w]), w))
+                 for w in range(racers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * racers
+        outcomes = [r.read_text() for r in results]
+        winners = [o.split()[1] for o in outcomes if o.startswith("won ")]
+        assert len(winners) == 1, outcomes
+        losers = [o for o in outcomes if o.startswith("conflict ")]
+        assert len(losers) == racers - 1 and all("refs/heads/race moved" in o for o in losers)
+        with Repo.open(store) as repo:
+            assert repo.resolve("race") == winners[0]
+            assert repo.show(winners[0]).parents == (tip,)  # nothing lost: the winner built on the old tip
+            assert [e.new for e in repo.reflog("race")][0] == winners[0]
+            report = repo.fsck(read_data=True)
+            assert report.ok, [str(f) for f in report.errors]
+            dangling = [f for f in report.garbage if f.kind == "dangling"]
+            assert len(dangling) == (racers - 1) * (race + 1)  # the losers' commits: garbage, not damage
+        tip = winners[0]
+
+
+def _commit_counting(store: str, count: int, go: str) -> None:
+    while not Path(go).exists():
+        time.sleep(0.001)
+    with Repo.open(store) as repo:
+        for j in range(1, count + 1):
+            repo.commit({"w": torch.full((3000,), float(j)), "j": j}, f"j={j}", code_version=None)
+
+
+def test_reader_and_fsck_beside_a_committing_writer(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with Repo.init(store, chunk_size=4096) as repo:
+        first = repo.commit({"w": torch.zeros(3000), "j": 0}, "j=0", code_version=None)
+    go = tmp_path / "go"
+    writer = context().Process(target=_commit_counting, args=(str(store), 30, str(go)))
+    writer.start()
+    seen: list[int] = []
+    fsck_runs = 0
+    with Repo.open(store) as repo:
+        go.write_text("")
+        while writer.is_alive() or not seen:
+            state = repo.load("main")  # whatever main names is complete and self-consistent
+            assert torch.equal(state["w"], torch.full((3000,), float(state["j"])))
+            seen.append(state["j"])
+            assert repo.load(first)["j"] == 0  # old commits keep loading
+            if len(seen) % 5 == 0:
+                report = repo.fsck()  # a commit in flight is garbage at worst, never damage
+                assert report.ok, [str(f) for f in report.errors]
+                fsck_runs += 1
+        writer.join(60)
+        assert writer.exitcode == 0
+        assert seen == sorted(seen)  # main only moves forward
+        assert repo.load("main")["j"] == 30
+        assert len(repo.log()) == 31
+        assert repo.fsck(read_data=True).findings == []
+    assert len(set(seen)) >= 2 and fsck_runs >= 1
