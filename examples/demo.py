@@ -182,7 +182,8 @@ def main() -> None:
     ckptvcs_cli(store, "stats")
 
     print("\nThe same loop under CheckpointManager (branch 'managed'): every 25 steps and on a new best")
-    print("loss, keeping the last 2, the best 1 and every 100th step; interrupted at step 130, resumed")
+    print("loss, keeping the last 2, the best 1 and every 100th step; interrupted at step 130 and")
+    print("resumed from its last checkpoint in a new run:")
     managed_run(store)
     ckptvcs_cli(store, "log", "--oneline", "managed")
     ckptvcs_cli(store, "gc")
