@@ -82,8 +82,11 @@ def split(data: np.ndarray, layout: int, out: np.ndarray | None = None) -> tuple
         grouped = np.empty((layout, count), dtype=np.uint8)
     else:
         grouped = out[: layout * count].reshape(layout, count)
-    for i in range(layout):
-        np.copyto(grouped[i], elements >> (8 * i) if i else elements, casting="unsafe")
+    shifted = scratch.buffer("split-shift", count * layout).view(_UINT[layout])  # no fresh temporary per plane
+    np.copyto(grouped[0], elements, casting="unsafe")
+    for i in range(1, layout):
+        np.right_shift(elements, 8 * i, out=shifted)
+        np.copyto(grouped[i], shifted, casting="unsafe")
     return grouped, data[count * layout :]
 
 
