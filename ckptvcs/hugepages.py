@@ -12,7 +12,6 @@ available or fails nothing happens.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 __all__ = ["advise_huge_pages"]
@@ -26,8 +25,9 @@ def _load_madvise():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        madvise = libc.madvise
+        # The symbols already loaded into the process (libc's among them): no library
+        # search, which would spawn ldconfig at import time.
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
