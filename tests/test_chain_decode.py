@@ -157,7 +157,12 @@ def test_encode_skips_plain_planes_only_when_the_delta_clearly_wins(monkeypatch)
     raw, base = _step(1 << 16)
     calls = []
     original = codec._plane_parts
-    monkeypatch.setattr(codec, "_plane_parts", lambda data, layout, slot: calls.append(slot) or original(data, layout, slot))
+
+    def counting(data, layout, slot):
+        calls.append(slot)
+        return original(data, layout, slot)
+
+    monkeypatch.setattr(codec, "_plane_parts", counting)
     cid, base_id = chunk_hash(raw), chunk_hash(base)
     won = codec.encode(raw, cid, layout=4, base=(base_id, base), plain_estimate=0.95)
     assert won.codec == codec.XOR_PLANES and calls == ["split-delta"]
