@@ -36,7 +36,7 @@ from .errors import CorruptObjectError
 
 __all__ = [
     "RAW", "ZSTD", "PLANES", "XOR_PLANES", "CODEC_NAMES", "USES_BASE", "Encoded",
-    "EncodingRejectedWarning", "encode", "decode_into", "decompress_object", "compress_object",
+    "EncodingRejectedWarning", "encode", "decode_into", "ChainDecoder", "decompress_object", "compress_object",
 ]
 
 RAW = 0
@@ -54,6 +54,10 @@ _MIN_SAVING = 0.02
 # A plane is compressed only if a sample of it saves this much (see _worth_compressing).
 _SAMPLE_SLICE = 4096
 _SAMPLE_MIN_SAVING = 0.03
+
+# The XOR delta is kept without computing the self-contained candidates when it is at
+# least this fraction smaller than what they are expected to reach (plain_estimate).
+_SKIP_PLAIN_MARGIN = 0.05
 
 _PLANE_HEADER = struct.Struct("<BB")  # layout, plane count
 _PLANE_ENTRY = struct.Struct("<BI")  # mode, stored length
@@ -116,6 +120,7 @@ def encode(
     *,
     layout: int = planes.BYTES,
     base: tuple[bytes, memoryview | bytes | bytearray] | None = None,
+    plain_estimate: float | None = None,
     verify: bool = True,
     allocate: Callable[[int], memoryview] | None = None,
 ) -> Encoded:
@@ -123,21 +128,18 @@ def encode(
 
     ``layout`` (planes.layout_for_dtype) selects byte-plane coding for float data;
     ``base`` is ``(base chunk id, its raw bytes)`` to try an XOR delta against (same
-    length as ``raw``). With ``verify``, the winner is decoded again and must hash to
-    ``chunk_id``; failing candidates are dropped (with an EncodingRejectedWarning).
+    length as ``raw``). ``plain_estimate`` is the stored fraction a self-contained
+    encoding is expected to reach (the delta chain's keyframe's, see the chunk store):
+    when the XOR delta is tried first and already beats it clearly, the self-contained
+    candidates are not computed at all (they would cost as much again and lose). With
+    ``verify``, the winner is decoded again and must hash to ``chunk_id``; failing
+    candidates are dropped (with an EncodingRejectedWarning).
     ``allocate(n)`` supplies the buffer a multi-part payload is assembled in (the
     write pipeline recycles them); by default a new one.
     """
     data = np.frombuffer(raw, dtype=np.uint8)
     # (codec, payload parts, total length, base id); only the winner's parts are joined.
     candidates: list[tuple[int, list, int, bytes | None]] = []
-    if layout in (planes.BYTES, planes.NIBBLES):
-        # For one-byte elements zstd's own entropy coder may beat the nibble split.
-        packed = _compressor().compress(raw)
-        candidates.append((ZSTD, [packed], len(packed), None))
-    if layout != planes.BYTES:
-        parts = _plane_parts(data, layout, "split")
-        candidates.append((PLANES, parts, sum(len(p) for p in parts), None))
     base_data = None
     if base is not None:
         base_id, base_bytes = base
@@ -146,6 +148,18 @@ def encode(
             delta = planes.xor_into(data, base_data, scratch.buffer("xor", data.shape[0]))
             parts = _plane_parts(delta, layout, "split-delta")
             candidates.append((XOR_PLANES, parts, sum(len(p) for p in parts), base_id))
+    delta_wins = (
+        bool(candidates) and plain_estimate is not None
+        and candidates[0][2] <= len(raw) * plain_estimate * (1 - _SKIP_PLAIN_MARGIN)
+    )
+    if not delta_wins:
+        if layout in (planes.BYTES, planes.NIBBLES):
+            # For one-byte elements zstd's own entropy coder may beat the nibble split.
+            packed = _compressor().compress(raw)
+            candidates.append((ZSTD, [packed], len(packed), None))
+        if layout != planes.BYTES:
+            parts = _plane_parts(data, layout, "split")
+            candidates.append((PLANES, parts, sum(len(p) for p in parts), None))
     limit = len(raw) * (1 - _MIN_SAVING)
     for kind, parts, total, base_id in sorted(candidates, key=lambda c: c[2]):
         if total > limit:
@@ -275,14 +289,24 @@ def _zstd_into(payload: bytes | memoryview, out: memoryview | np.ndarray) -> Non
         raise CorruptObjectError(f"zstd payload decodes to the wrong length (expected {len(out)})")
 
 
-def _decode_planes(payload: bytes | memoryview, out: np.ndarray) -> None:
-    view = memoryview(payload)
+@dataclass(frozen=True)
+class _PlanesHeader:
+    """A validated PLANES payload header: layout, each plane's (mode, stored length), lengths."""
+
+    layout: int
+    entries: list[tuple[int, int]]
+    lengths: list[int]
+    tail_len: int
+    body_start: int
+
+
+def _parse_planes(view: memoryview, nbytes: int) -> _PlanesHeader:
     if len(view) < _PLANE_HEADER.size:
         raise CorruptObjectError("planes payload is truncated")
     layout, count = _PLANE_HEADER.unpack_from(view)
     if layout not in planes.LAYOUTS:
         raise CorruptObjectError(f"planes payload has an unknown layout {layout}")
-    lengths, tail_len = planes.plane_lengths(layout, out.shape[0])
+    lengths, tail_len = planes.plane_lengths(layout, nbytes)
     if count != len(lengths):
         raise CorruptObjectError(f"planes payload has {count} planes, layout {layout} needs {len(lengths)}")
     pos = _PLANE_HEADER.size + count * _PLANE_ENTRY.size
@@ -291,27 +315,115 @@ def _decode_planes(payload: bytes | memoryview, out: np.ndarray) -> None:
     entries = [_PLANE_ENTRY.unpack_from(view, _PLANE_HEADER.size + i * _PLANE_ENTRY.size) for i in range(count)]
     if pos + sum(stored for _, stored in entries) + tail_len != len(view):
         raise CorruptObjectError("planes payload lengths do not add up")
+    for (mode, stored), length in zip(entries, lengths):
+        if mode == _PLANE_RAW and stored != length:
+            raise CorruptObjectError(f"raw plane holds {stored} bytes, expected {length}")
+        if mode not in (_PLANE_RAW, _PLANE_ZSTD):
+            raise CorruptObjectError(f"planes payload has an unknown plane mode {mode}")
+    return _PlanesHeader(layout, entries, lengths, tail_len, pos)
+
+
+def _plane_bodies(view: memoryview, header: _PlanesHeader) -> list[tuple[int, memoryview]]:
+    """``(mode, stored bytes)`` of each plane, in order."""
+    bodies = []
+    pos = header.body_start
+    for mode, stored in header.entries:
+        bodies.append((mode, view[pos : pos + stored]))
+        pos += stored
+    return bodies
+
+
+def _decode_planes(payload: bytes | memoryview, out: np.ndarray) -> None:
+    view = memoryview(payload)
+    header = _parse_planes(view, out.shape[0])
+    layout, lengths = header.layout, header.lengths
+    count = len(lengths)
     if layout == planes.BYTES:
         rows = out.reshape(1, -1)
     else:
         rows = scratch.buffer("decode-planes", count * lengths[0]).reshape(count, lengths[0])
     decoded: list[np.ndarray] = []  # raw planes are merged straight from the payload
-    for row, (mode, stored), length in zip(rows, entries, lengths):
-        body = view[pos : pos + stored]
-        pos += stored
+    for row, (mode, body) in zip(rows, _plane_bodies(view, header)):
         if mode == _PLANE_RAW:
-            if stored != length:
-                raise CorruptObjectError(f"raw plane holds {stored} bytes, expected {length}")
             if layout == planes.BYTES:
                 row[:] = np.frombuffer(body, dtype=np.uint8)
             decoded.append(np.frombuffer(body, dtype=np.uint8))
-        elif mode == _PLANE_ZSTD:
+        else:
             _zstd_into(body, memoryview(row))
             decoded.append(row)
-        else:
-            raise CorruptObjectError(f"planes payload has an unknown plane mode {mode}")
     if layout != planes.BYTES:
-        planes.merge_into(decoded, np.frombuffer(view[pos:], dtype=np.uint8), layout, out)
+        tail = np.frombuffer(view[len(view) - header.tail_len :], dtype=np.uint8)
+        planes.merge_into(decoded, tail, layout, out)
+
+
+class ChainDecoder:
+    """Decodes a whole delta chain in the plane domain: one interleave at the end.
+
+    XOR commutes with the byte-plane split (both only move bits around), so the planes
+    of a chunk at the top of a chain are the XOR of the planes of its keyframe and of
+    every delta above it. Feeding the keyframe and then each delta (oldest first) to
+    :meth:`add` accumulates those planes; :meth:`finish` interleaves them once into
+    ``out``. Decoding level by level instead would interleave (and, to verify, hash)
+    every level. Only chains whose levels share one plane layout take this path:
+    :meth:`add` returns False for anything else, and the caller decodes level by level.
+    Nothing here is verified: the caller hashes ``out`` against the top chunk's id.
+    """
+
+    def __init__(self, out: memoryview) -> None:
+        self._out = np.frombuffer(out, dtype=np.uint8)
+        self._layout: int | None = None
+        self._rows: np.ndarray | None = None
+        self._tail: np.ndarray | None = None
+
+    def add(self, codec: int, payload: bytes | memoryview) -> bool:
+        """Fold in the next level of the chain; False when this chain needs the slow path."""
+        view = memoryview(payload)
+        n = self._out.shape[0]
+        if self._layout is None:
+            if codec in (RAW, ZSTD):
+                decode_into(codec, view, memoryview(self._out))
+                self._layout, self._rows, self._tail = planes.BYTES, self._out.reshape(1, -1), self._out[:0]
+                return True
+            if codec != PLANES:
+                return False
+            header = _parse_planes(view, n)
+            self._layout = header.layout
+            if header.layout == planes.BYTES:
+                self._rows, self._tail = self._out.reshape(1, -1), self._out[:0]
+            else:
+                count, length = len(header.lengths), header.lengths[0]
+                self._rows = scratch.buffer("chain-planes", count * length).reshape(count, length)
+                self._tail = scratch.buffer("chain-tail", header.tail_len)
+                self._tail[:] = np.frombuffer(view[len(view) - header.tail_len :], dtype=np.uint8)
+            for row, (mode, body) in zip(self._rows, _plane_bodies(view, header)):
+                if mode == _PLANE_RAW:
+                    row[:] = np.frombuffer(body, dtype=np.uint8)
+                else:
+                    _zstd_into(body, memoryview(row))
+            return True
+        if codec != XOR_PLANES:
+            return False
+        header = _parse_planes(view, n)
+        if header.layout != self._layout:
+            return False
+        assert self._rows is not None and self._tail is not None
+        for row, (mode, body) in zip(self._rows, _plane_bodies(view, header)):
+            if mode == _PLANE_RAW:
+                planes.xor_into(row, np.frombuffer(body, dtype=np.uint8), row)
+            else:
+                delta = scratch.buffer("chain-delta", row.shape[0])
+                _zstd_into(body, memoryview(delta))
+                planes.xor_into(row, delta, row)
+        if header.tail_len:
+            planes.xor_into(self._tail, np.frombuffer(view[len(view) - header.tail_len :], dtype=np.uint8), self._tail)
+        return True
+
+    def finish(self) -> None:
+        """Interleave the accumulated planes into ``out``."""
+        if self._layout is None or self._rows is None or self._tail is None:
+            raise CorruptObjectError("delta chain decoded without a keyframe")
+        if self._layout != planes.BYTES:
+            planes.merge_into(list(self._rows), self._tail, self._layout, self._out)
 
 
 # -- metadata objects ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .errors import (
 )
 from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import GcReport, collect_garbage
+from .hugepages import advise_huge_pages
 from .objects import Commit, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ReflogEntry, Refs, check_ref_name
 from .repair import RepairReport, rebuild_index
@@ -488,6 +489,8 @@ class Repo:
                 blob = manifest.blobs[index]
                 nbytes = blob["nbytes"]
                 buf = torch.empty(nbytes, dtype=torch.uint8) if kind == "torch" else np.empty(nbytes, dtype=np.uint8)
+                # Before the first touch: fewer, larger page faults while decoding into it.
+                advise_huge_pages(buf.data_ptr() if kind == "torch" else buf.ctypes.data, nbytes)
                 buffers[index] = buf
                 view = memoryview(buf.numpy() if kind == "torch" else buf)
                 name = names.get(index, "bytes value")

@@ -5,8 +5,10 @@ its hash), encodes the rest and appends them to a pack; the index learns about a
 only after the pack is sealed. A new chunk may be stored as an XOR delta against a
 *base*: the chunk at the same place in the parent commit, as long as the base's delta
 chain stays shorter than the repository's keyframe interval. Reading decodes straight
-into the caller's buffer and re-hashes every chunk (and every base on the way), so
-damaged bytes raise IntegrityError instead of being returned. Hashing, encoding and
+into the caller's buffer and re-hashes every chunk, so damaged bytes raise
+IntegrityError instead of being returned; a delta chain is decoded in one pass and
+only its result hashed, and decoded again level by level (every base verified) only
+when that fails, to name the damaged chunk. Hashing, encoding and
 decoding run on a thread pool (BLAKE3, zstd and numpy release the GIL); pack appends
 stay in order on the calling thread.
 """
@@ -25,7 +27,7 @@ import blake3
 import numpy as np
 
 from . import _fs, codec, planes, scratch
-from .errors import CorruptObjectError, IntegrityError
+from .errors import CkptvcsError, CorruptObjectError, IntegrityError
 from .index import ChunkIndex
 from .pack import PackEntry, PackFiles, PackWriter
 
@@ -155,8 +157,47 @@ class ChunkStore:
         return entries
 
     def _read_chunk(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> int:
-        self._decode_with_retry(entry, out, describe, depth=0)
+        self._decode_checked(entry, out, describe)
         return len(out)
+
+    def _decode_checked(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> None:
+        """Decode one chunk into ``out`` and verify it; IntegrityError names any damage.
+
+        A keyframe is decoded and hashed once. A delta chain is first decoded in one
+        pass in the plane domain (codec.ChainDecoder) and only the result is hashed
+        against the chunk's id: that hash alone proves ``out`` right, whatever the
+        levels below held. If anything fails on that path (a hash mismatch, a malformed
+        payload, a missing base, a pack gc moved), the chain is decoded again level by
+        level, each level verified against its own id, so the error names the damaged
+        chunk (or the retry finds the moved one).
+        """
+        if entry.base is not None:
+            try:
+                if self._decode_chain_fast(entry, out):
+                    return
+            except CkptvcsError:
+                pass
+        self._decode_with_retry(entry, out, describe, depth=0)
+
+    def _decode_chain_fast(self, entry: PackEntry, out: memoryview) -> bool:
+        """Decode ``entry``'s whole delta chain at once; True when ``out`` hashes to its id."""
+        if entry.raw_len != len(out):
+            return False
+        chain = [entry]
+        while chain[-1].base is not None:
+            if len(chain) > MAX_CHAIN_LENGTH:
+                return False
+            base = self.index.get(chain[-1].base)
+            if base is None or base.raw_len != len(out):
+                return False
+            chain.append(base)
+        decoder = codec.ChainDecoder(out)
+        with _fs.storage_errors("reading a delta chain"):
+            for level in reversed(chain):
+                if not decoder.add(level.codec, self.packs.read_payload_reusing(level)):
+                    return False
+        decoder.finish()
+        return chunk_hash(out) == entry.chunk_id
 
     def _decode_with_retry(self, entry: PackEntry, out: memoryview, describe: Callable[[], str], depth: int) -> None:
         try:
@@ -220,18 +261,26 @@ class ChunkStore:
             raise IntegrityError(f"{describe()}: chunk {chunk_id.hex()} is missing from the store")
         # The chain below uses the "base-N" slots, never this one.
         out = scratch.buffer("read-chunk", entry.raw_len) if reuse else np.empty(entry.raw_len, dtype=np.uint8)
-        self._decode_with_retry(entry, memoryview(out), describe, depth=0)
+        self._decode_checked(entry, memoryview(out), describe)
         return memoryview(out)
 
     def chain_length(self, entry: PackEntry) -> int:
         """How many deltas decoding ``entry`` resolves (0 for a keyframe), from the index alone."""
+        return self.chain_end(entry)[0]
+
+    def chain_end(self, entry: PackEntry) -> tuple[int, PackEntry]:
+        """``(chain length, last entry of the chain)`` of ``entry``, from the index alone.
+
+        The last entry is the keyframe the chain starts from (or, when the index lacks
+        a base, the last entry found).
+        """
         length = 0
         while entry.base is not None and length <= MAX_CHAIN_LENGTH:
             base = self.index.get(entry.base)
             if base is None:
                 break
             entry, length = base, length + 1
-        return length
+        return length, entry
 
 
 class WriteSession:
@@ -301,7 +350,7 @@ class WriteSession:
         cid = chunk_hash(raw)
         if cid in self._written or self._store.index.get(cid) is not None:
             return _Encoded(cid, len(raw))
-        base = self._delta_base(base_id, cid, len(raw))
+        base, plain_estimate = self._delta_base(base_id, cid, len(raw))
         taken: list[bytearray] = []
 
         def allocate(n: int) -> memoryview:
@@ -314,7 +363,10 @@ class WriteSession:
             taken.append(buf)
             return memoryview(buf)[:n]
 
-        enc = codec.encode(raw, cid, layout=layout, base=base, verify=self._store.verify_encoding, allocate=allocate)
+        enc = codec.encode(
+            raw, cid, layout=layout, base=base, plain_estimate=plain_estimate,
+            verify=self._store.verify_encoding, allocate=allocate,
+        )
         payload_buffer = None
         for buf in taken:  # at most one holds the payload; the others go straight back
             if isinstance(enc.payload, memoryview) and enc.payload.obj is buf:
@@ -323,26 +375,34 @@ class WriteSession:
                 self._spare.put(buf)
         return _Encoded(cid, len(raw), enc.codec, enc.payload, enc.base, payload_buffer)
 
-    def _delta_base(self, base_id: bytes | None, chunk_id: bytes, raw_len: int) -> tuple[bytes, memoryview] | None:
-        """``(base id, base bytes)`` when a delta against ``base_id`` is allowed, else None.
+    def _delta_base(
+        self, base_id: bytes | None, chunk_id: bytes, raw_len: int
+    ) -> tuple[tuple[bytes, memoryview] | None, float | None]:
+        """``((base id, base bytes), plain estimate)`` when a delta against ``base_id`` is allowed.
 
         Allowed when the base is stored, has the chunk's length, and a delta on top of
         it keeps its chain within ``keyframe_interval - 1`` deltas (so every K-th
         version of a chunk, at the latest, is a keyframe). A base that fails its own
-        verification is not built upon: the chunk becomes a keyframe instead.
+        verification is not built upon: the chunk becomes a keyframe instead (None).
+        The plain estimate is the stored fraction of the chain's keyframe: what a
+        self-contained encoding of this chunk is likely to reach (codec.encode skips
+        computing one when the delta clearly beats it).
         """
         store = self._store
         if base_id is None or base_id == chunk_id or store.keyframe_interval <= 1:
-            return None
+            return None, None
         entry = store.index.get(base_id)
         if entry is None or entry.raw_len != raw_len:
-            return None
-        if store.chain_length(entry) + 1 > store.keyframe_interval - 1:
-            return None
+            return None, None
+        length, keyframe = store.chain_end(entry)
+        if length + 1 > store.keyframe_interval - 1:
+            return None, None
         try:
-            return base_id, store.read_chunk(base_id, describe=lambda: "delta base", reuse=True)
+            base = base_id, store.read_chunk(base_id, describe=lambda: "delta base", reuse=True)
         except IntegrityError:
-            return None
+            return None, None
+        estimate = keyframe.stored_len / keyframe.raw_len if keyframe.base is None and keyframe.raw_len else None
+        return base, estimate
 
     def _append(self, enc: _Encoded) -> None:
         try:
