@@ -183,7 +183,12 @@ class _Checker:
         pairs = list(dict.fromkeys(pairs))
         if not pairs:
             return [], [], "used by no commit"
-        named = "; ".join(f"tensor {t} of commit {_short(c)}" for c, t in pairs[:_MAX_NAMED])
+        by_tensor: dict[str, list[str]] = {}
+        for commit, tensor in pairs[:_MAX_NAMED]:
+            by_tensor.setdefault(tensor, []).append(_short(commit))
+        named = "; ".join(
+            f"tensor {t} of commit{'s' if len(cs) > 1 else ''} {', '.join(cs)}" for t, cs in by_tensor.items()
+        )
         more = f"; and {len(pairs) - _MAX_NAMED} more" if len(pairs) > _MAX_NAMED else ""
         commits = [c for c, _ in pairs]
         return commits, [t for _, t in pairs], f"needed by {named}{more}{self._where(commits)}"
@@ -531,8 +536,12 @@ class _Checker:
                          f"{users}", objects=[entry.chunk_id.hex(), entry.pack], commits=commits, tensors=tensors)
             except IntegrityError as err:
                 commits, tensors, users = self.users(entry.chunk_id)
-                self.add("hash-mismatch", f"chunk {entry.chunk_id.hex()} in pack {entry.pack} at offset "
-                         f"{entry.offset} does not verify ({err}); {users}",
+                # The store's message starts with our own description of the chunk; keep
+                # only its finding, which names the damaged chunk (a base, in a chain).
+                where = f"chunk {entry.chunk_id.hex()} in pack {entry.pack}"
+                detail = str(err).removeprefix(f"chunk {entry.chunk_id.hex()}: ")
+                reason = detail.removeprefix(f"{where} ") if detail.startswith(f"{where} ") else f"does not verify ({detail})"
+                self.add("hash-mismatch", f"{where} at offset {entry.offset} {reason}; {users}",
                          objects=[entry.chunk_id.hex(), entry.pack], commits=commits, tensors=tensors)
             done += entry.raw_len
             if self.progress is not None:

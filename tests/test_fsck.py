@@ -374,6 +374,7 @@ def test_damage_to_many_commits_names_exactly_the_affected_ones(small_repo: Repo
     [finding] = repo.fsck(read_data=True).errors
     assert set(finding.commits) == set(commits) and set(finding.tensors) == {"shared"}
     assert "and 1 more" in finding.message  # five named in the message, all in the fields
+    assert finding.message.count("tensor shared of commits ") == 1  # one tensor, its commits listed once
     for cid in commits:
         with pytest.raises(IntegrityError, match=f"tensor shared of commit {cid[:12]}"):
             repo.load(cid)
