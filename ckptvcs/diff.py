@@ -19,7 +19,7 @@ from .errors import CorruptObjectError
 from .state import _children, _join, decode_state, iter_tensors
 
 if TYPE_CHECKING:
-    from .repo import Manifest
+    from .objects import Manifest
 
 __all__ = ["DiffEntry", "diff_manifests", "compare_values"]
 

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import _fs
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, StorageError
-from .objects import Commit, Tag
-from .pack import PackEntry, iter_pack_entries
+from .objects import Commit, Manifest, Tag
+from .pack import PackEntry, iter_pack_entries, with_delta_bases
 from .refs import HEAD
 from .state import iter_tensors
 
@@ -131,7 +131,7 @@ class _Checker:
         self.read_data = read_data
         self.progress = progress
         self.report = FsckReport(read_data=read_data)
-        self.pruned: dict[str, Any] = repo.pruned() if hasattr(repo, "pruned") else {}
+        self.pruned: dict[str, Any] = repo.pruned()
         self.commit_refs: dict[str, set[str]] = {}  # reachable commit → refs reaching it
         self.commits: dict[str, Commit] = {}
         self.reached: set[str] = set()  # every object id reached from a ref
@@ -306,8 +306,6 @@ class _Checker:
                          objects=[oid], commits=[oid])
 
     def check_manifests(self) -> None:
-        from .repo import Manifest  # repo imports this module; import here to avoid a cycle
-
         by_id: dict[str, int] = {}
         chunk_size = self.repo.chunk_size
         for oid, commit in self.commits.items():
@@ -400,15 +398,15 @@ class _Checker:
                          commits=commits, tensors=tensors)
                 continue
             if found is None or (found.chunk_id, found.codec, found.raw_len, found.stored_len,
-                                 getattr(found, "base", None)) != (
-                entry.chunk_id, entry.codec, entry.raw_len, entry.stored_len, getattr(entry, "base", None)
+                                 found.base) != (
+                entry.chunk_id, entry.codec, entry.raw_len, entry.stored_len, entry.base
             ):
                 self.flagged.add(chunk)
                 commits, tensors, users = self.users(chunk)
                 self.add("index-mismatch", f"index entry of chunk {chunk.hex()} does not match pack {entry.pack} "
                          f"at offset {entry.offset}; {users}", objects=[chunk.hex(), entry.pack],
                          commits=commits, tensors=tensors)
-            base = getattr(entry, "base", None)
+            base = entry.base
             if base is not None and base not in index:
                 self.flagged.add(chunk)
                 commits, tensors, users = self.users(chunk)
@@ -449,14 +447,7 @@ class _Checker:
     # -- 4. garbage ------------------------------------------------------------------------
 
     def check_garbage(self, index: dict[bytes, PackEntry], packs: dict[str, dict[int, PackEntry]]) -> None:
-        used = set(self.usage)
-        frontier = list(used)
-        while frontier:  # the delta bases of used chunks are used too
-            entry = index.get(frontier.pop())
-            base = getattr(entry, "base", None)
-            if base is not None and base not in used:
-                used.add(base)
-                frontier.append(base)
+        used = with_delta_bases(self.usage, index)
         for pack, entries in packs.items():
             if not any(e.chunk_id in used for e in entries.values()):
                 self.add("garbage", f"pack {pack} holds no chunk any reachable commit uses "

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import _fs
 from .errors import CorruptObjectError
-from .pack import PackEntry, PackWriter, entry_size, iter_pack_entries
+from .objects import Manifest
+from .pack import PackEntry, PackWriter, entry_size, iter_pack_entries, with_delta_bases
 from .store import PACK_TARGET_SIZE
 
 if TYPE_CHECKING:
@@ -82,31 +83,15 @@ def live_chunk_ids(repo: Repo, commit_ids: Iterable[str], index: dict[bytes, Pac
 
     Any malformed manifest raises (CorruptObjectError): gc never deletes when unsure.
     """
-    live: set[bytes] = set()
-    manifests = {repo.objects.read_commit(cid).manifest for cid in commit_ids}
-    for manifest_id in manifests:
-        body = repo.objects.get(manifest_id, "manifest")[1]
-        blobs = body.get("blobs") if isinstance(body, dict) else None
-        if not isinstance(blobs, list):
-            raise CorruptObjectError(f"manifest {manifest_id} is malformed; gc stopped without deleting anything")
-        for blob in blobs:
-            chunks = blob.get("chunks") if isinstance(blob, dict) else None
-            if not isinstance(chunks, list):
-                raise CorruptObjectError(f"manifest {manifest_id} has a malformed blob; gc stopped")
-            try:
-                live.update(bytes.fromhex(c) for c in chunks)
-            except (TypeError, ValueError):
-                raise CorruptObjectError(f"manifest {manifest_id} lists a malformed chunk id; gc stopped") from None
-    # Delta codecs (a later format addition) store a chunk against a base chunk: the
-    # base lives as long as anything encoded against it.
-    stack = list(live)
-    while stack:
-        entry = index.get(stack.pop())
-        base = getattr(entry, "base", None) if entry is not None else None
-        if base is not None and base not in live:
-            live.add(base)
-            stack.append(base)
-    return live
+    chunks: set[bytes] = set()
+    for manifest_id in {repo.objects.read_commit(cid).manifest for cid in commit_ids}:
+        try:
+            manifest = Manifest.parse(manifest_id, repo.objects.get(manifest_id, "manifest")[1])
+        except CorruptObjectError as err:
+            raise CorruptObjectError(f"{err}; gc stopped without deleting anything") from None
+        for blob in manifest.blobs:
+            chunks.update(bytes.fromhex(c) for c in blob["chunks"])
+    return with_delta_bases(chunks, index)
 
 
 def _plan_pack(path: Path, live: set[bytes], index: dict[bytes, PackEntry]) -> _PackPlan:
@@ -203,10 +188,8 @@ def _copy_live_entries(repo: Repo, plans: list[_PackPlan]) -> list[PackWriter]:
                         writer = PackWriter(repo.root / "tmp", repo.root / "packs")
                 with _fs.storage_errors(f"reading pack {entry.pack}"):
                     payload = repo.chunks.packs.read_payload(entry)
-                base = getattr(entry, "base", None)
-                extra = {"base": base} if base is not None else {}
                 with _fs.storage_errors(f"writing pack {writer.name}"):
-                    writer.add(entry.chunk_id, entry.codec, entry.raw_len, payload, **extra)
+                    writer.add(entry.chunk_id, entry.codec, entry.raw_len, payload, base=entry.base)
                 if writer.size >= PACK_TARGET_SIZE:
                     with _fs.storage_errors(f"sealing pack {writer.name}"):
                         writer.seal()

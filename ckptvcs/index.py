@@ -122,7 +122,7 @@ def encode_entry(entry: PackEntry) -> bytes:
     """The index value of a pack entry (docs/format.md, section 5.3): 33 bytes, followed
     by the 32-byte base chunk id for an entry that has one (delta codecs)."""
     value = _VALUE.pack(bytes.fromhex(entry.pack), entry.offset, entry.stored_len, entry.raw_len, entry.codec)
-    return value + (getattr(entry, "base", None) or b"")
+    return value + (entry.base or b"")
 
 
 def write_entries(env: lmdb.Environment, entries: Iterable[PackEntry], batch: int = 10_000) -> int:

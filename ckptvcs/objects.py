@@ -21,7 +21,7 @@ import blake3
 from . import _fs, codec
 from .errors import CorruptObjectError, IntegrityError
 
-__all__ = ["Commit", "Tag", "ObjectStore", "canonical_json", "encode_float", "decode_float", "KINDS"]
+__all__ = ["Commit", "Manifest", "Tag", "ObjectStore", "canonical_json", "encode_float", "decode_float", "KINDS"]
 
 KINDS = ("commit", "manifest", "tag")
 _MAX_OBJECT_SIZE = 1 << 30  # bound on decompression of one object
@@ -63,6 +63,36 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 
 def _is_hex_id(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A commit's state tree (``root``) and the blobs (chunk lists) it refers to.
+
+    ``parse`` validates the shape every reader relies on (blob sizes, chunk ids) and
+    raises CorruptObjectError otherwise; the tree itself is checked as it is decoded.
+    """
+
+    id: str
+    root: Any
+    blobs: list[dict[str, Any]]
+
+    @classmethod
+    def parse(cls, oid: str, body: Any) -> Manifest:
+        if not isinstance(body, dict) or "root" not in body or not isinstance(body.get("blobs"), list):
+            raise CorruptObjectError(f"manifest {oid} is malformed")
+        for blob in body["blobs"]:
+            nbytes = blob.get("nbytes") if isinstance(blob, dict) else None
+            chunks = blob.get("chunks") if isinstance(blob, dict) else None
+            if (
+                isinstance(nbytes, bool)
+                or not isinstance(nbytes, int)
+                or nbytes < 0
+                or not isinstance(chunks, list)
+                or not all(_is_hex_id(c) for c in chunks)
+            ):
+                raise CorruptObjectError(f"manifest {oid} has a malformed blob entry")
+        return cls(oid, body["root"], body["blobs"])
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import contextlib
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from . import _fs, scratch
 from .errors import CorruptObjectError
 
 __all__ = [
-    "PackWriter", "PackEntry", "PackFiles", "iter_pack_entries", "entry_size", "ENTRY_HEADER_SIZE", "FLAG_HAS_BASE",
+    "PackWriter", "PackEntry", "PackFiles", "iter_pack_entries", "entry_size", "with_delta_bases", "ENTRY_HEADER_SIZE",
+    "FLAG_HAS_BASE",
 ]
 
 PACK_MAGIC = b"CKPTPACK"
@@ -64,6 +65,22 @@ class PackEntry:
 def entry_size(entry: PackEntry) -> int:
     """Bytes an entry takes in its pack: header, base id (if any) and payload."""
     return _prefix_size(entry.base) + entry.stored_len
+
+
+def with_delta_bases(chunk_ids: Iterable[bytes], entries: Mapping[bytes, PackEntry]) -> set[bytes]:
+    """``chunk_ids`` plus, transitively, the delta base of each (looked up in ``entries``).
+
+    A chunk stored against a base cannot be read without it, so whatever needs a chunk
+    (gc's live set, fsck's notion of garbage) needs its whole chain.
+    """
+    needed = set(chunk_ids)
+    frontier = list(needed)
+    while frontier:
+        entry = entries.get(frontier.pop())
+        if entry is not None and entry.base is not None and entry.base not in needed:
+            needed.add(entry.base)
+            frontier.append(entry.base)
+    return needed
 
 
 class PackWriter:

@@ -45,7 +45,7 @@ from .errors import (
 from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import GcReport, collect_garbage
 from .hugepages import advise_huge_pages
-from .objects import Commit, ObjectStore, Tag, canonical_json
+from .objects import Commit, Manifest, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ReflogEntry, Refs, check_ref_name
 from .repair import RepairReport, rebuild_index
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
@@ -64,32 +64,6 @@ DEFAULT_BRANCH = "main"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{4,63}$")
 _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A commit's state tree (``root``) and the blobs (chunk lists) it refers to."""
-
-    id: str
-    root: Any
-    blobs: list[dict[str, Any]]
-
-    @classmethod
-    def parse(cls, oid: str, body: Any) -> Manifest:
-        if not isinstance(body, dict) or "root" not in body or not isinstance(body.get("blobs"), list):
-            raise CorruptObjectError(f"manifest {oid} is malformed")
-        for blob in body["blobs"]:
-            nbytes = blob.get("nbytes") if isinstance(blob, dict) else None
-            chunks = blob.get("chunks") if isinstance(blob, dict) else None
-            if (
-                isinstance(nbytes, bool)
-                or not isinstance(nbytes, int)
-                or nbytes < 0
-                or not isinstance(chunks, list)
-                or not all(isinstance(c, str) and _HEX_ID.match(c) for c in chunks)
-            ):
-                raise CorruptObjectError(f"manifest {oid} has a malformed blob entry")
-        return cls(oid, body["root"], body["blobs"])
 
 
 @dataclass(frozen=True)
