@@ -167,12 +167,7 @@ class CheckpointManager:
         Returns the new commit id (with ``async_save``, a Future of it), or None when no
         trigger fired. A pending preemption signal saves now and then takes its course.
         """
-        self._check_open()
-        self._raise_background_error(wait=False)
-        step = _step_number(step)
-        self._current_step = step
-        if epoch is not None:
-            self.epoch = epoch
+        step = self._begin_call(step, epoch)
         if self._pending_signal is not None:
             self._preemption_save(step, metrics)
         reasons = self._triggers(step, metrics)
@@ -194,13 +189,19 @@ class CheckpointManager:
         ``tag`` names an annotated tag to put on the new commit (tags are never pruned).
         Returns the commit id (with ``async_save``, a Future of it).
         """
+        step = self._begin_call(step, epoch)
+        return self._save(step, metrics, message or f"step {step} (explicit save)", tag)
+
+    def _begin_call(self, step: int, epoch: int | None) -> int:
+        """What step() and save() do first: refuse a closed manager, surface a failed
+        background save, and record the loop's progress. Returns the validated step."""
         self._check_open()
         self._raise_background_error(wait=False)
         step = _step_number(step)
         self._current_step = step
         if epoch is not None:
             self.epoch = epoch
-        return self._save(step, metrics, message or f"step {step} (explicit save)", tag)
+        return step
 
     def restore(self, rev: str = "latest", *, map_location: Any = None, strict: bool = True) -> int | None:
         """Load a checkpoint into the live objects in place; returns its step.
