@@ -85,3 +85,17 @@ def record_chunk_reads(monkeypatch, repo) -> list[bytes]:  # type: ignore[no-unt
 
     monkeypatch.setattr(repo.chunks, "_read_chunk", recording)
     return read
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
+    """XOR one byte of a file in place with ``mask`` (simulated bit rot)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))
+
+
+def flip_payload_byte(repo, entry) -> None:
+    """Damage the middle byte of a chunk's stored payload in its pack."""
+    flip_byte(repo.chunks.packs.path(entry.pack), entry.offset + entry.stored_len // 2, 0xFF)

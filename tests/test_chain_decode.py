@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_tensor_identical
+from helpers import assert_tensor_identical, flip_payload_byte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,13 +40,6 @@ def _chain(repo: Repo, chunk_id: bytes) -> list:
     while entries[-1].base is not None:
         entries.append(repo.chunks.index.get(entries[-1].base))
     return entries
-
-
-def _flip_payload_byte(repo: Repo, entry) -> None:
-    path = repo.chunks.packs.path(entry.pack)
-    data = bytearray(path.read_bytes())
-    data[entry.offset + entry.stored_len // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -83,7 +76,7 @@ def test_damage_in_the_middle_of_a_chain_names_tensor_commit_and_chunk(deep_repo
     repo, _states, commits = deep_repo
     top = bytes.fromhex(repo.manifest(commits[-1]).blobs[0]["chunks"][0])
     damaged = _chain(repo, top)[level]
-    _flip_payload_byte(repo, damaged)
+    flip_payload_byte(repo, damaged)
     with pytest.raises(IntegrityError) as err:
         repo.load(commits[-1])
     message = str(err.value)
@@ -96,7 +89,7 @@ def test_damage_in_the_middle_of_a_chain_names_tensor_commit_and_chunk(deep_repo
 def test_a_damaged_chain_is_not_used_as_a_delta_base(deep_repo) -> None:
     repo, states, commits = deep_repo
     parent_first = bytes.fromhex(repo.manifest(commits[2]).blobs[0]["chunks"][0])  # 2 deltas deep
-    _flip_payload_byte(repo, _chain(repo, parent_first)[1])
+    flip_payload_byte(repo, _chain(repo, parent_first)[1])
     changed = {"model": {"w": states[2]["model"]["w"] - 1e-4}, "step": 2}
     repo.branch("side", commits[2])
     new = repo.commit(changed, branch="side")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_tensor_identical
+from helpers import assert_tensor_identical, flip_payload_byte
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -226,10 +226,7 @@ def test_corrupted_delta_base_raises_integrity_error(tmp_path: Path) -> None:
             repo.commit(state)
         delta_entry = next(e for e in repo.chunks.index if e.base is not None)
         base_entry = repo.chunks.index.get(delta_entry.base)
-        path = repo.chunks.packs.path(base_entry.pack)
-        data = bytearray(path.read_bytes())
-        data[base_entry.offset + base_entry.stored_len // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
+        flip_payload_byte(repo, base_entry)
         with pytest.raises(IntegrityError, match="model/w"):
             repo.load("HEAD")
         with pytest.raises(IntegrityError):
@@ -258,10 +255,7 @@ def test_a_damaged_parent_chunk_is_not_used_as_a_base(tmp_path: Path) -> None:
         states = list(_training_run(40_000, 2))
         repo.commit(states[0])
         entry = next(iter(repo.chunks.index))
-        path = repo.chunks.packs.path(entry.pack)
-        data = bytearray(path.read_bytes())
-        data[entry.offset + entry.stored_len // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
+        flip_payload_byte(repo, entry)
         repo.commit(states[1])
         assert repo.chunks.index.get(entry.chunk_id) is not None
         assert all(e.base != entry.chunk_id for e in repo.chunks.index)

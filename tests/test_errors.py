@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import store_snapshot
+from helpers import flip_byte, store_snapshot
 
 import ckptvcs
 import ckptvcs._fs
@@ -340,14 +340,6 @@ def test_open_in_forked_child_works_when_parent_closed_first(tmp_path: Path) -> 
 # -- damaged data ------------------------------------------------------------------------
 
 
-def _flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 def _damaged_setup(repo: Repo) -> tuple[str, str, PackEntry]:
     """Two commits sharing no chunk; returns them and the pack entry of model/x's first chunk."""
     gen = torch.Generator().manual_seed(0)
@@ -363,7 +355,7 @@ def _damaged_setup(repo: Repo) -> tuple[str, str, PackEntry]:
 def test_flipped_byte_in_pack_payload(repo: Repo) -> None:
     damaged, intact, entry = _damaged_setup(repo)
     expected_y = repo.load(damaged, keys=["y"])["y"].clone()
-    _flip_byte(repo.chunks.packs.path(entry.pack), entry.offset + entry.stored_len // 2)
+    flip_byte(repo.chunks.packs.path(entry.pack), entry.offset + entry.stored_len // 2)
     with pytest.raises(IntegrityError) as err:
         repo.load(damaged)
     message = str(err.value)
@@ -378,7 +370,7 @@ def test_flipped_byte_in_pack_payload(repo: Repo) -> None:
 
 def test_flipped_byte_in_pack_entry_header(repo: Repo) -> None:
     damaged, _, entry = _damaged_setup(repo)
-    _flip_byte(repo.chunks.packs.path(entry.pack), entry.offset - 10)  # inside the chunk id
+    flip_byte(repo.chunks.packs.path(entry.pack), entry.offset - 10)  # inside the chunk id
     with pytest.raises(IntegrityError, match="model/x"):
         repo.load(damaged)
 
@@ -408,7 +400,7 @@ def test_flipped_byte_in_commit_object(repo: Repo) -> None:
     expected = repo.show(cid)
     detected = 0
     for offset in range(len(original)):
-        _flip_byte(path, offset)
+        flip_byte(path, offset)
         try:
             commit = repo.show(cid)
         except IntegrityError as err:
@@ -429,7 +421,7 @@ def test_flipped_byte_in_commit_object(repo: Repo) -> None:
 def test_flipped_byte_in_manifest_object(repo: Repo) -> None:
     cid = repo.commit({"w": torch.randn(100)}, code_version=None)
     path = repo.objects.path(repo.show(cid).manifest)
-    _flip_byte(path, path.stat().st_size // 2)
+    flip_byte(path, path.stat().st_size // 2)
     with pytest.raises(IntegrityError):
         repo.load(cid)
     assert repo.show(cid).id == cid  # the commit object itself is intact

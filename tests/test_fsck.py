@@ -20,14 +20,7 @@ from ckptvcs.cli import cli
 from ckptvcs.fsck import ERROR_KINDS, FsckReport
 from ckptvcs.pack import PackEntry
 from ckptvcs.state import iter_tensors
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
+from helpers import flip_byte
 
 
 @dataclasses.dataclass
