@@ -68,27 +68,33 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x[:, :4].sum(dim=1, keepdim=True) ** 2) / 4 + 0.1 * torch.randn(CONFIG["batch"], 1)
 
 
+def train_step(model, opt, sched) -> float:
+    """One optimisation step on a fresh batch; returns its loss."""
+    x, y = batch()
+    loss = nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def train(repo: ckptvcs.Repo, model, opt, sched, start: int, stop: int, branch: str | None = None) -> dict[int, str]:
     """Train from ``start`` to ``stop``, committing every 50 steps; returns step → commit id."""
     commits = {}
     for step in range(start + 1, stop + 1):
-        x, y = batch()
-        loss = nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = train_step(model, opt, sched)
         if step % 50 == 0:
             commits[step] = repo.commit(
                 training_state(model, opt, sched, step),
                 message=f"step {step}",
                 branch=branch,
                 step=step,
-                metrics={"loss": loss.item(), "lr": sched.get_last_lr()[0]},
+                metrics={"loss": loss, "lr": sched.get_last_lr()[0]},
                 config=CONFIG,
                 data_version="synthetic-v1",
             )
-            print(f"  step {step:>3}  loss {loss.item():.4f}  -> {commits[step][:12]}")
+            print(f"  step {step:>3}  loss {loss:.4f}  -> {commits[step][:12]}")
     return commits
 
 
@@ -104,14 +110,8 @@ def managed_run(store: Path) -> None:
             start = mgr.restore() or 0  # weights, AdamW, scheduler, every RNG stream, step
             losses = []
             for step in range(start + 1, stop + 1):
-                x, y = batch()
-                loss = nn.functional.mse_loss(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                mgr.step(step, {"loss": loss.item()})
+                losses.append(train_step(model, opt, sched))
+                mgr.step(step, {"loss": losses[-1]})
             print(f"  run from step {start} to {stop}: last loss {losses[-1]:.6f}")
             return losses
 
@@ -122,15 +122,7 @@ def managed_run(store: Path) -> None:
 
     seed()
     model, opt, sched = make_run()  # the reference: 200 uninterrupted steps, no checkpoints
-    reference = []
-    for _ in range(200):
-        x, y = batch()
-        loss = nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        reference.append(loss.item())
+    reference = [train_step(model, opt, sched) for _ in range(200)]
     seed()
     run(130)  # "interrupted": the process state is gone, only the store remains
     torch.manual_seed(12345)  # a fresh process would start from other RNG states
