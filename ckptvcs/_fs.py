@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import BinaryIO
 from pathlib import Path
 
 from .errors import LockTimeoutError, StorageError
@@ -28,6 +29,7 @@ __all__ = [
     "fsync_dir",
     "write_all",
     "atomic_write",
+    "atomic_file",
     "append_durably",
     "durable_rename",
     "RefLock",
@@ -252,6 +254,31 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, exclusive: bool =
             os.unlink(tmp)
         raise
     return True
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o666) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at ``path`` whole, or not at all.
+
+    The block writes to a temp file beside ``path``; on a clean exit it is flushed,
+    fsynced, renamed over ``path`` and the directory fsynced (the order of
+    :func:`atomic_write`). On any exception the temp file is removed and ``path`` is
+    left as it was. ``mode`` (before the umask) suits files handed to users (exports).
+    OSErrors propagate; callers wrap them with :func:`storage_errors`.
+    """
+    path = Path(path)
+    tmp = path.with_name(temp_name("." + path.name + "."))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with open(fd, "wb", closefd=True) as f:
+            yield f
+            f.flush()
+            fsync_file(f.fileno())
+        durable_rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def append_durably(path: str | os.PathLike[str], line: bytes) -> None:

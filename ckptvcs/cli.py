@@ -22,7 +22,7 @@ import click
 
 from . import __version__
 from .errors import CkptvcsError, InvalidInputError, RepositoryDamagedError
-from .exchange import FORMATS, guess_format, read_state_file, write_state_file
+from .exchange import FORMATS, export_metadata, export_state, guess_format, read_state_file, subtree
 from .graph import graph_lines
 from .objects import Commit
 from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_KEYFRAME_INTERVAL, STORE_DIRNAME, Repo
@@ -354,12 +354,15 @@ def diff(ctx: click.Context, rev_a: str, rev_b: str, as_json: bool) -> None:
 @click.argument("rev")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the state to this file instead of moving HEAD.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format (default: from the extension).")
+@click.option("--key", help="With -o: write only this entry of the state (e.g. model).")
 @click.pass_context
-def checkout(ctx: click.Context, rev: str, output: str | None, fmt: str | None) -> None:
+def checkout(ctx: click.Context, rev: str, output: str | None, fmt: str | None, key: str | None) -> None:
     """Move HEAD to REV (a branch, or a detached commit), or with -o write REV's state to a file."""
     repo = _repo(ctx)
+    if key is not None and not output:
+        raise click.UsageError("--key needs -o FILE")
     if output:
-        _export(repo, rev, output, fmt)
+        _export(repo, rev, output, fmt, key)
         return
     commit_id = repo.checkout(rev)
     branch, _ = repo.head()
@@ -369,14 +372,23 @@ def checkout(ctx: click.Context, rev: str, output: str | None, fmt: str | None) 
         click.echo(f"HEAD is now at {commit_id[:12]} (detached)")
 
 
-def _export(repo: Repo, rev: str, output: str, fmt: str | None) -> None:
+def _export(repo: Repo, rev: str, output: str, fmt: str | None, key: str | None = None) -> None:
     fmt = fmt or guess_format(output)
     commit_id = repo.resolve(rev)
     with _progress("loading") as progress:
-        state = repo.load(commit_id, map_location="cpu", progress=progress)
-    skipped = write_state_file(state, output, fmt, metadata={"ckptvcs.commit": commit_id} if fmt == "safetensors" else None)
-    click.echo(f"Wrote {commit_id[:12]} to {output} ({fmt})")
-    if skipped:
+        state = repo.load(commit_id, keys=None if key is None else [key.split("/")[0]],
+                          map_location="cpu", progress=progress)
+    if key is not None:
+        state = subtree(state, key)
+    metadata = export_metadata(repo.show(commit_id).config, commit_id) if fmt == "safetensors" else None
+    result = export_state(state, output, fmt, metadata)
+    click.echo(f"Wrote {commit_id[:12]}{f' {key}' if key else ''} to {output} ({fmt})")
+    if result.tied:
+        pairs = [f"{', '.join(drop)} (= {keep})" for keep, drop in result.tied.items()]
+        click.echo(f"note: tied tensors written once; left out: {'; '.join(pairs[:8])}"
+                   + ("; ..." if len(pairs) > 8 else ""), err=True)
+    if result.skipped:
+        skipped = result.skipped
         listed = ", ".join(skipped[:8]) + (", ..." if len(skipped) > 8 else "")
         click.echo(f"note: safetensors holds tensors only; {len(skipped)} value(s) left out: {listed} "
                    "(use --format pt to keep everything)", err=True)
@@ -386,10 +398,11 @@ def _export(repo: Repo, rev: str, output: str, fmt: str | None) -> None:
 @click.argument("rev")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format (default: from the extension).")
+@click.option("--key", help="Write only this entry of the state (e.g. model; nested: model/encoder).")
 @click.pass_context
-def export(ctx: click.Context, rev: str, file: str, fmt: str | None) -> None:
+def export(ctx: click.Context, rev: str, file: str, fmt: str | None, key: str | None) -> None:
     """Write the state of REV to FILE (.pt or .safetensors)."""
-    _export(_repo(ctx), rev, file, fmt)
+    _export(_repo(ctx), rev, file, fmt, key)
 
 
 @cli.command()

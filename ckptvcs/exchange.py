@@ -1,16 +1,28 @@
 """Checkpoint files in and out: ``.pt`` (torch.save) and ``.safetensors``.
 
 Reading a ``.pt`` file uses ``torch.load(weights_only=True)``, PyTorch's restricted
-unpickler that refuses arbitrary objects, so no code from the file runs. Writes go to
-a temp file renamed into place, so a failed export never leaves a half-written file.
+unpickler that refuses arbitrary objects, so no code from the file runs. numpy arrays,
+numpy scalars and their dtypes are let through that unpickler's own allow-list (as
+transformers does for ``rng_state.pth``): they are rebuilt from raw bytes, never by
+running code from the file.
+
+Writing a ``.pt`` file converts what torch's default ``weights_only`` loader refuses
+(numpy values) into what it accepts, so ``torch.load(path)`` works in any process:
+numpy arrays become tensors of the same dtype, shape and bytes, numpy scalars become
+Python scalars. Safetensors exports hold tensors only, write tied tensors once (as
+``save_pretrained`` does) and carry string metadata (``format: pt`` by default).
+Every export goes through one atomic writer (:func:`ckptvcs._fs.atomic_file`): temp
+file, fsync, rename, fsync of the directory; a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import re
 import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +30,13 @@ import numpy as np
 import torch
 
 from . import _fs
-from .errors import InvalidInputError
+from .errors import InvalidInputError, KeyNotFoundError, UnsupportedValueError
 from .safetensors_file import SAFETENSORS_DTYPES, read_safetensors, write_safetensors
 
-__all__ = ["FORMATS", "guess_format", "read_state_file", "write_state_file"]
+__all__ = [
+    "FORMATS", "ExportResult", "guess_format", "read_state_file", "write_state_file", "export_state",
+    "export_metadata", "subtree",
+]
 
 FORMATS = ("pt", "safetensors")
 _PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -51,10 +66,31 @@ def read_state_file(path: str | os.PathLike[str], fmt: str | None = None) -> tup
             # torch warns about pickle protocols it may not support; the failure, if
             # any, is reported below as one line, so the warning is only noise.
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad files; all mean "unreadable"
         raise InvalidInputError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(err)})") from None
     return state, {}
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_safe_globals() -> list[Any]:
+    """numpy's pickle constructors for arrays, scalars and dtypes, for torch's allow-list.
+
+    The same list transformers passes when it loads ``rng_state.pth``. Each entry only
+    rebuilds a value from raw bytes and a dtype; an object array's elements still go
+    through the restricted unpickler, so nothing from the file can run code. Arrays
+    pickled by numpy 1.x name ``numpy.core``; numpy 2 names ``numpy._core``: both are listed.
+    """
+    core = getattr(np, "_core", None) or np.core
+    entries: list[Any] = [np.ndarray, np.dtype]
+    for func in (core.multiarray._reconstruct, core.multiarray.scalar):
+        entries.append(func)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            entries.append((func, f"{module}.{func.__name__}"))
+    # numpy >= 1.25 pickles a dtype through its class (numpy.dtypes.Float64DType, ...).
+    entries += list(dict.fromkeys(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"))
+    return entries
 
 
 def _load_failure(err: Exception) -> str:
@@ -63,6 +99,9 @@ def _load_failure(err: Exception) -> str:
     refused = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", text)
     if refused:
         return f"it holds a Python object ({refused.group(1)}); ckptvcs never unpickles arbitrary objects"
+    built = re.search(r"Can only build .*? but got <class '([^']+)'>", text)
+    if built:
+        return f"it holds a Python object ({built.group(1)}); ckptvcs never unpickles arbitrary objects"
     if "Unsupported operand" in text:
         return ("it is a pickle with constructs the safe loader refuses (arbitrary objects or code); "
                 "ckptvcs never unpickles arbitrary objects")
@@ -74,24 +113,137 @@ def _load_failure(err: Exception) -> str:
     return reason[:200]
 
 
+@dataclass
+class ExportResult:
+    """What an export left out of the file or wrote once for several names."""
+
+    skipped: list[str] = field(default_factory=list)  # key paths safetensors cannot hold
+    tied: dict[str, list[str]] = field(default_factory=dict)  # name written → its dropped aliases
+
+
 def write_state_file(state: Any, path: str | os.PathLike[str], fmt: str | None = None,
                      metadata: dict[str, str] | None = None) -> list[str]:
     """Write ``state`` to ``path``; returns the key paths left out (safetensors holds tensors only)."""
+    return export_state(state, path, fmt, metadata).skipped
+
+
+def export_state(state: Any, path: str | os.PathLike[str], fmt: str | None = None,
+                 metadata: dict[str, str] | None = None) -> ExportResult:
+    """Write ``state`` to ``path`` as a file other tools load, atomically and durably.
+
+    ``.pt``: numpy values converted (module docstring) so that a plain ``torch.load``
+    reads it. ``.safetensors``: tensors only, keyed by ``.``-joined paths; tied tensors
+    (identical views of one storage) are written once under the first of their names
+    in sorted order, as ``save_pretrained`` does; ``metadata`` defaults to
+    ``{"format": "pt"}`` (transformers requires it). A missing directory raises
+    InvalidInputError; OS failures raise StorageError; nothing is left at ``path``.
+    """
     fmt = fmt or guess_format(path)
+    parent = Path(os.path.abspath(path)).parent
+    if not parent.is_dir():
+        raise InvalidInputError(f"{path}: directory {parent} does not exist")
     if fmt == "safetensors":
         tensors, skipped = _flatten_tensors(state)
-        write_safetensors(path, tensors, metadata)
-        return skipped
-    target = Path(path)
-    tmp = target.with_name(_fs.temp_name(f".{target.name}."))
+        tensors, tied = _drop_tied_aliases(tensors)
+        write_safetensors(path, tensors, {"format": "pt", **(metadata or {})})
+        return ExportResult(skipped, tied)
+    portable = _pt_portable(state, "")
+    with _fs.storage_errors(f"writing {path}"), _fs.atomic_file(path) as f:
+        torch.save(portable, f)
+    return ExportResult()
+
+
+def export_metadata(config: Any, commit_id: str) -> dict[str, str]:
+    """The safetensors metadata to export a commit with.
+
+    The metadata of the ``.safetensors`` file the commit was made from (kept by
+    ``ckptvcs commit`` in ``config["safetensors_metadata"]``), else ``format: pt``;
+    plus ``ckptvcs.commit``, the commit's id.
+    """
+    kept = config.get("safetensors_metadata") if isinstance(config, dict) else None
+    if isinstance(kept, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in kept.items()):
+        base = dict(kept)
+    else:
+        base = {"format": "pt"}
+    return {**base, "ckptvcs.commit": commit_id}
+
+
+def subtree(state: Any, key: str) -> Any:
+    """The value at ``key`` (``/``-separated dict keys, e.g. ``model`` or ``model/encoder``)."""
+    node = state
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyNotFoundError(f"the state has no entry {key!r} (no {part!r} there)")
+        node = node[part]
+    return node
+
+
+def _pt_portable(value: Any, path: str) -> Any:
+    """``value`` with numpy arrays as tensors and numpy scalars as Python scalars.
+
+    torch's default ``weights_only`` loader refuses numpy objects, so they cannot be
+    in a file meant for a plain ``torch.load``. Containers are rebuilt (same types,
+    an OrderedDict keeps its ``_metadata``); tensors are passed through, uncopied,
+    so tied tensors stay tied in the file.
+    """
+    if isinstance(value, np.ndarray):
+        return _array_to_tensor(value, path)
+    if isinstance(value, np.generic):
+        return _scalar_to_python(value, path)
+    if isinstance(value, dict):
+        items = [(_scalar_to_python(k, path) if isinstance(k, np.generic) else k,
+                  _pt_portable(v, f"{path}/{k}" if path else str(k))) for k, v in value.items()]
+        if isinstance(value, OrderedDict):
+            result: Any = OrderedDict(items)
+            meta = getattr(value, "_metadata", None)
+            if meta is not None:
+                result._metadata = _pt_portable(meta, f"{path}/_metadata")
+            return result
+        return dict(items)
+    if isinstance(value, (list, tuple)):
+        items = [_pt_portable(v, f"{path}/{i}" if path else str(i)) for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _array_to_tensor(array: np.ndarray, path: str) -> torch.Tensor:
+    native = array.astype(array.dtype.newbyteorder("="), copy=False) if not array.dtype.isnative else array
     try:
-        with _fs.storage_errors(f"writing {path}"):
-            torch.save(state, tmp)
-            _fs.durable_rename(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return []
+        return torch.from_numpy(np.ascontiguousarray(native))
+    except TypeError:
+        raise UnsupportedValueError(
+            path or "<root>", f"numpy dtype {array.dtype} has no torch equivalent, so a .pt file "
+            "cannot hold it loadably (export to .npz with numpy instead)"
+        ) from None
+
+
+def _scalar_to_python(value: np.generic, path: str) -> Any:
+    plain = value.item()
+    if isinstance(plain, np.generic):  # longdouble and friends: no exact Python type
+        raise UnsupportedValueError(path or "<root>", f"numpy scalar of dtype {value.dtype} has no exact Python equivalent")
+    return plain
+
+
+def _drop_tied_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Keep one name per group of identical views (tied weights), the first in sorted order.
+
+    Mirrors ``save_pretrained``: safetensors files hold no shared storage, and
+    transformers re-ties the dropped names on load. Views that only overlap (q, k, v
+    slices of one fused weight) are different tensors and are each written.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(name)
+    tied: dict[str, list[str]] = {}
+    for names in groups.values():
+        if len(names) > 1:
+            keep, *drop = sorted(names)
+            tied[keep] = drop
+    dropped = {name for names in tied.values() for name in names}
+    return {k: v for k, v in tensors.items() if k not in dropped}, tied
 
 
 def _flatten_tensors(state: Any) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from . import _fs
 from .errors import InvalidInputError, StorageError
 
 __all__ = ["SAFETENSORS_DTYPES", "read_safetensors", "write_safetensors"]
@@ -49,6 +49,14 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+# The fp8 variants the ckptvcs state format stores, under the names of the reference
+# implementation (safetensors' Rust Dtype): AMD's fnuz formats and the MX scale type.
+SAFETENSORS_DTYPES.update({
+    name: getattr(torch, attr)
+    for name, attr in (("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+                       ("F8_E8M0", "float8_e8m0fnu"))
+    if isinstance(getattr(torch, attr, None), torch.dtype)
+})
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -327,30 +335,19 @@ def _check_metadata(path: str, metadata: Mapping[str, str] | None) -> dict[str, 
 
 
 def _write_file(path: str, header: bytes, tensors: list[tuple[str, torch.Tensor]]) -> None:
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
+    opened = False
     try:
-        # os.open with 0o666 lets the umask decide the final permissions (mkstemp forces 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as err:
-        raise StorageError(f"{path}: cannot create temporary file: {err.strerror or err}") from None
-    try:
-        with open(fd, "wb") as f:
+        # One atomic writer for every export (_fs.atomic_file): temp file, fsync, rename,
+        # fsync of the directory; the umask decides the final permissions.
+        with _fs.atomic_file(path) as f:
+            opened = True
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             for _, tensor in tensors:
                 f.write(_tensor_bytes(tensor))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            raise StorageError(f"{path}: cannot write: {err.strerror or err}") from None
-        raise
+    except OSError as err:
+        what = "cannot write" if opened else "cannot create temporary file"
+        raise StorageError(f"{path}: {what}: {err.strerror or err}") from None
 
 
 def write_safetensors(
