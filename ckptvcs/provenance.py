@@ -4,6 +4,16 @@ Captured automatically on every commit so a checkpoint can be traced to the code
 and software that produced it (audit of released models). Everything here is best
 effort and cheap: a missing git or a non-checkout directory yields ``None``, never an
 error, and the environment is computed once per process.
+
+The code version runs ``git`` only when the working tree may have changed since the
+last call in this process (a training loop commits thousands of times; each ``git``
+run costs tens of milliseconds). The rule, per working directory: git runs again when
+``.git/HEAD``, the branch ref it names (or ``packed-refs``), ``.git/index`` or any
+tracked file's size, mtime, ctime or inode differs from the last run, or when a
+tracked file's mtime lies within two seconds of that run (a same-tick edit could hide
+behind a coarse timestamp; git's "racy" rule). So commits, checkouts, staging and
+edits of tracked files are always seen; untracked files never count (as before).
+Set ``GIT_DIR``, ``GIT_WORK_TREE`` or ``GIT_INDEX_FILE`` and git runs every time.
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -49,14 +62,121 @@ def _git(cwd: str, *args: str) -> str | None:
 
 
 def code_version(cwd: str | None = None) -> dict[str, Any] | None:
-    """Git HEAD and dirty flag of the working directory, or None outside a checkout."""
-    cwd = cwd or os.getcwd()
-    commit = _git(cwd, "rev-parse", "--verify", "-q", "HEAD")
-    if not commit:
-        return None
+    """Git HEAD and dirty flag of the working directory, or None outside a checkout.
+
+    Cached per directory while the working tree is unchanged (module docstring).
+    """
+    cwd = os.path.abspath(cwd or os.getcwd())
+    if any(os.environ.get(name) for name in _GIT_LOCATION_VARS):
+        return _run_git_code_version(cwd)[0]
+    with _cache_lock:
+        hit = _code_cache.get(cwd)
+    if hit is not None and hit[0] == _tree_state(cwd, hit[2]):
+        return None if hit[1] is None else dict(hit[1])
+    started = time.time_ns()
+    version, layout = _run_git_code_version(cwd)
+    state = _tree_state(cwd, layout)
+    with _cache_lock:
+        if state is not None and not _racy(state, started):
+            _code_cache[cwd] = (state, version, layout)
+        else:
+            _code_cache.pop(cwd, None)
+    return None if version is None else dict(version)
+
+
+_GIT_LOCATION_VARS = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR")
+_RACY_NS = 2_000_000_000
+_cache_lock = threading.Lock()
+# cwd -> (tree state when git last ran, its answer, the checkout's layout)
+_code_cache: dict[str, tuple[Any, dict[str, Any] | None, "_Layout | None"]] = {}
+
+
+class _Layout:
+    """Where a checkout keeps HEAD, refs and index, and which files it tracks."""
+
+    def __init__(self, git_dir: Path, common_dir: Path, top: Path, tracked: list[bytes], index_key: Any) -> None:
+        self.git_dir = git_dir
+        self.common_dir = common_dir
+        self.top = top
+        self.tracked = tracked
+        self.index_key = index_key
+
+
+def _run_git_code_version(cwd: str) -> tuple[dict[str, Any] | None, _Layout | None]:
+    """Run git: ``(code version or None, layout or None)``."""
+    where = _git(cwd, "rev-parse", "--absolute-git-dir", "--path-format=absolute", "--git-common-dir", "--show-toplevel", "--verify", "-q", "HEAD")
+    lines = where.splitlines() if where else []
+    if len(lines) != 4:
+        return None, None
+    git_dir, common, top, commit = lines
     status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
-    top = _git(cwd, "rev-parse", "--show-toplevel")
-    return {"git_commit": commit, "dirty": bool(status), "path": top}
+    version = {"git_commit": commit, "dirty": bool(status), "path": top}
+    if status is None:
+        return version, None  # git failed half-way: answer, but do not cache
+    git_path = Path(git_dir)
+    index_key = _stat_key(git_path / "index")
+    listed = _git_bytes(cwd, "ls-files", "-z", "--full-name")
+    if listed is None:
+        return version, None
+    tracked = [name for name in listed.split(b"\0") if name]
+    return version, _Layout(git_path, Path(common), Path(top), tracked, index_key)
+
+
+def _git_bytes(cwd: str, *args: str) -> bytes | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _stat_key(path: Path | bytes) -> tuple[int, int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _tree_state(cwd: str, layout: _Layout | None) -> Any:
+    """Everything whose change means git must run again; None when it cannot be told."""
+    if layout is None:
+        # Not a checkout: cache only while no .git exists here or above (git init would add one).
+        here = Path(cwd)
+        if any((folder / ".git").exists() for folder in (here, *here.parents)):
+            return None
+        return ("no-checkout",)
+    head = _read(layout.git_dir / "HEAD")
+    if head is None:
+        return None
+    ref = head.strip().removeprefix(b"ref: ") if head.startswith(b"ref: ") else None
+    refs = (_stat_key(layout.common_dir / ref.decode(errors="replace")) if ref else None,
+            _stat_key(layout.common_dir / "packed-refs"))
+    index = _stat_key(layout.git_dir / "index")
+    if index != layout.index_key:
+        return None  # the tracked-file list is stale: run git
+    top = bytes(layout.top)
+    files = tuple(_stat_key(os.path.join(top, name)) for name in layout.tracked)
+    return (head, refs, index, files)
+
+
+def _racy(state: Any, started_ns: int) -> bool:
+    """A tracked file changed too close to the git run to trust its timestamp.
+
+    (The index and refs need no such care: git replaces them by rename, so their
+    inode changes with every write.)
+    """
+    if state == ("no-checkout",):
+        return False
+    files = state[3]
+    return any(key is not None and key[2] >= started_ns - _RACY_NS for key in files)
 
 
 @functools.lru_cache(maxsize=1)

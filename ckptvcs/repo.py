@@ -8,6 +8,7 @@ leaves only unreferenced garbage; after it, a complete commit.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import os
@@ -64,6 +65,9 @@ DEFAULT_BRANCH = "main"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{4,63}$")
 _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
+# A URL scheme (s3://, gs://, file://, https://...); Path() folds "//" to "/", so one
+# slash is enough. Single-letter schemes are Windows drive letters, not URLs.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ class Repo:
             keyframe_interval=config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL),
         )
         self._lock = _fs.RepoLock(root / "lock")
+        self._rebuild_missing_index()
         try:
             self.chunks.index  # open now: a forked child is refused here, at open
         except StorageError:
@@ -145,6 +150,7 @@ class Repo:
         ):
             raise InvalidInputError(f"chunk_size must be a multiple of 16 between 4096 and {256 << 20}, got {chunk_size!r}")
         _check_keyframe_interval(keyframe_interval)
+        _refuse_url(path)
         target = Path(path).absolute()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise RepositoryExistsError(f"{target} already exists and is not an empty directory")
@@ -170,7 +176,7 @@ class Repo:
                     _fs.fsync_dir(dirpath)
                 # An existing target is an empty directory (checked above): rename
                 # replaces it, so a failure before this point leaves it as it was.
-                _fs.durable_rename(staging, target)
+                _rename_into_place(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -178,7 +184,12 @@ class Repo:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Repo:
-        """Open the repository at ``path`` (or at ``path/.ckptvcs``)."""
+        """Open the repository at ``path`` (or at ``path/.ckptvcs``).
+
+        A repository whose chunk index is missing (deleted, or not copied: it is derived
+        data) gets it rebuilt from the packs here, under the exclusive lock.
+        """
+        _refuse_url(path)
         root = _locate_store(Path(path).absolute())
         if root is None:
             raise NotARepositoryError(f"{path} is not a ckptvcs repository (no config.json); create one with init")
@@ -213,6 +224,35 @@ class Repo:
         raise NotARepositoryError(
             f"no ckptvcs repository in {here} or its parents; run `ckptvcs init` or pass --repo"
         )
+
+    def _rebuild_missing_index(self) -> None:
+        """Rebuild the chunk index from the packs when it is missing but packs exist.
+
+        Without this, LMDB would create an empty index and every chunk would read as
+        "missing from the store" (the bit-rot diagnosis) although every pack is intact.
+        The check is repeated under the exclusive lock, so of several processes opening
+        at once, one rebuilds and the others use its result.
+        """
+        if not self._index_missing():
+            return
+        try:
+            with self._lock.hold(exclusive=True):
+                if self._index_missing():
+                    rebuild_index(self.root, self.chunks)
+        except (CkptvcsError, OSError) as err:
+            raise StorageError(
+                f"{self.root}: the chunk index (index/, derived from the packs) is missing and could not be "
+                f"rebuilt now ({err}); rebuild it with `ckptvcs repair index`"
+            ) from None
+
+    def _index_missing(self) -> bool:
+        index = self.root / "index"
+        if (index / "data.mdb").exists() or (self.root / "index.rebuilt").is_dir():
+            return False  # present, or a rebuilt one waiting to be swapped in (index.py)
+        try:
+            return any(name.endswith(".pack") for name in os.listdir(self.root / "packs"))
+        except OSError:
+            return False
 
     def close(self) -> None:
         """Release threads and file handles. The handle is unusable afterwards."""
@@ -787,6 +827,32 @@ class Repo:
         self._check_process()
         with self._lock.hold(exclusive=True):
             return rebuild_index(self.root, self.chunks, progress)
+
+
+def _refuse_url(path: Any) -> None:
+    """Refuse a URL as a repository path (until remotes exist it would become a local
+    directory named like ``s3:``)."""
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        return
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if _URL.match(text):
+        raise InvalidInputError(
+            f"{text}: a URL; ckptvcs repositories are local directories for now (remote storage is not supported yet)"
+        )
+
+
+def _rename_into_place(staging: Path, target: Path) -> None:
+    """Rename a complete new repository to ``target``; RepositoryExistsError if another
+    process created one there first (every rank of a job may run "open or init")."""
+    try:
+        _fs.durable_rename(staging, target)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise RepositoryExistsError(f"{target} already exists and is not an empty directory") from None
+        raise
 
 
 def _check_keyframe_interval(value: Any) -> None:

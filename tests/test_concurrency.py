@@ -104,3 +104,49 @@ def test_reader_and_fsck_beside_a_committing_writer(tmp_path: Path) -> None:
         assert len(repo.log()) == 31
         assert repo.fsck(read_data=True).findings == []
     assert len(set(seen)) >= 2 and fsck_runs >= 1
+
+
+def _open_or_init(store: str, barrier, result_path: str) -> None:  # type: ignore[no-untyped-def]
+    """What every rank of a job runs; the rename that publishes a new repository waits
+    until every racer is about to make it, so all of them race for it."""
+    import ckptvcs._fs as fs
+    from ckptvcs import NotARepositoryError, RepositoryExistsError
+
+    real = fs.durable_rename
+
+    def rename_together(src, dst):  # type: ignore[no-untyped-def]
+        if Path(dst) == Path(store):
+            barrier.wait(60)
+        return real(src, dst)
+
+    fs.durable_rename = rename_together
+    try:
+        try:
+            repo = Repo.open(store)
+        except NotARepositoryError:
+            try:
+                repo = Repo.init(store)
+            except RepositoryExistsError:
+                repo = Repo.open(store)
+        with repo:
+            outcome = repo.config["id"]
+    except Exception as err:  # reported to the test, which names it
+        outcome = f"{type(err).__name__}: {err}"
+    Path(result_path).write_text(outcome)
+
+
+def test_ranks_racing_open_or_init_all_get_one_repository(tmp_path: Path) -> None:
+    ctx = context()
+    racers = 4
+    barrier = ctx.Barrier(racers)
+    store = tmp_path / "shared"
+    results = [tmp_path / f"rank{w}.txt" for w in range(racers)]
+    procs = [ctx.Process(target=_open_or_init, args=(str(store), barrier, str(results[w]))) for w in range(racers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * racers
+    ids = {r.read_text() for r in results}
+    assert len(ids) == 1 and len(ids.pop()) == 32, [r.read_text() for r in results]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".shared")) == []  # no staging left

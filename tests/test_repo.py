@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -596,3 +597,72 @@ def test_concurrent_writers_lose_no_update(repo: Repo) -> None:
     assert repo.head() == ("main", root)
     report = repo.fsck(read_data=True)  # the losers' retried commits left garbage at most
     assert report.ok, [str(f) for f in report.errors]
+
+
+# -- creation and opening (issue 10, point 7) ------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/x", "gs://b/ckpt", "file:///tmp/x", "https://host/repo"])
+def test_urls_are_refused_until_remotes_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    from ckptvcs.errors import InvalidInputError
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    for attempt in (lambda: Repo.init(url), lambda: Repo.init(Path(url)), lambda: Repo.open(url)):
+        with pytest.raises(InvalidInputError, match="URL"):
+            attempt()
+    assert sorted(tmp_path.rglob("*")) == before  # no directory named "s3:" (or anything else)
+
+
+def test_init_that_loses_the_race_says_already_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process publishes a repository between our check and our rename."""
+    import ckptvcs._fs as fs
+    from ckptvcs.errors import RepositoryExistsError
+
+    target = tmp_path / "r"
+    real = fs.durable_rename
+    winner: list[str] = []
+
+    def other_process_wins(src, dst):  # type: ignore[no-untyped-def]
+        if Path(dst) == target and not winner:
+            monkeypatch.setattr(fs, "durable_rename", real)
+            with Repo.init(target) as other:
+                winner.append(other.config["id"])
+        return real(src, dst)
+
+    monkeypatch.setattr(fs, "durable_rename", other_process_wins)
+    with pytest.raises(RepositoryExistsError, match="already exists"):
+        Repo.init(target)
+    with Repo.open(target) as repo:
+        assert repo.config["id"] == winner[0]
+    assert not [p.name for p in tmp_path.iterdir() if ".r.init-" in p.name]  # our staging directory is gone
+
+
+@pytest.mark.parametrize("lost", ["index directory", "data file"])
+def test_a_missing_index_is_rebuilt_on_open(tmp_path: Path, lost: str) -> None:
+    with Repo.init(tmp_path / "r", chunk_size=4096) as repo:
+        repo.commit({"w": torch.randn(10_000), "n": np.arange(3)}, code_version=None)
+        expected = repo.load()
+    if lost == "index directory":
+        shutil.rmtree(tmp_path / "r" / "index")  # e.g. a copy that left out derived data
+    else:
+        (tmp_path / "r" / "index" / "data.mdb").unlink()
+    with Repo.open(tmp_path / "r") as repo:
+        assert torch.equal(repo.load()["w"], expected["w"])
+        assert repo.fsck(read_data=True).ok
+
+
+def test_an_index_that_cannot_be_rebuilt_is_named_with_the_cure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckptvcs.repo as repo_module
+    from ckptvcs.errors import LockTimeoutError, StorageError
+
+    with Repo.init(tmp_path / "r", chunk_size=4096) as repo:
+        repo.commit({"w": torch.randn(10_000)}, code_version=None)
+    shutil.rmtree(tmp_path / "r" / "index")
+
+    def busy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise LockTimeoutError("could not take the exclusive repository lock")
+
+    monkeypatch.setattr(repo_module, "rebuild_index", busy)
+    with pytest.raises(StorageError, match=r"chunk index .* is missing .* `ckptvcs repair index`"):
+        Repo.open(tmp_path / "r")
