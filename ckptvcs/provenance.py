@@ -12,8 +12,11 @@ run costs tens of milliseconds). The rule, per working directory: git runs again
 tracked file's size, mtime, ctime or inode differs from the last run, or when a
 tracked file's mtime lies within two seconds of that run (a same-tick edit could hide
 behind a coarse timestamp; git's "racy" rule). So commits, checkouts, staging and
-edits of tracked files are always seen; untracked files never count (as before).
-Set ``GIT_DIR``, ``GIT_WORK_TREE`` or ``GIT_INDEX_FILE`` and git runs every time.
+edits of tracked files are always seen; untracked files never count (as before). In
+a checkout of more than 2000 tracked files stat'ing them all costs more than git, so
+there, while HEAD, the ref and the index are unchanged, only ``git status`` runs (one
+git run instead of three). With ``GIT_DIR``, ``GIT_WORK_TREE``, ``GIT_INDEX_FILE`` or
+``GIT_COMMON_DIR`` set, git runs every time.
 """
 
 from __future__ import annotations
@@ -72,7 +75,12 @@ def code_version(cwd: str | None = None) -> dict[str, Any] | None:
     with _cache_lock:
         hit = _code_cache.get(cwd)
     if hit is not None and hit[0] == _tree_state(cwd, hit[2]):
-        return None if hit[1] is None else dict(hit[1])
+        if hit[1] is None or hit[2] is None or hit[2].tracked is not None:
+            return None if hit[1] is None else dict(hit[1])
+        # A large checkout: HEAD is unchanged, only dirtiness needs git (one run, not three).
+        status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            return {**hit[1], "dirty": bool(status)}
     started = time.time_ns()
     version, layout = _run_git_code_version(cwd)
     state = _tree_state(cwd, layout)
@@ -86,6 +94,9 @@ def code_version(cwd: str | None = None) -> dict[str, Any] | None:
 
 _GIT_LOCATION_VARS = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR")
 _RACY_NS = 2_000_000_000
+# Up to this many tracked files, stat'ing them is cheaper than running `git status`
+# (measured: ~6 us per file in Python against ~10 ms per git run, plus git's own stats).
+_STAT_LIMIT = 2000
 _cache_lock = threading.Lock()
 # cwd -> (tree state when git last ran, its answer, the checkout's layout)
 _code_cache: dict[str, tuple[Any, dict[str, Any] | None, "_Layout | None"]] = {}
@@ -94,11 +105,11 @@ _code_cache: dict[str, tuple[Any, dict[str, Any] | None, "_Layout | None"]] = {}
 class _Layout:
     """Where a checkout keeps HEAD, refs and index, and which files it tracks."""
 
-    def __init__(self, git_dir: Path, common_dir: Path, top: Path, tracked: list[bytes], index_key: Any) -> None:
+    def __init__(self, git_dir: Path, common_dir: Path, top: Path, tracked: list[bytes] | None, index_key: Any) -> None:
         self.git_dir = git_dir
         self.common_dir = common_dir
         self.top = top
-        self.tracked = tracked
+        self.tracked = tracked  # None: too many to stat; `git status` tells dirtiness
         self.index_key = index_key
 
 
@@ -115,11 +126,23 @@ def _run_git_code_version(cwd: str) -> tuple[dict[str, Any] | None, _Layout | No
         return version, None  # git failed half-way: answer, but do not cache
     git_path = Path(git_dir)
     index_key = _stat_key(git_path / "index")
-    listed = _git_bytes(cwd, "ls-files", "-z", "--full-name")
-    if listed is None:
-        return version, None
-    tracked = [name for name in listed.split(b"\0") if name]
+    tracked: list[bytes] | None = None
+    if _index_entries(git_path / "index") <= _STAT_LIMIT:
+        listed = _git_bytes(cwd, "ls-files", "-z", "--full-name")
+        if listed is None:
+            return version, None
+        tracked = [name for name in listed.split(b"\0") if name]
     return version, _Layout(git_path, Path(common), Path(top), tracked, index_key)
+
+
+def _index_entries(path: Path) -> int:
+    """The number of entries in a git index (its header: "DIRC", version, count)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(12)
+    except OSError:
+        return 0
+    return int.from_bytes(header[8:12], "big") if len(header) == 12 and header[:4] == b"DIRC" else _STAT_LIMIT + 1
 
 
 def _git_bytes(cwd: str, *args: str) -> bytes | None:
@@ -162,6 +185,8 @@ def _tree_state(cwd: str, layout: _Layout | None) -> Any:
     index = _stat_key(layout.git_dir / "index")
     if index != layout.index_key:
         return None  # the tracked-file list is stale: run git
+    if layout.tracked is None:
+        return (head, refs, index, None)
     top = bytes(layout.top)
     files = tuple(_stat_key(os.path.join(top, name)) for name in layout.tracked)
     return (head, refs, index, files)
@@ -175,7 +200,7 @@ def _racy(state: Any, started_ns: int) -> bool:
     """
     if state == ("no-checkout",):
         return False
-    files = state[3]
+    files = state[3] or ()
     return any(key is not None and key[2] >= started_ns - _RACY_NS for key in files)
 
 

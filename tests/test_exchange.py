@@ -219,3 +219,16 @@ def test_every_export_fsyncs_the_file_and_its_directory(tmp_path: Path, monkeypa
     export_state({"w": torch.ones(3), "n": np.ones(2)}, tmp_path / name)
     assert synced.index("file") < len(synced) - 1 - synced[::-1].index("dir"), synced  # file, then its directory
     assert sorted(os.listdir(tmp_path)) == [name]
+
+
+@pytest.mark.parametrize("name", ["x.pt", "x.safetensors"])
+def test_a_failed_fsync_fails_the_export_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    from ckptvcs.errors import StorageError
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(fs, "_fsync", failing)
+    with pytest.raises(StorageError):
+        export_state({"w": torch.ones(3)}, tmp_path / name)
+    assert os.listdir(tmp_path) == []

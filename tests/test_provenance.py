@@ -106,3 +106,14 @@ def test_outside_a_checkout_is_none_and_cached(tmp_path: Path, git_runs: list[li
     git(plain, "add", "f")
     git(plain, "commit", "-q", "-m", "first")
     assert provenance.code_version(str(plain))["git_commit"] == git(plain, "rev-parse", "HEAD")
+
+
+def test_a_large_checkout_runs_only_git_status_while_head_is_unchanged(
+    checkout: Path, git_runs: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provenance, "_STAT_LIMIT", 1)  # "too many files to stat"
+    assert provenance.code_version(str(checkout))["dirty"] is False
+    runs = len(git_runs)
+    (checkout / "train.py").write_text("# edited\n")
+    assert provenance.code_version(str(checkout))["dirty"] is True
+    assert [args[1] for args in git_runs[runs:]] == ["status"]
