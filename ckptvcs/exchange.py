@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ __all__ = [
 
 FORMATS = ("pt", "safetensors")
 _PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_ALLOW_LIST_LOCK = threading.Lock()
 
 
 def guess_format(path: str | os.PathLike[str]) -> str:
@@ -66,7 +68,9 @@ def read_state_file(path: str | os.PathLike[str], fmt: str | None = None) -> tup
             # torch warns about pickle protocols it may not support; the failure, if
             # any, is reported below as one line, so the warning is only noise.
             warnings.simplefilter("ignore", UserWarning)
-            with torch.serialization.safe_globals(_numpy_safe_globals()):
+            # safe_globals swaps a process-wide list in and out: one load at a time, so
+            # one thread's exit cannot drop the list from under another's load.
+            with _ALLOW_LIST_LOCK, torch.serialization.safe_globals(_numpy_safe_globals()):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad files; all mean "unreadable"
         raise InvalidInputError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(err)})") from None
