@@ -26,7 +26,7 @@ from .exchange import FORMATS, guess_format, read_state_file, write_state_file
 from .graph import graph_lines
 from .objects import Commit
 from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_KEYFRAME_INTERVAL, STORE_DIRNAME, Repo
-from .state import TORCH_DTYPES, iter_tensors
+from .state import DTYPE_ITEMSIZE, iter_tensors
 from .store import Progress
 
 __all__ = ["main", "cli"]
@@ -268,14 +268,11 @@ def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, grap
 
 
 def _tensor_bytes(body: dict) -> int:
-    import torch
-
     name, shape = body.get("dtype"), body.get("shape")
     if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
         return 0  # a malformed manifest: `load` reports it; `show` just prints what it can
-    dtype = TORCH_DTYPES.get(name) if isinstance(name, str) else None
-    itemsize = torch.empty(0, dtype=dtype).element_size() if dtype is not None else _numpy_itemsize(body)
-    return math.prod(shape) * itemsize
+    itemsize = DTYPE_ITEMSIZE.get(name) if isinstance(name, str) else None
+    return math.prod(shape) * (itemsize if itemsize is not None else _numpy_itemsize(body))
 
 
 def _numpy_itemsize(body: dict) -> int:

@@ -13,17 +13,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from ._lazy import LazyMapping, LazyModule
 from .errors import CorruptObjectError
 from .state import _children, _join, decode_state, iter_tensors
 
 if TYPE_CHECKING:
+    import torch
+
     from .objects import Manifest
+else:
+    torch = LazyModule("torch")  # only comparing tensor values needs it
 
 __all__ = ["DiffEntry", "diff_manifests", "compare_values"]
 
-_INT_OF_SIZE_TORCH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_INT_OF_SIZE_TORCH = LazyMapping(lambda: {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64})
 _INT_OF_SIZE_NUMPY = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 

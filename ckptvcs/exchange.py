@@ -12,14 +12,18 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import _fs
+from ._lazy import LazyModule
 from .errors import InvalidInputError
-from .safetensors_file import SAFETENSORS_DTYPES, read_safetensors, write_safetensors
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # reading or writing a file needs it; naming formats does not
 
 __all__ = ["FORMATS", "guess_format", "read_state_file", "write_state_file"]
 
@@ -43,6 +47,8 @@ def read_state_file(path: str | os.PathLike[str], fmt: str | None = None) -> tup
     """Read a checkpoint file; returns ``(state, metadata)`` (metadata: safetensors only)."""
     fmt = fmt or guess_format(path)
     if fmt == "safetensors":
+        from .safetensors_file import read_safetensors
+
         return read_safetensors(path)
     if not Path(path).is_file():
         raise InvalidInputError(f"{path}: no such file")
@@ -79,6 +85,8 @@ def write_state_file(state: Any, path: str | os.PathLike[str], fmt: str | None =
     """Write ``state`` to ``path``; returns the key paths left out (safetensors holds tensors only)."""
     fmt = fmt or guess_format(path)
     if fmt == "safetensors":
+        from .safetensors_file import write_safetensors
+
         tensors, skipped = _flatten_tensors(state)
         write_safetensors(path, tensors, metadata)
         return skipped
@@ -96,6 +104,8 @@ def write_state_file(state: Any, path: str | os.PathLike[str], fmt: str | None =
 
 def _flatten_tensors(state: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors of a nested state keyed by ``.``-joined paths (the usual state_dict naming)."""
+    from .safetensors_file import SAFETENSORS_DTYPES
+
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
 

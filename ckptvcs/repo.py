@@ -18,12 +18,12 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import _fs, delta, provenance
+from ._lazy import LazyModule
 from .diff import DiffEntry, diff_manifests
 from .errors import (
     AmbiguousRevisionError,
@@ -50,6 +50,11 @@ from .refs import HEAD, ReflogEntry, Refs, check_ref_name
 from .repair import RepairReport, rebuild_index
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # loads and commits need it; history, refs, gc and fsck do not
 
 __all__ = [
     "Repo", "RepoStats", "Manifest", "GcReport", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "DEFAULT_KEYFRAME_INTERVAL",
