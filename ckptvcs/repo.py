@@ -8,6 +8,7 @@ leaves only unreferenced garbage; after it, a complete commit.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -24,7 +25,7 @@ import numpy as np
 
 from . import _fs, delta, provenance
 from ._lazy import LazyModule
-from .diff import DiffEntry, diff_manifests
+from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
     AmbiguousRevisionError,
     CkptvcsError,
@@ -66,8 +67,11 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1 << 20
 STORE_DIRNAME = ".ckptvcs"
 DEFAULT_BRANCH = "main"
+FSCK_RECORD = "last-fsck.json"
+GITIGNORE = b"# created by ckptvcs: git ignores this whole repository\n*\n"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{4,63}$")
+_SHORT_PREFIX = re.compile(r"^[0-9a-fA-F]{1,3}$")
 _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
 
 
@@ -98,6 +102,29 @@ def _locate_store(path: Path) -> Path | None:
     for candidate in (path, path / STORE_DIRNAME):
         if (candidate / "config.json").is_file():
             return candidate
+    return None
+
+
+def _discover_store(folder: Path) -> Path | None:
+    """The store ``folder`` is or holds as ``.ckptvcs/``, for discovery from inside it.
+
+    A bare ``config.json`` is common (model and run configs), so ``folder`` itself
+    counts only when it also has a repository's ``objects/`` and ``refs/``.
+    """
+    if (folder / "config.json").is_file() and (folder / "objects").is_dir() and (folder / "refs").is_dir():
+        return folder
+    if (folder / STORE_DIRNAME / "config.json").is_file():
+        return folder / STORE_DIRNAME
+    return None
+
+
+def find_store(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The store :meth:`Repo.discover` would open from ``start``, without opening it."""
+    here = Path(start or os.getcwd()).absolute()
+    for folder in (here, *here.parents):
+        store = _discover_store(folder)
+        if store is not None:
+            return store
     return None
 
 
@@ -170,6 +197,8 @@ class Repo:
                 for sub in ("objects", "packs", "tmp", "index", "refs/heads", "refs/tags", "logs"):
                     (staging / sub).mkdir(parents=True)
                 _fs.atomic_write(staging / HEAD, f"ref: refs/heads/{DEFAULT_BRANCH}\n".encode())
+                # Like a virtualenv: an enclosing git checkout never lists the store.
+                _fs.atomic_write(staging / ".gitignore", GITIGNORE)
                 _fs.atomic_write(staging / "config.json", json.dumps(config, indent=2).encode() + b"\n")
                 for dirpath, _, _ in os.walk(staging, topdown=False):
                     _fs.fsync_dir(dirpath)
@@ -210,11 +239,16 @@ class Repo:
 
     @classmethod
     def discover(cls, start: str | os.PathLike[str] | None = None) -> Repo:
-        """Open the repository in ``start`` (default: the working directory) or a parent."""
+        """Open the repository that ``start`` (default: the working directory) or a parent is or holds.
+
+        A folder counts when it is a repository itself (``Repo.init("checkpoints")``,
+        ``CheckpointManager("checkpoints")``) or holds one as ``.ckptvcs/`` (``ckptvcs init``);
+        the nearest wins.
+        """
+        store = find_store(start)
+        if store is not None:
+            return cls.open(store)
         here = Path(start or os.getcwd()).absolute()
-        for folder in (here, *here.parents):
-            if (folder / STORE_DIRNAME / "config.json").is_file():
-                return cls.open(folder / STORE_DIRNAME)
         raise NotARepositoryError(
             f"no ckptvcs repository in {here} or its parents; run `ckptvcs init` or pass --repo"
         )
@@ -294,6 +328,11 @@ class Repo:
                 raise AmbiguousRevisionError(f"revision {rev} is ambiguous: matches {', '.join(m[:12] for m in matches)}")
             if matches:
                 return self._peel(matches[0])
+        if _SHORT_PREFIX.match(rev):
+            raise RevisionNotFoundError(
+                f"unknown revision {rev!r}: not a branch or tag, and too short for a commit id "
+                "(an id prefix needs at least 4 hex digits)"
+            )
         raise RevisionNotFoundError(f"unknown revision {rev!r} (not a branch, tag, or commit id)")
 
     def _peel(self, oid: str) -> str:
@@ -497,12 +536,22 @@ class Repo:
         return self._with_pruned(self.objects.read_commit(commit_id), self.pruned_record(commit_id))
 
     def log(self, rev: str = "HEAD", n: int | None = None) -> list[Commit]:
-        """Commits reachable from ``rev``, newest first (by commit time), at most ``n``."""
+        """Commits reachable from ``rev``, newest first (by commit time), at most ``n``.
+
+        A range ``A..B`` (git's) lists the commits reachable from B and not from A: what
+        B added since A. Either side may be left out for HEAD (``A..`` is ``A..HEAD``).
+        """
+        if isinstance(rev, str) and ".." in rev:
+            old, _, new = rev.partition("..")
+            if new.startswith("."):
+                raise InvalidInputError(f"{rev}: A...B (symmetric difference) is not supported; use A..B")
+            hidden = {c.id for c in self._walk([self.resolve(old or HEAD)])}
+            return self._walk([self.resolve(new or HEAD)], n, hidden=hidden)
         start = self.resolve(rev)
         return self._walk([start], n)
 
-    def _walk(self, starts: Iterable[str], n: int | None = None) -> list[Commit]:
-        seen: set[str] = set()
+    def _walk(self, starts: Iterable[str], n: int | None = None, *, hidden: set[str] | None = None) -> list[Commit]:
+        seen: set[str] = set(hidden or ())
         heap: list[tuple[str, str, Commit]] = []
         pruned = self.pruned()
 
@@ -544,6 +593,12 @@ class Repo:
             return load_node
 
         return diff_manifests(manifest_a, manifest_b, loader(manifest_a, commit_a), loader(manifest_b, commit_b))
+
+    def diff_stat(self, a: str, b: str) -> list[DiffStat]:
+        """Added, removed and changed tensors and values between two commits, with sizes,
+        from the manifests alone: no tensor data is read (fast; works on pruned commits).
+        A changed tensor's ``changed_bytes`` counts the bytes in chunks that differ."""
+        return stat_manifests(self.manifest(a), self.manifest(b), self.chunk_size)
 
     # -- branches, tags, checkout --------------------------------------------------------
 
@@ -781,7 +836,31 @@ class Repo:
                 self.chunks.index.refresh()
             except StorageError:
                 pass  # an unreadable index becomes a finding
-            return check_repository(self, read_data=read_data, progress=progress)
+            report = check_repository(self, read_data=read_data, progress=progress)
+        self._record_fsck(report, read_data)
+        return report
+
+    def _record_fsck(self, report: FsckReport, read_data: bool) -> None:
+        """Keep the verdict for `ckptvcs status`; a store we cannot write (read-only) just goes without."""
+        record = {
+            "time": provenance.utc_now(),
+            "ok": report.ok,
+            "read_data": read_data,
+            "errors": len(report.errors),
+            "garbage": len(report.garbage),
+            "summary": report.summary(),
+        }
+        with contextlib.suppress(OSError, CkptvcsError):
+            _fs.atomic_write(self.root / FSCK_RECORD, canonical_json(record) + b"\n")
+
+    def last_fsck(self) -> dict[str, Any] | None:
+        """The record of the last fsck (``time``, ``ok``, ``read_data``, ``errors``, ``garbage``,
+        ``summary``), or None when fsck never ran here (or its record is unreadable)."""
+        try:
+            record = json.loads((self.root / FSCK_RECORD).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("ok"), bool) else None
 
     def repair_index(self, *, progress: Progress | None = None) -> RepairReport:
         """Rebuild the chunk index from the packs alone, under the exclusive repository lock.

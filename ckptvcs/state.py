@@ -146,8 +146,9 @@ class _Encoder:
             return self._container(value, path)
         raise UnsupportedValueError(
             path,
-            f"type {type(value).__module__}.{type(value).__qualname__} is not supported "
-            "(store its state_dict(), tensors, arrays or plain values instead)",
+            f"type {type(value).__module__}.{type(value).__qualname__} is not supported; turn it into a dict "
+            "of plain values (numbers, strings, tensors, arrays), e.g. its state_dict(), or, if it has "
+            "state_dict()/load_state_dict(), register it with CheckpointManager(state={name: obj})",
         )
 
     def _container(self, value: dict | list | tuple, path: str) -> Any:
