@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .diff import DiffEntry
+from .diff import DiffEntry, DiffStat
 from .fsck import Finding, FsckReport
 from .errors import (
     AmbiguousRevisionError,
@@ -73,6 +73,7 @@ __all__ = [
     "Tag",
     "ReflogEntry",
     "DiffEntry",
+    "DiffStat",
     "Finding",
     "FsckReport",
     "RepairReport",
