@@ -32,7 +32,7 @@ class LazyModule:
         return self._module
 
     def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__") or attr in ("_name", "_module"):
+        if attr in ("_name", "_module"):  # not set yet (mid-construction or unpickling)
             raise AttributeError(attr)
         return getattr(self._load(), attr)
 
