@@ -308,3 +308,17 @@ def test_a_refused_python_object_names_the_fix(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "sampler" in message and "Sampler" in message
     assert "dict of plain values" in message and "state_dict()" in message and "register it" in message
+
+
+def test_an_index_write_that_hits_a_full_disk_says_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LMDB reports a short write on a full disk as EIO; the message must still say disk full
+    (found when init's .gitignore moved where a real full tmpfs ran out of space)."""
+    import lmdb
+
+    from ckptvcs import index
+
+    eio = lmdb.Error("mdb_txn_commit: Input/output error")
+    assert index._write_failure(eio, tmp_path) == str(eio)  # plenty of space: a real I/O error
+    assert "disk full" in index._write_failure(lmdb.DiskError("mdb_put: No space left on device"), tmp_path)
+    monkeypatch.setattr(index, "_NEARLY_FULL_BYTES", 1 << 62)
+    assert "disk full" in index._write_failure(eio, tmp_path)
