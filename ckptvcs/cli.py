@@ -452,7 +452,10 @@ def diff(ctx: click.Context, rev_a: str, rev_b: str, as_json: bool, as_stat: boo
 @click.option("-b", "new_branch", metavar="NAME", help="Create branch NAME at REV (default HEAD) and switch to it.")
 @click.pass_context
 def checkout(ctx: click.Context, rev: str | None, output: str | None, fmt: str | None, new_branch: str | None) -> None:
-    """Move HEAD to REV (a branch, or a detached commit), or with -o write REV's state to a file."""
+    """Move HEAD to REV (a branch, or a detached commit), or with -o write REV's state to a file.
+
+    With -b NAME, create branch NAME at REV (default HEAD) and switch to it.
+    """
     repo = _repo(ctx)
     if new_branch is not None or rev is None:
         _checkout_new_branch(repo, new_branch, rev, output)
