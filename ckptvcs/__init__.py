@@ -5,9 +5,12 @@ The public API is what this module exports; everything else is internal and may 
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .diff import DiffEntry
+from .diff import DiffEntry, DiffStat
 from .fsck import Finding, FsckReport
 from .errors import (
     AmbiguousRevisionError,
@@ -33,12 +36,31 @@ from .errors import (
     UnsupportedValueError,
 )
 from .gc import GcReport
-from .manager import CheckpointManager
 from .objects import Commit, Tag
 from .refs import ReflogEntry
 from .repair import RepairReport
 from .repo import Repo, RepoStats
 from .retention import RetentionPolicy
+
+if TYPE_CHECKING:
+    from .manager import CheckpointManager
+
+# Names whose module imports torch at import time: loaded on first use (PEP 562), so
+# `import ckptvcs` and the CLI's history commands start without torch.
+_LAZY = {"CheckpointManager": "manager"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "__version__",
@@ -51,6 +73,7 @@ __all__ = [
     "Tag",
     "ReflogEntry",
     "DiffEntry",
+    "DiffStat",
     "Finding",
     "FsckReport",
     "RepairReport",

@@ -2,8 +2,12 @@
 
 Commands parse arguments, call the library and print. Library errors become one line
 on stderr (``error: ...``) and the error's exit code; no traceback reaches the user.
-The repository is ``--repo``, else ``$CKPTVCS_REPO``, else a ``.ckptvcs`` directory in
-the working directory or one of its parents.
+The repository is ``--repo``, else ``$CKPTVCS_REPO``, else the nearest of the working
+directory and its parents that is a repository or holds one as ``.ckptvcs``.
+
+Start-up is kept light: torch is imported only by commands that read or write tensor
+values (commit, load-backed diff, checkout -o, export), never by history, refs, status,
+gc, fsck, help or shell completion.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -19,14 +24,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from click.shell_completion import CompletionItem
 
 from . import __version__
-from .errors import CkptvcsError, InvalidInputError, RepositoryDamagedError
+from .diff import DiffStat
+from .errors import CkptvcsError, InvalidInputError, RefExistsError, RepositoryDamagedError
 from .exchange import FORMATS, export_metadata, export_state, guess_format, read_state_file, subtree
 from .graph import graph_lines
 from .objects import Commit
-from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_KEYFRAME_INTERVAL, STORE_DIRNAME, Repo
-from .state import TORCH_DTYPES, iter_tensors
+from .refs import Refs
+from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_KEYFRAME_INTERVAL, STORE_DIRNAME, Repo, _locate_store, find_store
+from .state import DTYPE_ITEMSIZE, iter_tensors
 from .store import Progress
 
 __all__ = ["main", "cli"]
@@ -51,6 +59,66 @@ class _Group(click.Group):
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+class _LogCommand(click.Command):
+    """``log -3`` means ``log -n 3``, as in git."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rewritten: list[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                rewritten += args[i:]
+                break
+            rewritten += ["-n", arg[1:]] if _DASH_NUMBER.match(arg) else [arg]
+        return super().parse_args(ctx, rewritten)
+
+
+_DASH_NUMBER = re.compile(r"^-[0-9]+$")
+
+
+def _ref_names(ctx: click.Context, *namespaces: str) -> list[str]:
+    """Branch and/or tag names of the repository the command line names, read from the ref
+    files alone (no index, no torch), for shell completion. Never raises: a completion
+    that fails offers nothing rather than printing into the user's shell."""
+    try:
+        path = ctx.find_root().params.get("repo_path") or os.environ.get("CKPTVCS_REPO")
+        store = _locate_store(Path(path).absolute()) if path else find_store()
+        if store is None:
+            return []
+        refs = Refs(store)
+        return [name for namespace in namespaces for name in refs.names(namespace)]
+    except Exception:
+        return []
+
+
+def _completions(candidates: Iterable[str], incomplete: str) -> list[CompletionItem]:
+    # Complete the right side of a range A..B too.
+    prefix, dots, rest = incomplete.rpartition("..")
+    lead = prefix + dots
+    return [CompletionItem(lead + c) for c in dict.fromkeys(candidates) if c.startswith(rest)]
+
+
+def _complete_rev(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Revisions: HEAD, branch names and tag names."""
+    return _completions(["HEAD", *_ref_names(ctx, "heads", "tags")], incomplete)
+
+
+def _complete_branch(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    return _completions(_ref_names(ctx, "heads"), incomplete)
+
+
+def _complete_tag(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    return _completions(_ref_names(ctx, "tags"), incomplete)
+
+
+@contextlib.contextmanager
+def _exists_hint(hint: str) -> Iterator[None]:
+    """Name the CLI's way past a RefExistsError (the library's message names ``force``)."""
+    try:
+        yield
+    except RefExistsError as err:
+        raise RefExistsError(f"{err}: {hint}") from None
 
 
 def _repo(ctx: click.Context) -> Repo:
@@ -107,7 +175,8 @@ def _metric_text(metrics: dict[str, float]) -> str:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--repo", "repo_path", envvar="CKPTVCS_REPO", type=click.Path(file_okay=False),
-              help="Repository path (default: $CKPTVCS_REPO, else .ckptvcs here or in a parent).")
+              help="Repository path (default: $CKPTVCS_REPO, else the repository this directory or a parent "
+                   "is or holds as .ckptvcs).")
 @click.version_option(__version__, prog_name="ckptvcs")
 @click.pass_context
 def cli(ctx: click.Context, repo_path: str | None) -> None:
@@ -245,15 +314,19 @@ def _long(c: Commit, labels: dict[str, list[str]]) -> list[str]:
     return lines
 
 
-@cli.command()
-@click.argument("rev", default="HEAD")
-@click.option("-n", "max_count", type=click.IntRange(min=0), help="Show at most N commits.")
+@cli.command(cls=_LogCommand)
+@click.argument("rev", default="HEAD", shell_complete=_complete_rev)
+@click.option("-n", "max_count", type=click.IntRange(min=0), help="Show at most N commits (also -N, as in log -3).")
 @click.option("--oneline", is_flag=True, help="One line per commit.")
 @click.option("--graph", is_flag=True, help="Draw the commit graph.")
 @click.option("--all", "all_refs", is_flag=True, help="Start from every branch and tag, not just REV.")
 @click.pass_context
 def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, graph: bool, all_refs: bool) -> None:
-    """Show the history reachable from REV (default HEAD)."""
+    """Show the history reachable from REV (default HEAD).
+
+    REV may be a range A..B: the commits reachable from B and not from A (what B added
+    since A); A.. means A..HEAD.
+    """
     repo = _repo(ctx)
     commits = repo.all_commits()[:max_count] if all_refs else repo.log(rev, n=max_count)
     labels = _decorations(repo)
@@ -267,15 +340,32 @@ def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, grap
                 click.echo(line)
 
 
-def _tensor_bytes(body: dict) -> int:
-    import torch
+def _print_diff_stat(entries: list[DiffStat], as_json: bool) -> None:
+    """``diff --stat``: one line per difference, then totals (git's layout, bytes for lines)."""
+    if as_json:
+        click.echo(json.dumps([e.__dict__ for e in entries], indent=2))
+        return
+    width = min(60, max((len(e.path) for e in entries), default=0))
+    marks = {"added": "A", "removed": "D", "changed": "M"}
+    for e in entries:
+        if e.kind == "value":
+            click.echo(f" {marks[e.status]} {e.path:<{width}} | value")
+            continue
+        bar = "#" * math.ceil(20 * e.changed_bytes / e.nbytes) if e.nbytes else ""
+        click.echo(f" {marks[e.status]} {e.path:<{width}} | {_human(e.changed_bytes):>9} of {_human(e.nbytes):>9} {bar}")
+    tensors = [e for e in entries if e.kind == "tensor"]
+    count = {status: sum(e.status == status for e in tensors) for status in marks}
+    click.echo(f" {count['changed']} tensor(s) changed, {count['added']} added, {count['removed']} removed: "
+               f"{_human(sum(e.changed_bytes for e in tensors))} in changed chunks; "
+               f"{len(entries) - len(tensors)} value(s) differ")
 
+
+def _tensor_bytes(body: dict) -> int:
     name, shape = body.get("dtype"), body.get("shape")
     if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
         return 0  # a malformed manifest: `load` reports it; `show` just prints what it can
-    dtype = TORCH_DTYPES.get(name) if isinstance(name, str) else None
-    itemsize = torch.empty(0, dtype=dtype).element_size() if dtype is not None else _numpy_itemsize(body)
-    return math.prod(shape) * itemsize
+    itemsize = DTYPE_ITEMSIZE.get(name) if isinstance(name, str) else None
+    return math.prod(shape) * (itemsize if itemsize is not None else _numpy_itemsize(body))
 
 
 def _numpy_itemsize(body: dict) -> int:
@@ -288,7 +378,7 @@ def _numpy_itemsize(body: dict) -> int:
 
 
 @cli.command()
-@click.argument("rev", default="HEAD")
+@click.argument("rev", default="HEAD", shell_complete=_complete_rev)
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor with dtype and shape.")
 @click.option("--json", "as_json", is_flag=True, help="Print the commit record as JSON.")
 @click.pass_context
@@ -324,13 +414,18 @@ def show(ctx: click.Context, rev: str, list_tensors: bool, as_json: bool) -> Non
 
 
 @cli.command()
-@click.argument("rev_a")
-@click.argument("rev_b", default="HEAD")
+@click.argument("rev_a", shell_complete=_complete_rev)
+@click.argument("rev_b", default="HEAD", shell_complete=_complete_rev)
 @click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+@click.option("--stat", "as_stat", is_flag=True,
+              help="Sizes per tensor from the stored chunk ids alone: fast, reads no tensor data.")
 @click.pass_context
-def diff(ctx: click.Context, rev_a: str, rev_b: str, as_json: bool) -> None:
+def diff(ctx: click.Context, rev_a: str, rev_b: str, as_json: bool, as_stat: bool) -> None:
     """Compare two commits tensor by tensor (REV_B defaults to HEAD)."""
     repo = _repo(ctx)
+    if as_stat:
+        _print_diff_stat(repo.diff_stat(rev_a, rev_b), as_json)
+        return
     entries = repo.diff(rev_a, rev_b)
     if as_json:
         click.echo(json.dumps([
@@ -351,16 +446,24 @@ def diff(ctx: click.Context, rev_a: str, rev_b: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("rev")
+@click.argument("rev", required=False, shell_complete=_complete_rev)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the state to this file instead of moving HEAD.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format (default: from the extension).")
 @click.option("--key", help="With -o: write only this entry of the state (e.g. model).")
+@click.option("-b", "new_branch", metavar="NAME", help="Create branch NAME at REV (default HEAD) and switch to it.")
 @click.pass_context
-def checkout(ctx: click.Context, rev: str, output: str | None, fmt: str | None, key: str | None) -> None:
-    """Move HEAD to REV (a branch, or a detached commit), or with -o write REV's state to a file."""
+def checkout(ctx: click.Context, rev: str | None, output: str | None, fmt: str | None, key: str | None,
+             new_branch: str | None) -> None:
+    """Move HEAD to REV (a branch, or a detached commit), or with -o write REV's state to a file.
+
+    With -b NAME, create branch NAME at REV (default HEAD) and switch to it.
+    """
     repo = _repo(ctx)
     if key is not None and not output:
         raise click.UsageError("--key needs -o FILE")
+    if new_branch is not None or rev is None:
+        _checkout_new_branch(repo, new_branch, rev, output)
+        return
     if output:
         _export(repo, rev, output, fmt, key)
         return
@@ -370,6 +473,19 @@ def checkout(ctx: click.Context, rev: str, output: str | None, fmt: str | None, 
         click.echo(f"Switched to branch '{branch}' ({commit_id[:12]})")
     else:
         click.echo(f"HEAD is now at {commit_id[:12]} (detached)")
+
+
+def _checkout_new_branch(repo: Repo, name: str | None, rev: str | None, output: str | None) -> None:
+    """``checkout -b NAME [REV]``: create branch NAME at REV (default HEAD) and put HEAD on it."""
+    if name is None:
+        raise click.UsageError("checkout needs a REV, or -b NAME to start a new branch")
+    if output:
+        raise click.UsageError("-b creates a branch and -o writes a file: use one of them")
+    rev = rev or "HEAD"
+    with _exists_hint(f"switch to it with `ckptvcs checkout {name}`, or move it with `ckptvcs branch -f {name} {rev}`"):
+        repo.branch(name, rev)
+    commit_id = repo.checkout(name)
+    click.echo(f"Switched to a new branch '{name}' ({commit_id[:12]})")
 
 
 def _export(repo: Repo, rev: str, output: str, fmt: str | None, key: str | None = None) -> None:
@@ -395,7 +511,7 @@ def _export(repo: Repo, rev: str, output: str, fmt: str | None, key: str | None 
 
 
 @cli.command()
-@click.argument("rev")
+@click.argument("rev", shell_complete=_complete_rev)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format (default: from the extension).")
 @click.option("--key", help="Write only this entry of the state (e.g. model; nested: model/encoder).")
@@ -406,8 +522,8 @@ def export(ctx: click.Context, rev: str, file: str, fmt: str | None, key: str | 
 
 
 @cli.command()
-@click.argument("name", required=False)
-@click.argument("rev", default="HEAD")
+@click.argument("name", required=False, shell_complete=_complete_branch)
+@click.argument("rev", default="HEAD", shell_complete=_complete_rev)
 @click.option("-d", "--delete", is_flag=True, help="Delete branch NAME.")
 @click.option("-f", "--force", is_flag=True, help="Move NAME to REV if it exists.")
 @click.pass_context
@@ -426,13 +542,14 @@ def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, force: 
         repo.delete_branch(name)
         click.echo(f"Deleted branch {name}")
         return
-    commit_id = repo.branch(name, rev, force=force)
+    with _exists_hint(f"add -f to move it (ckptvcs branch -f {name} {rev})"):
+        commit_id = repo.branch(name, rev, force=force)
     click.echo(f"Branch {name} at {commit_id[:12]}")
 
 
 @cli.command()
-@click.argument("name", required=False)
-@click.argument("rev", default="HEAD")
+@click.argument("name", required=False, shell_complete=_complete_tag)
+@click.argument("rev", default="HEAD", shell_complete=_complete_rev)
 @click.option("-m", "--message", default="", help="Tag message (release notes, audit trail).")
 @click.option("-d", "--delete", is_flag=True, help="Delete tag NAME.")
 @click.option("-f", "--force", is_flag=True, help="Move an existing tag (tags never move otherwise).")
@@ -451,12 +568,13 @@ def tag(ctx: click.Context, name: str | None, rev: str, message: str, delete: bo
         repo.delete_tag(name)
         click.echo(f"Deleted tag {name}")
         return
-    commit_id = repo.tag(name, rev, message=message, force=force)
+    with _exists_hint(f"add -f to move it (ckptvcs tag -f {name} {rev})"):
+        commit_id = repo.tag(name, rev, message=message, force=force)
     click.echo(f"Tagged {commit_id[:12]} as {name}")
 
 
 @cli.command()
-@click.argument("ref", default="HEAD")
+@click.argument("ref", default="HEAD", shell_complete=_complete_rev)
 @click.option("-n", "max_count", type=click.IntRange(min=0), help="Show at most N entries.")
 @click.pass_context
 def reflog(ctx: click.Context, ref: str, max_count: int | None) -> None:
@@ -579,6 +697,74 @@ def repair_index(ctx: click.Context) -> None:
     with _phase_progress() as progress:
         report = repo.repair_index(progress=None if progress is None else lambda d, t: progress("packs", d, t))
     click.echo(report.summary())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Where HEAD is (branch, commit, step, metrics), what gc would reclaim, and the last fsck's verdict.
+
+    Reads the history and runs gc's dry run (briefly under the repository lock, like
+    `gc --dry-run`); reads no tensor data.
+    """
+    repo = _repo(ctx)
+    branch_name, head_id = repo.head()
+    head = repo.show(head_id) if head_id else None
+    report = repo.gc(dry_run=True)
+    checked = repo.last_fsck()
+    if as_json:
+        click.echo(json.dumps({
+            "branch": branch_name, "head": head_id,
+            "step": head.step if head else None, "epoch": head.epoch if head else None,
+            "metrics": head.metrics if head else None, "message": head.message if head else None,
+            "time": head.time if head else None,
+            "gc": {"reclaimable_bytes": report.bytes_reclaimed, "pruned_commits": report.pruned_commits,
+                   "dead_chunks": report.dead_chunks},
+            "fsck": checked,
+        }, indent=2))
+        return
+    for line in _status_lines(branch_name, head, report, checked):
+        click.echo(line)
+
+
+def _status_lines(branch_name: str | None, head: Commit | None, report: Any, checked: dict | None) -> list[str]:
+    lines = [f"On branch {branch_name}" if branch_name else f"HEAD detached at {head.id[:12] if head else '?'}"]
+    if head is None:
+        lines.append("No commits yet")
+    else:
+        where = f"step {head.step}" if head.step is not None else "no step recorded"
+        lines.append(f"HEAD:    {click.style(head.id[:12], fg='yellow')} {where}, {_local_time(head.time)}")
+        if head.message:
+            lines.append(f"Message: {head.message.splitlines()[0]}")
+        lines.append(f"Metrics: {_metric_text(head.metrics) if head.metrics else '(none)'}")
+    pruned = f" ({report.pruned_commits} pruned commit(s))" if report.pruned_commits else ""
+    if report.bytes_reclaimed:
+        lines.append(f"gc:      would reclaim {_human(report.bytes_reclaimed)}{pruned}; run `ckptvcs gc`")
+    else:
+        lines.append(f"gc:      nothing to reclaim{pruned}")
+    if checked is None:
+        lines.append("fsck:    never run here; run `ckptvcs fsck`")
+    else:
+        verdict = "clean" if checked["ok"] else click.style(f"{checked.get('errors', '?')} problem(s)", fg="red")
+        depth = " with --read-data" if checked.get("read_data") else ""
+        lines.append(f"fsck:    {verdict} (last run{depth} {_local_time(str(checked.get('time', '?')))})")
+    return lines
+
+
+@cli.command()
+@click.argument("rev", shell_complete=_complete_rev)
+@click.option("--reason", default="", help="Why, in words (kept in the commit's pruned record).")
+@click.pass_context
+def prune(ctx: click.Context, rev: str, reason: str) -> None:
+    """Drop REV's tensor data at the next gc, keeping its history record.
+
+    The commit stays in log and show (marked pruned) with its metadata and metrics, and
+    its children keep their parent; loading it fails from now on. A commit a branch,
+    tag or HEAD points at cannot be pruned. The space returns with `ckptvcs gc`.
+    """
+    commit_id = _repo(ctx).prune(rev, rule="manual", reason=reason)
+    click.echo(f"Pruned {commit_id[:12]}: history kept; its data goes at the next `ckptvcs gc`")
 
 
 def main() -> None:

@@ -13,17 +13,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from ._lazy import LazyMapping, LazyModule
 from .errors import CorruptObjectError
 from .state import _children, _join, decode_state, iter_tensors
 
 if TYPE_CHECKING:
+    import torch
+
     from .objects import Manifest
+else:
+    torch = LazyModule("torch")  # only comparing tensor values needs it
 
-__all__ = ["DiffEntry", "diff_manifests", "compare_values"]
+__all__ = ["DiffEntry", "DiffStat", "diff_manifests", "stat_manifests", "compare_values"]
 
-_INT_OF_SIZE_TORCH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_INT_OF_SIZE_TORCH = LazyMapping(lambda: {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64})
 _INT_OF_SIZE_NUMPY = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -166,3 +170,59 @@ def _plain(node: Any) -> Any:
     if isinstance(node, dict) and "bytes_blob" in node:
         return "<large bytes>"
     return decode_state(node, {})
+
+
+@dataclass(frozen=True)
+class DiffStat:
+    """One difference measured from the manifests alone: no tensor data is read.
+
+    ``nbytes`` is the size of the tensor's stored blob on the newer side (the older when
+    removed; a tied group shares one blob); ``changed_bytes`` counts the bytes of that
+    blob's chunks whose id differs from the other side's chunk at the same offset (all of
+    it when added, removed, or its dtype or shape changed): an upper bound on what
+    changed, at chunk granularity. Values (kind ``value``) have no size.
+    """
+
+    path: str
+    kind: str
+    status: str
+    nbytes: int = 0
+    changed_bytes: int = 0
+
+
+def stat_manifests(a: Manifest, b: Manifest, chunk_size: int) -> list[DiffStat]:
+    """What differs between two manifests, tensor by tensor and value by value, by chunk ids."""
+    result: list[DiffStat] = []
+    tensors_a = {path: (kind, body) for path, kind, body in iter_tensors(a.root)}
+    tensors_b = {path: (kind, body) for path, kind, body in iter_tensors(b.root)}
+    for path in list(dict.fromkeys([*tensors_a, *tensors_b])):
+        if path not in tensors_b:
+            size = _layout(*tensors_a[path], a)[-2]
+            result.append(DiffStat(path, "tensor", "removed", size, size))
+            continue
+        layout_b = _layout(*tensors_b[path], b)
+        if path not in tensors_a:
+            result.append(DiffStat(path, "tensor", "added", layout_b[-2], layout_b[-2]))
+            continue
+        layout_a = _layout(*tensors_a[path], a)
+        if layout_a == layout_b:
+            continue
+        size = layout_b[-2]
+        if layout_a[:-1] != layout_b[:-1]:  # another dtype, shape or layout: all of it is new
+            result.append(DiffStat(path, "tensor", "changed", size, size))
+            continue
+        changed = sum(
+            min(chunk_size, size - i * chunk_size)
+            for i, (old, new) in enumerate(zip(layout_a[-1], layout_b[-1]))
+            if old != new
+        )
+        result.append(DiffStat(path, "tensor", "changed", size, changed))
+    values_a, values_b = dict(_leaves(a.root)), dict(_leaves(b.root))
+    for path in list(dict.fromkeys([*values_a, *values_b])):
+        if path not in values_b:
+            result.append(DiffStat(path, "value", "removed"))
+        elif path not in values_a:
+            result.append(DiffStat(path, "value", "added"))
+        elif values_a[path] != values_b[path]:
+            result.append(DiffStat(path, "value", "changed"))
+    return result

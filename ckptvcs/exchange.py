@@ -25,18 +25,22 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import _fs
+from ._lazy import LazyModule
 from .errors import InvalidInputError, KeyNotFoundError, UnsupportedValueError
-from .safetensors_file import SAFETENSORS_DTYPES, read_safetensors, write_safetensors
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # reading or writing a file needs it; naming formats does not
 
 __all__ = [
-    "FORMATS", "ExportResult", "guess_format", "read_state_file", "write_state_file", "export_state",
-    "export_metadata", "subtree",
+    "FORMATS", "ExportResult", "guess_format", "sniff_format", "read_state_file", "write_state_file",
+    "export_state", "export_metadata", "subtree",
 ]
 
 FORMATS = ("pt", "safetensors")
@@ -57,10 +61,19 @@ def guess_format(path: str | os.PathLike[str]) -> str:
 
 
 def read_state_file(path: str | os.PathLike[str], fmt: str | None = None) -> tuple[Any, dict[str, str]]:
-    """Read a checkpoint file; returns ``(state, metadata)`` (metadata: safetensors only)."""
-    fmt = fmt or guess_format(path)
+    """Read a checkpoint file; returns ``(state, metadata)`` (metadata: safetensors only).
+
+    Without ``fmt`` the extension decides, else the file's first bytes. A file that is
+    neither format is refused with a message that says so.
+    """
+    fmt = fmt or _format_of_input(path)
     if fmt == "safetensors":
-        return read_safetensors(path)
+        from .safetensors_file import read_safetensors
+
+        try:
+            return read_safetensors(path)
+        except InvalidInputError as err:
+            raise _mislabelled(path, "safetensors") or err from None
     if not Path(path).is_file():
         raise InvalidInputError(f"{path}: no such file")
     try:
@@ -73,7 +86,9 @@ def read_state_file(path: str | os.PathLike[str], fmt: str | None = None) -> tup
             with _ALLOW_LIST_LOCK, torch.serialization.safe_globals(_numpy_safe_globals()):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad files; all mean "unreadable"
-        raise InvalidInputError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(err)})") from None
+        raise _mislabelled(path, "pt") or InvalidInputError(
+            f"{path}: not a readable PyTorch checkpoint ({_load_failure(err)})"
+        ) from None
     return state, {}
 
 
@@ -95,6 +110,72 @@ def _numpy_safe_globals() -> list[Any]:
     # numpy >= 1.25 pickles a dtype through its class (numpy.dtypes.Float64DType, ...).
     entries += list(dict.fromkeys(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"))
     return entries
+
+
+def sniff_format(path: str | os.PathLike[str]) -> str | None:
+    """``pt`` or ``safetensors`` from a file's first bytes; None when it looks like neither.
+
+    torch.save writes a zip (``PK``) or, in the legacy format, a pickle (``0x80`` and
+    a protocol number); safetensors starts with an 8-byte little-endian header length
+    followed by the JSON header's ``{``.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return "pt"
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return None
+
+
+def _format_of_input(path: str | os.PathLike[str]) -> str:
+    """The format of a file to read: from its extension when known, else from its content."""
+    try:
+        return guess_format(path)
+    except InvalidInputError:
+        if not Path(path).is_file():
+            raise InvalidInputError(f"{path}: no such file") from None
+        sniffed = sniff_format(path)
+        if sniffed is None:
+            raise _neither(path) from None
+        return sniffed
+
+
+def _mislabelled(path: str | os.PathLike[str], expected: str) -> InvalidInputError | None:
+    """For a file that failed to read as ``expected``: what it is instead, if that is clear."""
+    actual = sniff_format(path)
+    if actual == expected or not Path(path).is_file():
+        return None
+    if actual is None:
+        if expected == "safetensors" and _head(path)[8:9] == b"{":
+            return None  # a damaged safetensors file: the reader's own message says how
+        return _neither(path)
+    described = "a safetensors file" if actual == "safetensors" else "a PyTorch checkpoint (torch.save)"
+    return InvalidInputError(f"{path}: not a {_NAMES[expected]}: it looks like {described}; pass --format {actual}")
+
+
+_NAMES = {"pt": "PyTorch checkpoint", "safetensors": "safetensors file"}
+
+
+def _head(path: str | os.PathLike[str], size: int = 12) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def _neither(path: str | os.PathLike[str]) -> InvalidInputError:
+    head = _head(path)
+    begins = f"; it begins with {head!r}" if head else "; it is empty"
+    return InvalidInputError(
+        f"{path}: neither a PyTorch checkpoint (torch.save writes a zip or a pickle) "
+        f"nor a safetensors file (8-byte header size, then a JSON header){begins}"
+    )
 
 
 def _load_failure(err: Exception) -> str:
@@ -147,6 +228,8 @@ def export_state(state: Any, path: str | os.PathLike[str], fmt: str | None = Non
     if not parent.is_dir():
         raise InvalidInputError(f"{path}: directory {parent} does not exist")
     if fmt == "safetensors":
+        from .safetensors_file import write_safetensors
+
         tensors, skipped = _flatten_tensors(state)
         tensors, tied = _drop_tied_aliases(tensors)
         write_safetensors(path, tensors, {"format": "pt", **(metadata or {})})
@@ -252,6 +335,8 @@ def _drop_tied_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torc
 
 def _flatten_tensors(state: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors of a nested state keyed by ``.``-joined paths (the usual state_dict naming)."""
+    from .safetensors_file import SAFETENSORS_DTYPES
+
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
 

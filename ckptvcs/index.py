@@ -215,7 +215,7 @@ class ChunkIndex:
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)
             except lmdb.Error as err:
-                raise StorageError(f"chunk index {self.path}: {err}") from None
+                raise StorageError(f"chunk index {self.path}: {_write_failure(err, self.path)}") from None
 
     def get(self, chunk_id: bytes) -> PackEntry | None:
         def op() -> PackEntry | None:
@@ -278,3 +278,22 @@ class ChunkIndex:
     def __len__(self) -> int:
         with self._env.begin(db=self._db) as txn:
             return txn.stat(self._db)["entries"]
+
+
+def _write_failure(err: lmdb.Error, path: Path) -> str:
+    """LMDB's message, or "disk full" when that is what happened: LMDB reports a write that
+    found no space as ENOSPC (DiskError) but a short write as EIO ("Input/output error")."""
+    if isinstance(err, lmdb.DiskError) or ("Input/output error" in str(err) and _nearly_full(path)):
+        return f"disk full ({err}); free space and retry (nothing was left half-written)"
+    return str(err)
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES
+
+
+_NEARLY_FULL_BYTES = 1 << 20

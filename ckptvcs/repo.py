@@ -8,6 +8,7 @@ leaves only unreferenced garbage; after it, a complete commit.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import json
@@ -19,13 +20,13 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import _fs, delta, provenance
-from .diff import DiffEntry, diff_manifests
+from ._lazy import LazyModule
+from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
     AmbiguousRevisionError,
     CkptvcsError,
@@ -52,6 +53,11 @@ from .repair import RepairReport, rebuild_index
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
 
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # loads and commits need it; history, refs, gc and fsck do not
+
 __all__ = [
     "Repo", "RepoStats", "Manifest", "GcReport", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "DEFAULT_KEYFRAME_INTERVAL",
     "STORE_DIRNAME",
@@ -62,8 +68,11 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1 << 20
 STORE_DIRNAME = ".ckptvcs"
 DEFAULT_BRANCH = "main"
+FSCK_RECORD = "last-fsck.json"
+GITIGNORE = b"# created by ckptvcs: git ignores this whole repository\n*\n"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{4,63}$")
+_SHORT_PREFIX = re.compile(r"^[0-9a-fA-F]{1,3}$")
 _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
 # A URL scheme (s3://, gs://, file://, https://...); Path() folds "//" to "/", so one
 # slash is enough. Single-letter schemes are Windows drive letters, not URLs.
@@ -97,6 +106,29 @@ def _locate_store(path: Path) -> Path | None:
     for candidate in (path, path / STORE_DIRNAME):
         if (candidate / "config.json").is_file():
             return candidate
+    return None
+
+
+def _discover_store(folder: Path) -> Path | None:
+    """The store ``folder`` is or holds as ``.ckptvcs/``, for discovery from inside it.
+
+    A bare ``config.json`` is common (model and run configs), so ``folder`` itself
+    counts only when it also has a repository's ``objects/`` and ``refs/``.
+    """
+    if (folder / "config.json").is_file() and (folder / "objects").is_dir() and (folder / "refs").is_dir():
+        return folder
+    if (folder / STORE_DIRNAME / "config.json").is_file():
+        return folder / STORE_DIRNAME
+    return None
+
+
+def find_store(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The store :meth:`Repo.discover` would open from ``start``, without opening it."""
+    here = Path(start or os.getcwd()).absolute()
+    for folder in (here, *here.parents):
+        store = _discover_store(folder)
+        if store is not None:
+            return store
     return None
 
 
@@ -171,6 +203,8 @@ class Repo:
                 for sub in ("objects", "packs", "tmp", "index", "refs/heads", "refs/tags", "logs"):
                     (staging / sub).mkdir(parents=True)
                 _fs.atomic_write(staging / HEAD, f"ref: refs/heads/{DEFAULT_BRANCH}\n".encode())
+                # Like a virtualenv: an enclosing git checkout never lists the store.
+                _fs.atomic_write(staging / ".gitignore", GITIGNORE)
                 _fs.atomic_write(staging / "config.json", json.dumps(config, indent=2).encode() + b"\n")
                 for dirpath, _, _ in os.walk(staging, topdown=False):
                     _fs.fsync_dir(dirpath)
@@ -216,11 +250,16 @@ class Repo:
 
     @classmethod
     def discover(cls, start: str | os.PathLike[str] | None = None) -> Repo:
-        """Open the repository in ``start`` (default: the working directory) or a parent."""
+        """Open the repository that ``start`` (default: the working directory) or a parent is or holds.
+
+        A folder counts when it is a repository itself (``Repo.init("checkpoints")``,
+        ``CheckpointManager("checkpoints")``) or holds one as ``.ckptvcs/`` (``ckptvcs init``);
+        the nearest wins.
+        """
+        store = find_store(start)
+        if store is not None:
+            return cls.open(store)
         here = Path(start or os.getcwd()).absolute()
-        for folder in (here, *here.parents):
-            if (folder / STORE_DIRNAME / "config.json").is_file():
-                return cls.open(folder / STORE_DIRNAME)
         raise NotARepositoryError(
             f"no ckptvcs repository in {here} or its parents; run `ckptvcs init` or pass --repo"
         )
@@ -329,6 +368,11 @@ class Repo:
                 raise AmbiguousRevisionError(f"revision {rev} is ambiguous: matches {', '.join(m[:12] for m in matches)}")
             if matches:
                 return self._peel(matches[0])
+        if _SHORT_PREFIX.match(rev):
+            raise RevisionNotFoundError(
+                f"unknown revision {rev!r}: not a branch or tag, and too short for a commit id "
+                "(an id prefix needs at least 4 hex digits)"
+            )
         raise RevisionNotFoundError(f"unknown revision {rev!r} (not a branch, tag, or commit id)")
 
     def _peel(self, oid: str) -> str:
@@ -532,12 +576,22 @@ class Repo:
         return self._with_pruned(self.objects.read_commit(commit_id), self.pruned_record(commit_id))
 
     def log(self, rev: str = "HEAD", n: int | None = None) -> list[Commit]:
-        """Commits reachable from ``rev``, newest first (by commit time), at most ``n``."""
+        """Commits reachable from ``rev``, newest first (by commit time), at most ``n``.
+
+        A range ``A..B`` (git's) lists the commits reachable from B and not from A: what
+        B added since A. Either side may be left out for HEAD (``A..`` is ``A..HEAD``).
+        """
+        if isinstance(rev, str) and ".." in rev:
+            old, _, new = rev.partition("..")
+            if new.startswith("."):
+                raise InvalidInputError(f"{rev}: A...B (symmetric difference) is not supported; use A..B")
+            hidden = {c.id for c in self._walk([self.resolve(old or HEAD)])}
+            return self._walk([self.resolve(new or HEAD)], n, hidden=hidden)
         start = self.resolve(rev)
         return self._walk([start], n)
 
-    def _walk(self, starts: Iterable[str], n: int | None = None) -> list[Commit]:
-        seen: set[str] = set()
+    def _walk(self, starts: Iterable[str], n: int | None = None, *, hidden: set[str] | None = None) -> list[Commit]:
+        seen: set[str] = set(hidden or ())
         heap: list[tuple[str, str, Commit]] = []
         pruned = self.pruned()
 
@@ -579,6 +633,12 @@ class Repo:
             return load_node
 
         return diff_manifests(manifest_a, manifest_b, loader(manifest_a, commit_a), loader(manifest_b, commit_b))
+
+    def diff_stat(self, a: str, b: str) -> list[DiffStat]:
+        """Added, removed and changed tensors and values between two commits, with sizes,
+        from the manifests alone: no tensor data is read (fast; works on pruned commits).
+        A changed tensor's ``changed_bytes`` counts the bytes in chunks that differ."""
+        return stat_manifests(self.manifest(a), self.manifest(b), self.chunk_size)
 
     # -- branches, tags, checkout --------------------------------------------------------
 
@@ -816,7 +876,31 @@ class Repo:
                 self.chunks.index.refresh()
             except StorageError:
                 pass  # an unreadable index becomes a finding
-            return check_repository(self, read_data=read_data, progress=progress)
+            report = check_repository(self, read_data=read_data, progress=progress)
+        self._record_fsck(report, read_data)
+        return report
+
+    def _record_fsck(self, report: FsckReport, read_data: bool) -> None:
+        """Keep the verdict for `ckptvcs status`; a store we cannot write (read-only) just goes without."""
+        record = {
+            "time": provenance.utc_now(),
+            "ok": report.ok,
+            "read_data": read_data,
+            "errors": len(report.errors),
+            "garbage": len(report.garbage),
+            "summary": report.summary(),
+        }
+        with contextlib.suppress(OSError, CkptvcsError):
+            _fs.atomic_write(self.root / FSCK_RECORD, canonical_json(record) + b"\n")
+
+    def last_fsck(self) -> dict[str, Any] | None:
+        """The record of the last fsck (``time``, ``ok``, ``read_data``, ``errors``, ``garbage``,
+        ``summary``), or None when fsck never ran here (or its record is unreadable)."""
+        try:
+            record = json.loads((self.root / FSCK_RECORD).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("ok"), bool) else None
 
     def repair_index(self, *, progress: Progress | None = None) -> RepairReport:
         """Rebuild the chunk index from the packs alone, under the exclusive repository lock.

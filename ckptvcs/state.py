@@ -15,12 +15,17 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
-import torch
 
+from ._lazy import LazyMapping, LazyModule
 from .errors import CorruptObjectError, UnsupportedValueError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")  # imported on first use: reading manifests needs no torch
 
 __all__ = [
     "BlobSource",
@@ -31,20 +36,31 @@ __all__ = [
     "select_keys",
     "iter_tensors",
     "TORCH_DTYPES",
+    "DTYPE_ITEMSIZE",
     "MapLocation",
 ]
 
-MapLocation = str | torch.device | Mapping[str, str] | Callable[[str], str] | None
+MapLocation: TypeAlias = "str | torch.device | Mapping[str, str] | Callable[[str], str] | None"
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in (
-        "float16", "float32", "float64", "bfloat16", "complex32", "complex64", "complex128",
-        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
-    )
-    if isinstance(getattr(torch, name, None), torch.dtype)
+
+# Bytes per element of every torch dtype the format names, known without importing torch.
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float16": 2, "float32": 4, "float64": 8, "bfloat16": 2, "complex32": 4, "complex64": 8, "complex128": 16,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "int8": 1, "int16": 2, "int32": 4, "int64": 8, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
 }
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """The dtypes of DTYPE_ITEMSIZE this torch build has."""
+    return {
+        name: getattr(torch, name)
+        for name in DTYPE_ITEMSIZE
+        if isinstance(getattr(torch, name, None), torch.dtype)
+    }
+
+
+TORCH_DTYPES: Mapping[str, torch.dtype] = LazyMapping(_torch_dtypes)
 _NUMPY_KINDS = "biufc"
 _INLINE_BYTES_LIMIT = 64 << 10
 _MAX_INT_DIGITS = 4300  # Python's default int_max_str_digits: json refuses longer ints
@@ -130,8 +146,9 @@ class _Encoder:
             return self._container(value, path)
         raise UnsupportedValueError(
             path,
-            f"type {type(value).__module__}.{type(value).__qualname__} is not supported "
-            "(store its state_dict(), tensors, arrays or plain values instead)",
+            f"type {type(value).__module__}.{type(value).__qualname__} is not supported; turn it into a dict "
+            "of plain values (numbers, strings, tensors, arrays), e.g. its state_dict(), or, if it has "
+            "state_dict()/load_state_dict(), register it with CheckpointManager(state={name: obj})",
         )
 
     def _container(self, value: dict | list | tuple, path: str) -> Any:

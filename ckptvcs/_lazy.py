@@ -1,0 +1,69 @@
+"""Deferred imports: torch costs over a second to import, and most commands never need it.
+
+``torch = LazyModule("torch")`` at the top of a module keeps ``torch.Tensor``-style code
+unchanged while importing torch only when an attribute is first read: on a commit, a
+load or a diff, never for ``log``, ``status`` or ``--help``. ``LazyMapping`` does the same
+for a module-level table built from torch (dtype names).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from types import ModuleType
+from typing import Any, TypeVar
+
+__all__ = ["LazyModule", "LazyMapping"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LazyModule:
+    """Stands for a module and imports it on first attribute access."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def _load(self) -> ModuleType:
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return self._module
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in ("_name", "_module"):  # not set yet (mid-construction or unpickling)
+            raise AttributeError(attr)
+        return getattr(self._load(), attr)
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._module is not None else "not loaded yet"
+        return f"<lazy module {self._name!r} ({state})>"
+
+
+class LazyMapping(Mapping[K, V]):
+    """A read-only mapping built by ``build()`` on first use."""
+
+    def __init__(self, build: Callable[[], Mapping[K, V]]) -> None:
+        self._build = build
+        self._data: Mapping[K, V] | None = None
+
+    def _get(self) -> Mapping[K, V]:
+        if self._data is None:
+            self._data = dict(self._build())
+        return self._data
+
+    def __getitem__(self, key: K) -> V:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._get()
+
+    def __repr__(self) -> str:
+        return repr(self._get())
