@@ -13,6 +13,7 @@ from .errors import (
     AmbiguousRevisionError,
     AsyncSaveError,
     CkptvcsError,
+    CommitCollectedError,
     CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
@@ -29,6 +30,7 @@ from .errors import (
     RepositoryExistsError,
     RevisionNotFoundError,
     StorageError,
+    UnmergedBranchError,
     UnsupportedFormatError,
     UnsupportedValueError,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "NotARepositoryError",
     "RefConflictError",
     "RefExistsError",
+    "UnmergedBranchError",
     "RepositoryDamagedError",
     "RepositoryExistsError",
     "RevisionNotFoundError",
@@ -73,6 +76,7 @@ __all__ = [
     "UnsupportedFormatError",
     "UnsupportedValueError",
     "CommitPrunedError",
+    "CommitCollectedError",
     "AsyncSaveError",
     "ProtectedCommitError",
 ]

@@ -244,6 +244,19 @@ class ObjectStore:
     def kind(self, oid: str) -> str:
         return self.get(oid)[0]
 
+    def peek_kind(self, oid: str) -> str | None:
+        """The kind of a stored object from its first bytes only, unverified (None: unreadable).
+
+        For scans over every object (gc looking for unreachable commits) that would
+        otherwise decompress and parse every manifest; read with :meth:`get` to trust it.
+        """
+        try:
+            head = codec.decompress_prefix(_fs.read_file(self.path(oid)), 16)
+        except (OSError, CorruptObjectError):
+            return None
+        kind = head.partition(b"\n")[0].decode("ascii", "replace")
+        return kind if kind in KINDS else None
+
     def read_commit(self, oid: str) -> Commit:
         return Commit.from_json(self.get(oid, "commit")[1], oid)
 

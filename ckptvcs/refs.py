@@ -189,6 +189,15 @@ class Refs:
                 continue
             yield ReflogEntry(ref, parts[0], parts[1], stamp, parts[3], message)
 
+    def logged_refs(self) -> list[str]:
+        """Every ref with a reflog, deleted refs included (their log outlives them)."""
+        base = self.root / "logs"
+        found = []
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                found.append(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"))
+        return sorted(found)
+
 
 def _short(value: str | None) -> str:
     if value is None:
