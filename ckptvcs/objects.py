@@ -25,6 +25,7 @@ __all__ = ["Commit", "Manifest", "Tag", "ObjectStore", "canonical_json", "encode
 
 KINDS = ("commit", "manifest", "tag")
 _MAX_OBJECT_SIZE = 1 << 30  # bound on decompression of one object
+_PEEK_BYTES = 256 << 10
 
 
 def canonical_json(value: Any) -> bytes:
@@ -251,7 +252,9 @@ class ObjectStore:
         otherwise decompress and parse every manifest; read with :meth:`get` to trust it.
         """
         try:
-            head = codec.decompress_prefix(_fs.read_file(self.path(oid)), 16)
+            with open(self.path(oid), "rb") as f:
+                start = f.read(_PEEK_BYTES)  # holds the whole first zstd block (at most 128 KiB)
+            head = codec.decompress_prefix(start, 16)
         except (OSError, CorruptObjectError):
             return None
         kind = head.partition(b"\n")[0].decode("ascii", "replace")
