@@ -255,7 +255,7 @@ def test_top_level_help_lists_every_command() -> None:
 
 def test_git_habits_never_lose_data(workdir: Path) -> None:
     """branch -d refuses unmerged work (-D forces); checkout from a detached HEAD says how to keep
-    its commits; gc keeps them through the reflog's grace until --prune=now."""
+    its commits; gc --prune=now collects them, and loading one is exit 14, not bit rot."""
     project = workdir / "habits"
     with Repo.init(project / ".ckptvcs") as repo:
         repo.commit(model_state(5), message="base")
@@ -268,9 +268,6 @@ def test_git_habits_never_lose_data(workdir: Path) -> None:
     assert result.returncode == 0 and "Switched to branch 'main'" in result.stdout
     assert "leaving 1 commit(s) behind" in result.stderr and f"{detached[:12]} detached work" in result.stderr
     assert f"ckptvcs branch NAME {detached[:12]}" in result.stderr and "30 days" in result.stderr
-    assert "0 dead" in ok("gc", cwd=project)  # the reflog keeps both
     assert "2 unreachable commit(s) lost their data" in ok("gc", "--prune=now", cwd=project)
-    assert "[collected by gc] detached work" in ok("log", "--oneline", detached, cwd=project)
+    # (the grace itself, and what follows a collection, are in test_gc.py, in-process)
     assert_one_line_error(run("export", detached, "out.pt", cwd=project), 14, "collected by gc")
-    assert_one_line_error(run("tag", "t", exp, cwd=project), 14, "cannot create tag")
-    assert "0 problem(s)" in ok("fsck", cwd=project)

@@ -291,6 +291,17 @@ def test_gc_keeps_commits_a_young_reflog_entry_names(small_repo) -> None:
     assert small_repo.fsck().ok
 
 
+def test_a_deleted_tags_commit_gets_the_grace_too(small_repo) -> None:
+    small_repo.commit({"w": tensor(1, 8192)}, "base", code_version=None)
+    tagged = small_repo.commit({"w": tensor(2, 8192)}, "release", branch="rel", code_version=None)
+    small_repo.tag("v1", tagged)
+    small_repo.delete_branch("rel")  # the tag contains it
+    small_repo.delete_tag("v1")  # the tag's reflog names the tag object: peeled to its commit
+    small_repo.gc()
+    assert_tensor_identical(small_repo.load(tagged)["w"], tensor(2, 8192))
+    assert small_repo.gc(prune_unreachable_after="now").collected_commits == [tagged]
+
+
 def test_reflog_grace_ends_at_the_expiry(small_repo, monkeypatch) -> None:
     detached, deleted = _leave_a_detached_commit_and_a_deleted_branch(small_repo)
     real = time.time_ns
