@@ -688,6 +688,7 @@ class Repo:
         for parent in path.relative_to(self.root).parents:
             if parent != Path(".") and (self.root / parent).is_file():
                 raise RefExistsError(f"cannot create {ref}: ref {parent.as_posix()} exists")
+        self.refs.set_aside_stale_logs(ref)
 
     # -- pruning and garbage collection ----------------------------------------------
 

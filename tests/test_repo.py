@@ -320,6 +320,18 @@ def test_delete_branch_refuses_a_branch_no_other_ref_contains(repo: Repo) -> Non
     assert repo.reflog("exp3")[0].old == lone and lone in repo.live_commits()
 
 
+def test_a_deleted_branchs_reflog_outlives_it_without_blocking_new_names(repo: Repo) -> None:
+    c0, c1 = _history(repo, 2)
+    repo.branch("a", c0)
+    repo.delete_branch("a")
+    assert repo.branch("a/b") == c1  # its log needs logs/refs/heads/a/ where a's log was
+    repo.commit(_state(9), "on a/b", branch="a/b")
+    assert [e.new for e in repo.reflog("a/b")][-1] == c1
+    aside = repo.refs.logged_refs()
+    assert any(name.startswith("deleted/") for name in aside)
+    assert c0 in {e.old for name in aside if name.startswith("deleted/") for e in repo.refs.reflog(name)}
+
+
 def test_commits_not_on_refs_lists_what_a_detached_head_alone_holds(repo: Repo) -> None:
     c0, c1 = _history(repo, 2)
     repo.checkout(c0)
