@@ -25,7 +25,8 @@ from .errors import CkptvcsError, InvalidInputError, RepositoryDamagedError
 from .exchange import FORMATS, guess_format, read_state_file, write_state_file
 from .graph import graph_lines
 from .objects import Commit
-from .repo import COLLECTED_RULE, DEFAULT_CHUNK_SIZE, DEFAULT_KEYFRAME_INTERVAL, STORE_DIRNAME, Repo
+from .gc import COLLECTED_RULE
+from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_KEYFRAME_INTERVAL, STORE_DIRNAME, Repo
 from .state import TORCH_DTYPES, iter_tensors
 from .store import Progress
 

@@ -37,7 +37,10 @@ from .store import PACK_TARGET_SIZE
 if TYPE_CHECKING:
     from .repo import Repo
 
-__all__ = ["GcReport", "collect_garbage", "REWRITE_DEAD_FRACTION"]
+__all__ = ["GcReport", "collect_garbage", "REWRITE_DEAD_FRACTION", "COLLECTED_RULE"]
+
+COLLECTED_RULE = "gc"
+"""The ``rule`` of the pruned record gc writes for an unreachable commit whose data it collected."""
 
 REWRITE_DEAD_FRACTION = 0.5
 """A pack whose dead bytes reach this fraction of its entry bytes is rewritten."""
@@ -252,7 +255,7 @@ def select_live(repo: Repo, index: dict[bytes, PackEntry], *, expire: float | No
     indexed chunk none of them lists: nothing but their data can go.
     """
     records = repo.pruned()
-    pruned = sum(1 for r in records.values() if r.get("rule") != "gc")
+    pruned = sum(1 for r in records.values() if r.get("rule") != COLLECTED_RULE)
     if only is None:
         kept = repo.live_commits(expire=expire)
         chunks = live_chunk_ids(repo, kept, index)

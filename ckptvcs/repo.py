@@ -48,7 +48,7 @@ from .errors import (
     UnsupportedValueError,
 )
 from .fsck import FsckProgress, FsckReport, check_repository
-from .gc import GcReport, collect_garbage
+from .gc import COLLECTED_RULE, GcReport, collect_garbage
 from .hugepages import advise_huge_pages
 from .objects import Commit, Manifest, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name
@@ -66,8 +66,6 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1 << 20
 STORE_DIRNAME = ".ckptvcs"
 DEFAULT_BRANCH = "main"
-COLLECTED_RULE = "gc"
-"""The ``rule`` of the pruned record gc writes for an unreachable commit whose data it collected."""
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{4,63}$")
 _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
