@@ -250,9 +250,9 @@ def select_live(repo: Repo, index: dict[bytes, PackEntry], *, expire: float | No
 
     Default: the commits of :meth:`Repo.live_commits` (refs, and reflog entries younger
     than ``expire``); every other commit whose data goes is reported. With ``only`` (pruned
-    commits no ref names): every commit but those is kept (reachable from a ref or any
-    reflog entry, or pruned by someone else and not yet collected), and so is every
-    indexed chunk none of them lists: nothing but their data can go.
+    commits no ref names): every other commit a ref or any reflog entry reaches, or
+    pruned by someone else and not yet collected, is kept, and so is every indexed chunk
+    none of the ``only`` commits lists: nothing but their data can go.
     """
     records = repo.pruned()
     pruned = sum(1 for r in records.values() if r.get("rule") != COLLECTED_RULE)

@@ -811,8 +811,9 @@ class Repo:
         loading it raises CommitCollectedError, fsck stays clean.
 
         ``only`` restricts gc to the data of those pruned commits (not ref tips): every
-        other commit in the store, reachable or not, is kept, and so is every chunk no
-        ``only`` commit lists (the CheckpointManager's automatic gc).
+        other commit a ref or any reflog entry (whatever its age) reaches, or pruned by
+        someone else, is kept, and so is every chunk no ``only`` commit lists (the
+        CheckpointManager's automatic gc).
 
         Packs holding no live chunk are deleted; packs mostly dead are rewritten with
         their live entries copied verbatim. Interrupted commits' files in ``tmp/`` are
