@@ -16,6 +16,7 @@ from .errors import (
     AmbiguousRevisionError,
     AsyncSaveError,
     CkptvcsError,
+    CommitCollectedError,
     CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
@@ -32,6 +33,7 @@ from .errors import (
     RepositoryExistsError,
     RevisionNotFoundError,
     StorageError,
+    UnmergedBranchError,
     UnsupportedFormatError,
     UnsupportedValueError,
 )
@@ -89,6 +91,7 @@ __all__ = [
     "NotARepositoryError",
     "RefConflictError",
     "RefExistsError",
+    "UnmergedBranchError",
     "RepositoryDamagedError",
     "RepositoryExistsError",
     "RevisionNotFoundError",
@@ -96,6 +99,7 @@ __all__ = [
     "UnsupportedFormatError",
     "UnsupportedValueError",
     "CommitPrunedError",
+    "CommitCollectedError",
     "AsyncSaveError",
     "ProtectedCommitError",
 ]

@@ -30,6 +30,7 @@ from . import __version__
 from .diff import DiffStat
 from .errors import CkptvcsError, InvalidInputError, RefExistsError, RepositoryDamagedError
 from .exchange import FORMATS, export_metadata, export_state, guess_format, read_state_file, subtree
+from .gc import COLLECTED_RULE
 from .graph import graph_lines
 from .objects import Commit
 from .refs import Refs
@@ -279,9 +280,16 @@ def _oneline(c: Commit, labels: dict[str, list[str]]) -> str:
     if c.metrics:
         parts.append(_metric_text(c.metrics))
     if c.pruned is not None:
-        parts.append(click.style(f"[pruned: {c.pruned.get('rule', '?')}]", fg="red"))
+        parts.append(click.style(_released_mark(c.pruned), fg="red"))
     parts.append(c.message.splitlines()[0] if c.message else "")
     return " ".join(p for p in parts if p)
+
+
+def _released_mark(record: dict[str, Any]) -> str:
+    """The log mark of a commit whose tensor data was released."""
+    if record.get("rule") == COLLECTED_RULE:
+        return "[collected by gc]"
+    return f"[pruned: {record.get('rule', '?')}]"
 
 
 def _long(c: Commit, labels: dict[str, list[str]]) -> list[str]:
@@ -304,7 +312,10 @@ def _long(c: Commit, labels: dict[str, list[str]]) -> list[str]:
     if c.code_version:
         dirty = " (dirty)" if c.code_version.get("dirty") else ""
         lines.append(f"Code:   {c.code_version.get('git_commit', '?')}{dirty}")
-    if c.pruned is not None:
+    if c.pruned is not None and c.pruned.get("rule") == COLLECTED_RULE:
+        lines.append(click.style(f"Collected: by gc on {_local_time(c.pruned.get('time', ''))} (tensor data released: "
+                                 "no branch, tag or unexpired reflog entry kept it)", fg="red"))
+    elif c.pruned is not None:
         why = f": {c.pruned['reason']}" if c.pruned.get("reason") else ""
         lines.append(click.style(f"Pruned: by {c.pruned.get('rule', '?')} on {_local_time(c.pruned.get('time', ''))}{why} "
                                  "(tensor data released)", fg="red"))
@@ -467,7 +478,10 @@ def checkout(ctx: click.Context, rev: str | None, output: str | None, fmt: str |
     if output:
         _export(repo, rev, output, fmt, key)
         return
+    before = _detached_commits(repo)
     commit_id = repo.checkout(rev)
+    still_held = {c.id for c in _detached_commits(repo)}
+    _warn_left_behind(repo, [c for c in before if c.id not in still_held])
     branch, _ = repo.head()
     if branch:
         click.echo(f"Switched to branch '{branch}' ({commit_id[:12]})")
@@ -486,6 +500,35 @@ def _checkout_new_branch(repo: Repo, name: str | None, rev: str | None, output: 
         repo.branch(name, rev)
     commit_id = repo.checkout(name)
     click.echo(f"Switched to a new branch '{name}' ({commit_id[:12]})")
+
+
+def _detached_commits(repo: Repo) -> list[Commit]:
+    """The commits only a detached HEAD holds (none when HEAD is on a branch)."""
+    branch, head_id = repo.head()
+    return repo.commits_not_on_refs() if branch is None and head_id else []
+
+
+def _warn_left_behind(repo: Repo, commits: list[Commit], shown: int = 5) -> None:
+    """What git says on leaving commits of a detached HEAD behind: which, and how to keep them."""
+    if not commits:
+        return
+    click.echo(f"warning: leaving {len(commits)} commit(s) behind that no branch or tag contains:", err=True)
+    for c in commits[:shown]:
+        click.echo(f"  {c.id[:12]} {c.message.splitlines()[0] if c.message else '(no message)'}", err=True)
+    if len(commits) > shown:
+        click.echo(f"  ... and {len(commits) - shown} more", err=True)
+    click.echo(f"The reflog keeps them for {_duration(repo.reflog_expire)}, then gc releases their data. "
+               f"Keep them with a branch: ckptvcs branch NAME {commits[0].id[:12]}", err=True)
+
+
+def _duration(seconds: float) -> str:
+    if math.isinf(seconds):
+        return "ever"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = seconds / size
+            return f"{count:.0f} {unit}{'s' if round(count) != 1 else ''}"
+    return f"{seconds:.0f} seconds"
 
 
 def _export(repo: Repo, rev: str, output: str, fmt: str | None, key: str | None = None) -> None:
@@ -524,23 +567,28 @@ def export(ctx: click.Context, rev: str, file: str, fmt: str | None, key: str | 
 @cli.command()
 @click.argument("name", required=False, shell_complete=_complete_branch)
 @click.argument("rev", default="HEAD", shell_complete=_complete_rev)
-@click.option("-d", "--delete", is_flag=True, help="Delete branch NAME.")
+@click.option("-d", "--delete", is_flag=True,
+              help="Delete branch NAME; refused unless another branch or tag contains its commits.")
+@click.option("-D", "force_delete", is_flag=True,
+              help="Delete branch NAME even if no other branch or tag contains its commits.")
 @click.option("-f", "--force", is_flag=True, help="Move NAME to REV if it exists.")
 @click.pass_context
-def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, force: bool) -> None:
-    """List branches, create NAME at REV, or delete NAME with -d."""
+def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, force_delete: bool, force: bool) -> None:
+    """List branches, create NAME at REV, or delete NAME with -d (-D: even if unmerged)."""
     repo = _repo(ctx)
+    delete = delete or force_delete
     if name is None:
         if delete:
-            raise click.UsageError("branch -d needs a NAME")
+            raise click.UsageError("branch -d/-D needs a NAME")
         current, _ = repo.head()
         for branch_name, cid in repo.branches().items():
             marker = "*" if branch_name == current else " "
             click.echo(f"{marker} {branch_name:<24} {cid[:12]}")
         return
     if delete:
-        repo.delete_branch(name)
-        click.echo(f"Deleted branch {name}")
+        tip = repo.branches().get(name)
+        repo.delete_branch(name, force=force_delete)
+        click.echo(f"Deleted branch {name}" + (f" (was {tip[:12]})" if tip else ""))
         return
     with _exists_hint(f"add -f to move it (ckptvcs branch -f {name} {rev})"):
         commit_id = repo.branch(name, rev, force=force)
@@ -612,17 +660,28 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 
 @cli.command()
 @click.option("-n", "--dry-run", is_flag=True, help="Report what would be reclaimed; change nothing.")
+@click.option("--prune", "expire", metavar="EXPIRY",
+              help="Keep commits named by reflog entries younger than EXPIRY: 'now' (none), 'never' (all), "
+                   "or a number and unit such as 90s, 12h, 7d, 2.weeks, 3.months "
+                   "(default: config.json's reflog_expire, 30.days).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
-    """Reclaim the space of chunks no kept commit needs (pruned or unreachable commits)."""
-    report = _repo(ctx).gc(dry_run=dry_run)
+def gc(ctx: click.Context, dry_run: bool, expire: str | None, as_json: bool) -> None:
+    """Reclaim the space of chunks no kept commit needs (pruned or unreachable commits).
+
+    Kept: every commit a branch, tag or HEAD reaches, and (git's grace) every commit
+    a reflog entry younger than the expiry names, with its history.
+    """
+    report = _repo(ctx).gc(dry_run=dry_run, prune_unreachable_after=expire)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
         return
     verb = "would reclaim" if dry_run else "reclaimed"
     click.echo(f"{report.live_commits} live commits ({report.pruned_commits} pruned), "
                f"{report.live_chunks} live chunks, {report.dead_chunks} dead")
+    if report.collected_commits:
+        click.echo(f"{len(report.collected_commits)} unreachable commit(s) {'would lose' if dry_run else 'lost'} "
+                   "their data (history stays; `log` and `show` mark them collected)")
     click.echo(f"packs: {len(report.packs_deleted)} deleted, {len(report.packs_rewritten)} rewritten"
                + (f", {len(report.packs_skipped)} unreadable left alone (run fsck)" if report.packs_skipped else ""))
     click.echo(f"{verb} {_human(report.bytes_reclaimed)} ({report.bytes_reclaimed} bytes); "

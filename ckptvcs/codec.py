@@ -440,3 +440,18 @@ def decompress_object(data: bytes, max_size: int) -> bytes:
         return _decompressor().decompress(data, max_output_size=max_size)
     except zstandard.ZstdError as err:
         raise CorruptObjectError(f"object does not decompress: {err}") from None
+
+
+def decompress_prefix(data: bytes, size: int) -> bytes:
+    """The first ``size`` bytes (or fewer) of a compressed metadata object, decoding no more."""
+    try:
+        out = b""
+        with _decompressor().stream_reader(data) as reader:
+            while len(out) < size:
+                block = reader.read(size - len(out))
+                if not block:
+                    break
+                out += block
+        return out
+    except zstandard.ZstdError as err:
+        raise CorruptObjectError(f"object does not decompress: {err}") from None

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidRefNameError",
     "RefExistsError",
     "RefConflictError",
+    "UnmergedBranchError",
     "UnsupportedValueError",
     "InvalidInputError",
     "IntegrityError",
@@ -25,6 +26,7 @@ __all__ = [
     "ForkedRepoError",
     "StorageError",
     "CommitPrunedError",
+    "CommitCollectedError",
     "AsyncSaveError",
     "ProtectedCommitError",
     "RepositoryDamagedError",
@@ -99,6 +101,21 @@ class RefConflictError(CkptvcsError):
     exit_code = 7
 
 
+class UnmergedBranchError(CkptvcsError):
+    """``delete_branch`` without ``force``: no other branch or tag contains the branch's commits.
+
+    Deleting it would leave them to the reflog's grace and then to gc; ``force=True``
+    (``ckptvcs branch -D``) deletes it anyway. ``branch`` and ``commit_id`` name it.
+    """
+
+    exit_code = 6
+
+    def __init__(self, branch: str, commit_id: str, message: str) -> None:
+        super().__init__(message)
+        self.branch = branch
+        self.commit_id = commit_id
+
+
 class UnsupportedValueError(CkptvcsError):
     """A value in the state cannot be represented; ``path`` names where it sits."""
 
@@ -155,6 +172,14 @@ class CommitPrunedError(CkptvcsError):
         super().__init__(message)
         self.commit_id = commit_id
         self.rule = rule
+
+
+class CommitCollectedError(CommitPrunedError):
+    """gc collected the commit's tensor data: no ref or recent reflog entry kept it.
+
+    A state, not damage (``fsck`` stays clean): the history and metadata remain, the
+    tensor data is gone for good. ``rule`` is ``"gc"``. Same exit code as a pruned commit.
+    """
 
 
 class AsyncSaveError(CkptvcsError):

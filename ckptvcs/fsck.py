@@ -483,8 +483,10 @@ class _Checker:
                 parents_of_unreachable.update(p for p in body["parents"] if isinstance(p, str))
         for oid, kind in unreachable.items():
             if kind == "commit" and oid not in parents_of_unreachable:
+                fate = ("its data was collected by gc" if "collected" in self.pruned.get(oid, {}) else
+                        "gc collects its data once no unexpired reflog entry names it")
                 self.add("dangling", f"dangling commit {oid}: no ref reaches it (an interrupted or "
-                         "conflicting commit, or a deleted branch; gc removes it)", objects=[oid])
+                         f"conflicting commit, a deleted branch or a detached HEAD's; {fate})", objects=[oid])
             else:
                 self.add("unreachable", f"unreachable {kind} {oid}", objects=[oid])
         for folder in sorted(objects.root.iterdir()) if objects.root.is_dir() else []:

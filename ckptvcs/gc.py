@@ -21,14 +21,15 @@ history, pruned commits included, stays readable.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _fs
-from .errors import CorruptObjectError
+from .errors import CkptvcsError, CorruptObjectError
 from .objects import Manifest
 from .pack import PackEntry, PackWriter, entry_size, iter_pack_entries, with_delta_bases
 from .store import PACK_TARGET_SIZE
@@ -36,7 +37,10 @@ from .store import PACK_TARGET_SIZE
 if TYPE_CHECKING:
     from .repo import Repo
 
-__all__ = ["GcReport", "collect_garbage", "REWRITE_DEAD_FRACTION"]
+__all__ = ["GcReport", "collect_garbage", "REWRITE_DEAD_FRACTION", "COLLECTED_RULE"]
+
+COLLECTED_RULE = "gc"
+"""The ``rule`` of the pruned record gc writes for an unreachable commit whose data it collected."""
 
 REWRITE_DEAD_FRACTION = 0.5
 """A pack whose dead bytes reach this fraction of its entry bytes is rewritten."""
@@ -56,6 +60,7 @@ class GcReport:
     packs_written: list[str] = field(default_factory=list)
     packs_skipped: list[str] = field(default_factory=list)  # unreadable packs, left for fsck
     tmp_files_removed: int = 0
+    collected_commits: list[str] = field(default_factory=list)  # unreachable commits whose data went
     pack_bytes_before: int = 0
     pack_bytes_after: int = 0
     bytes_reclaimed: int = 0
@@ -108,15 +113,27 @@ def _plan_pack(path: Path, live: set[bytes], index: dict[bytes, PackEntry]) -> _
     return _PackPlan(path.stem, path, path.stat().st_size, keep, drop, dead)
 
 
-def collect_garbage(repo: Repo, *, dry_run: bool, rewrite_dead_fraction: float = REWRITE_DEAD_FRACTION) -> GcReport:
-    """Mark and sweep ``repo``. The caller holds the exclusive repository lock."""
+def collect_garbage(
+    repo: Repo,
+    *,
+    dry_run: bool,
+    rewrite_dead_fraction: float = REWRITE_DEAD_FRACTION,
+    expire: float | None = None,
+    only: set[str] | None = None,
+) -> GcReport:
+    """Mark and sweep ``repo``. The caller holds the exclusive repository lock.
+
+    ``expire``: seconds a reflog entry keeps its commits (default: the repository's);
+    ``only``: collect nothing but these pruned commits' data (see :func:`select_live`).
+    """
     report = GcReport(dry_run=dry_run)
-    commits = repo.live_commits()
-    report.live_commits = len(commits)
-    report.pruned_commits = len(repo.pruned())
     index = {entry.chunk_id: entry for entry in repo.chunks.index}
-    live = live_chunk_ids(repo, commits, index)
+    selection = select_live(repo, index, expire=expire, only=only)
+    live = selection.chunks
+    report.live_commits = len(selection.commits)
+    report.pruned_commits = selection.pruned
     report.live_chunks = len(live)
+    report.collected_commits = selection.collected
 
     packs_dir = repo.root / "packs"
     plans: list[_PackPlan] = []
@@ -148,6 +165,8 @@ def collect_garbage(repo: Repo, *, dry_run: bool, rewrite_dead_fraction: float =
         report.pack_bytes_after = report.pack_bytes_before - removed
         report.bytes_reclaimed = removed + tmp_bytes
         return report
+
+    selection.record(repo)  # before any chunk goes: a commit without its data is always on record
 
     with _fs.storage_errors("removing leftovers of interrupted commits from tmp/"):
         for path in tmp_files:
@@ -205,3 +224,77 @@ def _copy_live_entries(repo: Repo, plans: list[_PackPlan]) -> list[PackWriter]:
             writer.abort()
         raise
     return sealed
+
+
+# -- which commits are kept ------------------------------------------------------------
+
+
+@dataclass
+class LiveSelection:
+    """What a gc keeps, and whose data it releases (recorded before anything is deleted)."""
+
+    commits: list[str]  # commits whose data is kept
+    chunks: set[bytes]  # chunks kept, closed over delta bases
+    pruned: int  # commits pruned by a retention rule, on record
+    collected: list[str]  # unreachable commits whose data goes now: they get a pruned record, rule "gc"
+    released: list[str]  # pruned commits whose data goes now: their record gets a "collected" time
+
+    def record(self, repo: Repo) -> None:
+        repo._record_collected(self.collected, "no branch, tag or unexpired reflog entry reached it")
+        repo._mark_collected(self.released)
+
+
+def select_live(repo: Repo, index: dict[bytes, PackEntry], *, expire: float | None,
+                only: set[str] | None) -> LiveSelection:
+    """The live set of a gc.
+
+    Default: the commits of :meth:`Repo.live_commits` (refs, and reflog entries younger
+    than ``expire``); every other commit whose data goes is reported. With ``only`` (pruned
+    commits no ref names): every other commit a ref or any reflog entry reaches, or
+    pruned by someone else and not yet collected, is kept, and so is every indexed chunk
+    none of the ``only`` commits lists: nothing but their data can go.
+    """
+    records = repo.pruned()
+    pruned = sum(1 for r in records.values() if r.get("rule") != COLLECTED_RULE)
+    if only is None:
+        kept = repo.live_commits(expire=expire)
+        chunks = live_chunk_ids(repo, kept, index)
+        kept_set = set(kept)
+        released = [c for c, r in records.items() if c not in kept_set and "collected" not in r]
+        collected = [c for c in _unrecorded_commits(repo, kept_set, records) if _data_goes(repo, c, chunks)]
+        return LiveSelection(kept, chunks, pruned, collected, released)
+    others = [c for c, r in records.items() if c not in only and "collected" not in r]
+    kept = list(dict.fromkeys(repo.live_commits(expire=math.inf) + others))
+    candidates: set[bytes] = set()
+    for commit_id in only:
+        candidates |= _chunks_of(repo, commit_id, strict=True) or set()
+    chunks = with_delta_bases(live_chunk_ids(repo, kept, index) | (set(index) - candidates), index)
+    return LiveSelection(kept, chunks, pruned, [], sorted(only))
+
+
+def _unrecorded_commits(repo: Repo, kept: set[str], records: dict[str, Any]) -> Iterator[str]:
+    """Commit objects neither kept nor on record (unreachable ones), from a cheap scan."""
+    for oid in repo.objects:
+        if oid not in kept and oid not in records and repo.objects.peek_kind(oid) == "commit":
+            try:
+                repo.objects.read_commit(oid)
+            except CkptvcsError:
+                continue  # a damaged object: fsck reports it; nothing to record
+            yield oid
+
+
+def _data_goes(repo: Repo, commit_id: str, live: set[bytes]) -> bool:
+    """Whether a commit loses a chunk (or never had a readable manifest) when ``live`` is kept."""
+    listed = _chunks_of(repo, commit_id)
+    return listed is None or not listed <= live
+
+
+def _chunks_of(repo: Repo, commit_id: str, *, strict: bool = False) -> set[bytes] | None:
+    """Chunk ids a commit's manifest lists; None when it does not read (with ``strict``,
+    gc stops without deleting anything instead)."""
+    try:
+        return live_chunk_ids(repo, [commit_id], {})
+    except CkptvcsError:
+        if strict:
+            raise
+        return None

@@ -60,8 +60,9 @@ class CheckpointManager:
     ``load_state_dict()`` (modules, optimizers, schedulers, GradScaler, samplers, your
     own) or to plain tensors and values. Commits go to ``branch`` (default: the branch
     HEAD is on; a new branch starts at HEAD). ``gc_every=N`` (default 1; 0 disables)
-    runs ``repo.gc()`` after every N saves that followed a prune (in the background with ``async_save``), so
-    pruned data leaves the disk without a separate ``ckptvcs gc``. With
+    runs ``repo.gc(only=...)`` after every N saves that followed a prune (in the background with ``async_save``), so
+    pruned data leaves the disk without a separate ``ckptvcs gc``; it releases only what this
+    manager's retention pruned. With
     ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
     seconds takes its course without a save. See the README for every argument.
     """
@@ -106,6 +107,7 @@ class CheckpointManager:
         self.gc_every = gc_every
         self._saves_since_gc = 0
         self._pruned_since_gc = False
+        self._pruned_by_me: set[str] = set()  # what retention pruned and no gc of ours collected yet
         self.policy = RetentionPolicy(
             keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
             keep_every_steps=keep_every_steps, max_age=max_age,
@@ -407,12 +409,17 @@ class CheckpointManager:
         return commit_id
 
     def _maybe_collect_garbage(self) -> None:
-        """With ``gc_every=N``: release pruned data every N saves (only if something was pruned)."""
+        """With ``gc_every=N``: release pruned data every N saves (only if something was pruned).
+
+        Only the data of the commits this manager's retention pruned can go: every other
+        commit (another run's, a deleted branch's, a detached HEAD's) is kept as live.
+        """
         if self.gc_every == 0:
             return
         self._saves_since_gc += 1
         if self._saves_since_gc >= self.gc_every and self._pruned_since_gc:
-            self.repo.gc()
+            self.repo.gc(only=self._pruned_by_me)
+            self._pruned_by_me.clear()
             self._saves_since_gc = 0
             self._pruned_since_gc = False
 
@@ -484,6 +491,7 @@ class CheckpointManager:
             except ProtectedCommitError:
                 continue  # a ref moved onto it meanwhile: it stays
             dropped.add(decision.id)
+        self._pruned_by_me |= dropped
         if dropped:
             self._records = [r for r in self._records if r.id not in dropped]
             self._pruned_since_gc = True

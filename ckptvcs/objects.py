@@ -25,6 +25,7 @@ __all__ = ["Commit", "Manifest", "Tag", "ObjectStore", "canonical_json", "encode
 
 KINDS = ("commit", "manifest", "tag")
 _MAX_OBJECT_SIZE = 1 << 30  # bound on decompression of one object
+_PEEK_BYTES = 256 << 10
 
 
 def canonical_json(value: Any) -> bytes:
@@ -243,6 +244,21 @@ class ObjectStore:
 
     def kind(self, oid: str) -> str:
         return self.get(oid)[0]
+
+    def peek_kind(self, oid: str) -> str | None:
+        """The kind of a stored object from its first bytes only, unverified (None: unreadable).
+
+        For scans over every object (gc looking for unreachable commits) that would
+        otherwise decompress and parse every manifest; read with :meth:`get` to trust it.
+        """
+        try:
+            with open(self.path(oid), "rb") as f:
+                start = f.read(_PEEK_BYTES)  # holds the whole first zstd block (at most 128 KiB)
+            head = codec.decompress_prefix(start, 16)
+        except (OSError, CorruptObjectError):
+            return None
+        kind = head.partition(b"\n")[0].decode("ascii", "replace")
+        return kind if kind in KINDS else None
 
     def read_commit(self, oid: str) -> Commit:
         return Commit.from_json(self.get(oid, "commit")[1], oid)

@@ -10,12 +10,14 @@ is the single commit point of every operation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from . import _fs
 from .errors import CorruptObjectError, InvalidRefNameError, RefConflictError
@@ -188,6 +190,41 @@ class Refs:
             except ValueError:
                 continue
             yield ReflogEntry(ref, parts[0], parts[1], stamp, parts[3], message)
+
+    def set_aside_stale_logs(self, ref: str) -> None:
+        """Move deleted refs' reflogs that block ``ref``'s log path into ``logs/deleted/``.
+
+        A deleted ref keeps its reflog (gc's grace needs it), so a new ref ``a/b`` may find
+        the log file of a deleted ``a`` where its log directory must go, or ``a`` a folder
+        of ``a/...`` logs. They move, whole, to ``logs/deleted/<time ns>-<quoted ref>``.
+        """
+        logs = self.root / "logs"
+        path = self._log_path(ref)
+        blockers = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+        blockers += [logs / part for part in Path(ref).parents if part != Path(".") and (logs / part).is_file()]
+        if not blockers:
+            return
+        aside = logs / "deleted"
+        with _fs.storage_errors(f"setting aside the reflogs of deleted refs in the way of {ref}"):
+            aside.mkdir(exist_ok=True)
+            for log in blockers:
+                name = log.relative_to(logs).as_posix()
+                if self.read_raw(name) is None:
+                    os.rename(log, aside / f"{time.time_ns()}-{quote(name, safe='')}")
+                    _fs.fsync_dir(log.parent)
+            _fs.fsync_dir(aside)
+            for folder in sorted((p for p in [path, *path.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only empty folders go
+
+    def logged_refs(self) -> list[str]:
+        """Every ref with a reflog, deleted refs included (their log outlives them)."""
+        base = self.root / "logs"
+        found = []
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                found.append(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"))
+        return sorted(found)
 
 
 def _short(value: str | None) -> str:

@@ -12,9 +12,11 @@ import contextlib
 import errno
 import heapq
 import json
+import math
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, as_completed
@@ -30,6 +32,7 @@ from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
     AmbiguousRevisionError,
     CkptvcsError,
+    CommitCollectedError,
     CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
@@ -41,14 +44,16 @@ from .errors import (
     RepositoryExistsError,
     RevisionNotFoundError,
     StorageError,
+    UnmergedBranchError,
     UnsupportedFormatError,
     UnsupportedValueError,
 )
+from .expiry import DEFAULT_REFLOG_EXPIRE, parse_expiry
 from .fsck import FsckProgress, FsckReport, check_repository
-from .gc import GcReport, collect_garbage
+from .gc import COLLECTED_RULE, GcReport, collect_garbage
 from .hugepages import advise_huge_pages
 from .objects import Commit, Manifest, ObjectStore, Tag, canonical_json
-from .refs import HEAD, ReflogEntry, Refs, check_ref_name
+from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name
 from .repair import RepairReport, rebuild_index
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
@@ -169,6 +174,7 @@ class Repo:
         path: str | os.PathLike[str],
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
+        reflog_expire: str = DEFAULT_REFLOG_EXPIRE,
     ) -> Repo:
         """Create a repository at ``path`` atomically: a crash leaves none or a whole one.
 
@@ -176,6 +182,9 @@ class Repo:
         multiple of 16 between 4 KiB and 256 MiB) is fixed for the repository's life.
         ``keyframe_interval`` K bounds delta chains: a chunk is stored whole at least
         every K versions, so a load resolves at most K - 1 deltas (1 disables deltas).
+        ``reflog_expire`` (``30.days``, ``2.weeks``, ``never``, ...; see
+        :mod:`ckptvcs.expiry`) is how long a reflog entry keeps the data of the commits it
+        names from gc; stored in config.json, editable there.
         """
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
             4096 <= chunk_size <= 256 << 20 and chunk_size % 16 == 0
@@ -183,6 +192,9 @@ class Repo:
             raise InvalidInputError(f"chunk_size must be a multiple of 16 between 4096 and {256 << 20}, got {chunk_size!r}")
         _check_keyframe_interval(keyframe_interval)
         _refuse_url(path)
+        if not isinstance(reflog_expire, str):
+            raise InvalidInputError(f"reflog_expire must be a string such as '30.days', got {reflog_expire!r}")
+        parse_expiry(reflog_expire)
         target = Path(path).absolute()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise RepositoryExistsError(f"{target} already exists and is not an empty directory")
@@ -191,6 +203,7 @@ class Repo:
             "version": FORMAT_VERSION,
             "chunk_size": chunk_size,
             "keyframe_interval": keyframe_interval,
+            "reflog_expire": reflog_expire,
             "hash": "blake3",
             "id": uuid.uuid4().hex,
             "created": provenance.utc_now(),
@@ -244,6 +257,7 @@ class Repo:
             raise CorruptObjectError(f"{root}/config.json has an invalid chunk_size {chunk_size!r}")
         try:
             _check_keyframe_interval(config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL))
+            parse_expiry(config.get("reflog_expire", DEFAULT_REFLOG_EXPIRE))
         except InvalidInputError as err:
             raise CorruptObjectError(f"{root}/config.json: {err}") from None
         return cls(root, config)
@@ -651,21 +665,69 @@ class Repo:
         """Create branch ``name`` at ``rev`` (move it there with ``force``); returns the id."""
         ref = f"refs/heads/{check_ref_name(name, 'branch')}"
         target = self.resolve(rev)
+        self._check_data_kept(target, f"branch {name!r}")
         current = self._ref_to_write(ref, force, f"branch {name!r}", "use force to move it")
         self.refs.set_if_equals(ref, current, target, who=provenance.default_author(), message=f"branch: {rev}")
         return target
 
-    def delete_branch(self, name: str) -> None:
-        """Delete a branch (not the one HEAD is on). Its commits stay until gc."""
+    def delete_branch(self, name: str, force: bool = False) -> None:
+        """Delete a branch (not the one HEAD is on).
+
+        Like ``git branch -d``: refuses (UnmergedBranchError) a branch whose tip no other
+        branch, tag or detached HEAD contains, unless ``force``. A force-deleted branch's
+        commits stay recoverable (its reflog outlives it) until its last reflog entry
+        is older than the reflog expiry and gc runs.
+        """
         ref = f"refs/heads/{check_ref_name(name, 'branch')}"
-        if self.refs.symbolic_target(HEAD) == ref and self.refs.read_raw(ref) is not None:
+        tip = self.refs.read_raw(ref)
+        if self.refs.symbolic_target(HEAD) == ref and tip is not None:
             raise CkptvcsError(f"cannot delete branch {name!r}: HEAD is on it; check out another revision first")
+        if tip is not None and not force and tip not in self._reachable(self._tips_except(ref)):
+            raise UnmergedBranchError(
+                name, tip,
+                f"branch {name!r} (at {tip[:12]}) is not contained in any other branch or tag; deleting it leaves "
+                f"its commits to gc once its reflog expires; use -D (force=True) to delete it anyway",
+            )
         self._delete_ref(ref, "branch", name)
+
+    def _tips_except(self, ref: str, *, detached_head: bool = True) -> list[str]:
+        """Commits named by every branch and tag but ``ref`` (and by a detached HEAD)."""
+        tips = [cid for b, cid in self.branches().items() if f"refs/heads/{b}" != ref and cid]
+        tips += [t.object for n, t in self.tags().items() if f"refs/tags/{n}" != ref]
+        if detached_head and self.refs.symbolic_target(HEAD) is None:
+            head = self.refs.read_raw(HEAD)
+            if head:
+                tips.append(head)
+        return tips
+
+    def _reachable(self, starts: Iterable[str], stop: set[str] | frozenset[str] = frozenset()) -> set[str]:
+        """Ids of the commits reachable from ``starts`` (parents included), not walking past ``stop``."""
+        seen: set[str] = set()
+        stack = [s for s in starts if s not in stop]
+        while stack:
+            oid = stack.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            stack.extend(p for p in self.objects.read_commit(oid).parents if p not in seen and p not in stop)
+        return seen
+
+    def commits_not_on_refs(self, rev: str = "HEAD") -> list[Commit]:
+        """Commits reachable from ``rev`` that no branch or tag contains, newest first.
+
+        What a checkout away from a detached HEAD leaves behind: they stay recoverable
+        through the reflog until it expires, then gc collects their data.
+        """
+        start = self.resolve(rev)
+        own = self._reachable([start], stop=self._reachable(self._tips_except(HEAD, detached_head=False)))
+        commits = [self.objects.read_commit(oid) for oid in own]
+        return sorted(commits, key=lambda c: (c.time, c.id), reverse=True)
 
     def tag(self, name: str, rev: str = "HEAD", message: str = "", force: bool = False) -> str:
         """Create an annotated tag at ``rev``; a tag never moves unless ``force``. Returns the commit id."""
         ref = f"refs/tags/{check_ref_name(name, 'tag')}"
         target = self.resolve(rev)
+        self._check_data_kept(target, f"tag {name!r}")
         current = self._ref_to_write(ref, force, f"tag {name!r}", "tags never move unless forced")
         who = provenance.default_author()
         tag = Tag(object=target, name=name, message=_require_str(message, "message"), tagger=who, time=provenance.utc_now())
@@ -724,6 +786,7 @@ class Repo:
         for parent in path.relative_to(self.root).parents:
             if parent != Path(".") and (self.root / parent).is_file():
                 raise RefExistsError(f"cannot create {ref}: ref {parent.as_posix()} exists")
+        self.refs.set_aside_stale_logs(ref)
 
     # -- pruning and garbage collection ----------------------------------------------
 
@@ -770,56 +833,137 @@ class Repo:
             raise ProtectedCommitError(
                 f"commit {commit_id[:12]} is the tip of a branch, tag or HEAD; it cannot be pruned"
             )
-        record = {
-            "commit": commit_id,
-            "rule": _require_str(rule, "rule"),
-            "reason": _require_str(reason, "reason"),
-            "time": provenance.utc_now(),
-            "who": provenance.default_author(),
-        }
+        self._write_pruned_record(commit_id, _require_str(rule, "rule"), _require_str(reason, "reason"))
+        return commit_id
+
+    def _write_pruned_record(self, commit_id: str, rule: str, reason: str, *, collected: bool = False) -> None:
+        now = provenance.utc_now()
+        record = {"commit": commit_id, "rule": rule, "reason": reason, "time": now, "who": provenance.default_author()}
+        self._store_pruned_record(commit_id, {**record, "collected": now} if collected else record)
+
+    def _store_pruned_record(self, commit_id: str, record: dict[str, Any]) -> None:
         folder = self._pruned_dir()
         with _fs.storage_errors(f"recording that commit {commit_id[:12]} was pruned"):
             if not folder.is_dir():
                 folder.mkdir(exist_ok=True)
                 _fs.fsync_dir(self.root)
             _fs.atomic_write(folder / commit_id, canonical_json(record) + b"\n")
-        return commit_id
+
+    def _record_collected(self, commit_ids: Iterable[str], reason: str) -> None:
+        """gc calls this before it deletes any chunk: each commit's data is then known gone."""
+        for commit_id in commit_ids:
+            self._write_pruned_record(commit_id, COLLECTED_RULE, reason, collected=True)
+
+    def _mark_collected(self, commit_ids: Iterable[str]) -> None:
+        """Add gc's time to pruned records whose data gc releases now (before it deletes any)."""
+        for commit_id in commit_ids:
+            record = self._read_pruned(commit_id)
+            if "collected" not in record:
+                self._store_pruned_record(commit_id, {**record, "collected": provenance.utc_now()})
 
     def _check_not_pruned(self, commit_id: str) -> None:
         record = self.pruned_record(commit_id)
         if record is not None:
-            why = f": {record['reason']}" if record.get("reason") else ""
-            raise CommitPrunedError(
-                commit_id,
-                record["rule"],
-                f"commit {commit_id[:12]} was pruned by retention rule {record['rule']} on "
-                f"{record.get('time', '?')}{why}; its history and metadata remain but its tensor data was released",
+            raise self._released_error(commit_id, record)
+
+    @staticmethod
+    def _released_error(commit_id: str, record: dict[str, Any], doing: str = "") -> CommitPrunedError:
+        """The error for a commit whose tensor data was released (pruned, or collected by gc)."""
+        if record["rule"] == COLLECTED_RULE:
+            return CommitCollectedError(
+                commit_id, COLLECTED_RULE,
+                f"{doing}commit {commit_id[:12]}'s tensor data was collected by gc on {record.get('time', '?')} "
+                "(no branch, tag or unexpired reflog entry kept it); its history and metadata remain",
             )
+        why = f": {record['reason']}" if record.get("reason") else ""
+        return CommitPrunedError(
+            commit_id,
+            record["rule"],
+            f"{doing}commit {commit_id[:12]} was pruned by retention rule {record['rule']} on "
+            f"{record.get('time', '?')}{why}; its history and metadata remain but its tensor data was released",
+        )
+
+    def _check_data_kept(self, commit_id: str, what: str) -> None:
+        """Refuse to point a new ref at a commit whose tensor data was released."""
+        record = self.pruned_record(commit_id)
+        if record is not None:
+            raise self._released_error(commit_id, record, f"cannot create {what}: ")
 
     @staticmethod
     def _with_pruned(commit: Commit, record: dict[str, Any] | None) -> Commit:
         return commit if record is None else replace(commit, pruned=record)
 
-    def gc(self, dry_run: bool = False) -> GcReport:
+    def gc(
+        self,
+        dry_run: bool = False,
+        *,
+        prune_unreachable_after: Any = None,
+        only: Iterable[str] | None = None,
+    ) -> GcReport:
         """Release the chunks no kept commit needs; returns what was (or would be) reclaimed.
 
-        Live chunks: those of every non-pruned commit reachable from a branch, tag or
-        HEAD (a ref's own commit always counts as live), plus the delta bases they need.
+        Kept commits (:meth:`live_commits`): every non-pruned commit reachable from a
+        branch, tag or HEAD (a ref's own commit always counts), or from a reflog entry
+        younger than ``prune_unreachable_after`` (default: config.json's
+        ``reflog_expire``, 30 days; ``"now"``, ``"never"``, ``"2.weeks"``, a timedelta
+        or seconds), plus the delta bases they need. Each unreachable commit whose data
+        goes gets a pruned record with rule ``gc`` first (``report.collected_commits``):
+        loading it raises CommitCollectedError, fsck stays clean.
+
+        ``only`` restricts gc to the data of those pruned commits (not ref tips): every
+        other commit a ref or any reflog entry (whatever its age) reaches, or pruned by
+        someone else, is kept, and so is every chunk no ``only`` commit lists (the
+        CheckpointManager's automatic gc).
+
         Packs holding no live chunk are deleted; packs mostly dead are rewritten with
         their live entries copied verbatim. Interrupted commits' files in ``tmp/`` are
         removed. Runs under the exclusive repository lock: commits in flight finish
         first, and commits wait for gc.
         """
         self._check_process()
+        expire = self.reflog_expire if prune_unreachable_after is None else parse_expiry(prune_unreachable_after)
         with self._lock.hold(exclusive=True):
             self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
-            return collect_garbage(self, dry_run=dry_run)
+            collectable = None if only is None else self._collectable(only)
+            return collect_garbage(self, dry_run=dry_run, expire=expire, only=collectable)
 
-    def live_commits(self) -> list[str]:
-        """Ids of the commits whose data gc keeps: reachable, and not pruned unless a ref's tip."""
+    @property
+    def reflog_expire(self) -> float:
+        """Seconds a reflog entry keeps its commits' data from gc (config.json ``reflog_expire``)."""
+        return parse_expiry(self.config.get("reflog_expire", DEFAULT_REFLOG_EXPIRE))
+
+    def _collectable(self, only: Iterable[str]) -> set[str]:
+        """Of ``only``: the pruned commits no ref points at (the rest stays live)."""
         tips = set(self._all_tips())
+        return {c for c in only if c not in tips and self.is_pruned(c)}
+
+    def live_commits(self, *, expire: float | None = None) -> list[str]:
+        """Ids of the commits whose data gc keeps: reachable from a ref or from a reflog entry
+        younger than ``expire`` seconds (default: the configured reflog expiry), and not
+        pruned unless a ref's tip."""
+        tips = set(self._all_tips())
+        starts = tips | self._reflog_commits(self.reflog_expire if expire is None else expire)
         pruned = self.pruned()
-        return [c.id for c in self._walk(tips) if c.id in tips or c.id not in pruned]
+        return [c.id for c in self._walk(starts) if c.id in tips or c.id not in pruned]
+
+    def _reflog_commits(self, expire: float) -> set[str]:
+        """Existing commits named (old or new) by a reflog entry younger than ``expire`` seconds."""
+        if expire <= 0:
+            return set()
+        cutoff = -1 if math.isinf(expire) else time.time_ns() - int(expire * 1e9)
+        named: set[str] = set()
+        for ref in self.refs.logged_refs():
+            for entry in self.refs.reflog(ref):
+                if entry.time_ns >= cutoff:
+                    named.update(oid for oid in (entry.old, entry.new) if oid != ZERO_ID)
+        commits = set()
+        for oid in named:
+            if self.objects.has(oid):
+                try:
+                    commits.add(self._peel(oid))  # a tag's reflog names tag objects
+                except RevisionNotFoundError:
+                    pass  # a reflog line naming a manifest or chunk: nothing to keep
+        return commits
 
     # -- reporting -------------------------------------------------------------------
 

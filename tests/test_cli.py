@@ -251,3 +251,23 @@ def test_top_level_help_lists_every_command() -> None:
     assert result.exit_code == 0
     for command in COMMANDS:
         assert f"  {command}" in result.output
+
+
+def test_git_habits_never_lose_data(workdir: Path) -> None:
+    """branch -d refuses unmerged work (-D forces); checkout from a detached HEAD says how to keep
+    its commits; gc --prune=now collects them, and loading one is exit 14, not bit rot."""
+    project = workdir / "habits"
+    with Repo.init(project / ".ckptvcs") as repo:
+        repo.commit(model_state(5), message="base")
+        exp = repo.commit(model_state(6), message="experiment", branch="exp")
+        repo.checkout(repo.resolve("HEAD"))
+        detached = repo.commit(model_state(7), message="detached work")
+    assert_one_line_error(run("branch", "-d", "exp", cwd=project), 6, "not contained", "-D")
+    assert f"Deleted branch exp (was {exp[:12]})" in ok("branch", "-D", "exp", cwd=project)
+    result = run("checkout", "main", cwd=project)
+    assert result.returncode == 0 and "Switched to branch 'main'" in result.stdout
+    assert "leaving 1 commit(s) behind" in result.stderr and f"{detached[:12]} detached work" in result.stderr
+    assert f"ckptvcs branch NAME {detached[:12]}" in result.stderr and "30 days" in result.stderr
+    assert "2 unreachable commit(s) lost their data" in ok("gc", "--prune=now", cwd=project)
+    # (the grace itself, and what follows a collection, are in test_gc.py, in-process)
+    assert_one_line_error(run("export", detached, "out.pt", cwd=project), 14, "collected by gc")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -11,8 +14,17 @@ from click.testing import CliRunner
 from gc_workers import chain_committer, chain_state
 from helpers import assert_tensor_identical, store_snapshot, tree_size
 
-from ckptvcs import CommitPrunedError, ProtectedCommitError, Repo, StorageError
+from ckptvcs import (
+    CommitCollectedError,
+    CommitPrunedError,
+    IntegrityError,
+    InvalidInputError,
+    ProtectedCommitError,
+    Repo,
+    StorageError,
+)
 from ckptvcs.cli import cli
+from ckptvcs.expiry import parse_expiry
 
 
 def tensor(seed: int, numel: int) -> torch.Tensor:
@@ -97,8 +109,8 @@ def test_unreachable_commits_are_collected_and_refs_protect(small_repo) -> None:
     small_repo.tag("keep-me", side)
     small_repo.commit({"w": tensor(3, 8192)}, "side 2", code_version=None)
     small_repo.checkout("main")
-    small_repo.delete_branch("side")
-    report = small_repo.gc()
+    small_repo.delete_branch("side", force=True)
+    report = small_repo.gc(prune_unreachable_after="now")
     assert report.live_commits == 2  # base, and the tagged commit; "side 2" is unreachable
     assert report.bytes_reclaimed > 8192 * 4 * 0.8  # byte planes keep ~86% of randn float32
     assert_tensor_identical(small_repo.load("keep-me")["w"], tensor(2, 8192))
@@ -253,3 +265,143 @@ def test_sigkill_during_gc_loses_no_kept_commit(small_repo, delay) -> None:
     for cid in kept:
         assert_loads_exactly(small_repo, cid, states[cid])
     assert small_repo.gc(dry_run=True).bytes_reclaimed == 0
+
+
+# -- what gc keeps: refs, and the reflog's grace (issue 10) ---------------------------------
+
+
+def _leave_a_detached_commit_and_a_deleted_branch(repo: Repo) -> tuple[str, str]:
+    """``(commit left behind by a checkout from a detached HEAD, tip of a force-deleted branch)``."""
+    repo.commit({"w": tensor(1, 8192)}, "base", code_version=None)
+    repo.checkout(repo.resolve("HEAD"))
+    detached = repo.commit({"w": tensor(2, 8192)}, "detached work", code_version=None)
+    repo.checkout("main")
+    deleted = repo.commit({"w": tensor(3, 8192)}, "experiment", branch="exp", code_version=None)
+    repo.delete_branch("exp", force=True)
+    return detached, deleted
+
+
+def test_gc_keeps_commits_a_young_reflog_entry_names(small_repo) -> None:
+    detached, deleted = _leave_a_detached_commit_and_a_deleted_branch(small_repo)
+    report = small_repo.gc()
+    assert report.live_commits == 3 and not report.collected_commits and not report.packs_deleted
+    assert_tensor_identical(small_repo.load(detached)["w"], tensor(2, 8192))
+    assert_tensor_identical(small_repo.load(deleted)["w"], tensor(3, 8192))
+    small_repo.branch("rescued", deleted)  # recoverable like git's `branch NAME <reflog id>`
+    assert small_repo.fsck().ok
+
+
+def test_a_deleted_tags_commit_gets_the_grace_too(small_repo) -> None:
+    small_repo.commit({"w": tensor(1, 8192)}, "base", code_version=None)
+    tagged = small_repo.commit({"w": tensor(2, 8192)}, "release", branch="rel", code_version=None)
+    small_repo.tag("v1", tagged)
+    small_repo.delete_branch("rel")  # the tag contains it
+    small_repo.delete_tag("v1")  # the tag's reflog names the tag object: peeled to its commit
+    small_repo.gc()
+    assert_tensor_identical(small_repo.load(tagged)["w"], tensor(2, 8192))
+    assert small_repo.gc(prune_unreachable_after="now").collected_commits == [tagged]
+
+
+def test_reflog_grace_ends_at_the_expiry(small_repo, monkeypatch) -> None:
+    detached, deleted = _leave_a_detached_commit_and_a_deleted_branch(small_repo)
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() + 31 * 86400 * 10**9)  # a month later
+    assert small_repo.gc(prune_unreachable_after="never").live_commits == 3
+    assert small_repo.gc(prune_unreachable_after="2.months", dry_run=True).live_commits == 3
+    report = small_repo.gc()  # the default: 30 days
+    assert sorted(report.collected_commits) == sorted([detached, deleted])
+    assert report.live_commits == 1 and report.bytes_reclaimed > 2 * 8192 * 4 * 0.8
+
+
+def test_reflog_expiry_comes_from_config_and_prune_now_overrides(tmp_path) -> None:
+    with Repo.init(tmp_path / "r", chunk_size=4096, reflog_expire="never") as repo:
+        assert json.loads((repo.root / "config.json").read_text())["reflog_expire"] == "never"
+        detached, deleted = _leave_a_detached_commit_and_a_deleted_branch(repo)
+        assert repo.gc().live_commits == 3
+        report = repo.gc(prune_unreachable_after="now")
+        assert sorted(report.collected_commits) == sorted([detached, deleted]) and report.live_commits == 1
+    with pytest.raises(InvalidInputError, match="2.fortnights"):
+        Repo.init(tmp_path / "bad", reflog_expire="2.fortnights")
+
+
+def test_a_repository_without_the_expiry_key_keeps_the_default(small_repo) -> None:
+    config_path = small_repo.root / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["reflog_expire"]
+    config_path.write_text(json.dumps(config))
+    with Repo.open(small_repo.root) as old:
+        assert old.reflog_expire == 30 * 86400
+        _leave_a_detached_commit_and_a_deleted_branch(old)
+        assert old.gc().live_commits == 3
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("now", 0), ("never", math.inf), ("90s", 90), ("30.minutes", 1800), ("12h", 43200), ("7d", 7 * 86400),
+    ("2.weeks", 14 * 86400), ("1.week", 7 * 86400), ("3.months", 90 * 86400), ("1.year", 365 * 86400),
+    (timedelta(hours=1), 3600), (5, 5),
+])
+def test_expiry_grammar(text, seconds) -> None:
+    assert parse_expiry(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "-1d", "1.5d", "2 weeks ago", "yesterday", None, True, -3])
+def test_expiry_grammar_refuses_the_rest(text) -> None:
+    with pytest.raises(InvalidInputError, match="invalid expiry"):
+        parse_expiry(text)
+
+
+# -- collected data is a state, not damage (issue 10, point 3) -----------------------------
+
+
+def test_a_collected_commit_is_on_record_not_damaged(small_repo) -> None:
+    detached, _ = _leave_a_detached_commit_and_a_deleted_branch(small_repo)
+    small_repo.gc(prune_unreachable_after="now")
+    record = small_repo.pruned_record(detached)
+    assert record is not None and record["rule"] == "gc" and "collected" in record
+    with pytest.raises(CommitCollectedError) as err:
+        small_repo.load(detached)
+    assert err.value.exit_code == 14 and not isinstance(err.value, IntegrityError)
+    assert "collected by gc" in str(err.value)
+    assert small_repo.show(detached).pruned["rule"] == "gc"  # history stays, and says so
+    for make_ref in (lambda: small_repo.branch("x", detached), lambda: small_repo.tag("t", detached)):
+        with pytest.raises(CommitCollectedError, match="cannot create"):
+            make_ref()
+    assert "x" not in small_repo.branches() and "t" not in small_repo.tags()
+    small_repo.checkout(detached)  # looking at history is allowed; fsck then walks it
+    report = small_repo.fsck(read_data=True)
+    assert report.ok, report.errors
+    small_repo.checkout("main")
+    assert small_repo.gc().bytes_reclaimed == 0 and not small_repo.gc().collected_commits
+
+
+def test_pruned_commits_get_their_collection_time_and_refuse_new_refs(small_repo) -> None:
+    states = build_history(small_repo)
+    first = list(states)[0]
+    small_repo.prune(first, "keep_last=3", "test")
+    with pytest.raises(CommitPrunedError, match="cannot create branch"):
+        small_repo.branch("x", first)
+    assert "collected" not in small_repo.pruned_record(first)
+    small_repo.gc(dry_run=True)
+    assert "collected" not in small_repo.pruned_record(first)
+    small_repo.gc()
+    record = small_repo.pruned_record(first)
+    assert record["rule"] == "keep_last=3" and "collected" in record
+
+
+def test_cli_marks_collected_commits_and_refuses_refs_to_them(small_repo) -> None:
+    detached, _ = _leave_a_detached_commit_and_a_deleted_branch(small_repo)
+    root = str(small_repo.root)
+    runner = CliRunner()
+    dry = runner.invoke(cli, ["--repo", root, "gc", "--prune=now", "--dry-run"])
+    assert dry.exit_code == 0 and "2 unreachable commit(s) would lose their data" in dry.output
+    assert small_repo.pruned_record(detached) is None
+    real = runner.invoke(cli, ["--repo", root, "gc", "--prune", "now"])
+    assert real.exit_code == 0 and "2 unreachable commit(s) lost their data" in real.output
+    log = runner.invoke(cli, ["--repo", root, "log", "--oneline", detached])
+    assert f"{detached[:12]} [collected by gc] detached work" in log.output
+    show = runner.invoke(cli, ["--repo", root, "show", detached])
+    assert show.exit_code == 0 and "Collected: by gc on" in show.output
+    refused = runner.invoke(cli, ["--repo", root, "branch", "x", detached])
+    assert refused.exit_code == 14 and "collected by gc" in refused.output
+    bad = runner.invoke(cli, ["--repo", root, "gc", "--prune=soon"])
+    assert bad.exit_code == 9 and "invalid expiry 'soon'" in bad.output

@@ -576,3 +576,34 @@ def test_preemption_without_a_step_boundary_takes_its_course_after_the_grace(rep
         mgr.close()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_automatic_gc_releases_only_what_this_manager_pruned(small_repo) -> None:
+    repo = small_repo
+
+    def data(seed: int) -> dict:
+        return {"w": torch.randn(8192, generator=torch.Generator().manual_seed(seed))}
+
+    other_old = repo.commit(data(101), "another run, step 1", branch="other", code_version=None)
+    repo.commit(data(102), "another run, step 2", branch="other", code_version=None)
+    repo.prune(other_old, "keep_last=1", "another run's retention")  # its own gc has not run yet
+    deleted = repo.commit(data(103), "experiment", branch="exp", code_version=None)
+    repo.delete_branch("exp", force=True)
+    repo.checkout(repo.resolve("other"))
+    detached = repo.commit(data(104), "detached work", code_version=None)
+    repo.checkout("other")
+    other_chunks = [bytes.fromhex(c) for b in repo.manifest(other_old).blobs for c in b["chunks"]]
+
+    weights = torch.zeros(8192)
+    with CheckpointManager(repo, {"w": weights}, branch="run", every_steps=1, keep_last=1,
+                           code_version=None) as mgr:
+        for step in range(1, 5):
+            weights.copy_(data(step)["w"])
+            mgr.step(step)
+    mine = [c for c in repo.log("run") if c.step is not None and c.pruned is not None]
+    assert len(mine) == 3 and all("collected" in c.pruned for c in mine)  # its own pruned data went
+    assert all(repo.chunks.index.get(c) is not None for c in other_chunks)  # another run's did not
+    assert "collected" not in repo.pruned_record(other_old)
+    assert_tensor_identical(repo.load(deleted)["w"], data(103)["w"])
+    assert_tensor_identical(repo.load(detached)["w"], data(104)["w"])
+    assert repo.fsck().ok

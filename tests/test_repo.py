@@ -25,6 +25,7 @@ from ckptvcs import (
     Repo,
     RevisionNotFoundError,
     Tag,
+    UnmergedBranchError,
 )
 from ckptvcs import codec, pack
 from ckptvcs.objects import canonical_json
@@ -295,6 +296,53 @@ def test_commit_to_named_branch_does_not_move_head(repo: Repo) -> None:
     m1 = repo.commit(_state(3), branch="main")  # the branch HEAD is on: HEAD follows
     assert repo.head() == ("main", m1)
     assert repo.reflog("HEAD")[0].new == m1
+
+
+def test_delete_branch_refuses_a_branch_no_other_ref_contains(repo: Repo) -> None:
+    c0, _ = _history(repo, 2)
+    own = repo.commit(_state(5), "only on exp", branch="exp")
+    with pytest.raises(UnmergedBranchError, match="-D") as err:
+        repo.delete_branch("exp")
+    assert err.value.exit_code == 6 and err.value.commit_id == own
+    assert repo.branches()["exp"] == own  # nothing deleted
+    repo.tag("keep", own)
+    repo.delete_branch("exp")  # a tag contains it now
+    repo.branch("old", c0)
+    repo.delete_branch("old")  # main contains it
+    repo.commit(_state(6), "only on exp2", branch="exp2")
+    repo.checkout("exp2")
+    repo.checkout(repo.resolve("HEAD"))  # a detached HEAD is a ref too
+    repo.delete_branch("exp2")
+    repo.checkout("main")
+    lone = repo.commit(_state(7), "only on exp3", branch="exp3")
+    repo.delete_branch("exp3", force=True)
+    assert "exp3" not in repo.branches()
+    # its tip stays named by the deleted branch's reflog, so gc's grace covers it
+    assert repo.reflog("exp3")[0].old == lone and lone in repo.live_commits()
+
+
+def test_a_deleted_branchs_reflog_outlives_it_without_blocking_new_names(repo: Repo) -> None:
+    c0, c1 = _history(repo, 2)
+    repo.branch("a", c0)
+    repo.delete_branch("a")
+    assert repo.branch("a/b") == c1  # its log needs logs/refs/heads/a/ where a's log was
+    repo.commit(_state(9), "on a/b", branch="a/b")
+    assert [e.new for e in repo.reflog("a/b")][-1] == c1
+    aside = repo.refs.logged_refs()
+    assert any(name.startswith("deleted/") for name in aside)
+    assert c0 in {e.old for name in aside if name.startswith("deleted/") for e in repo.refs.reflog(name)}
+
+
+def test_commits_not_on_refs_lists_what_a_detached_head_alone_holds(repo: Repo) -> None:
+    c0, c1 = _history(repo, 2)
+    repo.checkout(c0)
+    assert repo.commits_not_on_refs() == []
+    d1 = repo.commit(_state(3), "d1")
+    d2 = repo.commit(_state(4), "d2")
+    assert [c.id for c in repo.commits_not_on_refs()] == [d2, d1]
+    repo.tag("t", d1)
+    assert [c.id for c in repo.commits_not_on_refs()] == [d2]
+    assert repo.commits_not_on_refs("main") == []
 
 
 def test_commit_on_new_branch_from_unborn_head(repo: Repo) -> None:
