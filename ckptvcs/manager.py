@@ -559,6 +559,7 @@ class CheckpointManager:
         if hasattr(target, "load_state_dict") and callable(target.load_state_dict) \
                 and not isinstance(target, torch.Tensor):
             target.load_state_dict(value)
+            _prime_loader(target)
         elif isinstance(target, torch.Tensor):
             if not isinstance(value, torch.Tensor) or value.shape != target.shape:
                 raise InvalidInputError(f"state {name!r}: checkpoint holds {_describe(value)}, "
@@ -653,6 +654,19 @@ def _refuse_stateless_loader(name: str, obj: Any) -> None:
             "cannot be saved or restored; use torchdata.stateful_dataloader.StatefulDataLoader (a drop-in "
             "replacement, `pip install torchdata`) for an exact resume of the data order"
         )
+
+
+def _prime_loader(obj: Any) -> None:
+    """Build a restored data loader's iterator now, before the RNG streams are restored.
+
+    Creating a DataLoader iterator draws a seed from the global torch RNG (unless the
+    loader has its own ``generator=``). In the saved run that draw happened before the
+    checkpoint; drawn after the restore it would shift every random number that follows.
+    A StatefulDataLoader builds its iterator in ``state_dict()`` and reuses it at the
+    next ``iter()``, so asking for its state here is enough.
+    """
+    if isinstance(obj, torch.utils.data.DataLoader):
+        obj.state_dict()
 
 
 def _step_number(step: Any) -> int:

@@ -171,3 +171,12 @@ def test_after_restoring_an_earlier_commit_the_steps_continue_from_there(repo: R
     # The branch keeps its history: the rewound run's commit goes on top of the old head.
     assert [c.step for c in repo.log()] == [8, 10, 5]
     assert repo.show(rewound).parents == (head,)
+
+
+# -- data loaders -----------------------------------------------------------------------------
+
+
+def test_a_plain_dataloader_in_state_is_refused_naming_the_fix(repo: Repo) -> None:
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, shuffle=True)
+    with pytest.raises(InvalidInputError, match="'loader'.*no state_dict.*StatefulDataLoader"):
+        CheckpointManager(repo, {"model": nn.Linear(2, 2), "loader": loader}, code_version=None)
