@@ -171,6 +171,7 @@ class CheckpointManager:
 
         Returns the new commit id (with ``async_save``, a Future of it), or None when no
         trigger fired. A pending preemption signal saves now and then takes its course.
+        A step lower than the last one saved on the branch raises StepOrderError.
         """
         step = self._begin_call(step, epoch)
         if self._pending_signal is not None:
@@ -275,7 +276,9 @@ class CheckpointManager:
         commit is protected from retention for the rest of the run. Objects without
         ``load_state_dict`` are updated in place (tensors copied into, dicts and lists
         refilled); immutable values are replaced in ``manager.state``. With ``strict``
-        a state name missing from the checkpoint raises KeyNotFoundError.
+        a state name missing from the checkpoint raises KeyNotFoundError. The restored
+        step becomes the lowest step the next ``step()``/``save()`` accepts (an earlier
+        commit restored: the run continues from there, on top of the branch head).
         """
         self._check_open()
         self.wait()
