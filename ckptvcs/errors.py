@@ -20,6 +20,7 @@ __all__ = [
     "UnmergedBranchError",
     "UnsupportedValueError",
     "InvalidInputError",
+    "StepOrderError",
     "IntegrityError",
     "CorruptObjectError",
     "LockTimeoutError",
@@ -130,6 +131,21 @@ class InvalidInputError(CkptvcsError):
     """An input file (.pt, .safetensors, config JSON) is unreadable or malformed."""
 
     exit_code = 9
+
+
+class StepOrderError(InvalidInputError):
+    """A CheckpointManager was given a step lower than the last one saved on its branch.
+
+    ``step`` is the refused step, ``last_step`` the branch's last saved step. A run that
+    means to go back restores an earlier commit first (``mgr.restore(rev)``).
+    """
+
+    exit_code = 9
+
+    def __init__(self, message: str, step: int, last_step: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.last_step = last_step
 
 
 class IntegrityError(CkptvcsError):

@@ -38,6 +38,8 @@ from .errors import (
     KeyNotFoundError,
     NotARepositoryError,
     ProtectedCommitError,
+    RefExistsError,
+    StepOrderError,
     UnsupportedValueError,
 )
 from .repo import Repo
@@ -97,6 +99,7 @@ class CheckpointManager:
                 raise InvalidInputError(f"state names must be strings, got {name!r}")
             if name == MANAGER_KEY:
                 raise InvalidInputError(f"state name {MANAGER_KEY!r} is reserved for the manager's own record")
+            _refuse_stateless_loader(name, state[name])
         if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1):
             raise InvalidInputError(f"every_steps must be a positive integer, got {every_steps!r}")
         if every_seconds is not None and (isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
@@ -140,6 +143,8 @@ class CheckpointManager:
         self._wall_offset = 0.0
         self._last_save_clock = self._started
         self._last_saved_step: int | None = None
+        self._branch_floor: int | None = None  # the branch head's step (read at the first call)
+        self._branch_floor_read = False
         self._current_step: int | None = None
         self.epoch: int | None = None
         self.metrics: dict[str, float] = {}
@@ -168,6 +173,7 @@ class CheckpointManager:
 
         Returns the new commit id (with ``async_save``, a Future of it), or None when no
         trigger fired. A pending preemption signal saves now and then takes its course.
+        A step lower than the last one saved on the branch raises StepOrderError.
         """
         step = self._begin_call(step, epoch)
         if self._pending_signal is not None:
@@ -189,10 +195,21 @@ class CheckpointManager:
         """Save now, whatever the triggers say (epoch end, before a change, a release).
 
         ``tag`` names an annotated tag to put on the new commit (tags are never pruned).
-        Returns the commit id (with ``async_save``, a Future of it).
+        Returns the commit id (with ``async_save``, a Future of it). Idempotent: when the
+        branch head is the commit this manager last saved or restored, at this same step,
+        nothing new is committed; the tag (if any) goes onto that commit and its id is
+        returned. So a finished job that runs again (re-queued) adds no duplicate commit.
         """
         step = self._begin_call(step, epoch)
-        return self._save(step, metrics, message or f"step {step} (explicit save)", tag)
+        message = message or f"step {step} (explicit save)"
+        existing = self._head_saved_at(step)
+        if existing is not None:
+            if tag is not None:
+                self._tag_once(tag, existing, message)
+            return existing if not self.async_save else _done(existing)
+        if tag is not None:
+            self._check_tag_free(tag)
+        return self._save(step, metrics, message, tag)
 
     def _begin_call(self, step: int, epoch: int | None) -> int:
         """What step() and save() do first: refuse a closed manager, surface a failed
@@ -200,10 +217,57 @@ class CheckpointManager:
         self._check_open()
         self._raise_background_error(wait=False)
         step = _step_number(step)
+        self._check_step_order(step)
         self._current_step = step
         if epoch is not None:
             self.epoch = epoch
         return step
+
+    def _check_step_order(self, step: int) -> None:
+        """Refuse a step below the last one saved on the branch (or restored).
+
+        A loop that forgot ``restore()``, or counts from 0 again, would otherwise append
+        old step numbers after newer ones. Before the first save or restore of this run
+        the floor is the step of the branch head.
+        """
+        last = self._last_saved_step
+        if last is None:
+            if not self._branch_floor_read:
+                self._branch_floor_read = True
+                head = self._branch_head()
+                self._branch_floor = None if head is None else self.repo.objects.read_commit(head).step
+            last = self._branch_floor
+        if last is not None and step < last:
+            where = f"branch {self.branch!r}" if self.branch is not None else "the detached HEAD"
+            raise StepOrderError(
+                f"step {step} is lower than step {last}, the last checkpoint saved on {where}; "
+                "call mgr.restore() to resume from it, or mgr.restore(rev) to go back to an earlier commit "
+                "(the next saves then continue from that step)", step, last,
+            )
+
+    def _head_saved_at(self, step: int) -> str | None:
+        """The branch head when it is the commit this manager last saved or restored, at ``step``."""
+        self.wait()
+        if self.last_commit is None or self._last_saved_step != step:
+            return None
+        return self.last_commit if self._branch_head() == self.last_commit else None
+
+    def _check_tag_free(self, tag: str) -> None:
+        """Refuse, before committing, a tag name that already names another commit."""
+        existing = self.repo.tags().get(tag)
+        if existing is not None:
+            raise RefExistsError(
+                f"tag {tag!r} already names commit {existing.object[:12]}; tags never move: pick another name"
+            )
+
+    def _tag_once(self, tag: str, commit_id: str, message: str) -> None:
+        """Tag ``commit_id``; a tag of that name already on that commit is fine (a re-run)."""
+        try:
+            self.repo.tag(tag, commit_id, message=message)
+        except RefExistsError:
+            existing = self.repo.tags().get(tag)
+            if existing is None or existing.object != commit_id:
+                raise
 
     def restore(self, rev: str = "latest", *, map_location: Any = None, strict: bool = True) -> int | None:
         """Load a checkpoint into the live objects in place; returns its step.
@@ -214,7 +278,9 @@ class CheckpointManager:
         commit is protected from retention for the rest of the run. Objects without
         ``load_state_dict`` are updated in place (tensors copied into, dicts and lists
         refilled); immutable values are replaced in ``manager.state``. With ``strict``
-        a state name missing from the checkpoint raises KeyNotFoundError.
+        a state name missing from the checkpoint raises KeyNotFoundError. The restored
+        step becomes the lowest step the next ``step()``/``save()`` accepts (an earlier
+        commit restored: the run continues from there, on top of the branch head).
         """
         self._check_open()
         self.wait()
@@ -253,6 +319,7 @@ class CheckpointManager:
         self._started = self._clock()
         self._last_save_clock = self._started
         self._last_saved_step = step
+        self._branch_floor, self._branch_floor_read = step, True  # the next saves continue from here
         self._current_step = step
         self.resumed_from = commit_id
         self.last_commit = commit_id
@@ -403,7 +470,7 @@ class CheckpointManager:
         commit_id = self.repo.commit(captured, **options)
         self.last_commit = commit_id
         if tag is not None:
-            self.repo.tag(tag, commit_id, message=options["message"])
+            self._tag_once(tag, commit_id, options["message"])
         self._apply_retention()
         self._maybe_collect_garbage()
         return commit_id
@@ -503,6 +570,7 @@ class CheckpointManager:
         if hasattr(target, "load_state_dict") and callable(target.load_state_dict) \
                 and not isinstance(target, torch.Tensor):
             target.load_state_dict(value)
+            _prime_loader(target)
         elif isinstance(target, torch.Tensor):
             if not isinstance(value, torch.Tensor) or value.shape != target.shape:
                 raise InvalidInputError(f"state {name!r}: checkpoint holds {_describe(value)}, "
@@ -580,6 +648,36 @@ class CheckpointManager:
             self._uninstall_signal_handlers()
             if signum is not None:
                 signal.raise_signal(signum)
+
+
+def _done(value: Any) -> Future[Any]:
+    """A Future already holding ``value`` (async saves return Futures, even when nothing was saved)."""
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
+
+
+def _refuse_stateless_loader(name: str, obj: Any) -> None:
+    """A plain DataLoader has no state_dict(): its position in the data cannot be saved."""
+    if isinstance(obj, torch.utils.data.DataLoader) and not callable(getattr(obj, "state_dict", None)):
+        raise InvalidInputError(
+            f"state {name!r}: a torch.utils.data.DataLoader has no state_dict(), so its position in the data "
+            "cannot be saved or restored; use torchdata.stateful_dataloader.StatefulDataLoader (a drop-in "
+            "replacement, `pip install torchdata`) for an exact resume of the data order"
+        )
+
+
+def _prime_loader(obj: Any) -> None:
+    """Build a restored data loader's iterator now, before the RNG streams are restored.
+
+    Creating a DataLoader iterator draws a seed from the global torch RNG (unless the
+    loader has its own ``generator=``). In the saved run that draw happened before the
+    checkpoint; drawn after the restore it would shift every random number that follows.
+    A StatefulDataLoader builds its iterator in ``state_dict()`` and reuses it at the
+    next ``iter()``, so asking for its state here is enough.
+    """
+    if isinstance(obj, torch.utils.data.DataLoader):
+        obj.state_dict()
 
 
 def _step_number(step: Any) -> int:

@@ -1,9 +1,12 @@
 """SIGKILL harness for the crash suite (tests/test_crash.py).
 
-A *scenario* is a module-level function run in a child process that does durable
-work in a loop and appends one acknowledgement line to an ack file (one ``write()``
-with O_APPEND) each time an operation has returned. The parent kills the child with
-SIGKILL after a random delay, then checks the repository with a *verifier*. Children
+A *scenario* is a module-level function run in a child process that writes READY to
+an ack file once it is set up, then does durable work in a loop and appends one
+acknowledgement line (one ``write()`` with O_APPEND) each time an operation has
+returned. The parent waits for READY (and in every other round for the first
+acknowledgement), then kills the child with SIGKILL after a random fraction of the
+measured time of one operation, and checks the repository with a *verifier*. Nothing
+depends on the machine's speed: on a busy machine the kills land in the same phases. Children
 are forked from a forkserver that has already imported torch and ckptvcs, so a kill
 round costs milliseconds, not an interpreter start.
 
@@ -148,7 +151,20 @@ def scenario_gc(store: str, ack_path: str, first_seed: int) -> None:
             seed += 1
 
 
+def scenario_slow(store: str, ack_path: str, first_seed: int) -> None:
+    """Operations as slow as a busy machine makes them (0.3 s each): tests the harness itself."""
+    ack(ack_path, READY)
+    seed = first_seed
+    while True:
+        time.sleep(0.3)
+        ack(ack_path, f"slow{seed}")
+        seed += 1
+
+
 # -- the kill loop ---------------------------------------------------------------------------------
+
+
+HANG_GUARD = 600.0  # seconds; only so that a hung child fails the test instead of hanging it
 
 
 @dataclass
@@ -159,25 +175,52 @@ class KillRound:
     ack_path: Path
 
 
+def _wait_for_acks(proc, ack_path: Path, count: int) -> None:  # type: ignore[no-untyped-def]
+    """Block until the child wrote READY and then ``count`` acknowledgements.
+
+    A child that dies first, or says nothing for HANG_GUARD seconds, fails the round
+    with its exit code: a kill must never land before the child is set up.
+    """
+    deadline = time.monotonic() + HANG_GUARD
+    while True:
+        try:
+            ready = Path(ack_path).read_text().startswith(READY)
+        except FileNotFoundError:
+            ready = False
+        if ready and len(read_acks(ack_path)) >= count:
+            return
+        if not proc.is_alive():
+            raise AssertionError(f"child exited with {proc.exitcode} before it was ready")
+        assert time.monotonic() < deadline, f"child not ready after {HANG_GUARD:.0f} s"
+        time.sleep(0.001)
+
+
 def kill_child(target: Callable[..., None], args: tuple, delay: float) -> int | None:
     """Run ``target(store, ack_path, seed)`` in a forkserver child; SIGKILL it ``delay`` s after
     it reported ready; return its exit code."""
+    return kill_child_timed(target, args, delay, pace=1.0)[0]
+
+
+def kill_child_timed(
+    target: Callable[..., None], args: tuple, fraction: float, *, pace: float | None = None, after_acks: int = 0
+) -> tuple[int | None, float, float]:
+    """Run ``target(store, ack_path, seed)`` in a forkserver child, wait until it reported ready
+    and then acknowledged ``after_acks`` operations (``took`` seconds after ready), sleep
+    ``fraction * pace`` seconds (``pace`` None: ``took``) and SIGKILL it.
+    Returns (exit code, took, the delay slept)."""
     proc = context().Process(target=target, args=args, daemon=True)
     proc.start()
     ack_path = Path(args[1])
-    deadline = time.monotonic() + 60
-    while proc.is_alive() and time.monotonic() < deadline:
-        try:
-            if ack_path.read_text().startswith(READY):
-                break
-        except FileNotFoundError:
-            pass
-        time.sleep(0.001)
-    time.sleep(delay)
+    _wait_for_acks(proc, ack_path, 0)
+    ready_at = time.monotonic()
+    _wait_for_acks(proc, ack_path, after_acks)
+    took = time.monotonic() - ready_at
+    seconds = fraction * (took if pace is None else pace)
+    time.sleep(seconds)
     proc.kill()
-    proc.join(30)
+    proc.join(HANG_GUARD)
     assert proc.exitcode is not None, "child did not die"
-    return proc.exitcode
+    return proc.exitcode, took, seconds
 
 
 def run_kill_rounds(
@@ -188,17 +231,34 @@ def run_kill_rounds(
     rounds: int,
     workdir: Path,
     seed: int,
-    max_delay: float = 0.15,
+    spread: float = 1.2,
+    max_delay: float | None = None,
 ) -> int:
     """``rounds`` times: start ``target(location(), ack_path, first_seed)``, SIGKILL it at a
-    random moment, then ``verify``. Returns how many kills hit a child that was still running."""
+    random moment, then ``verify``. Returns how many kills hit a child that was still running.
+
+    Nothing depends on the machine's speed. The kill timer starts only once the child is
+    ready; even rounds also wait for its first acknowledgement (so every run has
+    acknowledged operations to check) and measure how long that operation took. The delay
+    is a random fraction (0 to ``spread``) of the last measured operation time, so on a slow
+    or busy machine the kills still fall across every phase of an operation. (``max_delay``,
+    a fixed bound in seconds, is ignored: it made the phases hit depend on the machine.)
+    """
     rng = random.Random(seed)
     killed_running = 0
+    op_time = 0.0
     for number in range(rounds):
         first_seed = 1_000 * (number + 1) + seed
-        delay = rng.uniform(0.002, max_delay)
+        after_acks = 1 if number % 2 == 0 else 0
+        fraction = rng.uniform(0.0, spread)
         ack_path = workdir / f"acks-{number}.txt"
-        code = kill_child(target, (location(), str(ack_path), first_seed), delay)
+        args = (location(), str(ack_path), first_seed)
+        # Even rounds: the operation just acknowledged is the pace; odd rounds: the last one seen.
+        code, took, delay = kill_child_timed(
+            target, args, fraction, pace=None if after_acks else op_time, after_acks=after_acks
+        )
+        if after_acks:
+            op_time = took
         if code == -9:
             killed_running += 1
         else:  # the child failed on its own: show why

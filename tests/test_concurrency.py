@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from crash_harness import context
+from crash_harness import HANG_GUARD, context
 
 from ckptvcs import RefConflictError, Repo
 
@@ -24,7 +24,7 @@ def _race_one_commit(store: str, barrier, result_path: str, worker: int) -> None
 
         def target_then_wait(branch):  # type: ignore[no-untyped-def]
             found = real_target(branch)
-            barrier.wait(30)  # everyone now expects the same parent
+            barrier.wait(HANG_GUARD)  # everyone now expects the same parent (however slow the others start)
             return found
 
         repo._commit_target = target_then_wait  # type: ignore[method-assign]
@@ -51,7 +51,7 @@ def test_compare_and_swap_race_has_one_winner(tmp_path: Path) -> None:
         for p in procs:
             p.start()
         for p in procs:
-            p.join(120)
+            p.join(HANG_GUARD)
         assert [p.exitcode for p in procs] == [0] * racers
         outcomes = [r.read_text() for r in results]
         winners = [o.split()[1] for o in outcomes if o.startswith("won ")]
@@ -69,26 +69,36 @@ def test_compare_and_swap_race_has_one_winner(tmp_path: Path) -> None:
         tip = winners[0]
 
 
-def _commit_counting(store: str, count: int, go: str) -> None:
-    while not Path(go).exists():
+def _wait_for(path: str) -> None:
+    deadline = time.monotonic() + HANG_GUARD
+    while not Path(path).exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.001)
+
+
+def _commit_counting(store: str, count: int, go: str, halfway: str) -> None:
+    """Commit j = 1..count; after half of them, wait until the reader has checked some."""
+    _wait_for(go)
     with Repo.open(store) as repo:
         for j in range(1, count + 1):
             repo.commit({"w": torch.full((3000,), float(j)), "j": j}, f"j={j}", code_version=None)
+            if j == count // 2:
+                _wait_for(halfway)  # a fast writer cannot finish before a slow reader starts
 
 
 def test_reader_and_fsck_beside_a_committing_writer(tmp_path: Path) -> None:
     store = tmp_path / "store"
     with Repo.init(store, chunk_size=4096) as repo:
         first = repo.commit({"w": torch.zeros(3000), "j": 0}, "j=0", code_version=None)
-    go = tmp_path / "go"
-    writer = context().Process(target=_commit_counting, args=(str(store), 30, str(go)))
+    go, halfway = tmp_path / "go", tmp_path / "halfway"
+    writer = context().Process(target=_commit_counting, args=(str(store), 30, str(go), str(halfway)))
     writer.start()
     seen: list[int] = []
     fsck_runs = 0
     with Repo.open(store) as repo:
         go.write_text("")
-        while writer.is_alive() or not seen:
+        while not seen or seen[-1] < 30:  # until the reader saw the last commit
+            assert writer.is_alive() or writer.exitcode == 0, f"writer failed ({writer.exitcode})"
             state = repo.load("main")  # whatever main names is complete and self-consistent
             assert torch.equal(state["w"], torch.full((3000,), float(state["j"])))
             seen.append(state["j"])
@@ -97,7 +107,8 @@ def test_reader_and_fsck_beside_a_committing_writer(tmp_path: Path) -> None:
                 report = repo.fsck()  # a commit in flight is garbage at worst, never damage
                 assert report.ok, [str(f) for f in report.errors]
                 fsck_runs += 1
-        writer.join(60)
+                halfway.touch()
+        writer.join(HANG_GUARD)
         assert writer.exitcode == 0
         assert seen == sorted(seen)  # main only moves forward
         assert repo.load("main")["j"] == 30
