@@ -16,6 +16,7 @@ from .errors import (
     CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
+    IndexMismatchError,
     IntegrityError,
     InvalidInputError,
     InvalidRefNameError,
@@ -75,4 +76,5 @@ __all__ = [
     "CommitPrunedError",
     "AsyncSaveError",
     "ProtectedCommitError",
+    "IndexMismatchError",
 ]

@@ -34,8 +34,10 @@ import torch
 from . import provenance
 from .errors import (
     AsyncSaveError,
+    IndexMismatchError,
     InvalidInputError,
     KeyNotFoundError,
+    LockTimeoutError,
     NotARepositoryError,
     ProtectedCommitError,
     UnsupportedValueError,
@@ -61,10 +63,15 @@ class CheckpointManager:
     own) or to plain tensors and values. Commits go to ``branch`` (default: the branch
     HEAD is on; a new branch starts at HEAD). ``gc_every=N`` (default 1; 0 disables)
     runs ``repo.gc()`` after every N saves that followed a prune (in the background with ``async_save``), so
-    pruned data leaves the disk without a separate ``ckptvcs gc``. With
+    pruned data leaves the disk without a separate ``ckptvcs gc``; a gc that cannot run (the repository lock
+    busy for ``gc_lock_timeout`` seconds, or an index gc refuses to trust) is skipped with a RuntimeWarning
+    and tried again after the next save, never failing the save it follows. With
     ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
     seconds takes its course without a save. See the README for every argument.
     """
+
+    gc_lock_timeout: float = 10.0
+    """Seconds the automatic gc waits for the repository lock before it is skipped."""
 
     def __init__(
         self,
@@ -407,12 +414,21 @@ class CheckpointManager:
         return commit_id
 
     def _maybe_collect_garbage(self) -> None:
-        """With ``gc_every=N``: release pruned data every N saves (only if something was pruned)."""
+        """With ``gc_every=N``: release pruned data every N saves (only if something was pruned).
+
+        The save is committed already: a gc that cannot run now (other processes keep
+        the repository lock busy, or gc refuses a damaged index before deleting
+        anything) is skipped with a warning and retried after the next save.
+        """
         if self.gc_every == 0:
             return
         self._saves_since_gc += 1
         if self._saves_since_gc >= self.gc_every and self._pruned_since_gc:
-            self.repo.gc()
+            try:
+                self.repo.gc(lock_timeout=self.gc_lock_timeout)
+            except (LockTimeoutError, IndexMismatchError) as err:
+                warnings.warn(f"automatic gc skipped, the save is committed: {err}", RuntimeWarning, stacklevel=2)
+                return
             self._saves_since_gc = 0
             self._pruned_since_gc = False
 

@@ -700,7 +700,7 @@ class Repo:
     def _with_pruned(commit: Commit, record: dict[str, Any] | None) -> Commit:
         return commit if record is None else replace(commit, pruned=record)
 
-    def gc(self, dry_run: bool = False) -> GcReport:
+    def gc(self, dry_run: bool = False, *, lock_timeout: float = 60.0) -> GcReport:
         """Release the chunks no kept commit needs; returns what was (or would be) reclaimed.
 
         Live chunks: those of every non-pruned commit reachable from a branch, tag or
@@ -708,10 +708,13 @@ class Repo:
         Packs holding no live chunk are deleted; packs mostly dead are rewritten with
         their live entries copied verbatim. Interrupted commits' files in ``tmp/`` are
         removed. Runs under the exclusive repository lock: commits in flight finish
-        first, and commits wait for gc.
+        first, and commits wait for gc (LockTimeoutError after ``lock_timeout``
+        seconds without the lock). Before deleting anything, gc checks the index rows
+        of the live chunks against the packs' own entry headers and raises
+        IndexMismatchError (deleting nothing) when they disagree: run ``repair index``.
         """
         self._check_process()
-        with self._lock.hold(exclusive=True):
+        with self._lock.hold(exclusive=True, timeout=lock_timeout):
             self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
             return collect_garbage(self, dry_run=dry_run)
 
