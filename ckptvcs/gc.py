@@ -11,6 +11,13 @@ an index rebuild, through the packs:
    of chunks that are gone.
 3. Only then delete the old packs (unlink, fsync dir).
 
+Before step 1, the index rows of the live chunks are checked against the entry headers of
+the packs (walked anyway): gc trusts the index to tell a live copy from a dead duplicate, so
+when they disagree it deletes nothing and asks for ``repair index`` (IndexMismatchError).
+Step 2 also drops the rows of dead chunks that would name undecodable bytes afterwards (a
+dead delta whose base's pack is deleted): a later commit of the same bytes must not trust
+them.
+
 A crash after 1 leaves duplicate chunks (the next gc deletes the copy the index does not
 use); a crash after 2 leaves old packs nothing indexes (also deleted by the next gc).
 Anything in ``tmp/`` is the leftover of an interrupted commit and is removed. Loose
@@ -100,7 +107,8 @@ def _plan_pack(path: Path, live: set[bytes], index: dict[bytes, PackEntry]) -> _
     for entry in iter_pack_entries(path):
         indexed = index.get(entry.chunk_id)
         here = indexed is not None and indexed.pack == entry.pack and indexed.offset == entry.offset
-        # A live chunk the index does not know (damaged index) is kept: never delete when unsure.
+        # A live chunk the index does not know is kept: never delete when unsure (and the
+        # verification before any deletion refuses such an index anyway).
         if entry.chunk_id in live and (here or indexed is None):
             keep.append(entry)
         else:

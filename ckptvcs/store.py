@@ -1,8 +1,8 @@
 """The chunk store: content-addressed chunks in packs, found through the index.
 
-Writing hashes every chunk, skips those already stored (an unchanged tensor costs only
-its hash), encodes the rest and appends them to a pack; the index learns about a pack
-only after the pack is sealed. A new chunk may be stored as an XOR delta against a
+Writing hashes every chunk, skips those already stored (indexed with their whole delta
+chain; an unchanged tensor costs only its hash), encodes the rest and appends them to a
+pack; the index learns about a pack only after the pack is sealed. A new chunk may be stored as an XOR delta against a
 *base*: the chunk at the same place in the parent commit, as long as the base's delta
 chain stays shorter than the repository's keyframe interval. Reading decodes straight
 into the caller's buffer and re-hashes every chunk, so damaged bytes raise
