@@ -20,6 +20,7 @@ from .errors import (
     CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
+    IndexMismatchError,
     IntegrityError,
     InvalidInputError,
     InvalidRefNameError,
@@ -104,4 +105,5 @@ __all__ = [
     "CommitCollectedError",
     "AsyncSaveError",
     "ProtectedCommitError",
+    "IndexMismatchError",
 ]

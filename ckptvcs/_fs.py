@@ -35,6 +35,7 @@ __all__ = [
     "RefLock",
     "lock_file_is_stale",
     "RepoLock",
+    "flock_within",
     "temp_name",
     "EarlyWriteback",
     "pread",
@@ -433,33 +434,92 @@ class RefLock:
         self.release()
 
 
+GATE_SUFFIX = ".gate"  # beside the repository lock: see RepoLock
+
+
+def flock_within(fd: int, mode: int, timeout: float) -> bool:
+    """Take ``flock(fd, mode)``, waiting at most ``timeout`` seconds; False when it timed out.
+
+    The wait is a blocking flock in a helper thread, not LOCK_NB polling: the kernel
+    hands a freed lock to a blocked waiter at once, while a poller only wins when it
+    happens to look in a moment the lock is free, which never comes while holders
+    overlap. On timeout the helper is abandoned: if it gets the lock later it drops it
+    at once (it waits on a duplicate of ``fd``, the same open file, so the lock it
+    takes is the caller's).
+    """
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if timeout <= 0:
+            return False
+    waiter_fd = os.dup(fd)
+    guard = threading.Lock()
+    done = threading.Event()
+    outcome: dict[str, object] = {"taken": False, "abandoned": False, "error": None}
+
+    def wait() -> None:
+        try:
+            fcntl.flock(waiter_fd, mode)
+            with guard:
+                if outcome["abandoned"]:
+                    fcntl.flock(waiter_fd, fcntl.LOCK_UN)
+                else:
+                    outcome["taken"] = True
+        except OSError as err:
+            outcome["error"] = err
+        finally:
+            os.close(waiter_fd)
+            done.set()
+
+    threading.Thread(target=wait, name="ckptvcs-lock-wait", daemon=True).start()
+    try:
+        done.wait(timeout)
+    finally:
+        with guard:
+            outcome["abandoned"] = not outcome["taken"]
+    if isinstance(outcome["error"], OSError):
+        raise outcome["error"]
+    return bool(outcome["taken"])
+
+
 class RepoLock:
     """A whole-repository flock: shared for writers that only add, exclusive for gc.
 
     flock locks die with their process, so a crash never leaves this one stale.
+
+    Fairness comes from a second file, the *gate* (``lock.gate``): an exclusive
+    taker holds the gate exclusively while it waits for the lock, and a shared taker
+    passes through the gate (shared, only until it has the lock). So once gc or
+    repair waits, new commits queue behind it while the commits in flight finish,
+    and gc runs; it lets go of the gate as soon as it holds the lock, so commits
+    waiting behind it enter next, before another exclusive taker can close the gate
+    again. Every wait is a blocking flock (see :func:`flock_within`), bounded by
+    ``timeout``, after which LockTimeoutError names the lock.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.gate = self.path.with_name(self.path.name + GATE_SUFFIX)
 
     @contextlib.contextmanager
     def hold(self, *, exclusive: bool, timeout: float = 60.0) -> Iterator[None]:
+        deadline = time.monotonic() + timeout
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        kind = "exclusive" if exclusive else "shared"
-                        raise LockTimeoutError(
-                            f"could not take the {kind} repository lock {self.path} within "
-                            f"{timeout:.0f}s; another ckptvcs process (gc?) is running"
-                        ) from None
-                    time.sleep(0.02)
+            gate = os.open(self.gate, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not (flock_within(gate, mode, deadline - time.monotonic())
+                        and flock_within(fd, mode, deadline - time.monotonic())):
+                    kind = "exclusive" if exclusive else "shared"
+                    raise LockTimeoutError(
+                        f"could not take the {kind} repository lock {self.path} within "
+                        f"{timeout:.0f}s; another ckptvcs process "
+                        f"({'a commit, fsck or gc' if exclusive else 'gc or repair'}) holds or awaits it"
+                    )
+            finally:
+                os.close(gate)  # through the gate: it never stays closed behind a holder
             yield
         finally:
             os.close(fd)

@@ -31,6 +31,7 @@ __all__ = [
     "AsyncSaveError",
     "ProtectedCommitError",
     "RepositoryDamagedError",
+    "IndexMismatchError",
 ]
 
 
@@ -215,3 +216,11 @@ class ProtectedCommitError(CkptvcsError):
     exit_code = 16
 class RepositoryDamagedError(IntegrityError):
     """``fsck`` found damage (missing, corrupt or mismatching data); the findings say where."""
+
+
+class IndexMismatchError(IntegrityError):
+    """The chunk index disagrees with the packs about a chunk a kept commit needs.
+
+    gc refuses to delete anything then (the index is derived data and may be damaged);
+    ``ckptvcs repair index`` rebuilds it from the packs.
+    """

@@ -11,6 +11,13 @@ an index rebuild, through the packs:
    of chunks that are gone.
 3. Only then delete the old packs (unlink, fsync dir).
 
+Before step 1, the index rows of the live chunks are checked against the entry headers of
+the packs (walked anyway): gc trusts the index to tell a live copy from a dead duplicate, so
+when they disagree it deletes nothing and asks for ``repair index`` (IndexMismatchError).
+Step 2 also drops the rows of dead chunks that would name undecodable bytes afterwards (a
+dead delta whose base's pack is deleted): a later commit of the same bytes must not trust
+them.
+
 A crash after 1 leaves duplicate chunks (the next gc deletes the copy the index does not
 use); a crash after 2 leaves old packs nothing indexes (also deleted by the next gc).
 Anything in ``tmp/`` is the leftover of an interrupted commit and is removed. Loose
@@ -29,10 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _fs
-from .errors import CkptvcsError, CorruptObjectError
+from .errors import CkptvcsError, CorruptObjectError, IndexMismatchError
 from .objects import Manifest
 from .pack import PackEntry, PackWriter, entry_size, iter_pack_entries, with_delta_bases
-from .store import PACK_TARGET_SIZE
+from .store import MAX_CHAIN_LENGTH, PACK_TARGET_SIZE
 
 if TYPE_CHECKING:
     from .repo import Repo
@@ -61,6 +68,7 @@ class GcReport:
     packs_skipped: list[str] = field(default_factory=list)  # unreadable packs, left for fsck
     tmp_files_removed: int = 0
     collected_commits: list[str] = field(default_factory=list)  # unreachable commits whose data went
+    stale_index_rows: int = 0  # rows of unneeded chunks dropped: undecodable chain, or no such pack entry
     pack_bytes_before: int = 0
     pack_bytes_after: int = 0
     bytes_reclaimed: int = 0
@@ -104,13 +112,82 @@ def _plan_pack(path: Path, live: set[bytes], index: dict[bytes, PackEntry]) -> _
     for entry in iter_pack_entries(path):
         indexed = index.get(entry.chunk_id)
         here = indexed is not None and indexed.pack == entry.pack and indexed.offset == entry.offset
-        # A live chunk the index does not know (damaged index) is kept: never delete when unsure.
+        # A live chunk the index does not know is kept: never delete when unsure (and the
+        # verification before any deletion refuses such an index anyway).
         if entry.chunk_id in live and (here or indexed is None):
             keep.append(entry)
         else:
             drop.append(entry)
             dead += entry_size(entry)
     return _PackPlan(path.stem, path, path.stat().st_size, keep, drop, dead)
+
+
+def _salvaged_entries(path: Path) -> list[PackEntry]:
+    """The entries of a damaged pack before its damage (gc leaves the pack alone)."""
+    try:
+        return list(iter_pack_entries(path, strict=False))
+    except (CorruptObjectError, OSError):
+        return []
+
+
+def _verify_live_rows(live: set[bytes], index: dict[bytes, PackEntry], located: dict[bytes, list[PackEntry]]) -> None:
+    """Refuse to sweep when the index and the packs disagree about a chunk a kept commit needs.
+
+    The index is derived data and may be damaged (bit rot in the LMDB file). gc tells
+    live copies from dead duplicates by the index, so a live chunk whose index row
+    matches none of its copies in the packs (wrong pack, offset, lengths, codec or
+    base; or no row at all) would have its real copy deleted as an unused duplicate.
+    A live chunk in no pack at all is already lost; deleting nothing can save it, so
+    it does not stop gc (fsck reports it).
+    """
+    bad = sorted(c for c in live if located.get(c) and index.get(c) not in located[c])
+    if bad:
+        raise IndexMismatchError(
+            f"the chunk index disagrees with the packs about {len(bad)} chunk(s) that kept commits need "
+            f"(first: chunk {bad[0].hex()}); gc stopped without deleting anything: run `ckptvcs repair index`, "
+            "then gc again"
+        )
+
+
+def _stale_rows(
+    index: dict[bytes, PackEntry], plans: list[_PackPlan], removed: list[_PackPlan], damaged: set[str], live: set[bytes]
+) -> list[PackEntry]:
+    """Index rows of unneeded chunks that would name unreadable bytes after this sweep.
+
+    A dead delta in a pack that stays (mostly live) keeps its pack entry, but its base
+    may sit in a pack this sweep deletes: its row would name a chain no one can decode,
+    and a later commit of the same bytes would trust it and store nothing. Such rows
+    go, transitively (a delta on top of a dropped row), in the sweep's index
+    transaction, as do rows that match no entry of any pack (damaged or left by a lost
+    pack). Rows of live chunks and rows into damaged packs (``damaged``) are left alone.
+    """
+    removed_names = {p.name for p in removed}
+    standing: set[PackEntry] = set()  # entries whose row stays valid (moved ones are re-put as is)
+    removing: set[PackEntry] = set()
+    for plan in plans:
+        standing.update(plan.keep)
+        (removing if plan.name in removed_names else standing).update(plan.drop)
+    rows: dict[bytes, PackEntry] = {}
+    stale: list[PackEntry] = []
+    for chunk, row in index.items():
+        if chunk in live or row in standing or row.pack in damaged:
+            rows[chunk] = row
+        elif row not in removing:  # (rows equal to removed entries are dropped anyway)
+            stale.append(row)
+    decodable: dict[bytes, bool] = {}
+
+    def resolves(chunk: bytes, depth: int) -> bool:
+        if chunk not in decodable:
+            row = rows.get(chunk)
+            base = None if row is None or row.base is None else rows.get(row.base)
+            decodable[chunk] = row is not None and (row.base is None or (
+                depth < MAX_CHAIN_LENGTH and base is not None and base.raw_len == row.raw_len
+                and resolves(row.base, depth + 1)
+            ))
+        return decodable[chunk]
+
+    stale += [row for chunk, row in rows.items() if chunk not in live and not resolves(chunk, 0)]
+    return stale
 
 
 def collect_garbage(
@@ -137,16 +214,22 @@ def collect_garbage(
 
     packs_dir = repo.root / "packs"
     plans: list[_PackPlan] = []
+    located: dict[bytes, list[PackEntry]] = {}  # chunk → its entries, as the packs' own headers say
     for path in sorted(packs_dir.glob("*.pack")):
         try:
             plan = _plan_pack(path, live, index)
         except CorruptObjectError:
             report.packs_skipped.append(path.stem)
             report.pack_bytes_before += path.stat().st_size
-            continue
-        report.pack_bytes_before += plan.size
-        report.dead_chunks += len(plan.drop)
-        plans.append(plan)
+            entries = _salvaged_entries(path)
+        else:
+            report.pack_bytes_before += plan.size
+            report.dead_chunks += len(plan.drop)
+            plans.append(plan)
+            entries = plan.keep + plan.drop
+        for entry in entries:
+            located.setdefault(entry.chunk_id, []).append(entry)
+    _verify_live_rows(live, index, located)
 
     delete = [p for p in plans if not p.keep]
     rewrite = [
@@ -155,6 +238,8 @@ def collect_garbage(
     ]
     report.packs_deleted = [p.name for p in delete]
     report.packs_rewritten = [p.name for p in rewrite]
+    stale = _stale_rows(index, plans, delete + rewrite, set(report.packs_skipped), live)
+    report.stale_index_rows = len(stale)
 
     tmp_files = [p for p in (repo.root / "tmp").iterdir() if p.is_file()] if (repo.root / "tmp").is_dir() else []
     tmp_bytes = sum(p.stat().st_size for p in tmp_files)
@@ -180,7 +265,7 @@ def collect_garbage(
     moved = [e for w in written for e in w.entries]
     gone = [e for p in delete + rewrite for e in p.keep + p.drop]
     with _fs.storage_errors("updating the chunk index after gc"):
-        repo.chunks.index.update(put=moved, remove=gone)
+        repo.chunks.index.update(put=moved, remove=gone + stale)
 
     with _fs.storage_errors("deleting packs no kept commit needs"):
         for plan in delete + rewrite:

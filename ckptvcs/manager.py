@@ -34,8 +34,10 @@ import torch
 from . import provenance
 from .errors import (
     AsyncSaveError,
+    IndexMismatchError,
     InvalidInputError,
     KeyNotFoundError,
+    LockTimeoutError,
     NotARepositoryError,
     ProtectedCommitError,
     RefExistsError,
@@ -64,10 +66,15 @@ class CheckpointManager:
     HEAD is on; a new branch starts at HEAD). ``gc_every=N`` (default 1; 0 disables)
     runs ``repo.gc(only=...)`` after every N saves that followed a prune (in the background with ``async_save``), so
     pruned data leaves the disk without a separate ``ckptvcs gc``; it releases only what this
-    manager's retention pruned. With
+    manager's retention pruned. A gc that cannot run (the repository lock busy for ``gc_lock_timeout``
+    seconds, or an index gc refuses to trust) is skipped with a RuntimeWarning and tried again after
+    the next save, never failing the save it follows. With
     ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
     seconds takes its course without a save. See the README for every argument.
     """
+
+    gc_lock_timeout: float = 10.0
+    """Seconds the automatic gc waits for the repository lock before it is skipped."""
 
     def __init__(
         self,
@@ -480,12 +487,19 @@ class CheckpointManager:
 
         Only the data of the commits this manager's retention pruned can go: every other
         commit (another run's, a deleted branch's, a detached HEAD's) is kept as live.
+        The save is committed already: a gc that cannot run now (other processes keep
+        the repository lock busy, or gc refuses a damaged index before deleting
+        anything) is skipped with a warning and retried after the next save.
         """
         if self.gc_every == 0:
             return
         self._saves_since_gc += 1
         if self._saves_since_gc >= self.gc_every and self._pruned_since_gc:
-            self.repo.gc(only=self._pruned_by_me)
+            try:
+                self.repo.gc(only=self._pruned_by_me, lock_timeout=self.gc_lock_timeout)
+            except (LockTimeoutError, IndexMismatchError) as err:
+                warnings.warn(f"automatic gc skipped, the save is committed: {err}", RuntimeWarning, stacklevel=2)
+                return
             self._pruned_by_me.clear()
             self._saves_since_gc = 0
             self._pruned_since_gc = False

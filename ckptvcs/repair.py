@@ -11,7 +11,7 @@ new one, never a half-built one in use. Nothing in ``packs/`` or ``objects/`` is
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from . import _fs
 from .errors import CorruptObjectError
 from .index import REBUILT_SUFFIX, open_environment, write_entries
 from .pack import PackEntry, iter_pack_entries
-from .store import ChunkStore
+from .store import MAX_CHAIN_LENGTH, ChunkStore
 
 __all__ = ["RepairReport", "rebuild_index"]
 
@@ -34,12 +34,15 @@ class RepairReport:
     chunks: int = 0  # distinct chunks in the new index
     previous_chunks: int | None = None  # entries in the old index (None: it did not open)
     damaged_packs: list[str] = field(default_factory=list)  # salvaged up to their first damage
+    undecodable: int = 0  # pack entries left out: delta chains whose base is in no pack (orphans of gc)
 
     def summary(self) -> str:
         before = "unreadable" if self.previous_chunks is None else str(self.previous_chunks)
         text = f"rebuilt the index from {self.packs} packs: {self.chunks} chunks (the old index had {before})"
         if self.damaged_packs:
             text += f"; damaged packs, salvaged up to the damage: {', '.join(self.damaged_packs)}"
+        if self.undecodable:
+            text += f"; {self.undecodable} delta entries left out (their base chunk is in no pack)"
         return text
 
 
@@ -58,6 +61,34 @@ def _pack_entries(packs_dir: Path, report: RepairReport, progress: Callable[[int
             progress(done, len(names))
 
 
+def _decodable(entries: Iterable[PackEntry], report: RepairReport) -> list[PackEntry]:
+    """One entry per chunk whose delta chain resolves among the chosen entries.
+
+    The first decodable entry of a chunk wins (a chunk stored twice by racing writers
+    is valid in either pack). A delta whose base is in no pack (gc released the base
+    while the dead delta stayed in a mostly live pack) is left out: its row would name
+    bytes no one can read, and a commit of the same bytes would trust it.
+    """
+    candidates: dict[bytes, list[PackEntry]] = {}
+    for entry in entries:
+        candidates.setdefault(entry.chunk_id, []).append(entry)
+    chosen: dict[bytes, PackEntry | None] = {}
+
+    def choose(chunk: bytes, depth: int) -> PackEntry | None:
+        if chunk not in chosen:
+            chosen[chunk] = None  # a cycle resolves to nothing
+            for entry in candidates.get(chunk, ()):
+                base = None if entry.base is None or depth >= MAX_CHAIN_LENGTH else choose(entry.base, depth + 1)
+                if entry.base is None or (base is not None and base.raw_len == entry.raw_len):
+                    chosen[chunk] = entry
+                    break
+        return chosen[chunk]
+
+    kept = [entry for entry in (choose(chunk, 0) for chunk in candidates) if entry is not None]
+    report.undecodable = len(candidates) - len(kept)
+    return kept
+
+
 def rebuild_index(root: Path, store: ChunkStore, progress: Callable[[int, int], None] | None = None) -> RepairReport:
     """Rebuild ``root/index`` from ``root/packs``. The caller holds the exclusive repo lock."""
     report = RepairReport()
@@ -73,7 +104,7 @@ def rebuild_index(root: Path, store: ChunkStore, progress: Callable[[int, int], 
         work.mkdir()
         env = open_environment(work)
         try:
-            report.chunks = write_entries(env, _pack_entries(root / "packs", report, progress))
+            report.chunks = write_entries(env, _decodable(_pack_entries(root / "packs", report, progress), report))
             env.sync(True)
         finally:
             env.close()

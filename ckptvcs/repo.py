@@ -899,6 +899,7 @@ class Repo:
         *,
         prune_unreachable_after: Any = None,
         only: Iterable[str] | None = None,
+        lock_timeout: float = 60.0,
     ) -> GcReport:
         """Release the chunks no kept commit needs; returns what was (or would be) reclaimed.
 
@@ -918,11 +919,14 @@ class Repo:
         Packs holding no live chunk are deleted; packs mostly dead are rewritten with
         their live entries copied verbatim. Interrupted commits' files in ``tmp/`` are
         removed. Runs under the exclusive repository lock: commits in flight finish
-        first, and commits wait for gc.
+        first, and commits wait for gc (LockTimeoutError after ``lock_timeout``
+        seconds without the lock). Before deleting anything, gc checks the index rows
+        of the live chunks against the packs' own entry headers and raises
+        IndexMismatchError (deleting nothing) when they disagree: run ``repair index``.
         """
         self._check_process()
         expire = self.reflog_expire if prune_unreachable_after is None else parse_expiry(prune_unreachable_after)
-        with self._lock.hold(exclusive=True):
+        with self._lock.hold(exclusive=True, timeout=lock_timeout):
             self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
             collectable = None if only is None else self._collectable(only)
             return collect_garbage(self, dry_run=dry_run, expire=expire, only=collectable)

@@ -1,8 +1,8 @@
 """The chunk store: content-addressed chunks in packs, found through the index.
 
-Writing hashes every chunk, skips those already stored (an unchanged tensor costs only
-its hash), encodes the rest and appends them to a pack; the index learns about a pack
-only after the pack is sealed. A new chunk may be stored as an XOR delta against a
+Writing hashes every chunk, skips those already stored (indexed with their whole delta
+chain; an unchanged tensor costs only its hash), encodes the rest and appends them to a
+pack; the index learns about a pack only after the pack is sealed. A new chunk may be stored as an XOR delta against a
 *base*: the chunk at the same place in the parent commit, as long as the base's delta
 chain stays shorter than the repository's keyframe interval. Reading decodes straight
 into the caller's buffer and re-hashes every chunk, so damaged bytes raise
@@ -264,6 +264,27 @@ class ChunkStore:
         self._decode_checked(entry, memoryview(out), describe)
         return memoryview(out)
 
+    def has_complete_chain(self, chunk_id: bytes) -> bool:
+        """Whether the index holds ``chunk_id`` and every delta base its decoding needs.
+
+        The dedup test of a commit: a chunk is skipped as already stored only when this
+        holds. An index row whose chain is broken (a delta whose base gc released, or
+        a rebuilt index that found an orphaned delta) names bytes no one can read back,
+        so the chunk is stored again instead (its new row replaces the broken one).
+        Index look-ups only; the packs are not read.
+        """
+        entry = self.index.get(chunk_id)
+        for _ in range(MAX_CHAIN_LENGTH + 1):
+            if entry is None:
+                return False
+            if entry.base is None:
+                return True
+            base = self.index.get(entry.base)
+            if base is not None and base.raw_len != entry.raw_len:
+                return False
+            entry = base
+        return False  # longer than any reader follows: only damage makes such a chain
+
     def chain_length(self, entry: PackEntry) -> int:
         """How many deltas decoding ``entry`` resolves (0 for a keyframe), from the index alone."""
         return self.chain_end(entry)[0]
@@ -348,7 +369,7 @@ class WriteSession:
 
     def _encode(self, raw: memoryview, layout: int = planes.BYTES, base_id: bytes | None = None) -> _Encoded:
         cid = chunk_hash(raw)
-        if cid in self._written or self._store.index.get(cid) is not None:
+        if cid in self._written or self._store.has_complete_chain(cid):
             return _Encoded(cid, len(raw))
         base, plain_estimate = self._delta_base(base_id, cid, len(raw))
         taken: list[bytearray] = []

@@ -46,7 +46,7 @@ def store_snapshot(root: Path) -> dict[str, int]:
     for path in root.rglob("*"):
         if path.is_file():
             rel = path.relative_to(root).as_posix()
-            if rel == "lock" or rel == "index/lock.mdb":
+            if rel in ("lock", "lock.gate", "index/lock.mdb"):
                 continue
             snapshot[rel] = path.stat().st_size
     return snapshot
