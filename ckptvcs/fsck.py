@@ -369,8 +369,8 @@ class _Checker:
             except CorruptObjectError as err:
                 damaged.add(pack)
                 entries = list(iter_pack_entries(path, strict=False))
-                self.add("corrupt", f"{err}; {len(entries)} entries before the damage are readable",
-                         objects=[pack])
+                self.add("corrupt", f"{err}; {len(entries)} well-formed entry headers remain around the damage "
+                         "(`ckptvcs repair index` indexes those that verify)", objects=[pack])
             except OSError as err:
                 damaged.add(pack)
                 entries = []
@@ -393,8 +393,8 @@ class _Checker:
             if found is None and entry.pack in damaged:
                 self.flagged.add(chunk)
                 commits, tensors, users = self.users(chunk)
-                self.add("missing", f"chunk {chunk.hex()} is lost: pack {entry.pack} is damaged before its entry "
-                         f"at offset {entry.offset}; {users}", objects=[chunk.hex(), entry.pack],
+                self.add("missing", f"chunk {chunk.hex()} is lost: its entry header in damaged pack {entry.pack} "
+                         f"(payload at offset {entry.offset}) is damaged or torn; {users}", objects=[chunk.hex(), entry.pack],
                          commits=commits, tensors=tensors)
                 continue
             if found is None or (found.chunk_id, found.codec, found.raw_len, found.stored_len,
