@@ -40,7 +40,9 @@ from .errors import CkptvcsError, CorruptObjectError, IntegrityError, StorageErr
 from .objects import Commit, Manifest, Tag
 from .pack import PackEntry, iter_pack_entries, with_delta_bases
 from .refs import HEAD
-from .state import iter_tensors
+from .codec import CODEC_NAMES, USES_BASE
+from .state import iter_tensors, validate_tree
+from .store import MAX_CHAIN_LENGTH
 
 if TYPE_CHECKING:
     from .repo import Repo
@@ -55,6 +57,7 @@ FsckProgress = Callable[[str, int, int], None]
 (counted in items) and ``data`` (counted in bytes)."""
 
 _PACK_NAME = re.compile(r"^[0-9a-f]{32}\.pack$")
+_REFLOG_LINE = re.compile(r"^[0-9a-f]{64} [0-9a-f]{64} [0-9]+ [^\t]*\t[^\t]*$")  # docs/format.md section 7
 _MAX_NAMED = 5  # users of a damaged chunk spelled out in a message; all are in the fields
 _READ_WINDOW = 16
 
@@ -131,7 +134,9 @@ class _Checker:
         self.read_data = read_data
         self.progress = progress
         self.report = FsckReport(read_data=read_data)
-        self.pruned: dict[str, Any] = repo.pruned()
+        records, self.damaged_records = repo._pruned_records()
+        # A damaged record still marks its commit pruned (exempt from chunk checks); it is reported below.
+        self.pruned: dict[str, Any] = {**records, **{c: {"rule": "unknown"} for c in self.damaged_records}}
         self.commit_refs: dict[str, set[str]] = {}  # reachable commit → refs reaching it
         self.commits: dict[str, Commit] = {}
         self.reached: set[str] = set()  # every object id reached from a ref
@@ -321,10 +326,12 @@ class _Checker:
                 continue
             try:
                 manifest = Manifest.parse(commit.manifest, body)
-                list(iter_tensors(manifest.root))
-            except CorruptObjectError as err:
-                self.add("corrupt", f"manifest {commit.manifest} of commit {_short(oid)} is malformed: {err}",
-                         objects=[commit.manifest], commits=[oid])
+                # Every node as `load` decodes it (tensor layouts, dtypes, blob references),
+                # against stand-in blobs: no chunk is read.
+                validate_tree(manifest.root, [blob["nbytes"] for blob in manifest.blobs])
+            except (CorruptObjectError, RecursionError, RuntimeError, ValueError, TypeError, OverflowError) as err:
+                self.add("corrupt", f"manifest {commit.manifest} of commit {_short(oid)} is malformed "
+                         f"(load would refuse it): {err}", objects=[commit.manifest], commits=[oid])
                 continue
             self.manifest_roots[number] = manifest.root
             for blob_no, blob in enumerate(manifest.blobs):
@@ -338,6 +345,37 @@ class _Checker:
         for chunk, pairs in self.usage.items():
             if any(c not in self.pruned for m, _ in pairs for c in self.manifest_commits[m]):
                 self.required.add(chunk)
+
+    def check_records(self) -> None:
+        """Pruned records that do not parse, and reflog lines that do not."""
+        for commit_id, why in self.damaged_records.items():
+            self.add("corrupt", f"{why}; commit {_short(commit_id)} counts as pruned, and gc refuses to run until "
+                     f"the record is fixed (delete pruned/{commit_id} to keep its data){self._where([commit_id])}",
+                     objects=[f"pruned/{commit_id}"], commits=[commit_id])
+        logs = self.repo.root / "logs"
+        for path in sorted(p for p in logs.rglob("*") if p.is_file()) if logs.is_dir() else []:
+            self.check_reflog(path, path.relative_to(self.repo.root).as_posix())
+
+    def check_reflog(self, path: Any, rel: str) -> None:
+        """Every complete line of a reflog must parse; a torn last line (a crash mid-append) is garbage."""
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            self.add("corrupt", f"reflog {rel} is damaged: it is not UTF-8 ({err})", objects=[rel])
+            return
+        except OSError as err:
+            self.add("unreadable", f"reflog {rel} cannot be read: {err}", objects=[rel])
+            return
+        lines = text.split("\n")
+        torn = lines.pop()
+        bad = [n for n, line in enumerate(lines, 1) if not _REFLOG_LINE.match(line)]
+        if bad:
+            shown = ", ".join(map(str, bad[:_MAX_NAMED])) + (f" and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else "")
+            self.add("corrupt", f"reflog {rel} is damaged: line{'s' if len(bad) > 1 else ''} {shown} of {len(lines)} "
+                     f"do{'' if len(bad) > 1 else 'es'} not parse (readers skip them)", objects=[rel])
+        if torn:
+            self.add("garbage", f"reflog {rel} ends in a torn line (a crash while appending, or damage); "
+                     "readers skip it", objects=[rel])
 
     # -- 3. index and packs -----------------------------------------------------------
 
@@ -412,6 +450,8 @@ class _Checker:
                 commits, tensors, users = self.users(chunk)
                 self.add("missing", f"delta base {base.hex()} of chunk {chunk.hex()} is not in the index; {users}",
                          objects=[base.hex(), chunk.hex()], commits=commits, tensors=tensors)
+            elif chunk not in self.flagged:
+                self.check_decodable(entry, index)
         for pack, chunks in missing_packs.items():
             self.flagged.update(chunks)
             needed = [c for c in chunks if c in self.required]
@@ -428,6 +468,35 @@ class _Checker:
                      + (f" by {len(set(commits))} commit(s): {', '.join(sorted({_short(c) for c in commits}))}"
                         f"{self._where(commits)}" if needed else ""),
                      objects=[pack, *(c.hex() for c in needed)], commits=commits, tensors=tensors)
+
+    def check_decodable(self, entry: PackEntry, index: dict[bytes, PackEntry]) -> None:
+        """What a read of this entry would refuse before decoding a byte: an unknown codec,
+        a codec and base that disagree, a delta chain that loops, is too long or changes size."""
+        problem = None
+        if entry.codec not in CODEC_NAMES:
+            problem = f"has unknown codec {entry.codec}"
+        elif (entry.codec in USES_BASE) != (entry.base is not None):
+            problem = "names a delta base its codec does not use" if entry.base else "is a delta that names no base"
+        else:
+            seen = {entry.chunk_id}
+            link = entry
+            while link.base is not None and problem is None:
+                base = index.get(link.base)
+                if base is None:
+                    break  # reported as a missing base on its own entry
+                if base.chunk_id in seen:
+                    problem = f"has a delta chain that loops back to chunk {base.chunk_id.hex()}"
+                elif len(seen) > MAX_CHAIN_LENGTH:
+                    problem = f"has a delta chain longer than {MAX_CHAIN_LENGTH}"
+                elif base.raw_len != link.raw_len:
+                    problem = f"has a delta base {base.chunk_id.hex()} of {base.raw_len} bytes, not {link.raw_len}"
+                seen.add(base.chunk_id)
+                link = base
+        if problem is not None:
+            self.flagged.add(entry.chunk_id)
+            commits, tensors, users = self.users(entry.chunk_id)
+            self.add("corrupt", f"chunk {entry.chunk_id.hex()} in pack {entry.pack} {problem}: it cannot be read; "
+                     f"{users}", objects=[entry.chunk_id.hex(), entry.pack], commits=commits, tensors=tensors)
 
     def check_required_chunks(self, index: dict[bytes, PackEntry], located: dict[bytes, list[PackEntry]]) -> None:
         for chunk in sorted(self.required):
@@ -559,6 +628,7 @@ class _Checker:
         tips = self.check_refs()
         self.walk_commits(tips)
         self.check_manifests()
+        self.check_records()
         index = self.read_index()
         packs, located, damaged = self.read_packs()
         self.report.chunks = len(index)

@@ -404,7 +404,7 @@ def test_pruned_commits_may_lack_chunks(damaged: Damaged, monkeypatch: pytest.Mo
     _edit_index(repo, lambda txn: [txn.delete(e.chunk_id) for e in pack_entries])
     damaged.pack_path.unlink()
     assert not repo.fsck().ok
-    monkeypatch.setattr(repo, "pruned", lambda: {damaged.target: {"reason": "test"}}, raising=False)
+    monkeypatch.setattr(repo, "_pruned_records", lambda: ({damaged.target: {"reason": "test"}}, {}))
     assert_clean(repo)
 
 
