@@ -93,3 +93,81 @@ def test_salvage_finds_no_entry_in_random_bytes(tmp_path: Path) -> None:
     writer.add(b"\x11" * 32, 0, 4, b"abcd")
     sealed = writer.seal()
     assert [e.chunk_id for e in iter_pack_entries(sealed, strict=False)] == [b"\x11" * 32]
+
+
+# -- point 9: fsck catches at least what load rejects -----------------------------------------------
+
+
+def _point_branch_at_manifest(repo: Repo, base_commit: str, body: dict) -> tuple[str, str]:
+    """Store ``body`` as a manifest, a commit naming it, and branch ``bad`` at that commit."""
+    manifest_id = repo.objects.put("manifest", body)
+    commit_body = repo.objects.get(base_commit, "commit")[1]
+    commit_id = repo.objects.put("commit", {**commit_body, "manifest": manifest_id, "parents": []})
+    repo.refs.set_if_equals("refs/heads/bad", None, commit_id, who="test", message="test")
+    return manifest_id, commit_id
+
+
+TENSOR_DAMAGE = {
+    "shape reaches outside the blob": lambda t: t.update(shape=[100000]),
+    "unknown dtype": lambda t: t.update(dtype="float99"),
+    "stride of the wrong length": lambda t: t.update(stride=[1, 1]),
+    "misaligned offset": lambda t: t.update(offset=2),
+    "blob index out of range": lambda t: t.update(blob=7),
+    "negative dimension": lambda t: t.update(shape=[-1]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(TENSOR_DAMAGE) + ["unknown node kind", "ndarray of the wrong size"])
+def test_fsck_refuses_the_manifests_load_refuses(small_repo: Repo, damage: str) -> None:
+    repo = small_repo
+    good = repo.commit({"w": torch.randn(64), "a": torch.arange(8).numpy()}, "good", code_version=None)
+    body = json.loads(json.dumps(repo.objects.get(repo.show(good).manifest, "manifest")[1]))
+    pairs = body["root"]["dict"]
+    if damage == "unknown node kind":
+        pairs.append(["extra", {"pickle": "x"}])
+    elif damage == "ndarray of the wrong size":
+        pairs[1][1]["ndarray"]["shape"] = [9]
+    else:
+        TENSOR_DAMAGE[damage](pairs[0][1]["tensor"])
+    manifest_id, commit_id = _point_branch_at_manifest(repo, good, body)
+    with pytest.raises(IntegrityError):
+        repo.load("bad")
+    corrupt = [f for f in repo.fsck().errors if f.kind == "corrupt"]
+    assert [f.objects for f in corrupt] == [(manifest_id,)] and corrupt[0].commits == (commit_id,)
+    assert "refs/heads/bad" in corrupt[0].refs
+
+
+def test_fsck_checks_reflogs(repo: Repo) -> None:
+    """Every structural byte of a reflog line (ids, time, separators) is checked."""
+    for i in range(3):
+        repo.commit({"w": torch.full((4,), float(i))}, f"c{i}", code_version=None)
+    path = repo.root / "logs/refs/heads/main"
+    lines = path.read_bytes().split(b"\n")
+    second = len(lines[0]) + 1  # the start of the second line
+    for offset in (second + 5, second + 64, second + 70, second + 129, second + 131,
+                   second + lines[1].index(b"\t")):
+        flip_byte(path, offset, 0x40)
+        found = [f for f in repo.fsck().errors if f.objects == ("logs/refs/heads/main",)]
+        assert len(found) == 1 and "line 2 of 3" in found[0].message, (offset, found)
+        flip_byte(path, offset, 0x40)
+    assert repo.fsck().ok
+
+
+def test_plain_fsck_finds_a_delta_loop(small_repo: Repo) -> None:
+    """A delta chain that loops (here: written by a buggy writer) makes load fail: fsck names it."""
+    from ckptvcs.codec import XOR_PLANES
+
+    repo = small_repo
+    commit = repo.commit({"w": torch.randn(1024)}, "one chunk", code_version=None)
+    [chunk_hex] = repo.manifest(commit).blobs[0]["chunks"]
+    chunk, other = bytes.fromhex(chunk_hex), b"\x22" * 32
+    writer = PackWriter(repo.root / "tmp", repo.root / "packs")
+    looped = [writer.add(chunk, XOR_PLANES, 4096, b"\0" * 8, base=other),
+              writer.add(other, XOR_PLANES, 4096, b"\0" * 8, base=chunk)]
+    writer.seal()
+    repo.chunks.index.update(put=looped, remove=[repo.chunks.index.get(chunk)])
+    with pytest.raises(IntegrityError):
+        repo.load(commit)
+    errors = repo.fsck().errors
+    assert any(f.kind == "corrupt" and chunk_hex in f.objects and f.commits == (commit,) and "loops" in f.message
+               for f in errors), [str(f) for f in errors]
