@@ -27,6 +27,7 @@ that hold the damaged chunks, and the refs that reach those commits.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import deque
@@ -36,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _fs
-from .errors import CkptvcsError, CorruptObjectError, IntegrityError, StorageError
+from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
 from .objects import Commit, Manifest, Tag
 from .pack import PackEntry, iter_pack_entries, with_delta_bases
-from .refs import HEAD
+from .refs import HEAD, check_ref_name
 from .codec import CODEC_NAMES, USES_BASE
 from .state import iter_tensors, validate_tree
 from .store import MAX_CHAIN_LENGTH
@@ -57,6 +58,7 @@ FsckProgress = Callable[[str, int, int], None]
 (counted in items) and ``data`` (counted in bytes)."""
 
 _PACK_NAME = re.compile(r"^[0-9a-f]{32}\.pack$")
+_CONFIG_FIELDS = {"format", "version", "chunk_size", "hash", "id", "created", "verify_encoding", "keyframe_interval"}
 _REFLOG_LINE = re.compile(r"^[0-9a-f]{64} [0-9a-f]{64} [0-9]+ [^\t]*\t[^\t]*$")  # docs/format.md section 7
 _MAX_NAMED = 5  # users of a damaged chunk spelled out in a message; all are in the fields
 _READ_WINDOW = 16
@@ -243,6 +245,8 @@ class _Checker:
             head_branch = head[len("ref: "):]
             if not head_branch.startswith("refs/heads/"):
                 self.add("corrupt", f"HEAD points at {head_branch}, which is not a branch", objects=[HEAD])
+            else:
+                self.check_head_branch(head_branch)
         elif head is not None:
             tips.setdefault(head, []).append(HEAD)
         for name in refs.names("heads"):
@@ -268,6 +272,18 @@ class _Checker:
                 continue
             tips.setdefault(tag.object, []).append(ref)
         return tips
+
+    def check_head_branch(self, ref: str) -> None:
+        """HEAD must name a valid branch; one that does not exist (yet) is only worth a note."""
+        name = ref[len("refs/heads/"):]
+        try:
+            check_ref_name(name, "branch")
+        except InvalidRefNameError as err:
+            self.add("corrupt", f"HEAD is damaged: it points at {ref!r}, not a valid branch ({err})", objects=[HEAD])
+            return
+        if name not in self.repo.refs.names("heads") and self.repo.refs.names("heads"):
+            self.add("dangling", f"HEAD points at branch {name}, which does not exist: the next commit creates it "
+                     "(if HEAD was damaged, point it back with `ckptvcs checkout <branch>`)", objects=[HEAD])
 
     def walk_commits(self, tips: dict[str, list[str]]) -> None:
         """Parse every reachable commit; record which refs reach each one."""
@@ -345,6 +361,25 @@ class _Checker:
         for chunk, pairs in self.usage.items():
             if any(c not in self.pruned for m, _ in pairs for c in self.manifest_commits[m]):
                 self.required.add(chunk)
+
+    def check_config(self) -> None:
+        """The fields of config.json that opening the repository does not need (docs/format.md section 3)."""
+        try:
+            config = json.loads((self.repo.root / "config.json").read_bytes())
+        except (OSError, ValueError) as err:
+            self.add("corrupt", f"config.json cannot be read: {err}", objects=["config.json"])
+            return
+        problems = [f"unknown field {name!r}" for name in sorted(set(config) - _CONFIG_FIELDS)]
+        if config.get("hash", "blake3") != "blake3":
+            problems.append(f"hash is {config['hash']!r}, not 'blake3'")
+        if not re.fullmatch(r"[0-9a-f]{32}", str(config.get("id", "0" * 32))):
+            problems.append(f"id {config['id']!r} is not 32 hex digits")
+        if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", str(config.get("created", "2000-01-01T00:00:00Z"))):
+            problems.append(f"created {config['created']!r} is not a UTC ISO 8601 time")
+        if not isinstance(config.get("verify_encoding", True), bool):
+            problems.append("verify_encoding is not true or false")
+        if problems:
+            self.add("corrupt", f"config.json is damaged: {'; '.join(problems)}", objects=["config.json"])
 
     def check_records(self) -> None:
         """Pruned records that do not parse, and reflog lines that do not."""
@@ -629,6 +664,7 @@ class _Checker:
         self.walk_commits(tips)
         self.check_manifests()
         self.check_records()
+        self.check_config()
         index = self.read_index()
         packs, located, damaged = self.read_packs()
         self.report.chunks = len(index)

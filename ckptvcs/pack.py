@@ -41,6 +41,7 @@ ENTRY_HEADER_SIZE = _ENTRY_HEADER.size
 FLAG_HAS_BASE = 0x01  # entry flags bit: a 32-byte base chunk id follows the entry header
 _KNOWN_FLAGS = FLAG_HAS_BASE
 _BASE_ID_SIZE = 32
+_MAX_OFFSET = 1 << 62  # far beyond any pack; a larger offset (a damaged index value) names no entry
 
 
 def _prefix_size(base: bytes | None) -> int:
@@ -145,6 +146,14 @@ class PackWriter:
             os.unlink(self._tmp_path)
 
 
+def _entry_start(entry: PackEntry, prefix: int) -> int:
+    """Where an entry's header starts, refusing offsets no entry can have (a damaged index)."""
+    start = entry.offset - prefix
+    if not _PACK_HEADER.size <= start < _MAX_OFFSET:
+        raise CorruptObjectError(f"pack {entry.pack} has no entry at offset {entry.offset}")
+    return start
+
+
 class PackFiles:
     """Reads chunk payloads from sealed packs, keeping file descriptors open."""
 
@@ -173,7 +182,7 @@ class PackFiles:
         """Read one payload, checking the entry header in front of it names the chunk."""
         prefix = _prefix_size(entry.base)
         want = prefix + entry.stored_len
-        data = _fs.pread(self._fd(entry.pack), want, entry.offset - prefix)
+        data = _fs.pread(self._fd(entry.pack), want, _entry_start(entry, prefix))
         if len(data) != want:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, data)
@@ -184,7 +193,7 @@ class PackFiles:
         prefix = _prefix_size(entry.base)
         want = prefix + entry.stored_len
         buf = memoryview(scratch.buffer("pack-read", want))
-        got = _fs.preadv(self._fd(entry.pack), [buf], entry.offset - prefix)
+        got = _fs.preadv(self._fd(entry.pack), [buf], _entry_start(entry, prefix))
         if got != want:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, buf)
@@ -195,7 +204,7 @@ class PackFiles:
         if entry.base is not None:
             raise CorruptObjectError(f"pack {entry.pack} entry at offset {entry.offset}: a raw chunk has no base")
         header = bytearray(ENTRY_HEADER_SIZE)
-        got = _fs.preadv(self._fd(entry.pack), [header, out], entry.offset - ENTRY_HEADER_SIZE)
+        got = _fs.preadv(self._fd(entry.pack), [header, out], _entry_start(entry, ENTRY_HEADER_SIZE))
         if got != ENTRY_HEADER_SIZE + len(out) or len(out) != entry.stored_len:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, header)

@@ -192,7 +192,9 @@ class Repo:
         if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
             raise NotARepositoryError(f"{root} is not a ckptvcs repository (config.json has another format)")
         version = config.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise CorruptObjectError(f"{root}/config.json has an invalid version {version!r}")
+        if version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"{root} uses repository format version {version}, newer than this ckptvcs supports "
                 f"({FORMAT_VERSION}); upgrade ckptvcs"
