@@ -668,16 +668,16 @@ class Repo:
     def pruned(self) -> dict[str, dict[str, Any]]:
         """Commit id → pruned record (``rule``, ``reason``, ``time``, ``who``) of every pruned commit.
 
-        A damaged record still marks its commit pruned (the file says so), with rule
-        ``unknown`` and a RuntimeWarning; fsck names it, and gc refuses to run until it
-        is fixed.
+        A damaged record is left out with a RuntimeWarning (whoever uses this to decide
+        what to release then keeps that commit's data); fsck names it, loading that
+        commit raises CorruptObjectError, and gc refuses to run until it is fixed.
         """
         self._check_process()
         records, damaged = self._pruned_records()
-        for commit_id, why in damaged.items():
-            warnings.warn(f"{why}; its commit is treated as pruned; run `ckptvcs fsck`", RuntimeWarning, stacklevel=2)
-            records[commit_id] = {"commit": commit_id, "rule": "unknown", "reason": f"damaged record: {why}"}
-        return dict(sorted(records.items()))
+        for why in damaged.values():
+            warnings.warn(f"{why}; its commit is treated as not pruned; run `ckptvcs fsck`", RuntimeWarning,
+                          stacklevel=2)
+        return records
 
     def _pruned_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """``(commit id → record, commit id → why its record is damaged)``."""
@@ -726,7 +726,6 @@ class Repo:
         (ProtectedCommitError). Pruning is permanent once gc has run. Returns the id.
         """
         commit_id = self.resolve(rev)
-        self._refuse_if_damaged("prune")
         if commit_id in self._all_tips():
             raise ProtectedCommitError(
                 f"commit {commit_id[:12]} is the tip of a branch, tag or HEAD; it cannot be pruned"
@@ -790,14 +789,14 @@ class Repo:
                          "again if it should go)")
         return items
 
-    def _refuse_if_damaged(self, action: str) -> None:
-        """Stop ``action`` (gc, prune) while a ref or record it relies on is damaged.
+    def _refuse_if_damaged(self, action: str, *, records: bool = True) -> None:
+        """Stop ``action`` (gc, prune) while a ref (or, with ``records``, a pruned record) is damaged.
 
         Skipping the damaged item would let gc delete data it may need (an unknown
         branch tip keeps its history alive; a pruned record decides what is released),
         so these refuse instead of skipping, naming each item and its fix.
         """
-        damaged = self._damaged_items(records=action != "prune")
+        damaged = self._damaged_items(records=records)
         if damaged:
             raise RepositoryDamagedError(f"cannot {action} while {'; '.join(damaged)}")
 
@@ -809,7 +808,12 @@ class Repo:
 
     # -- reporting -------------------------------------------------------------------
 
-    def _all_tips(self) -> list[str]:
+    def _all_tips(self, *, skip_damaged: bool = False) -> list[str]:
+        """The commits of every branch, tag and HEAD. A damaged branch or tag raises
+        RepositoryDamagedError (a live set missing a tip would lose its history), unless
+        ``skip_damaged`` (listing: it is skipped with a warning)."""
+        if not skip_damaged:
+            self._refuse_if_damaged("find the commit of every ref", records=False)
         tips = list(self.branches().values()) + [t.object for t in self.tags().values()]
         _, head = self.refs.follow(HEAD)
         if head:
@@ -818,7 +822,7 @@ class Repo:
 
     def all_commits(self) -> list[Commit]:
         """Every commit reachable from a branch, tag or HEAD, newest first."""
-        return self._walk(self._all_tips())
+        return self._walk(self._all_tips(skip_damaged=True))
 
     def stats(self) -> RepoStats:
         """Logical against stored sizes, for `ckptvcs stats`."""
