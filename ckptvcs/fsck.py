@@ -40,7 +40,7 @@ from . import _fs
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
 from .objects import Commit, Manifest, Tag
 from .pack import PackEntry, iter_pack_entries, with_delta_bases
-from .refs import HEAD, check_ref_name
+from .refs import HEAD, ZERO_ID, check_ref_name
 from .codec import CODEC_NAMES, USES_BASE
 from .state import iter_tensors, validate_tree
 from .store import MAX_CHAIN_LENGTH
@@ -234,10 +234,12 @@ class _Checker:
         def read(ref: str) -> str | None:
             self.report.refs += 1
             try:
-                return refs.read_raw(ref)
+                value = refs.read_raw(ref)
             except CorruptObjectError as err:
                 self.add("corrupt", f"{err}; the file holds no valid id", objects=[ref])
                 return None
+            self.check_ref_bytes(ref, value)
+            return value
 
         head = read(HEAD)
         head_branch = None
@@ -273,6 +275,20 @@ class _Checker:
             tips.setdefault(tag.object, []).append(ref)
         return tips
 
+    def check_ref_bytes(self, ref: str, value: str | None) -> None:
+        """A ref file holds its value and one newline, nothing else (readers strip the rest)."""
+        if value is None:
+            return
+        try:
+            data = (self.repo.root / ref).read_bytes()
+        except OSError:
+            return  # moved meanwhile: the value just read is what counts
+        if data.decode("utf-8", "replace").strip() != value:
+            return  # a writer moved it meanwhile (fsck runs beside commits)
+        if data != f"{value}\n".encode():
+            self.add("corrupt", f"ref {ref} is damaged: besides {value[:80]!r} it holds stray bytes "
+                     f"({data[:100]!r}); readers still read that value", objects=[ref])
+
     def check_head_branch(self, ref: str) -> None:
         """HEAD must name a valid branch; one that does not exist (yet) is only worth a note."""
         name = ref[len("refs/heads/"):]
@@ -281,9 +297,14 @@ class _Checker:
         except InvalidRefNameError as err:
             self.add("corrupt", f"HEAD is damaged: it points at {ref!r}, not a valid branch ({err})", objects=[HEAD])
             return
-        if name not in self.repo.refs.names("heads") and self.repo.refs.names("heads"):
-            self.add("dangling", f"HEAD points at branch {name}, which does not exist: the next commit creates it "
-                     "(if HEAD was damaged, point it back with `ckptvcs checkout <branch>`)", objects=[HEAD])
+        if name in self.repo.refs.names("heads"):
+            return
+        # An unborn branch is normal (a new repository), unless HEAD held a commit before.
+        last = next(iter(self.repo.refs.reflog(HEAD)), None)
+        if last is not None and last.new != ZERO_ID:
+            self.add("corrupt", f"HEAD points at branch {name}, which does not exist, yet its reflog says it last "
+                     f"held commit {_short(last.new)}: HEAD or that branch is damaged (point HEAD back with "
+                     "`ckptvcs checkout <branch>`)", objects=[HEAD])
 
     def walk_commits(self, tips: dict[str, list[str]]) -> None:
         """Parse every reachable commit; record which refs reach each one."""
