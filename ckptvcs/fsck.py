@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _fs
+from .codec import CODEC_NAMES, USES_BASE
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
 from .objects import Commit, Manifest, Tag
 from .pack import PackEntry, iter_pack_entries, with_delta_bases
 from .refs import HEAD, ZERO_ID, check_ref_name
-from .codec import CODEC_NAMES, USES_BASE
 from .state import iter_tensors, validate_tree
 from .store import MAX_CHAIN_LENGTH
 
@@ -58,7 +58,7 @@ FsckProgress = Callable[[str, int, int], None]
 (counted in items) and ``data`` (counted in bytes)."""
 
 _PACK_NAME = re.compile(r"^[0-9a-f]{32}\.pack$")
-_CONFIG_FIELDS = {"format", "version", "chunk_size", "hash", "id", "created", "verify_encoding", "keyframe_interval"}
+_CONFIG_WRITTEN = ("hash", "id", "created")  # fields `init` always writes that opening does not check
 _REFLOG_LINE = re.compile(r"^[0-9a-f]{64} [0-9a-f]{64} [0-9]+ [^\t]*\t[^\t]*$")  # docs/format.md section 7
 _MAX_NAMED = 5  # users of a damaged chunk spelled out in a message; all are in the fields
 _READ_WINDOW = 16
@@ -137,7 +137,8 @@ class _Checker:
         self.progress = progress
         self.report = FsckReport(read_data=read_data)
         records, self.damaged_records = repo._pruned_records()
-        # A damaged record still marks its commit pruned (exempt from chunk checks); it is reported below.
+        # A commit with a damaged record may have lost its data to an earlier gc: exempt it from
+        # chunk checks like a pruned one; the record itself is reported (check_records).
         self.pruned: dict[str, Any] = {**records, **{c: {"rule": "unknown"} for c in self.damaged_records}}
         self.commit_refs: dict[str, set[str]] = {}  # reachable commit → refs reaching it
         self.commits: dict[str, Commit] = {}
@@ -290,7 +291,7 @@ class _Checker:
                      f"({data[:100]!r}); readers still read that value", objects=[ref])
 
     def check_head_branch(self, ref: str) -> None:
-        """HEAD must name a valid branch; one that does not exist (yet) is only worth a note."""
+        """HEAD must name a valid branch, and one that exists unless HEAD never held a commit."""
         name = ref[len("refs/heads/"):]
         try:
             check_ref_name(name, "branch")
@@ -390,13 +391,14 @@ class _Checker:
         except (OSError, ValueError) as err:
             self.add("corrupt", f"config.json cannot be read: {err}", objects=["config.json"])
             return
-        problems = [f"unknown field {name!r}" for name in sorted(set(config) - _CONFIG_FIELDS)]
+        problems = [f"field {name!r} is missing" for name in _CONFIG_WRITTEN if name not in config]
         if config.get("hash", "blake3") != "blake3":
             problems.append(f"hash is {config['hash']!r}, not 'blake3'")
         if not re.fullmatch(r"[0-9a-f]{32}", str(config.get("id", "0" * 32))):
             problems.append(f"id {config['id']!r} is not 32 hex digits")
-        if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", str(config.get("created", "2000-01-01T00:00:00Z"))):
-            problems.append(f"created {config['created']!r} is not a UTC ISO 8601 time")
+        created = str(config.get("created", "2000-01-01T00:00:00Z"))
+        if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", created):
+            problems.append(f"created {created!r} is not a UTC ISO 8601 time")
         if not isinstance(config.get("verify_encoding", True), bool):
             problems.append("verify_encoding is not true or false")
         if problems:
@@ -405,8 +407,8 @@ class _Checker:
     def check_records(self) -> None:
         """Pruned records that do not parse, and reflog lines that do not."""
         for commit_id, why in self.damaged_records.items():
-            self.add("corrupt", f"{why}; commit {_short(commit_id)} counts as pruned, and gc refuses to run until "
-                     f"the record is fixed (delete pruned/{commit_id} to keep its data){self._where([commit_id])}",
+            self.add("corrupt", f"{why}; gc refuses to run until the record is fixed (delete pruned/{commit_id} "
+                     f"to keep commit {_short(commit_id)}'s data){self._where([commit_id])}",
                      objects=[f"pruned/{commit_id}"], commits=[commit_id])
         logs = self.repo.root / "logs"
         for path in sorted(p for p in logs.rglob("*") if p.is_file()) if logs.is_dir() else []:
