@@ -428,7 +428,9 @@ class _Checker:
         torn = lines.pop()
         bad = [n for n, line in enumerate(lines, 1) if not _REFLOG_LINE.match(line)]
         if bad:
-            shown = ", ".join(map(str, bad[:_MAX_NAMED])) + (f" and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else "")
+            shown = ", ".join(map(str, bad[:_MAX_NAMED]))
+            if len(bad) > _MAX_NAMED:
+                shown += f" and {len(bad) - _MAX_NAMED} more"
             self.add("corrupt", f"reflog {rel} is damaged: line{'s' if len(bad) > 1 else ''} {shown} of {len(lines)} "
                      f"do{'' if len(bad) > 1 else 'es'} not parse (readers skip them)", objects=[rel])
         if torn:
@@ -490,8 +492,8 @@ class _Checker:
                 self.flagged.add(chunk)
                 commits, tensors, users = self.users(chunk)
                 self.add("missing", f"chunk {chunk.hex()} is lost: its entry header in damaged pack {entry.pack} "
-                         f"(payload at offset {entry.offset}) is damaged or torn; {users}", objects=[chunk.hex(), entry.pack],
-                         commits=commits, tensors=tensors)
+                         f"(payload at offset {entry.offset}) is damaged or torn; {users}",
+                         objects=[chunk.hex(), entry.pack], commits=commits, tensors=tensors)
                 continue
             if found is None or (found.chunk_id, found.codec, found.raw_len, found.stored_len,
                                  found.base) != (
