@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +56,11 @@ class _Group(click.Group):
             _fail(f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}", 13)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+
+
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    """Warnings (a damaged branch or tag skipped while listing) as one ``warning:`` line."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -182,6 +188,8 @@ def _metric_text(metrics: dict[str, float]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, repo_path: str | None) -> None:
     """Git-like version control for model training checkpoints."""
+    ctx.with_resource(warnings.catch_warnings())  # restored when the command ends
+    warnings.showwarning = _show_warning
     ctx.ensure_object(dict)
     ctx.obj["path"] = repo_path
 

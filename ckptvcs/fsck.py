@@ -27,6 +27,7 @@ that hold the damaged chunks, and the refs that reach those commits.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import deque
@@ -36,11 +37,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _fs
-from .errors import CkptvcsError, CorruptObjectError, IntegrityError, StorageError
+from .codec import CODEC_NAMES, USES_BASE
+from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
 from .objects import Commit, Manifest, Tag
 from .pack import PackEntry, iter_pack_entries, with_delta_bases
-from .refs import HEAD
-from .state import iter_tensors
+from .refs import HEAD, ZERO_ID, check_ref_name
+from .state import iter_tensors, validate_tree
+from .store import MAX_CHAIN_LENGTH
 
 if TYPE_CHECKING:
     from .repo import Repo
@@ -55,6 +58,8 @@ FsckProgress = Callable[[str, int, int], None]
 (counted in items) and ``data`` (counted in bytes)."""
 
 _PACK_NAME = re.compile(r"^[0-9a-f]{32}\.pack$")
+_CONFIG_WRITTEN = ("hash", "id", "created")  # fields `init` always writes that opening does not check
+_REFLOG_LINE = re.compile(r"^[0-9a-f]{64} [0-9a-f]{64} [0-9]+ [^\t]*\t[^\t]*$")  # docs/format.md section 7
 _MAX_NAMED = 5  # users of a damaged chunk spelled out in a message; all are in the fields
 _READ_WINDOW = 16
 
@@ -131,7 +136,10 @@ class _Checker:
         self.read_data = read_data
         self.progress = progress
         self.report = FsckReport(read_data=read_data)
-        self.pruned: dict[str, Any] = repo.pruned()
+        records, self.damaged_records = repo._pruned_records()
+        # A commit with a damaged record may have lost its data to an earlier gc: exempt it from
+        # chunk checks like a pruned one; the record itself is reported (check_records).
+        self.pruned: dict[str, Any] = {**records, **{c: {"rule": "unknown"} for c in self.damaged_records}}
         self.commit_refs: dict[str, set[str]] = {}  # reachable commit → refs reaching it
         self.commits: dict[str, Commit] = {}
         self.reached: set[str] = set()  # every object id reached from a ref
@@ -227,10 +235,12 @@ class _Checker:
         def read(ref: str) -> str | None:
             self.report.refs += 1
             try:
-                return refs.read_raw(ref)
+                value = refs.read_raw(ref)
             except CorruptObjectError as err:
                 self.add("corrupt", f"{err}; the file holds no valid id", objects=[ref])
                 return None
+            self.check_ref_bytes(ref, value)
+            return value
 
         head = read(HEAD)
         head_branch = None
@@ -238,6 +248,8 @@ class _Checker:
             head_branch = head[len("ref: "):]
             if not head_branch.startswith("refs/heads/"):
                 self.add("corrupt", f"HEAD points at {head_branch}, which is not a branch", objects=[HEAD])
+            else:
+                self.check_head_branch(head_branch)
         elif head is not None:
             tips.setdefault(head, []).append(HEAD)
         for name in refs.names("heads"):
@@ -263,6 +275,37 @@ class _Checker:
                 continue
             tips.setdefault(tag.object, []).append(ref)
         return tips
+
+    def check_ref_bytes(self, ref: str, value: str | None) -> None:
+        """A ref file holds its value and one newline, nothing else (readers strip the rest)."""
+        if value is None:
+            return
+        try:
+            data = (self.repo.root / ref).read_bytes()
+        except OSError:
+            return  # moved meanwhile: the value just read is what counts
+        if data.decode("utf-8", "replace").strip() != value:
+            return  # a writer moved it meanwhile (fsck runs beside commits)
+        if data != f"{value}\n".encode():
+            self.add("corrupt", f"ref {ref} is damaged: besides {value[:80]!r} it holds stray bytes "
+                     f"({data[:100]!r}); readers still read that value", objects=[ref])
+
+    def check_head_branch(self, ref: str) -> None:
+        """HEAD must name a valid branch, and one that exists unless HEAD never held a commit."""
+        name = ref[len("refs/heads/"):]
+        try:
+            check_ref_name(name, "branch")
+        except InvalidRefNameError as err:
+            self.add("corrupt", f"HEAD is damaged: it points at {ref!r}, not a valid branch ({err})", objects=[HEAD])
+            return
+        if name in self.repo.refs.names("heads"):
+            return
+        # An unborn branch is normal (a new repository), unless HEAD held a commit before.
+        last = next(iter(self.repo.refs.reflog(HEAD)), None)
+        if last is not None and last.new != ZERO_ID:
+            self.add("corrupt", f"HEAD points at branch {name}, which does not exist, yet its reflog says it last "
+                     f"held commit {_short(last.new)}: HEAD or that branch is damaged (point HEAD back with "
+                     "`ckptvcs checkout <branch>`)", objects=[HEAD])
 
     def walk_commits(self, tips: dict[str, list[str]]) -> None:
         """Parse every reachable commit; record which refs reach each one."""
@@ -321,10 +364,12 @@ class _Checker:
                 continue
             try:
                 manifest = Manifest.parse(commit.manifest, body)
-                list(iter_tensors(manifest.root))
-            except CorruptObjectError as err:
-                self.add("corrupt", f"manifest {commit.manifest} of commit {_short(oid)} is malformed: {err}",
-                         objects=[commit.manifest], commits=[oid])
+                # Every node as `load` decodes it (tensor layouts, dtypes, blob references),
+                # against stand-in blobs: no chunk is read.
+                validate_tree(manifest.root, [blob["nbytes"] for blob in manifest.blobs])
+            except (CorruptObjectError, RecursionError, RuntimeError, ValueError, TypeError, OverflowError) as err:
+                self.add("corrupt", f"manifest {commit.manifest} of commit {_short(oid)} is malformed "
+                         f"(load would refuse it): {err}", objects=[commit.manifest], commits=[oid])
                 continue
             self.manifest_roots[number] = manifest.root
             for blob_no, blob in enumerate(manifest.blobs):
@@ -338,6 +383,59 @@ class _Checker:
         for chunk, pairs in self.usage.items():
             if any(c not in self.pruned for m, _ in pairs for c in self.manifest_commits[m]):
                 self.required.add(chunk)
+
+    def check_config(self) -> None:
+        """The fields of config.json that opening the repository does not need (docs/format.md section 3)."""
+        try:
+            config = json.loads((self.repo.root / "config.json").read_bytes())
+        except (OSError, ValueError) as err:
+            self.add("corrupt", f"config.json cannot be read: {err}", objects=["config.json"])
+            return
+        problems = [f"field {name!r} is missing" for name in _CONFIG_WRITTEN if name not in config]
+        if config.get("hash", "blake3") != "blake3":
+            problems.append(f"hash is {config['hash']!r}, not 'blake3'")
+        if not re.fullmatch(r"[0-9a-f]{32}", str(config.get("id", "0" * 32))):
+            problems.append(f"id {config['id']!r} is not 32 hex digits")
+        created = str(config.get("created", "2000-01-01T00:00:00Z"))
+        if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", created):
+            problems.append(f"created {created!r} is not a UTC ISO 8601 time")
+        if not isinstance(config.get("verify_encoding", True), bool):
+            problems.append("verify_encoding is not true or false")
+        if problems:
+            self.add("corrupt", f"config.json is damaged: {'; '.join(problems)}", objects=["config.json"])
+
+    def check_records(self) -> None:
+        """Pruned records that do not parse, and reflog lines that do not."""
+        for commit_id, why in self.damaged_records.items():
+            self.add("corrupt", f"{why}; gc refuses to run until the record is fixed (delete pruned/{commit_id} "
+                     f"to keep commit {_short(commit_id)}'s data){self._where([commit_id])}",
+                     objects=[f"pruned/{commit_id}"], commits=[commit_id])
+        logs = self.repo.root / "logs"
+        for path in sorted(p for p in logs.rglob("*") if p.is_file()) if logs.is_dir() else []:
+            self.check_reflog(path, path.relative_to(self.repo.root).as_posix())
+
+    def check_reflog(self, path: Any, rel: str) -> None:
+        """Every complete line of a reflog must parse; a torn last line (a crash mid-append) is garbage."""
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            self.add("corrupt", f"reflog {rel} is damaged: it is not UTF-8 ({err})", objects=[rel])
+            return
+        except OSError as err:
+            self.add("unreadable", f"reflog {rel} cannot be read: {err}", objects=[rel])
+            return
+        lines = text.split("\n")
+        torn = lines.pop()
+        bad = [n for n, line in enumerate(lines, 1) if not _REFLOG_LINE.match(line)]
+        if bad:
+            shown = ", ".join(map(str, bad[:_MAX_NAMED]))
+            if len(bad) > _MAX_NAMED:
+                shown += f" and {len(bad) - _MAX_NAMED} more"
+            self.add("corrupt", f"reflog {rel} is damaged: line{'s' if len(bad) > 1 else ''} {shown} of {len(lines)} "
+                     f"do{'' if len(bad) > 1 else 'es'} not parse (readers skip them)", objects=[rel])
+        if torn:
+            self.add("garbage", f"reflog {rel} ends in a torn line (a crash while appending, or damage); "
+                     "readers skip it", objects=[rel])
 
     # -- 3. index and packs -----------------------------------------------------------
 
@@ -369,8 +467,8 @@ class _Checker:
             except CorruptObjectError as err:
                 damaged.add(pack)
                 entries = list(iter_pack_entries(path, strict=False))
-                self.add("corrupt", f"{err}; {len(entries)} entries before the damage are readable",
-                         objects=[pack])
+                self.add("corrupt", f"{err}; {len(entries)} well-formed entry headers remain around the damage "
+                         "(`ckptvcs repair index` indexes those that verify)", objects=[pack])
             except OSError as err:
                 damaged.add(pack)
                 entries = []
@@ -393,9 +491,9 @@ class _Checker:
             if found is None and entry.pack in damaged:
                 self.flagged.add(chunk)
                 commits, tensors, users = self.users(chunk)
-                self.add("missing", f"chunk {chunk.hex()} is lost: pack {entry.pack} is damaged before its entry "
-                         f"at offset {entry.offset}; {users}", objects=[chunk.hex(), entry.pack],
-                         commits=commits, tensors=tensors)
+                self.add("missing", f"chunk {chunk.hex()} is lost: its entry header in damaged pack {entry.pack} "
+                         f"(payload at offset {entry.offset}) is damaged or torn; {users}",
+                         objects=[chunk.hex(), entry.pack], commits=commits, tensors=tensors)
                 continue
             if found is None or (found.chunk_id, found.codec, found.raw_len, found.stored_len,
                                  found.base) != (
@@ -412,6 +510,8 @@ class _Checker:
                 commits, tensors, users = self.users(chunk)
                 self.add("missing", f"delta base {base.hex()} of chunk {chunk.hex()} is not in the index; {users}",
                          objects=[base.hex(), chunk.hex()], commits=commits, tensors=tensors)
+            elif chunk not in self.flagged:
+                self.check_decodable(entry, index)
         for pack, chunks in missing_packs.items():
             self.flagged.update(chunks)
             needed = [c for c in chunks if c in self.required]
@@ -428,6 +528,35 @@ class _Checker:
                      + (f" by {len(set(commits))} commit(s): {', '.join(sorted({_short(c) for c in commits}))}"
                         f"{self._where(commits)}" if needed else ""),
                      objects=[pack, *(c.hex() for c in needed)], commits=commits, tensors=tensors)
+
+    def check_decodable(self, entry: PackEntry, index: dict[bytes, PackEntry]) -> None:
+        """What a read of this entry would refuse before decoding a byte: an unknown codec,
+        a codec and base that disagree, a delta chain that loops, is too long or changes size."""
+        problem = None
+        if entry.codec not in CODEC_NAMES:
+            problem = f"has unknown codec {entry.codec}"
+        elif (entry.codec in USES_BASE) != (entry.base is not None):
+            problem = "names a delta base its codec does not use" if entry.base else "is a delta that names no base"
+        else:
+            seen = {entry.chunk_id}
+            link = entry
+            while link.base is not None and problem is None:
+                base = index.get(link.base)
+                if base is None:
+                    break  # reported as a missing base on its own entry
+                if base.chunk_id in seen:
+                    problem = f"has a delta chain that loops back to chunk {base.chunk_id.hex()}"
+                elif len(seen) > MAX_CHAIN_LENGTH:
+                    problem = f"has a delta chain longer than {MAX_CHAIN_LENGTH}"
+                elif base.raw_len != link.raw_len:
+                    problem = f"has a delta base {base.chunk_id.hex()} of {base.raw_len} bytes, not {link.raw_len}"
+                seen.add(base.chunk_id)
+                link = base
+        if problem is not None:
+            self.flagged.add(entry.chunk_id)
+            commits, tensors, users = self.users(entry.chunk_id)
+            self.add("corrupt", f"chunk {entry.chunk_id.hex()} in pack {entry.pack} {problem}: it cannot be read; "
+                     f"{users}", objects=[entry.chunk_id.hex(), entry.pack], commits=commits, tensors=tensors)
 
     def check_required_chunks(self, index: dict[bytes, PackEntry], located: dict[bytes, list[PackEntry]]) -> None:
         for chunk in sorted(self.required):
@@ -561,6 +690,8 @@ class _Checker:
         tips = self.check_refs()
         self.walk_commits(tips)
         self.check_manifests()
+        self.check_records()
+        self.check_config()
         index = self.read_index()
         packs, located, damaged = self.read_packs()
         self.report.chunks = len(index)

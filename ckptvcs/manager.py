@@ -118,6 +118,7 @@ class CheckpointManager:
         self._saves_since_gc = 0
         self._pruned_since_gc = False
         self._pruned_by_me: set[str] = set()  # what retention pruned and no gc of ours collected yet
+        self._damage_warned: frozenset[str] = frozenset()  # damage already warned about
         self.policy = RetentionPolicy(
             keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
             keep_every_steps=keep_every_steps, max_age=max_age,
@@ -478,9 +479,23 @@ class CheckpointManager:
         self.last_commit = commit_id
         if tag is not None:
             self._tag_once(tag, commit_id, options["message"])
-        self._apply_retention()
-        self._maybe_collect_garbage()
+        if not self._retention_blocked():
+            self._apply_retention()
+            self._maybe_collect_garbage()
         return commit_id
+
+    def _retention_blocked(self) -> bool:
+        """True (with a warning, once per distinct damage) while a branch, tag or pruned record
+        is damaged: retention and gc need them all to know what other history still needs,
+        so both wait, and saves go on."""
+        if not self.policy.active and self.gc_every == 0:
+            return False
+        damaged = self.repo._damaged_items()
+        if damaged and frozenset(damaged) != self._damage_warned:
+            warnings.warn(f"retention and gc are skipped until this is fixed: {'; '.join(damaged)}",
+                          RuntimeWarning, stacklevel=4)
+        self._damage_warned = frozenset(damaged)
+        return bool(damaged)
 
     def _maybe_collect_garbage(self) -> None:
         """With ``gc_every=N``: release pruned data every N saves (only if something was pruned).

@@ -10,16 +10,19 @@ Layout (all integers little-endian) is specified in docs/format.md.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import blake3
 
 from . import _fs, scratch
+from .codec import CODEC_NAMES, USES_BASE
 from .errors import CorruptObjectError
 
 __all__ = [
@@ -38,6 +41,7 @@ ENTRY_HEADER_SIZE = _ENTRY_HEADER.size
 FLAG_HAS_BASE = 0x01  # entry flags bit: a 32-byte base chunk id follows the entry header
 _KNOWN_FLAGS = FLAG_HAS_BASE
 _BASE_ID_SIZE = 32
+_MAX_OFFSET = 1 << 62  # far beyond any pack; a larger offset (a damaged index value) names no entry
 
 
 def _prefix_size(base: bytes | None) -> int:
@@ -142,6 +146,14 @@ class PackWriter:
             os.unlink(self._tmp_path)
 
 
+def _entry_start(entry: PackEntry, prefix: int) -> int:
+    """Where an entry's header starts, refusing offsets no entry can have (a damaged index)."""
+    start = entry.offset - prefix
+    if not _PACK_HEADER.size <= start < _MAX_OFFSET:
+        raise CorruptObjectError(f"pack {entry.pack} has no entry at offset {entry.offset}")
+    return start
+
+
 class PackFiles:
     """Reads chunk payloads from sealed packs, keeping file descriptors open."""
 
@@ -170,7 +182,7 @@ class PackFiles:
         """Read one payload, checking the entry header in front of it names the chunk."""
         prefix = _prefix_size(entry.base)
         want = prefix + entry.stored_len
-        data = _fs.pread(self._fd(entry.pack), want, entry.offset - prefix)
+        data = _fs.pread(self._fd(entry.pack), want, _entry_start(entry, prefix))
         if len(data) != want:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, data)
@@ -181,7 +193,7 @@ class PackFiles:
         prefix = _prefix_size(entry.base)
         want = prefix + entry.stored_len
         buf = memoryview(scratch.buffer("pack-read", want))
-        got = _fs.preadv(self._fd(entry.pack), [buf], entry.offset - prefix)
+        got = _fs.preadv(self._fd(entry.pack), [buf], _entry_start(entry, prefix))
         if got != want:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, buf)
@@ -192,7 +204,7 @@ class PackFiles:
         if entry.base is not None:
             raise CorruptObjectError(f"pack {entry.pack} entry at offset {entry.offset}: a raw chunk has no base")
         header = bytearray(ENTRY_HEADER_SIZE)
-        got = _fs.preadv(self._fd(entry.pack), [header, out], entry.offset - ENTRY_HEADER_SIZE)
+        got = _fs.preadv(self._fd(entry.pack), [header, out], _entry_start(entry, ENTRY_HEADER_SIZE))
         if got != ENTRY_HEADER_SIZE + len(out) or len(out) != entry.stored_len:
             raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
         self._check_header(entry, header)
@@ -203,8 +215,11 @@ class PackFiles:
         base = None
         if flags & FLAG_HAS_BASE:
             base = bytes(data[ENTRY_HEADER_SIZE : ENTRY_HEADER_SIZE + _BASE_ID_SIZE])
-        if (magic, codec, raw_len, stored_len, chunk_id, base) != (
-            _ENTRY_MAGIC, entry.codec, entry.raw_len, entry.stored_len, entry.chunk_id, entry.base
+        # The whole flags byte must be what the index implies: unknown bits are refused
+        # (docs/format.md 5.1), not ignored.
+        expected_flags = FLAG_HAS_BASE if entry.base is not None else 0
+        if (magic, codec, flags, raw_len, stored_len, chunk_id, base) != (
+            _ENTRY_MAGIC, entry.codec, expected_flags, entry.raw_len, entry.stored_len, entry.chunk_id, entry.base
         ):
             raise CorruptObjectError(
                 f"pack {entry.pack} entry at offset {entry.offset} does not match the index"
@@ -226,17 +241,17 @@ def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]
     """Walk a pack's entry headers (for index rebuild and fsck), validating its frame.
 
     Raises CorruptObjectError on a bad header, a torn entry or a missing footer. With
-    ``strict=False`` (salvage, for ``repair index``) a damaged pack yields the entries
-    before the first invalid header instead, ignoring the footer: every chunk read is
-    verified against its id anyway, so a salvaged entry can never return wrong bytes.
+    ``strict=False`` (salvage, for ``repair index`` and fsck) a damaged pack yields every
+    well-formed entry header it still holds, before and after the damage (see
+    :func:`_salvage_entries`); every chunk read is verified against its id anyway, so a
+    salvaged entry can never return wrong bytes.
     """
     pack = path.stem
-    size = path.stat().st_size
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(_PACK_HEADER.size)
-        if len(head) != _PACK_HEADER.size or _PACK_HEADER.unpack(head)[:2] != (PACK_MAGIC, PACK_VERSION):
-            if not strict:
-                return
+        header_ok = len(head) == _PACK_HEADER.size and _PACK_HEADER.unpack(head) == (PACK_MAGIC, PACK_VERSION, 0)
+        if not header_ok and strict:
             raise CorruptObjectError(f"pack {pack} has no valid header")
         end = size
         count = digest = None
@@ -247,31 +262,87 @@ def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]
                 end = footer_end
             else:
                 count = digest = None
-        if count is None and strict:
-            raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)")
-        pos = _PACK_HEADER.size
-        headers = blake3.blake3()
-        entries = []
-        while pos < end:
-            f.seek(pos)
-            raw = f.read(ENTRY_HEADER_SIZE)
-            valid = len(raw) == ENTRY_HEADER_SIZE
-            base = None
-            if valid:
-                magic2, codec, flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack(raw)
-                valid = magic2 == _ENTRY_MAGIC and not flags & ~_KNOWN_FLAGS
-                if valid and flags & FLAG_HAS_BASE:
-                    base = f.read(_BASE_ID_SIZE)
-                    valid = len(base) == _BASE_ID_SIZE
-                    raw += base
-                valid = valid and pos + _prefix_size(base) + stored_len <= end
-            if not valid:
-                if not strict:
-                    break
-                raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid or torn")
-            headers.update(raw)
-            entries.append(PackEntry(chunk_id, pack, pos + _prefix_size(base), stored_len, raw_len, codec, base))
-            pos += _prefix_size(base) + stored_len
-        if strict and (len(entries) != count or headers.digest() != digest):
-            raise CorruptObjectError(f"pack {pack} entry headers do not match its footer")
+        if not strict:
+            entries = _salvage_entries(f, pack, end)
+        else:
+            if count is None:
+                raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)")
+            entries = _strict_entries(f, pack, end, count, digest)
     yield from entries
+
+
+def _strict_entries(f: BinaryIO, pack: str, end: int, count: int, digest: bytes) -> list[PackEntry]:
+    """The entries of an intact pack, walked header to header; any flaw raises."""
+    pos = _PACK_HEADER.size
+    headers = blake3.blake3()
+    entries = []
+    while pos < end:
+        f.seek(pos)
+        raw = f.read(ENTRY_HEADER_SIZE)
+        valid = len(raw) == ENTRY_HEADER_SIZE
+        base = None
+        if valid:
+            magic2, codec, flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack(raw)
+            valid = magic2 == _ENTRY_MAGIC and not flags & ~_KNOWN_FLAGS
+            if valid and flags & FLAG_HAS_BASE:
+                base = f.read(_BASE_ID_SIZE)
+                valid = len(base) == _BASE_ID_SIZE
+                raw += base
+            valid = valid and pos + _prefix_size(base) + stored_len <= end
+        if not valid:
+            raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid or torn")
+        headers.update(raw)
+        entries.append(PackEntry(chunk_id, pack, pos + _prefix_size(base), stored_len, raw_len, codec, base))
+        pos += _prefix_size(base) + stored_len
+    if len(entries) != count or headers.digest() != digest:
+        raise CorruptObjectError(f"pack {pack} entry headers do not match its footer")
+    return entries
+
+
+def _entry_at(data: mmap.mmap, pack: str, pos: int, end: int) -> PackEntry | None:
+    """The entry whose header starts at ``pos``, if that header is well-formed, else None.
+
+    Well-formed: the magic ``CE``, no unknown flag bits, a known codec that names a base
+    exactly when the flags say one follows, and header, base id and payload inside ``end``.
+    """
+    if pos < _PACK_HEADER.size or pos + ENTRY_HEADER_SIZE > end:
+        return None
+    magic, codec, flags, raw_len, stored_len, chunk_id = _ENTRY_HEADER.unpack_from(data, pos)
+    has_base = bool(flags & FLAG_HAS_BASE)
+    if magic != _ENTRY_MAGIC or flags & ~_KNOWN_FLAGS or codec not in CODEC_NAMES or (codec in USES_BASE) != has_base:
+        return None
+    base = bytes(data[pos + ENTRY_HEADER_SIZE : pos + ENTRY_HEADER_SIZE + _BASE_ID_SIZE]) if has_base else None
+    offset = pos + _prefix_size(base)
+    if offset + stored_len > end:
+        return None
+    return PackEntry(bytes(chunk_id), pack, offset, stored_len, raw_len, codec, base)
+
+
+def _salvage_entries(f: BinaryIO, pack: str, end: int) -> list[PackEntry]:
+    """Every well-formed entry header of a damaged pack, in offset order (the resync rule).
+
+    The walk follows entry to entry while headers are well-formed (:func:`_entry_at`);
+    past a damaged one it resynchronises by scanning forward for the next ``CE`` at which
+    a well-formed header starts. Entries are self-describing, so nothing but the damaged
+    entry is lost; a header that only looks well-formed (inside a payload, or damaged in
+    its chunk id or lengths) yields an entry whose reads fail verification, which
+    ``repair index`` checks before indexing it. A damaged pack header or footer loses
+    no entry: the scan starts right after the 16-byte header, and without a valid
+    footer runs to the end of the file.
+    """
+    if end <= _PACK_HEADER.size:
+        return []
+    entries: list[PackEntry] = []
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos = _PACK_HEADER.size
+        while pos < end:
+            entry = _entry_at(data, pack, pos, end)
+            if entry is not None:
+                entries.append(entry)
+                following = entry.offset + entry.stored_len
+                if _entry_at(data, pack, following, end) is not None or following == end:
+                    pos = following
+                    continue
+            found = data.find(_ENTRY_MAGIC, pos + 1, end)
+            pos = end if found < 0 else found
+    return entries

@@ -6,6 +6,13 @@ a fresh environment beside the live one, makes it durable, and only then swaps i
 (an atomic directory exchange where the filesystem has one; otherwise two renames whose
 interruption the next open completes). A crash at any point leaves the old index or the
 new one, never a half-built one in use. Nothing in ``packs/`` or ``objects/`` is touched.
+
+A damaged pack is salvaged (docs/format.md, section 5.1): every well-formed entry header
+it still holds, before and after the damage, is a candidate; a candidate is indexed only
+when its payload decodes to bytes that hash to its id (or, for a delta whose base cannot
+be read, when nothing proves it wrong), and only after every entry of the intact packs,
+so a damaged copy of a chunk never shadows an intact one. A commit that loaded before
+the rebuild therefore loads after it.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _fs
+import numpy as np
+
+from . import _fs, codec
 from .errors import CorruptObjectError
 from .index import REBUILT_SUFFIX, open_environment, write_entries
-from .pack import PackEntry, iter_pack_entries
-from .store import MAX_CHAIN_LENGTH, ChunkStore
+from .pack import PackEntry, PackFiles, iter_pack_entries
+from .store import MAX_CHAIN_LENGTH, ChunkStore, chunk_hash
 
 __all__ = ["RepairReport", "rebuild_index"]
 
@@ -33,32 +42,121 @@ class RepairReport:
     packs: int = 0
     chunks: int = 0  # distinct chunks in the new index
     previous_chunks: int | None = None  # entries in the old index (None: it did not open)
-    damaged_packs: list[str] = field(default_factory=list)  # salvaged up to their first damage
+    damaged_packs: list[str] = field(default_factory=list)  # salvaged around their damage
+    dropped: list[str] = field(default_factory=list)  # "<pack> offset <n>": salvaged entries that failed verification
     undecodable: int = 0  # pack entries left out: delta chains whose base is in no pack (orphans of gc)
 
     def summary(self) -> str:
         before = "unreadable" if self.previous_chunks is None else str(self.previous_chunks)
         text = f"rebuilt the index from {self.packs} packs: {self.chunks} chunks (the old index had {before})"
         if self.damaged_packs:
-            text += f"; damaged packs, salvaged up to the damage: {', '.join(self.damaged_packs)}"
+            text += f"; damaged packs, salvaged around the damage: {', '.join(self.damaged_packs)}"
+        if self.dropped:
+            text += f"; {len(self.dropped)} damaged entr{'y' if len(self.dropped) == 1 else 'ies'} left out"
         if self.undecodable:
             text += f"; {self.undecodable} delta entries left out (their base chunk is in no pack)"
         return text
 
 
-def _pack_entries(packs_dir: Path, report: RepairReport, progress: Callable[[int, int], None] | None) -> Iterator[PackEntry]:
+class _Wrong(Exception):
+    """A salvaged entry is proven wrong: its payload does not decode to its id."""
+
+
+class _Unknown(Exception):
+    """A salvaged entry cannot be checked (its delta base is unavailable)."""
+
+
+class _Salvage:
+    """Checks the entries salvaged from damaged packs before they are indexed."""
+
+    def __init__(self, packs_dir: Path, intact: dict[bytes, PackEntry], salvaged: list[PackEntry],
+                 chunk_size: int) -> None:
+        self.packs = PackFiles(packs_dir)
+        self.intact = intact
+        self.chunk_size = chunk_size
+        self.candidates: dict[bytes, list[PackEntry]] = {}
+        for entry in salvaged:
+            self.candidates.setdefault(entry.chunk_id, []).append(entry)
+        self.verdicts: dict[tuple[str, int], str] = {}  # "ok", "wrong" or "unknown"
+
+    def verdict(self, entry: PackEntry, depth: int = 0) -> str:
+        key = (entry.pack, entry.offset)
+        if key not in self.verdicts:
+            self.verdicts[key] = "unknown"  # a base loop lands here: not provable either way
+            try:
+                self.verdicts[key] = "ok" if chunk_hash(self.decode(entry, depth)) == entry.chunk_id else "wrong"
+            except _Wrong:
+                self.verdicts[key] = "wrong"
+            except _Unknown:
+                pass
+        return self.verdicts[key]
+
+    def decode(self, entry: PackEntry, depth: int) -> np.ndarray:
+        if not 0 < entry.raw_len <= self.chunk_size:
+            raise _Wrong
+        base_bytes = None
+        if entry.base is not None:
+            base = self.base(entry.base, depth + 1) if depth < MAX_CHAIN_LENGTH else None
+            if base is None:
+                raise _Unknown
+            try:
+                base_bytes = self.decode(base, depth + 1)
+            except _Wrong:
+                raise _Unknown from None  # the base is bad, not necessarily this entry
+        out = np.empty(entry.raw_len, dtype=np.uint8)
+        try:
+            codec.decode_into(entry.codec, self.packs.read_payload(entry), memoryview(out), base=base_bytes)
+        except CorruptObjectError:
+            raise _Wrong from None
+        return out
+
+    def base(self, chunk_id: bytes, depth: int) -> PackEntry | None:
+        """An entry for a delta base: the intact one, else a salvaged one that verifies."""
+        if chunk_id in self.intact:
+            return self.intact[chunk_id]
+        for candidate in self.candidates.get(chunk_id, ()):
+            if self.verdict(candidate, depth) == "ok":
+                return candidate
+        return None
+
+    def entries(self, report: RepairReport) -> Iterator[PackEntry]:
+        """The salvaged entries worth indexing; the others are named in ``report.dropped``."""
+        try:
+            for chunk_id, candidates in self.candidates.items():
+                if chunk_id in self.intact:
+                    continue  # an intact copy is indexed already
+                verdicts = [(self.verdict(c), c) for c in candidates]
+                for verdict, candidate in verdicts:
+                    if verdict == "wrong":
+                        report.dropped.append(f"{candidate.pack} offset {candidate.offset}")
+                kept = [c for v, c in verdicts if v == "ok"] or [c for v, c in verdicts if v == "unknown"]
+                yield from kept[:1]
+        finally:
+            self.packs.close()
+
+
+def _pack_entries(packs_dir: Path, report: RepairReport, progress: Callable[[int, int], None] | None,
+                  chunk_size: int) -> Iterator[PackEntry]:
+    """Entries of the intact packs, then the verified entries salvaged from damaged ones."""
     names = sorted(n for n in os.listdir(packs_dir) if n.endswith(_PACK_SUFFIX)) if packs_dir.is_dir() else []
+    intact: dict[bytes, PackEntry] = {}
+    salvaged: list[PackEntry] = []
     for done, name in enumerate(names, 1):
         path = packs_dir / name
         try:
             entries = list(iter_pack_entries(path))
         except CorruptObjectError:
             report.damaged_packs.append(name[: -len(_PACK_SUFFIX)])
-            entries = list(iter_pack_entries(path, strict=False))
+            salvaged += iter_pack_entries(path, strict=False)
+            entries = []
         report.packs += 1
+        for entry in entries:
+            intact.setdefault(entry.chunk_id, entry)
         yield from entries
         if progress is not None:
             progress(done, len(names))
+    if salvaged:
+        yield from _Salvage(packs_dir, intact, salvaged, chunk_size).entries(report)
 
 
 def _decodable(entries: Iterable[PackEntry], report: RepairReport) -> list[PackEntry]:
@@ -104,7 +202,8 @@ def rebuild_index(root: Path, store: ChunkStore, progress: Callable[[int, int], 
         work.mkdir()
         env = open_environment(work)
         try:
-            report.chunks = write_entries(env, _decodable(_pack_entries(root / "packs", report, progress), report))
+            entries = _pack_entries(root / "packs", report, progress, store.chunk_size)
+            report.chunks = write_entries(env, _decodable(entries, report))
             env.sync(True)
         finally:
             env.close()

@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
@@ -37,10 +38,12 @@ from .errors import (
     CorruptObjectError,
     ForkedRepoError,
     InvalidInputError,
+    IntegrityError,
     KeyNotFoundError,
     NotARepositoryError,
     ProtectedCommitError,
     RefExistsError,
+    RepositoryDamagedError,
     RepositoryExistsError,
     RevisionNotFoundError,
     StorageError,
@@ -247,7 +250,9 @@ class Repo:
         if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
             raise NotARepositoryError(f"{root} is not a ckptvcs repository (config.json has another format)")
         version = config.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise CorruptObjectError(f"{root}/config.json has an invalid version {version!r}")
+        if version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"{root} uses repository format version {version}, newer than this ckptvcs supports "
                 f"({FORMAT_VERSION}); upgrade ckptvcs"
@@ -657,9 +662,28 @@ class Repo:
     # -- branches, tags, checkout --------------------------------------------------------
 
     def branches(self) -> dict[str, str]:
-        """Branch name → commit id."""
+        """Branch name → commit id. A damaged branch is left out with a RuntimeWarning
+        (fsck names it): damage to one branch does not stop work on the others."""
         self._check_process()
-        return {name: self.refs.read_raw(f"refs/heads/{name}") for name in self.refs.names("heads")}
+        good, damaged = self._read_refs("heads")
+        for name, why in damaged.items():
+            warnings.warn(f"branch {name} is damaged and was skipped: {why}; run `ckptvcs fsck`",
+                          RuntimeWarning, stacklevel=2)
+        return good
+
+    def _read_refs(self, namespace: str) -> tuple[dict[str, str], dict[str, str]]:
+        """``(name → value of each readable ref, name → why each damaged one is unreadable)``."""
+        good: dict[str, str] = {}
+        damaged: dict[str, str] = {}
+        for name in self.refs.names(namespace):
+            try:
+                value = self.refs.read_raw(f"refs/{namespace}/{name}")
+            except (CorruptObjectError, ValueError) as err:  # ValueError: bytes that are not UTF-8
+                damaged[name] = str(err)
+                continue
+            if value is not None:
+                good[name] = value
+        return good, damaged
 
     def branch(self, name: str, rev: str = "HEAD", force: bool = False) -> str:
         """Create branch ``name`` at ``rev`` (move it there with ``force``); returns the id."""
@@ -736,14 +760,25 @@ class Repo:
         return target
 
     def tags(self) -> dict[str, Tag]:
-        """Tag name → Tag record (``.object`` is the commit id)."""
+        """Tag name → Tag record (``.object`` is the commit id). A damaged tag (ref or tag
+        object) is left out with a RuntimeWarning (fsck names it)."""
         self._check_process()
-        result = {}
-        for name in self.refs.names("tags"):
-            value = self.refs.read_raw(f"refs/tags/{name}")
-            if value is not None:
-                result[name] = self.objects.read_tag(value)
-        return result
+        good, damaged = self._read_tags()
+        for name, why in damaged.items():
+            warnings.warn(f"tag {name} is damaged and was skipped: {why}; run `ckptvcs fsck`",
+                          RuntimeWarning, stacklevel=2)
+        return good
+
+    def _read_tags(self) -> tuple[dict[str, Tag], dict[str, str]]:
+        """``(name → Tag of each readable tag, name → why each damaged one is unreadable)``."""
+        values, damaged = self._read_refs("tags")
+        good: dict[str, Tag] = {}
+        for name, value in values.items():
+            try:
+                good[name] = self.objects.read_tag(value)
+            except IntegrityError as err:
+                damaged[name] = str(err)
+        return good, damaged
 
     def delete_tag(self, name: str) -> None:
         """Delete a tag. Releases are meant to be permanent: this is for mistakes."""
@@ -794,14 +829,35 @@ class Repo:
         return self.root / "pruned"
 
     def pruned(self) -> dict[str, dict[str, Any]]:
-        """Commit id → pruned record (``rule``, ``reason``, ``time``, ``who``) of every pruned commit."""
+        """Commit id → pruned record (``rule``, ``reason``, ``time``, ``who``) of every pruned commit.
+
+        A damaged record is left out with a RuntimeWarning (whoever uses this to decide
+        what to release then keeps that commit's data); fsck names it, loading that
+        commit raises CorruptObjectError, and gc refuses to run until it is fixed.
+        """
         self._check_process()
+        records, damaged = self._pruned_records()
+        for why in damaged.values():
+            warnings.warn(f"{why}; its commit is treated as not pruned; run `ckptvcs fsck`", RuntimeWarning,
+                          stacklevel=2)
+        return records
+
+    def _pruned_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """``(commit id → record, commit id → why its record is damaged)``."""
         folder = self._pruned_dir()
         try:
-            names = os.listdir(folder)
+            names = sorted(os.listdir(folder))
         except FileNotFoundError:
-            return {}
-        return {name: self._read_pruned(name) for name in sorted(names) if _HEX_ID.match(name)}
+            return {}, {}
+        records: dict[str, dict[str, Any]] = {}
+        damaged: dict[str, str] = {}
+        for name in names:
+            if _HEX_ID.match(name):
+                try:
+                    records[name] = self._read_pruned(name)
+                except CorruptObjectError as err:
+                    damaged[name] = str(err)
+        return records, damaged
 
     def is_pruned(self, commit_id: str) -> bool:
         """Whether a retention rule released this commit's tensor data."""
@@ -817,7 +873,11 @@ class Repo:
             record = json.loads(path.read_bytes())
         except (OSError, ValueError) as err:
             raise CorruptObjectError(f"pruned record {path} is unreadable: {err}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("rule"), str):
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("rule"), str)
+            or record.get("commit", commit_id) != commit_id
+        ):
             raise CorruptObjectError(f"pruned record {path} is malformed")
         return record
 
@@ -927,6 +987,7 @@ class Repo:
         self._check_process()
         expire = self.reflog_expire if prune_unreachable_after is None else parse_expiry(prune_unreachable_after)
         with self._lock.hold(exclusive=True, timeout=lock_timeout):
+            self._refuse_if_damaged("collect garbage")
             self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
             collectable = None if only is None else self._collectable(only)
             return collect_garbage(self, dry_run=dry_run, expire=expire, only=collectable)
@@ -940,6 +1001,30 @@ class Repo:
         """Of ``only``: the pruned commits no ref points at (the rest stays live)."""
         tips = set(self._all_tips())
         return {c for c in only if c not in tips and self.is_pruned(c)}
+
+    def _damaged_items(self, records: bool = True) -> list[str]:
+        """One sentence per damaged branch, tag or (with ``records``) pruned record, naming it and the fix."""
+        items = []
+        for name, why in self._read_refs("heads")[1].items():
+            items.append(f"branch {name} is damaged ({why}): rewrite or delete refs/heads/{name} "
+                         f"(its reflog, logs/refs/heads/{name}, names the commit it held)")
+        for name, why in self._read_tags()[1].items():
+            items.append(f"tag {name} is damaged ({why}): delete refs/tags/{name} and tag the commit again")
+        for commit_id, why in (self._pruned_records()[1] if records else {}).items():
+            items.append(f"{why}: delete pruned/{commit_id} to keep that commit's data (and prune the commit "
+                         "again if it should go)")
+        return items
+
+    def _refuse_if_damaged(self, action: str, *, records: bool = True) -> None:
+        """Stop ``action`` (gc, prune) while a ref (or, with ``records``, a pruned record) is damaged.
+
+        Skipping the damaged item would let gc delete data it may need (an unknown
+        branch tip keeps its history alive; a pruned record decides what is released),
+        so these refuse instead of skipping, naming each item and its fix.
+        """
+        damaged = self._damaged_items(records=records)
+        if damaged:
+            raise RepositoryDamagedError(f"cannot {action} while {'; '.join(damaged)}")
 
     def live_commits(self, *, expire: float | None = None) -> list[str]:
         """Ids of the commits whose data gc keeps: reachable from a ref or from a reflog entry
@@ -971,7 +1056,12 @@ class Repo:
 
     # -- reporting -------------------------------------------------------------------
 
-    def _all_tips(self) -> list[str]:
+    def _all_tips(self, *, skip_damaged: bool = False) -> list[str]:
+        """The commits of every branch, tag and HEAD. A damaged branch or tag raises
+        RepositoryDamagedError (a live set missing a tip would lose its history), unless
+        ``skip_damaged`` (listing: it is skipped with a warning)."""
+        if not skip_damaged:
+            self._refuse_if_damaged("find the commit of every ref", records=False)
         tips = list(self.branches().values()) + [t.object for t in self.tags().values()]
         _, head = self.refs.follow(HEAD)
         if head:
@@ -980,7 +1070,7 @@ class Repo:
 
     def all_commits(self) -> list[Commit]:
         """Every commit reachable from a branch, tag or HEAD, newest first."""
-        return self._walk(self._all_tips())
+        return self._walk(self._all_tips(skip_damaged=True))
 
     def stats(self) -> RepoStats:
         """Logical against stored sizes, for `ckptvcs stats`."""

@@ -34,6 +34,7 @@ __all__ = [
     "decode_state",
     "blob_kinds",
     "select_keys",
+    "validate_tree",
     "iter_tensors",
     "TORCH_DTYPES",
     "DTYPE_ITEMSIZE",
@@ -524,3 +525,46 @@ def _int_list(value: Any, what: str, path: str) -> list[int]:
 def decode_state(node: Any, blobs: Mapping[int, Any], map_location: MapLocation = None) -> Any:
     """Rebuild the value of ``node`` from loaded blobs (torch.uint8 tensors or numpy arrays)."""
     return _Decoder(blobs, map_location).value(node, "")
+
+
+class _Validator(_Decoder):
+    """Decodes a tree against stand-in blobs of the sizes its manifest records, reading
+    no chunk: torch blobs are meta tensors, numpy blobs only their size. Whatever
+    ``load`` would refuse in the tree itself is refused here too (fsck's manifest check).
+    """
+
+    def __init__(self, blob_sizes: list[int]) -> None:
+        super().__init__({}, "meta")
+        self.blob_sizes = blob_sizes
+        self.kinds: dict[int, type] = {}
+
+    def value(self, node: Any, path: str) -> Any:
+        if isinstance(node, dict) and len(node) == 1 and "bytes_blob" in node:
+            self._blob(node["bytes_blob"], path, np.ndarray)
+            return b""
+        return super().value(node, path)
+
+    def _blob(self, index: Any, path: str, kind: type) -> Any:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.blob_sizes):
+            raise _corrupt(f"blob reference {index!r} at {path} is out of range")
+        if self.kinds.setdefault(index, kind) is not kind:
+            raise _corrupt(f"blob {index} is shared between a tensor and an array at {path}")
+        size = self.blob_sizes[index]
+        return torch.empty(size, dtype=torch.uint8, device="meta") if kind is torch.Tensor else size
+
+    def _ndarray(self, body: Any, path: str) -> None:
+        if not isinstance(body, dict):
+            raise _corrupt(f"bad ndarray at {path}")
+        dtype = self._np_dtype(body.get("dtype"), path)
+        shape = _int_list(body.get("shape"), "shape", path)
+        if self._blob(body.get("blob"), path, np.ndarray) != math.prod(shape) * dtype.itemsize:
+            raise _corrupt(f"ndarray at {path} does not match its blob size")
+
+
+def validate_tree(root: Any, blob_sizes: list[int]) -> None:
+    """Check a manifest tree as ``decode_state`` would, without any tensor data.
+
+    ``blob_sizes`` holds the ``nbytes`` of each blob of the manifest. Raises
+    CorruptObjectError for anything loading the whole tree would refuse.
+    """
+    _Validator(blob_sizes).value(root, "")

@@ -256,8 +256,8 @@ def test_repair_salvages_a_pack_with_a_damaged_entry_header(damaged: Damaged) ->
     by_kind = {f.kind: f for f in found}
     assert by_kind["corrupt"].objects == (damaged.entry.pack,)
     assert by_kind["missing"].objects == (damaged.chunk,) and by_kind["missing"].commits == (damaged.target,)
-    # The salvaged entry under the damaged id does not verify; no commit uses that id.
-    assert by_kind["hash-mismatch"].commits == () and len(found) == 3
+    # The salvaged entry under the damaged id does not verify, so repair left it out.
+    assert report.dropped == [f"{damaged.entry.pack} offset {damaged.entry.offset}"] and len(found) == 2
     assert repo.load(damaged.other)["z"].shape == (2000,)
 
 
@@ -404,7 +404,7 @@ def test_pruned_commits_may_lack_chunks(damaged: Damaged, monkeypatch: pytest.Mo
     _edit_index(repo, lambda txn: [txn.delete(e.chunk_id) for e in pack_entries])
     damaged.pack_path.unlink()
     assert not repo.fsck().ok
-    monkeypatch.setattr(repo, "pruned", lambda: {damaged.target: {"reason": "test"}}, raising=False)
+    monkeypatch.setattr(repo, "_pruned_records", lambda: ({damaged.target: {"reason": "test"}}, {}))
     assert_clean(repo)
 
 
