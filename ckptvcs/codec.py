@@ -435,8 +435,22 @@ def compress_object(data: bytes) -> bytes:
 
 
 def decompress_object(data: bytes, max_size: int) -> bytes:
-    """Decompress a metadata object, refusing to expand past ``max_size`` bytes."""
+    """Decompress a metadata object, refusing to expand past ``max_size`` bytes.
+
+    The limit holds before any allocation: zstandard sizes its output from the size a
+    frame declares (ignoring ``max_output_size``), so a declared size over the limit is
+    refused from the header, and a frame that declares none is streamed to the limit.
+    """
     try:
-        return _decompressor().decompress(data, max_output_size=max_size)
+        declared = zstandard.get_frame_parameters(data).content_size
+        if declared != zstandard.CONTENTSIZE_UNKNOWN:
+            if declared > max_size:
+                raise CorruptObjectError(f"object declares {declared} bytes, over its limit of {max_size}")
+            return _decompressor().decompress(data, max_output_size=max_size)
+        with _decompressor().stream_reader(data) as reader:
+            out = reader.read(max_size + 1)
+        if len(out) > max_size:
+            raise CorruptObjectError(f"object expands past its limit of {max_size} bytes")
+        return out
     except zstandard.ZstdError as err:
         raise CorruptObjectError(f"object does not decompress: {err}") from None

@@ -156,7 +156,7 @@ class PackFiles:
         fd = self._fds.get(pack)
         if fd is None:
             try:
-                fd = os.open(self.path(pack), os.O_RDONLY)
+                fd = _fs.open_regular(self.path(pack))
             except FileNotFoundError:
                 raise CorruptObjectError(f"pack {pack} is missing") from None
             # Another thread may have opened it meanwhile; keep one, close the other.
@@ -231,8 +231,14 @@ def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]
     verified against its id anyway, so a salvaged entry can never return wrong bytes.
     """
     pack = path.stem
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    try:
+        fd = _fs.open_regular(path)  # never a FIFO, a device or a link
+    except CorruptObjectError:
+        if not strict:
+            return  # nothing in it can be salvaged
+        raise
+    size = os.fstat(fd).st_size
+    with open(fd, "rb") as f:
         head = f.read(_PACK_HEADER.size)
         if len(head) != _PACK_HEADER.size or _PACK_HEADER.unpack(head)[:2] != (PACK_MAGIC, PACK_VERSION):
             if not strict:

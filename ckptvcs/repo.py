@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, as_completed
@@ -45,8 +46,8 @@ from .errors import (
 from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import GcReport, collect_garbage
 from .hugepages import advise_huge_pages
-from .objects import Commit, Manifest, ObjectStore, Tag, canonical_json
-from .refs import HEAD, ReflogEntry, Refs, check_ref_name
+from .objects import MAX_JSON_DEPTH, Commit, Manifest, ObjectStore, Tag, canonical_json, json_depth_exceeds
+from .refs import HEAD, ReflogEntry, Refs, check_ref_name, is_valid_ref
 from .repair import RepairReport, rebuild_index
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
@@ -64,6 +65,11 @@ DEFAULT_BRANCH = "main"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{4,63}$")
 _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
+_MIN_CHUNK_SIZE = 4096
+_MAX_CHUNK_SIZE = 256 << 20
+_MAX_RECORD_SIZE = 1 << 20  # config.json and pruned records: small JSON files
+# The store's own entries: none may be a symbolic link (docs/format.md, "Symbolic links").
+_LAYOUT = ("config.json", "HEAD", "lock", "objects", "packs", "tmp", "index", "refs", "logs", "pruned")
 
 
 @dataclass(frozen=True)
@@ -141,9 +147,11 @@ class Repo:
         every K versions, so a load resolves at most K - 1 deltas (1 disables deltas).
         """
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
-            4096 <= chunk_size <= 256 << 20 and chunk_size % 16 == 0
+            _MIN_CHUNK_SIZE <= chunk_size <= _MAX_CHUNK_SIZE and chunk_size % 16 == 0
         ):
-            raise InvalidInputError(f"chunk_size must be a multiple of 16 between 4096 and {256 << 20}, got {chunk_size!r}")
+            raise InvalidInputError(
+                f"chunk_size must be a multiple of 16 between {_MIN_CHUNK_SIZE} and {_MAX_CHUNK_SIZE}, got {chunk_size!r}"
+            )
         _check_keyframe_interval(keyframe_interval)
         target = Path(path).absolute()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -182,10 +190,11 @@ class Repo:
         root = _locate_store(Path(path).absolute())
         if root is None:
             raise NotARepositoryError(f"{path} is not a ckptvcs repository (no config.json); create one with init")
+        _check_layout(root)
         try:
-            config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise CorruptObjectError(f"{root}/config.json is unreadable: {err}") from None
+            config = json.loads(_fs.read_record(root / "config.json", _MAX_RECORD_SIZE))
+        except (OSError, ValueError, RecursionError) as err:
+            raise CorruptObjectError(f"{root}/config.json is unreadable: {str(err)[:200]}") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
             raise NotARepositoryError(f"{root} is not a ckptvcs repository (config.json has another format)")
         version = config.get("version")
@@ -195,7 +204,9 @@ class Repo:
                 f"({FORMAT_VERSION}); upgrade ckptvcs"
             )
         chunk_size = config.get("chunk_size")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
+            _MIN_CHUNK_SIZE <= chunk_size <= _MAX_CHUNK_SIZE and chunk_size % 16 == 0
+        ):
             raise CorruptObjectError(f"{root}/config.json has an invalid chunk_size {chunk_size!r}")
         try:
             _check_keyframe_interval(config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL))
@@ -278,7 +289,7 @@ class Repo:
                 raise RevisionNotFoundError(f"unknown revision {rev}")
             return self._peel(rev)
         for ref in (f"refs/heads/{rev}", f"refs/tags/{rev}", rev if rev.startswith("refs/") else None):
-            if ref is None or ".." in ref:
+            if ref is None or not is_valid_ref(ref):
                 continue
             value = self.refs.read_raw(ref)
             if value is not None and not value.startswith("ref: "):
@@ -595,7 +606,9 @@ class Repo:
         _, old_id = self.refs.follow(HEAD)
         who = provenance.default_author()
         target = self.resolve(rev)
-        is_branch = self.refs.read_raw(branch_ref) is not None and not rev.startswith("refs/")
+        is_branch = (
+            is_valid_ref(branch_ref) and self.refs.read_raw(branch_ref) is not None and not rev.startswith("refs/")
+        )
         new_value = f"ref: {branch_ref}" if is_branch else target
         self.refs.set_if_equals(HEAD, expected, new_value, who=who, message="", log=False)
         self.refs.log_move(HEAD, old_id, target, who=who, message=f"checkout: moving to {rev}")
@@ -651,9 +664,9 @@ class Repo:
     def _read_pruned(self, commit_id: str) -> dict[str, Any]:
         path = self._pruned_dir() / commit_id
         try:
-            record = json.loads(path.read_bytes())
-        except (OSError, ValueError) as err:
-            raise CorruptObjectError(f"pruned record {path} is unreadable: {err}") from None
+            record = json.loads(_fs.read_record(path, _MAX_RECORD_SIZE))
+        except (OSError, ValueError, RecursionError) as err:
+            raise CorruptObjectError(f"pruned record {path} is unreadable: {str(err)[:200]}") from None
         if not isinstance(record, dict) or not isinstance(record.get("rule"), str):
             raise CorruptObjectError(f"pruned record {path} is malformed")
         return record
@@ -789,6 +802,27 @@ class Repo:
             return rebuild_index(self.root, self.chunks, progress)
 
 
+def _check_layout(root: Path) -> None:
+    """Refuse a store whose own entries are symbolic links (or special files in place of
+    folders): every path ckptvcs reads or writes below them then stays inside it."""
+    for name in _LAYOUT:
+        try:
+            mode = os.lstat(root / name).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise StorageError(f"cannot inspect {root / name}: {err.strerror}") from None
+        if stat.S_ISLNK(mode):
+            raise CorruptObjectError(
+                f"{root / name} is a symbolic link; ckptvcs never follows links inside a repository "
+                "(replace it with what it points to)"
+            )
+        want_dir = name not in ("config.json", "HEAD", "lock")
+        if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
+            kind = "folder" if want_dir else "regular file"
+            raise CorruptObjectError(f"{root / name} is not a {kind}; the repository is damaged")
+
+
 def _check_keyframe_interval(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         raise InvalidInputError(f"keyframe_interval must be an integer between 1 and 64, got {value!r}")
@@ -831,6 +865,8 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 def _json_value(value: Any, name: str) -> Any:
     """Check that ``value`` is plain JSON (what canonical hashing accepts); returns it."""
+    if json_depth_exceeds(value, MAX_JSON_DEPTH - 2):
+        raise UnsupportedValueError(name, f"nests deeper than {MAX_JSON_DEPTH - 2} levels")
     try:
         canonical_json(value)
     except (TypeError, ValueError) as err:
