@@ -436,6 +436,39 @@ def test_objects_a_reader_would_refuse_are_never_written(tmp_path: Path) -> None
         assert repo.fsck().ok
 
 
+def _repeat_one_chunk(store: Path, count: int) -> str:
+    """A commit whose tensor lists one 4 KiB chunk ``count`` times (written past the writer's bound)."""
+    with Repo.open(store) as repo:
+        head = repo.resolve("HEAD")
+        commit = repo.objects.get(head, "commit")[1]
+        manifest = repo.objects.get(commit["manifest"], "manifest")[1]
+    blob = manifest["blobs"][0]
+    blob.update(nbytes=count * 4096, chunks=[blob["chunks"][0]] * count)
+    manifest["root"] = {"dict": [["w", {"tensor": {**manifest["root"]["dict"][0][1]["tensor"],
+                                                  "shape": [count * 1024], "stride": [1], "offset": 0, "blob": 0}}]]}
+    manifest_id = _stream_object(store, "manifest", [canonical_json(manifest)])
+    return _stream_object(store, "commit", [canonical_json({**commit, "manifest": manifest_id, "parents": [head]})])
+
+
+def test_many_references_to_one_chunk(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """512k references to one chunk (a 34 MB manifest that compresses to a few KB) are
+    refused by the expansion bound; below it, a repeated chunk is decoded once, then copied."""
+    from helpers import record_chunk_reads
+
+    bomb = _repeat_one_chunk(box.store, 512 << 10)
+    few = _repeat_one_chunk(box.store, 3000)
+    with Repo.open(box.store) as repo:
+        with pytest.raises(CorruptObjectError, match="limit"):
+            repo.load(bomb)
+        chunk = bytes(repo.load("HEAD")["w"].numpy().view("uint8")[:4096])
+        reads = record_chunk_reads(monkeypatch, repo)
+        state = repo.load(few)
+    assert len(reads) == 1
+    assert state["w"].numel() == 3000 * 1024
+    assert bytes(state["w"].numpy().view("uint8")[-4096:]) == chunk
+    assert bytes(state["w"].numpy().view("uint8")[4096 * 1500:4096 * 1501]) == chunk
+
+
 def test_chunk_size_outside_the_init_bounds_is_refused(box: Sandbox) -> None:
     config = json.loads((box.store / "config.json").read_text())
     (box.store / "config.json").write_text(json.dumps({**config, "chunk_size": 16}))
