@@ -473,7 +473,11 @@ class Repo:
                     raise CorruptObjectError(f"manifest {manifest.id} refers to blob {index!r}, which it lacks")
                 blob = manifest.blobs[index]
                 nbytes = blob["nbytes"]
-                buf = torch.empty(nbytes, dtype=torch.uint8) if kind == "torch" else np.empty(nbytes, dtype=np.uint8)
+                if len(blob["chunks"]) != -(-nbytes // self.chunk_size):  # before allocating nbytes
+                    raise CorruptObjectError(
+                        f"manifest {manifest.id}: blob {index} lists {len(blob['chunks'])} chunks for {nbytes} bytes"
+                    )
+                buf = _allocate(nbytes, kind)
                 # Before the first touch: fewer, larger page faults while decoding into it.
                 advise_huge_pages(buf.data_ptr() if kind == "torch" else buf.ctypes.data, nbytes)
                 buffers[index] = buf
@@ -800,6 +804,14 @@ class Repo:
         self._check_process()
         with self._lock.hold(exclusive=True):
             return rebuild_index(self.root, self.chunks, progress)
+
+
+def _allocate(nbytes: int, kind: str) -> Any:
+    """An uninitialised byte buffer for a blob; a refused allocation is a typed error."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8) if kind == "torch" else np.empty(nbytes, dtype=np.uint8)
+    except (RuntimeError, MemoryError, ValueError) as err:
+        raise StorageError(f"cannot allocate {nbytes} bytes for a blob: {str(err).splitlines()[0][:120]}") from None
 
 
 def _check_layout(root: Path) -> None:

@@ -606,6 +606,17 @@ def test_crafted_ndarray_shapes_give_typed_errors(tmp_path: Path) -> None:
             repo.load(bad)
 
 
+def test_a_blob_size_its_chunks_cannot_fill_is_refused_before_allocating(box: Sandbox) -> None:
+    with Repo.open(box.store) as repo:
+        head = repo.resolve("HEAD")
+        commit = repo.objects.get(head, "commit")[1]
+        manifest = repo.objects.get(commit["manifest"], "manifest")[1]
+        manifest["blobs"][0]["nbytes"] = 1 << 62
+        bad = repo.objects.put("commit", {**commit, "manifest": repo.objects.put("manifest", manifest)})
+        with pytest.raises(CorruptObjectError, match="chunks for"):
+            repo.load(bad)
+
+
 def test_lmdb_errors_while_iterating_the_index_are_typed(box: Sandbox) -> None:
     class Broken:
         def begin(self, *args: object, **kwargs: object) -> None:
