@@ -116,6 +116,8 @@ def open_environment(path: Path, map_size: int | None = None) -> lmdb.Environmen
 def _writable(path: Path) -> bool:
     """Whether this process may write the index (False on a read-only mount, even for root)."""
     data = path / "data.mdb"
+    if not path.exists():
+        return True  # LMDB creates it (or reports why it cannot)
     return os.access(path, os.W_OK) and (not data.exists() or os.access(data, os.W_OK))
 
 

@@ -389,6 +389,7 @@ class _Decoder:
         # Views (stride 0, overlapping strides, tied weights) address more elements than
         # their blobs hold; whoever copies them out (export, diff) materialises them all.
         self._view_budget = max(_VIEW_FLOOR, _VIEW_FACTOR * sum(int(b.nbytes) for b in blobs.values()))
+        self._views: set[tuple] = set()  # (blob, offset, shape, stride) already counted: tied copies count once
 
     def value(self, node: Any, path: str) -> Any:
         if node is None or isinstance(node, (bool, int, str)):
@@ -497,7 +498,7 @@ class _Decoder:
             last = sum((n - 1) * s for n, s in zip(shape, stride))
             if offset % item or offset + (last + 1) * item > blob.numel():
                 raise _corrupt(f"tensor at {path} reaches outside its blob")
-            self._spend_view(numel * item, path)
+            self._spend_view((blob_index, offset, tuple(shape), tuple(stride), item), numel * item, path)
         device = _resolve_device(str(body.get("device", "cpu")), self.map_location)
         blob = self._on_device(blob_index, blob, device)
         try:
@@ -510,8 +511,11 @@ class _Decoder:
             t.requires_grad_(True)
         return t
 
-    def _spend_view(self, nbytes: int, path: str) -> None:
-        """Count the bytes a tensor's elements span against the decode's budget."""
+    def _spend_view(self, view: tuple, nbytes: int, path: str) -> None:
+        """Count the bytes a distinct view's elements span against the decode's budget."""
+        if view in self._views:
+            return
+        self._views.add(view)
         self._view_budget -= nbytes
         if self._view_budget < 0:
             raise _corrupt(

@@ -499,6 +499,17 @@ def test_deep_states_and_configs_are_refused_at_commit(tmp_path: Path) -> None:
         assert repo.fsck().ok
 
 
+def test_one_tensor_tied_under_many_keys_loads(tmp_path: Path) -> None:
+    """Views count once per distinct layout: 40 keys tying one 16 MiB weight stay loadable."""
+    weight = torch.randn(4 << 20)
+    with Repo.init(tmp_path / "r") as repo:
+        cid = repo.commit({f"layer{i}": weight for i in range(40)}, code_version=None)
+        loaded = repo.load(cid)
+    assert all(t.untyped_storage().data_ptr() == loaded["layer0"].untyped_storage().data_ptr()
+               for t in loaded.values())
+    assert torch.equal(loaded["layer39"], weight)
+
+
 def _dig(value: object, depth: int) -> object:
     for _ in range(depth):
         value = value["a"]  # type: ignore[index]
