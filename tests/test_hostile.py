@@ -586,7 +586,8 @@ def _crafted(box: Sandbox, **layout: object) -> tuple[str, str]:
     {"shape": [1] * 100, "stride": [1] * 100},
     {"shape": [3000], "stride": [1], "offset": 1 << 63},
     {"shape": [2, 1 << 62], "stride": [1, 0]},
-], ids=["zero-by-huge", "huge-stride0", "100-dims", "huge-offset", "overflowing-numel"])
+    {"shape": [1 << 62] * 20, "stride": [0] * 20},
+], ids=["zero-by-huge", "huge-stride0", "100-dims", "huge-offset", "overflowing-numel", "numel-past-float"])
 def test_crafted_shapes_give_typed_errors(box: Sandbox, layout: dict) -> None:
     head, bad = _crafted(box, **layout)
     with Repo.open(box.store) as repo:
