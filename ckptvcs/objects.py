@@ -222,6 +222,20 @@ class Tag:
         )
 
 
+def _readable(kind: str, body: Any, data: bytes) -> bytes:
+    """``data`` compressed, refused (UnsupportedValueError) when a reader would refuse it."""
+    if json_depth_exceeds(body):
+        raise UnsupportedValueError(f"<{kind}>", f"it nests deeper than {MAX_JSON_DEPTH} levels (docs/format.md, Reader limits)")
+    compressed = codec.compress_object(data)
+    if len(data) > object_size_limit(len(compressed)):
+        raise UnsupportedValueError(
+            f"<{kind}>",
+            f"its {len(data)} bytes shrink to {len(compressed)}, more than readers expand "
+            "(docs/format.md, Reader limits)",
+        )
+    return compressed
+
+
 class ObjectStore:
     """Loose, content-addressed objects under ``objects/``."""
 
@@ -237,18 +251,10 @@ class ObjectStore:
         data = kind.encode() + b"\n" + canonical_json(body)
         oid = blake3.blake3(data).hexdigest()
         path = self.path(oid)
-        compressed = codec.compress_object(data)
-        if json_depth_exceeds(body):
-            raise UnsupportedValueError(f"<{kind}>", f"it nests deeper than {MAX_JSON_DEPTH} levels (docs/format.md, Reader limits)")
-        if len(data) > object_size_limit(len(compressed)):
-            raise UnsupportedValueError(
-                f"<{kind}>",
-                f"its {len(data)} bytes shrink to {len(compressed)}, more than readers expand "
-                "(docs/format.md, Reader limits)",
-            )
         with _fs.storage_errors(f"writing {kind} object {oid}"):
             _fs.check_inside(self.root.parent, path)
             if not os.path.lexists(path):
+                compressed = _readable(kind, body, data)
                 if not path.parent.is_dir():
                     path.parent.mkdir(exist_ok=True)
                     _fs.fsync_dir(self.root)  # the new folder's entry must be durable too
