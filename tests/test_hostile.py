@@ -486,6 +486,7 @@ def _nested(depth: int, leaf: object) -> object:
     return value
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_deep_states_and_configs_are_refused_at_commit(tmp_path: Path) -> None:
     with Repo.init(tmp_path / "r", chunk_size=4096) as repo:
         with pytest.raises(UnsupportedValueError, match="nest deeper"):
