@@ -14,14 +14,15 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
-from .errors import LockTimeoutError, StorageError
+from .errors import CorruptObjectError, LockTimeoutError, StorageError
 
 __all__ = [
     "storage_errors",
@@ -41,6 +42,9 @@ __all__ = [
     "pread",
     "preadv",
     "read_file",
+    "open_regular",
+    "read_record",
+    "check_inside",
     "exchange_directories",
     "remove_tree",
 ]
@@ -158,9 +162,54 @@ def preadv(fd: int, buffers: list, offset: int) -> int:
     return _preadv(fd, buffers, offset)
 
 
-def read_file(path: str | os.PathLike[str]) -> bytes:
-    """The whole content of a small file (objects), read through the ``_pread`` seam."""
-    fd = os.open(path, os.O_RDONLY)
+_NOFOLLOW_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular(path: str | os.PathLike[str], max_size: int | None = None) -> int:
+    """Open a repository file for reading: a regular file only, never through a final symlink.
+
+    A repository is untrusted input: a FIFO would block the open or the read forever, a
+    device (``/dev/zero``) would never end, and a symbolic link could lead out of the
+    repository. So the open does not follow a final link and does not block, and
+    anything but a regular file (or one larger than ``max_size``) is refused with
+    CorruptObjectError, which names the path but never its content.
+    FileNotFoundError propagates (callers decide what absent means).
+    """
+    try:
+        fd = os.open(path, _NOFOLLOW_READ)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CorruptObjectError(
+                f"{path} is a symbolic link; ckptvcs never follows links inside a repository"
+            ) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptObjectError(f"{path} is a {_file_kind(info.st_mode)}, not a regular file")
+        if max_size is not None and info.st_size > max_size:
+            raise CorruptObjectError(f"{path} holds {info.st_size} bytes, more than the {max_size} its kind may hold")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_file(path: str | os.PathLike[str], max_size: int | None = None) -> bytes:
+    """The whole content of a small file (objects, refs, records), read through the ``_pread`` seam.
+
+    Only a regular file is read (see :func:`open_regular`); with ``max_size``, a larger
+    file (even one growing while it is read) raises CorruptObjectError.
+    """
+    fd = open_regular(path, max_size)
     try:
         parts = []
         offset = 0
@@ -170,8 +219,57 @@ def read_file(path: str | os.PathLike[str]) -> bytes:
                 return b"".join(parts)
             parts.append(block)
             offset += len(block)
+            if max_size is not None and offset > max_size:
+                raise CorruptObjectError(f"{path} holds more than the {max_size} bytes its kind may hold")
     finally:
         os.close(fd)
+
+
+def read_record(path: str | os.PathLike[str], max_size: int | None = None) -> bytes:
+    """:func:`read_file` for refs, reflogs and records, outside the ``_pread`` seam (fault
+    tests inject read errors into object and pack data, not into these)."""
+    fd = open_regular(path, max_size)
+    try:
+        parts = []
+        total = 0
+        while True:
+            block = os.read(fd, 1 << 20)
+            if not block:
+                return b"".join(parts)
+            parts.append(block)
+            total += len(block)
+            if max_size is not None and total > max_size:
+                raise CorruptObjectError(f"{path} holds more than the {max_size} bytes its kind may hold")
+    finally:
+        os.close(fd)
+
+
+def check_inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Refuse a path under ``root`` whose folders on the way are links or not folders.
+
+    Called before creating or replacing a file below ``root`` (refs, reflogs, objects,
+    records): a symbolic link in place of ``refs/``, ``logs/`` or ``objects/xx/`` must
+    never make a write land outside the repository. Missing folders are fine (the
+    caller creates them), a regular file on the way raises NotADirectoryError as the OS
+    would; the final component is the caller's (O_EXCL, O_NOFOLLOW or rename, none of
+    which follow it).
+    """
+    root_path = Path(root)
+    rel = Path(path).relative_to(root_path)
+    current = root_path
+    for part in rel.parts[:-1]:
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return
+        if stat.S_ISREG(info.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(current))
+        if not stat.S_ISDIR(info.st_mode):
+            raise CorruptObjectError(
+                f"{current} is a {_file_kind(info.st_mode)}, not a folder; "
+                "ckptvcs never follows links inside a repository"
+            )
 
 
 def _exchange(a: str, b: str) -> None:
@@ -284,8 +382,10 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o666) -> Iterator[
 
 def append_durably(path: str | os.PathLike[str], line: bytes) -> None:
     """Append one record with a single write() and fsync it (reflog entries)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptObjectError(f"{path} is not a regular file")
         write_all(fd, line)
         fsync_file(fd)
     finally:
@@ -306,8 +406,8 @@ def _try_flock(fd: int) -> bool:
 def lock_file_is_stale(path: str | os.PathLike[str]) -> bool:
     """True when a ``.lock`` file's holder is gone (see :class:`RefLock`); never breaks it."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = open_regular(path)
+    except (FileNotFoundError, CorruptObjectError):
         return False
     try:
         if not _try_flock(fd):
@@ -371,13 +471,13 @@ class RefLock:
 
     def _holder(self) -> str:
         try:
-            return self.path.read_text().strip()
-        except OSError:
+            return read_file(self.path, 4096).decode("utf-8", "replace").strip()
+        except (OSError, CorruptObjectError):
             return ""
 
     def _break_if_stale(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_regular(self.path)
         except FileNotFoundError:
             return True  # released meanwhile: try again at once
         try:
@@ -504,11 +604,18 @@ class RepoLock:
 
     @contextlib.contextmanager
     def hold(self, *, exclusive: bool, timeout: float = 60.0) -> Iterator[None]:
+        """Hold the lock for the block. A shared hold on a store that cannot be written
+        (read-only mount, archived copy) goes ahead without the lock: no writer, gc
+        or repair can run through that path either."""
         deadline = time.monotonic() + timeout
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open(self.path, exclusive)
+        if fd is None:
+            yield
+            return
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            gate = os.open(self.gate, os.O_RDWR | os.O_CREAT, 0o644)
+            gate = self._open(self.gate, exclusive=True)  # never None: only a read-only store gives None
+            assert gate is not None
             try:
                 if not (flock_within(gate, mode, deadline - time.monotonic())
                         and flock_within(fd, mode, deadline - time.monotonic())):
@@ -523,3 +630,22 @@ class RepoLock:
             yield
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _open(path: Path, exclusive: bool) -> int | None:
+        """A lock file's descriptor (never through a link, never a FIFO); None when a
+        shared hold finds the store read-only."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise CorruptObjectError(
+                    f"{path} is a symbolic link; ckptvcs never follows links inside a repository"
+                ) from None
+            if not exclusive and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return None
+            raise StorageError(_describe(err, f"opening the repository lock {path}")) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptObjectError(f"{path} is not a regular file")
+        return fd

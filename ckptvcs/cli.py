@@ -162,6 +162,7 @@ def _progress(label: str) -> Iterator[Progress | None]:
 
 
 def _human(n: float) -> str:
+    n = min(n, 10**18)  # a crafted manifest's sizes may not fit a float
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

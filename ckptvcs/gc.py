@@ -28,6 +28,7 @@ history, pruned commits included, stays readable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -241,8 +242,8 @@ def collect_garbage(
     stale = _stale_rows(index, plans, delete + rewrite, set(report.packs_skipped), live)
     report.stale_index_rows = len(stale)
 
-    tmp_files = [p for p in (repo.root / "tmp").iterdir() if p.is_file()] if (repo.root / "tmp").is_dir() else []
-    tmp_bytes = sum(p.stat().st_size for p in tmp_files)
+    tmp_files = _tmp_leftovers(repo.root / "tmp")
+    tmp_bytes = sum(size for _, size in tmp_files)
     report.tmp_files_removed = len(tmp_files)
 
     if dry_run:
@@ -254,11 +255,7 @@ def collect_garbage(
     selection.record(repo)  # before any chunk goes: a commit without its data is always on record
 
     with _fs.storage_errors("removing leftovers of interrupted commits from tmp/"):
-        for path in tmp_files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        if tmp_files:
-            _fs.fsync_dir(repo.root / "tmp")
+        _remove_tmp_leftovers(repo.root / "tmp", [name for name, _ in tmp_files])
 
     written = _copy_live_entries(repo, rewrite)
     report.packs_written = [w.name for w in written]
@@ -278,6 +275,50 @@ def collect_garbage(
     report.pack_bytes_after = sum(p.stat().st_size for p in packs_dir.glob("*.pack"))
     report.bytes_reclaimed = report.pack_bytes_before - report.pack_bytes_after + tmp_bytes
     return report
+
+
+def _open_tmp(tmp: Path) -> int | None:
+    """A descriptor of the real ``tmp/`` folder, never of what a link in its place names."""
+    try:
+        return os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CorruptObjectError(
+                f"{tmp} is not a folder (a symbolic link?); gc stopped without deleting anything"
+            ) from None
+        raise
+
+
+def _tmp_leftovers(tmp: Path) -> list[tuple[str, int]]:
+    """``(name, size)`` of the regular files directly in ``tmp/`` (links are not followed)."""
+    with _fs.storage_errors("listing tmp/"):
+        fd = _open_tmp(tmp)
+        if fd is None:
+            return []
+        try:
+            with os.scandir(fd) as entries:
+                return [(e.name, e.stat(follow_symlinks=False).st_size)
+                        for e in entries if e.is_file(follow_symlinks=False)]
+        finally:
+            os.close(fd)
+
+
+def _remove_tmp_leftovers(tmp: Path, names: list[str]) -> None:
+    """Unlink ``names`` inside the very ``tmp/`` folder they were found in (by descriptor)."""
+    if not names:
+        return
+    fd = _open_tmp(tmp)
+    if fd is None:
+        return
+    try:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+        _fs.fsync_file(fd)
+    finally:
+        os.close(fd)
 
 
 def _copy_live_entries(repo: Repo, plans: list[_PackPlan]) -> list[PackWriter]:

@@ -10,6 +10,7 @@ used across fork (LMDB's rule), which the Repo enforces.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -83,8 +84,12 @@ def _acquire_environment(path: Path, map_size: int) -> tuple[lmdb.Environment, t
                 "repository in the parent only after forking"
             )
         if slot is None:
-            env = open_environment(path, map_size)
-            env.reader_check()  # clear reader slots left by dead processes
+            _check_files(path)
+            if _writable(path):
+                env = open_environment(path, map_size)
+                env.reader_check()  # clear reader slots left by dead processes
+            else:
+                env = open_read_only(path)
             key = (key[0], real, _data_inode(path))  # created just now if it was missing
             slot = _registry.setdefault(key, [env, 0])
             if slot[0] is not env:
@@ -106,6 +111,37 @@ def open_environment(path: Path, map_size: int | None = None) -> lmdb.Environmen
         readahead=False,
         writemap=False,
     )
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write the index (False on a read-only mount, even for root)."""
+    data = path / "data.mdb"
+    if not path.exists():
+        return True  # LMDB creates it (or reports why it cannot)
+    return os.access(path, os.W_OK) and (not data.exists() or os.access(data, os.W_OK))
+
+
+def _check_files(path: Path) -> None:
+    """LMDB opens its files itself, following links and blocking on FIFOs: refuse those first."""
+    for name in ("data.mdb", "lock.mdb"):
+        try:
+            mode = os.lstat(path / name).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise StorageError(
+                f"chunk index file {path / name} is not a regular file (a link or special file); "
+                "rebuild the index with `ckptvcs repair index`"
+            )
+
+
+def open_read_only(path: Path) -> lmdb.Environment:
+    """Open an index that cannot be written (read-only mount, archived copy) for reading.
+
+    Without LMDB's lock file (it cannot be created there): readers need none when no
+    writer can exist, and a writer through another, writable path is not guarded.
+    """
+    return lmdb.open(str(path), readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
 
 
 def _release_environment(key: tuple) -> None:
@@ -168,7 +204,7 @@ class ChunkIndex:
             try:
                 self._env, self._key = _acquire_environment(self.path, self._map_size)
                 self._closed = False
-                self._db = self._env.open_db(b"chunks")
+                self._db = self._env.open_db(b"chunks", create=not self._env.flags()["readonly"])
             except lmdb.Error as err:
                 self.close()
                 raise StorageError(
@@ -271,13 +307,21 @@ class ChunkIndex:
         self._run(op)
 
     def __iter__(self) -> Iterator[PackEntry]:
-        with self._env.begin(db=self._db) as txn:
-            for key, value in txn.cursor():
-                yield self._decode(bytes(key), bytes(value))
+        try:
+            with self._env.begin(db=self._db) as txn:
+                for key, value in txn.cursor():
+                    yield self._decode(bytes(key), bytes(value))
+        except lmdb.Error as err:
+            raise StorageError(
+                f"chunk index {self.path}: {err}; rebuild it with `ckptvcs repair index`"
+            ) from None
 
     def __len__(self) -> int:
-        with self._env.begin(db=self._db) as txn:
-            return txn.stat(self._db)["entries"]
+        def op() -> int:
+            with self._env.begin(db=self._db) as txn:
+                return txn.stat(self._db)["entries"]
+
+        return self._run(op)
 
 
 def _write_failure(err: lmdb.Error, path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,13 +20,42 @@ from typing import Any
 import blake3
 
 from . import _fs, codec
-from .errors import CorruptObjectError, IntegrityError
+from .errors import CorruptObjectError, IntegrityError, UnsupportedValueError
 
 __all__ = ["Commit", "Manifest", "Tag", "ObjectStore", "canonical_json", "encode_float", "decode_float", "KINDS"]
 
 KINDS = ("commit", "manifest", "tag")
 _MAX_OBJECT_SIZE = 1 << 30  # bound on decompression of one object
 _PEEK_BYTES = 256 << 10
+# What a reader expands one stored object to is bounded by what the file holds: at most
+# _MAX_EXPANSION times its stored size (real manifests and commits, mostly hex ids, shrink
+# 2-5x), but always up to _EXPANSION_FLOOR. The writer refuses an object past the same
+# bound, so every object ckptvcs wrote stays readable. docs/format.md, "Reader limits".
+_MAX_EXPANSION = 64
+_EXPANSION_FLOOR = 8 << 20
+MAX_JSON_DEPTH = 256  # nesting of JSON arrays and objects in one object (a state level takes 3)
+
+
+def object_size_limit(stored_size: int) -> int:
+    """How many bytes a stored object of ``stored_size`` bytes may decompress to."""
+    return min(_MAX_OBJECT_SIZE, max(_EXPANSION_FLOOR, _MAX_EXPANSION * stored_size))
+
+
+def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests arrays and objects deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+    return False
 
 
 def canonical_json(value: Any) -> bytes:
@@ -62,8 +92,11 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
 def _is_hex_id(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _HEX_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -190,6 +223,20 @@ class Tag:
         )
 
 
+def _readable(kind: str, body: Any, data: bytes) -> bytes:
+    """``data`` compressed, refused (UnsupportedValueError) when a reader would refuse it."""
+    if json_depth_exceeds(body):
+        raise UnsupportedValueError(f"<{kind}>", f"it nests deeper than {MAX_JSON_DEPTH} levels (docs/format.md, Reader limits)")
+    compressed = codec.compress_object(data)
+    if len(data) > object_size_limit(len(compressed)):
+        raise UnsupportedValueError(
+            f"<{kind}>",
+            f"its {len(data)} bytes shrink to {len(compressed)}, more than readers expand "
+            "(docs/format.md, Reader limits)",
+        )
+    return compressed
+
+
 class ObjectStore:
     """Loose, content-addressed objects under ``objects/``."""
 
@@ -206,11 +253,13 @@ class ObjectStore:
         oid = blake3.blake3(data).hexdigest()
         path = self.path(oid)
         with _fs.storage_errors(f"writing {kind} object {oid}"):
-            if not path.exists():
+            _fs.check_inside(self.root.parent, path)
+            if not os.path.lexists(path):
+                compressed = _readable(kind, body, data)
                 if not path.parent.is_dir():
                     path.parent.mkdir(exist_ok=True)
                     _fs.fsync_dir(self.root)  # the new folder's entry must be durable too
-                _fs.atomic_write(path, codec.compress_object(data), exclusive=True)
+                _fs.atomic_write(path, compressed, exclusive=True)
         return oid
 
     def has(self, oid: str) -> bool:
@@ -221,11 +270,14 @@ class ObjectStore:
         path = self.path(oid)
         with _fs.storage_errors(f"reading object {oid}"):
             try:
-                stored = _fs.read_file(path)
-            except FileNotFoundError:  # inside: storage_errors would make it a StorageError
+                _fs.check_inside(self.root.parent, path)
+                stored = _fs.read_file(path, _MAX_OBJECT_SIZE)
+            except (FileNotFoundError, NotADirectoryError):  # inside: storage_errors would make it a StorageError
                 raise IntegrityError(f"object {oid} is missing") from None
+            except CorruptObjectError as err:
+                raise CorruptObjectError(f"object {oid} is damaged on disk: {err}") from None
         try:
-            data = codec.decompress_object(stored, _MAX_OBJECT_SIZE)
+            data = codec.decompress_object(stored, object_size_limit(len(stored)))
         except CorruptObjectError as err:
             raise CorruptObjectError(f"object {oid} is damaged on disk: {err}") from None
         if blake3.blake3(data).hexdigest() != oid:
@@ -240,6 +292,10 @@ class ObjectStore:
             body = json.loads(payload)
         except (UnicodeDecodeError, ValueError) as err:
             raise CorruptObjectError(f"object {oid} does not parse: {err}") from None
+        except RecursionError:
+            raise CorruptObjectError(f"object {oid} nests deeper than {MAX_JSON_DEPTH} levels") from None
+        if json_depth_exceeds(body):
+            raise CorruptObjectError(f"object {oid} nests deeper than {MAX_JSON_DEPTH} levels")
         return kind_name, body
 
     def kind(self, oid: str) -> str:
@@ -251,8 +307,10 @@ class ObjectStore:
         For scans over every object (gc looking for unreachable commits) that would
         otherwise decompress and parse every manifest; read with :meth:`get` to trust it.
         """
+        path = self.path(oid)
         try:
-            with open(self.path(oid), "rb") as f:
+            _fs.check_inside(self.root.parent, path)
+            with open(_fs.open_regular(path), "rb") as f:  # never a FIFO, a device or a link
                 start = f.read(_PEEK_BYTES)  # holds the whole first zstd block (at most 128 KiB)
             head = codec.decompress_prefix(start, 16)
         except (OSError, CorruptObjectError):

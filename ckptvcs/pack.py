@@ -168,7 +168,7 @@ class PackFiles:
         fd = self._fds.get(pack)
         if fd is None:
             try:
-                fd = os.open(self.path(pack), os.O_RDONLY)
+                fd = _fs.open_regular(self.path(pack))
             except FileNotFoundError:
                 raise CorruptObjectError(f"pack {pack} is missing") from None
             # Another thread may have opened it meanwhile; keep one, close the other.
@@ -247,8 +247,14 @@ def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]
     salvaged entry can never return wrong bytes.
     """
     pack = path.stem
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    try:
+        fd = _fs.open_regular(path)  # never a FIFO, a device or a link
+    except CorruptObjectError:
+        if not strict:
+            return  # nothing in it can be salvaged
+        raise
+    size = os.fstat(fd).st_size
+    with open(fd, "rb") as f:
         head = f.read(_PACK_HEADER.size)
         header_ok = len(head) == _PACK_HEADER.size and _PACK_HEADER.unpack(head) == (PACK_MAGIC, PACK_VERSION, 0)
         if not header_ok and strict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from urllib.parse import quote
 from . import _fs
 from .errors import CorruptObjectError, InvalidRefNameError, RefConflictError
 
-__all__ = ["Refs", "ReflogEntry", "check_ref_name", "ZERO_ID", "HEAD"]
+__all__ = ["Refs", "ReflogEntry", "check_ref_name", "is_valid_ref", "ZERO_ID", "HEAD"]
 
 HEAD = "HEAD"
 ZERO_ID = "0" * 64
@@ -55,6 +56,26 @@ def check_ref_name(name: str, what: str = "ref") -> str:
     return name
 
 
+_MAX_REF_FILE = 4096  # a ref holds 65 bytes, or "ref: " and a name of at most 200 bytes
+
+
+def is_valid_ref(ref: str) -> bool:
+    """Whether ``ref`` is ``HEAD`` or ``refs/<name>`` with a name :func:`check_ref_name` accepts.
+
+    Every ref path the repository reads or writes passes this check, so no ref name
+    (and no ``ref: ...`` value of HEAD) can lead outside ``refs/``.
+    """
+    if ref == HEAD:
+        return True
+    if not isinstance(ref, str) or not ref.startswith("refs/"):
+        return False
+    try:
+        check_ref_name(ref[len("refs/"):])
+    except InvalidRefNameError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class ReflogEntry:
     """One ref movement: from ``old`` to ``new`` (ZERO_ID for none)."""
@@ -79,19 +100,35 @@ class Refs:
         self.lock_timeout = lock_timeout
 
     def _path(self, ref: str) -> Path:
+        """The file of ``ref``: ``HEAD`` or ``refs/<valid name>``, never anything outside the root."""
+        if not is_valid_ref(ref):
+            raise InvalidRefNameError(f"invalid ref {ref[:200]!r}: a ref is HEAD or refs/<name> by the ref-name rules")
         return self.root / ref
 
     # -- reading ---------------------------------------------------------------
 
     def read_raw(self, ref: str) -> str | None:
         """The stored value: a hex id, ``ref: <target>`` for a symbolic ref, or None."""
+        path = self._path(ref)
+        with _fs.storage_errors(f"reading {ref}"):
+            try:
+                _fs.check_inside(self.root, path)
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    return None  # a folder of refs (refs/heads/a/...) is no ref
+                data = _fs.read_record(path, _MAX_REF_FILE)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+            except CorruptObjectError as err:
+                raise CorruptObjectError(f"ref {ref} is damaged: {err}") from None
         try:
-            text = self._path(ref).read_text(encoding="utf-8")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        value = text.strip()
-        if value.startswith(_SYMREF_PREFIX) or _HEX_ID.match(value):
+            value = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CorruptObjectError(f"ref {ref} is damaged: it is not UTF-8 text") from None
+        if _HEX_ID.match(value):
             return value
+        if value.startswith(_SYMREF_PREFIX) and is_valid_ref(value[len(_SYMREF_PREFIX):]):
+            if value[len(_SYMREF_PREFIX):] != HEAD:
+                return value
         raise CorruptObjectError(f"ref {ref} is damaged: {value[:80]!r}")
 
     def symbolic_target(self, ref: str) -> str | None:
@@ -117,7 +154,9 @@ class Refs:
             for f in files:
                 if f.endswith(".lock") or f.endswith(".tmp"):
                     continue
-                found.append(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"))
+                name = os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/")
+                if is_valid_ref(f"refs/{namespace}/{name}"):  # a stray file with an invalid name is no ref
+                    found.append(name)
         return sorted(found)
 
     # -- compare-and-swap updates ------------------------------------------------
@@ -133,7 +172,9 @@ class Refs:
         """
         path = self._path(ref)
         with _fs.storage_errors(f"updating {ref}"):
+            _fs.check_inside(self.root, path)
             path.parent.mkdir(parents=True, exist_ok=True)
+            _fs.check_inside(self.root, path)  # no link slipped in while the folders were made
             with _fs.RefLock(path, self.lock_timeout) as lock:
                 current = self.read_raw(ref)
                 if current != expected:
@@ -148,6 +189,7 @@ class Refs:
     def remove_if_equals(self, ref: str, expected: str, *, who: str, message: str) -> None:
         """Delete ``ref`` only if it holds ``expected``."""
         path = self._path(ref)
+        _fs.check_inside(self.root, path)
         with _fs.storage_errors(f"deleting {ref}"), _fs.RefLock(path, self.lock_timeout):
             current = self.read_raw(ref)
             if current != expected:
@@ -159,6 +201,7 @@ class Refs:
     # -- reflog ------------------------------------------------------------------
 
     def _log_path(self, ref: str) -> Path:
+        self._path(ref)  # validates the name
         return self.root / "logs" / ref
 
     def log_move(self, ref: str, old: str | None, new: str | None, *, who: str, message: str) -> None:
@@ -171,15 +214,23 @@ class Refs:
         line = f"{as_id(old)} {as_id(new)} {time.time_ns()} {_one_line(who)}\t{_one_line(message)}\n"
         path = self._log_path(ref)
         with _fs.storage_errors(f"appending to the reflog of {ref}"):
+            _fs.check_inside(self.root, path)
             path.parent.mkdir(parents=True, exist_ok=True)
+            _fs.check_inside(self.root, path)
             _fs.append_durably(path, line.encode())
 
     def reflog(self, ref: str) -> Iterator[ReflogEntry]:
         """Entries newest first; a torn last line (crash mid-append) is skipped."""
-        try:
-            lines = self._log_path(ref).read_text(encoding="utf-8", errors="replace").split("\n")
-        except FileNotFoundError:
-            return
+        path = self._log_path(ref)
+        with _fs.storage_errors(f"reading the reflog of {ref}"):
+            try:
+                _fs.check_inside(self.root, path)
+                data = _fs.read_record(path)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return
+            except CorruptObjectError as err:
+                raise CorruptObjectError(f"reflog of {ref} is damaged: {err}") from None
+        lines = data.decode("utf-8", errors="replace").split("\n")
         for line in reversed(lines):
             head, sep, message = line.partition("\t")
             parts = head.split(" ", 3)

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 import warnings
@@ -55,8 +56,8 @@ from .expiry import DEFAULT_REFLOG_EXPIRE, parse_expiry
 from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import COLLECTED_RULE, GcReport, collect_garbage
 from .hugepages import advise_huge_pages
-from .objects import Commit, Manifest, ObjectStore, Tag, canonical_json
-from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name
+from .objects import MAX_JSON_DEPTH, Commit, Manifest, ObjectStore, Tag, canonical_json, json_depth_exceeds
+from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name, is_valid_ref
 from .repair import RepairReport, rebuild_index
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
@@ -85,6 +86,11 @@ _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
 # A URL scheme (s3://, gs://, file://, https://...); Path() folds "//" to "/", so one
 # slash is enough. Single-letter schemes are Windows drive letters, not URLs.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+_MIN_CHUNK_SIZE = 4096
+_MAX_CHUNK_SIZE = 256 << 20
+_MAX_RECORD_SIZE = 1 << 20  # config.json and pruned records: small JSON files
+# The store's own entries: none may be a symbolic link (docs/format.md, "Symbolic links").
+_LAYOUT = ("config.json", "HEAD", "lock", "lock.gate", "objects", "packs", "tmp", "index", "refs", "logs", "pruned")
 
 
 @dataclass(frozen=True)
@@ -190,9 +196,11 @@ class Repo:
         names from gc; stored in config.json, editable there.
         """
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
-            4096 <= chunk_size <= 256 << 20 and chunk_size % 16 == 0
+            _MIN_CHUNK_SIZE <= chunk_size <= _MAX_CHUNK_SIZE and chunk_size % 16 == 0
         ):
-            raise InvalidInputError(f"chunk_size must be a multiple of 16 between 4096 and {256 << 20}, got {chunk_size!r}")
+            raise InvalidInputError(
+                f"chunk_size must be a multiple of 16 between {_MIN_CHUNK_SIZE} and {_MAX_CHUNK_SIZE}, got {chunk_size!r}"
+            )
         _check_keyframe_interval(keyframe_interval)
         _refuse_url(path)
         if not isinstance(reflog_expire, str):
@@ -243,10 +251,11 @@ class Repo:
         root = _locate_store(Path(path).absolute())
         if root is None:
             raise NotARepositoryError(f"{path} is not a ckptvcs repository (no config.json); create one with init")
+        _check_layout(root)
         try:
-            config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise CorruptObjectError(f"{root}/config.json is unreadable: {err}") from None
+            config = json.loads(_fs.read_record(root / "config.json", _MAX_RECORD_SIZE))
+        except (OSError, ValueError, RecursionError) as err:
+            raise CorruptObjectError(f"{root}/config.json is unreadable: {str(err)[:200]}") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
             raise NotARepositoryError(f"{root} is not a ckptvcs repository (config.json has another format)")
         version = config.get("version")
@@ -258,7 +267,9 @@ class Repo:
                 f"({FORMAT_VERSION}); upgrade ckptvcs"
             )
         chunk_size = config.get("chunk_size")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
+            _MIN_CHUNK_SIZE <= chunk_size <= _MAX_CHUNK_SIZE and chunk_size % 16 == 0
+        ):
             raise CorruptObjectError(f"{root}/config.json has an invalid chunk_size {chunk_size!r}")
         try:
             _check_keyframe_interval(config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL))
@@ -376,7 +387,7 @@ class Repo:
                 raise RevisionNotFoundError(f"unknown revision {rev}")
             return self._peel(rev)
         for ref in (f"refs/heads/{rev}", f"refs/tags/{rev}", rev if rev.startswith("refs/") else None):
-            if ref is None or ".." in ref:
+            if ref is None or not is_valid_ref(ref):
                 continue
             value = self.refs.read_raw(ref)
             if value is not None and not value.startswith("ref: "):
@@ -565,7 +576,11 @@ class Repo:
                     raise CorruptObjectError(f"manifest {manifest.id} refers to blob {index!r}, which it lacks")
                 blob = manifest.blobs[index]
                 nbytes = blob["nbytes"]
-                buf = torch.empty(nbytes, dtype=torch.uint8) if kind == "torch" else np.empty(nbytes, dtype=np.uint8)
+                if len(blob["chunks"]) != -(-nbytes // self.chunk_size):  # before allocating nbytes
+                    raise CorruptObjectError(
+                        f"manifest {manifest.id}: blob {index} lists {len(blob['chunks'])} chunks for {nbytes} bytes"
+                    )
+                buf = _allocate(nbytes, kind)
                 # Before the first touch: fewer, larger page faults while decoding into it.
                 advise_huge_pages(buf.data_ptr() if kind == "torch" else buf.ctypes.data, nbytes)
                 buffers[index] = buf
@@ -792,7 +807,9 @@ class Repo:
         _, old_id = self.refs.follow(HEAD)
         who = provenance.default_author()
         target = self.resolve(rev)
-        is_branch = self.refs.read_raw(branch_ref) is not None and not rev.startswith("refs/")
+        is_branch = (
+            is_valid_ref(branch_ref) and self.refs.read_raw(branch_ref) is not None and not rev.startswith("refs/")
+        )
         new_value = f"ref: {branch_ref}" if is_branch else target
         self.refs.set_if_equals(HEAD, expected, new_value, who=who, message="", log=False)
         self.refs.log_move(HEAD, old_id, target, who=who, message=f"checkout: moving to {rev}")
@@ -870,9 +887,9 @@ class Repo:
     def _read_pruned(self, commit_id: str) -> dict[str, Any]:
         path = self._pruned_dir() / commit_id
         try:
-            record = json.loads(path.read_bytes())
-        except (OSError, ValueError) as err:
-            raise CorruptObjectError(f"pruned record {path} is unreadable: {err}") from None
+            record = json.loads(_fs.read_record(path, _MAX_RECORD_SIZE))
+        except (OSError, ValueError, RecursionError) as err:
+            raise CorruptObjectError(f"pruned record {path} is unreadable: {str(err)[:200]}") from None
         if (
             not isinstance(record, dict)
             or not isinstance(record.get("rule"), str)
@@ -1135,8 +1152,8 @@ class Repo:
         """The record of the last fsck (``time``, ``ok``, ``read_data``, ``errors``, ``garbage``,
         ``summary``), or None when fsck never ran here (or its record is unreadable)."""
         try:
-            record = json.loads((self.root / FSCK_RECORD).read_bytes())
-        except (OSError, ValueError):
+            record = json.loads(_fs.read_record(self.root / FSCK_RECORD, _MAX_RECORD_SIZE))
+        except (OSError, ValueError, RecursionError, CkptvcsError):
             return None
         return record if isinstance(record, dict) and isinstance(record.get("ok"), bool) else None
 
@@ -1175,6 +1192,35 @@ def _rename_into_place(staging: Path, target: Path) -> None:
         if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise RepositoryExistsError(f"{target} already exists and is not an empty directory") from None
         raise
+
+
+def _allocate(nbytes: int, kind: str) -> Any:
+    """An uninitialised byte buffer for a blob; a refused allocation is a typed error."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8) if kind == "torch" else np.empty(nbytes, dtype=np.uint8)
+    except (RuntimeError, MemoryError, ValueError) as err:
+        raise StorageError(f"cannot allocate {nbytes} bytes for a blob: {str(err).splitlines()[0][:120]}") from None
+
+
+def _check_layout(root: Path) -> None:
+    """Refuse a store whose own entries are symbolic links (or special files in place of
+    folders): every path ckptvcs reads or writes below them then stays inside it."""
+    for name in _LAYOUT:
+        try:
+            mode = os.lstat(root / name).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise StorageError(f"cannot inspect {root / name}: {err.strerror}") from None
+        if stat.S_ISLNK(mode):
+            raise CorruptObjectError(
+                f"{root / name} is a symbolic link; ckptvcs never follows links inside a repository "
+                "(replace it with what it points to)"
+            )
+        want_dir = name not in ("config.json", "HEAD", "lock", "lock.gate")
+        if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
+            kind = "folder" if want_dir else "regular file"
+            raise CorruptObjectError(f"{root / name} is not a {kind}; the repository is damaged")
 
 
 def _check_keyframe_interval(value: Any) -> None:
@@ -1219,6 +1265,8 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 def _json_value(value: Any, name: str) -> Any:
     """Check that ``value`` is plain JSON (what canonical hashing accepts); returns it."""
+    if json_depth_exceeds(value, MAX_JSON_DEPTH - 2):
+        raise UnsupportedValueError(name, f"nests deeper than {MAX_JSON_DEPTH - 2} levels")
     try:
         canonical_json(value)
     except (TypeError, ValueError) as err:

@@ -67,6 +67,7 @@ _INLINE_BYTES_LIMIT = 64 << 10
 _MAX_INT_DIGITS = 4300  # Python's default int_max_str_digits: json refuses longer ints
 _MAX_INT = 10**_MAX_INT_DIGITS
 _SPAN_ALIGN = 16  # a multiple of every itemsize, so each view's offset stays aligned
+MAX_STATE_DEPTH = 64  # nested containers in a state; each takes 3 JSON levels of the manifest
 
 
 @dataclass
@@ -155,6 +156,8 @@ class _Encoder:
     def _container(self, value: dict | list | tuple, path: str) -> Any:
         if id(value) in self._active:
             raise UnsupportedValueError(path, "the structure contains itself (a reference cycle)")
+        if len(self._active) >= MAX_STATE_DEPTH:
+            raise UnsupportedValueError(path, f"containers nest deeper than {MAX_STATE_DEPTH} levels")
         self._active.add(id(value))
         try:
             if isinstance(value, dict):
@@ -210,6 +213,8 @@ class _Encoder:
     def _tensor(self, t: torch.Tensor, path: str) -> Any:
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             raise UnsupportedValueError(path, f"tensor subclass {type(t).__qualname__} is not supported")
+        if t.is_nested:
+            raise UnsupportedValueError(path, "nested tensors are not supported (store their unbind() list)")
         if t.layout != torch.strided:
             raise UnsupportedValueError(path, f"{t.layout} tensors are not supported (convert with .to_dense())")
         if t.is_quantized:
@@ -390,11 +395,19 @@ def _resolve_device(saved: str, map_location: MapLocation) -> str:
     return str(map_location(saved))
 
 
+_VIEW_FLOOR = 64 << 20  # bytes of elements the tensors of one decode may address, at least...
+_VIEW_FACTOR = 16  # ...or this many times the bytes their blobs hold (docs/format.md, Reader limits)
+
+
 class _Decoder:
     def __init__(self, blobs: Mapping[int, Any], map_location: MapLocation) -> None:
         self.blobs = blobs  # blob index → torch.uint8 tensor or numpy uint8 array
         self.map_location = map_location
         self._moved: dict[tuple[int, str], torch.Tensor] = {}
+        # Views (stride 0, overlapping strides, tied weights) address more elements than
+        # their blobs hold; whoever copies them out (export, diff) materialises them all.
+        self._view_budget = max(_VIEW_FLOOR, _VIEW_FACTOR * sum(int(b.nbytes) for b in blobs.values()))
+        self._views: set[tuple] = set()  # (blob, offset, shape, stride) already counted: tied copies count once
 
     def value(self, node: Any, path: str) -> Any:
         if node is None or isinstance(node, (bool, int, str)):
@@ -479,7 +492,10 @@ class _Decoder:
         blob = self._blob(body.get("blob"), path, np.ndarray)
         if blob.nbytes != math.prod(shape) * dtype.itemsize:
             raise _corrupt(f"ndarray at {path} does not match its blob size")
-        return blob.view(dtype).reshape(shape)
+        try:
+            return blob.view(dtype).reshape(shape)
+        except (ValueError, TypeError, OverflowError, MemoryError) as err:
+            raise _corrupt(f"ndarray at {path} has an impossible shape ({str(err)[:120]})") from None
 
     def _tensor(self, body: Any, path: str) -> torch.Tensor:
         if not isinstance(body, dict) or not isinstance(body.get("dtype"), str) or body["dtype"] not in TORCH_DTYPES:
@@ -493,18 +509,37 @@ class _Decoder:
         blob_index = body.get("blob")
         blob = self._blob(blob_index, path, torch.Tensor)
         item = torch.empty(0, dtype=dtype).element_size()
-        if math.prod(shape) > 0:
+        numel = math.prod(shape)
+        if len(shape) > 64 or (numel == 0 and any(n >= 1 << 62 for n in shape)):
+            raise _corrupt(f"tensor at {path} has an impossible shape")
+        if numel > 0:
             last = sum((n - 1) * s for n, s in zip(shape, stride))
             if offset % item or offset + (last + 1) * item > blob.numel():
                 raise _corrupt(f"tensor at {path} reaches outside its blob")
+            self._spend_view((blob_index, offset, tuple(shape), tuple(stride), item), numel * item, path)
         device = _resolve_device(str(body.get("device", "cpu")), self.map_location)
         blob = self._on_device(blob_index, blob, device)
-        t = torch.empty(0, dtype=dtype, device=blob.device).set_(blob.untyped_storage(), offset // item, shape, stride)
+        try:
+            t = torch.empty(0, dtype=dtype, device=blob.device).set_(blob.untyped_storage(), offset // item, shape, stride)
+        except (RuntimeError, ValueError, OverflowError) as err:
+            raise _corrupt(f"tensor at {path} has an impossible layout ({str(err).splitlines()[0][:120]})") from None
         if body.get("param"):
             return torch.nn.Parameter(t, requires_grad=bool(body.get("requires_grad")))
         if body.get("requires_grad"):
             t.requires_grad_(True)
         return t
+
+    def _spend_view(self, view: tuple, nbytes: int, path: str) -> None:
+        """Count the bytes a distinct view's elements span against the decode's budget."""
+        if view in self._views:
+            return
+        self._views.add(view)
+        self._view_budget -= nbytes
+        if self._view_budget < 0:
+            raise _corrupt(
+                f"tensor at {path}: the tensors address far more elements than their stored bytes hold "
+                f"(over {_VIEW_FACTOR}x, or {_VIEW_FLOOR >> 20} MiB); refusing to materialise them"
+            )
 
     def _on_device(self, index: int, blob: torch.Tensor, device: str) -> torch.Tensor:
         """Move a blob to ``device`` once, so tensors sharing it share it there too."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,6 +70,56 @@ class _Encoded:
     payload: bytes | memoryview | None = None  # None: already stored, nothing to write
     base: bytes | None = None
     buffer: bytearray | None = None  # the recycled buffer holding the payload, if any
+
+
+def _copy_when_done(
+    futures: dict[int, Future[int]], repeats: list[tuple[int, int]], ranges: list[tuple[int, int]], out: memoryview
+) -> Future[int]:
+    """A future that, once the decodes ``repeats`` copy from have finished, copies each
+    decoded chunk to its repeated positions; its result is the bytes copied.
+
+    A blob that references one chunk many times (a zero tensor) thus decodes and
+    verifies it once, and a crafted manifest repeating a chunk costs memcpy, not decodes.
+    Resolved by a callback, not a pool task, so it never waits on the pool it is part of.
+    """
+    done: Future[int] = Future()
+    sources = {j for j, _ in repeats}
+    pending = [len(sources)]
+    lock = threading.Lock()
+
+    def finish(_: Future[int]) -> None:
+        with lock:
+            pending[0] -= 1
+            if pending[0]:
+                return
+        if not done.set_running_or_notify_cancel():
+            return  # the reader gave up (cancelled)
+        try:
+            for j in sources:
+                futures[j].result()
+            _copy_repeats(repeats, ranges, out)
+        except BaseException as err:  # the decode's own error; the caller sees it there too
+            done.set_exception(err)
+        else:
+            done.set_result(sum(ranges[i][1] - ranges[i][0] for _, i in repeats))
+
+    for j in sources:
+        futures[j].add_done_callback(finish)
+    return done
+
+
+def _copy_repeats(repeats: list[tuple[int, int]], ranges: list[tuple[int, int]], out: memoryview) -> None:
+    """Copy chunk ``j``'s bytes to chunk ``i`` for each ``(j, i)``, one numpy copy per source."""
+    size = ranges[0][1] - ranges[0][0]
+    grid = np.frombuffer(out, dtype=np.uint8)[: (len(out) // size) * size].reshape(-1, size)
+    targets: dict[int, list[int]] = {}
+    for j, i in repeats:
+        if ranges[i][1] - ranges[i][0] == size:
+            targets.setdefault(j, []).append(i)
+        else:  # the short last chunk
+            out[ranges[i][0]:ranges[i][1]] = out[ranges[j][0]:ranges[j][1]]
+    for j, rows in targets.items():
+        grid[rows] = grid[j]
 
 
 class ChunkStore:
@@ -142,19 +193,28 @@ class ChunkStore:
                 f"{describe()}: {len(chunk_ids)} chunks listed for {len(out)} bytes"
             )
         entries = self._locate(chunk_ids, describe)
-        return [
-            self.pool.submit(self._read_chunk, entry, out[start:end], describe)
-            for entry, (start, end) in zip(entries, ranges)
-        ]
+        first: dict[bytes, int] = {}  # chunk id → the position it is decoded at
+        repeats: list[tuple[int, int]] = []  # (decoded position, position that copies it)
+        futures: dict[int, Future[int]] = {}
+        for i, (entry, (start, end)) in enumerate(zip(entries, ranges)):
+            j = first.setdefault(entry.chunk_id, i)
+            if j != i and ranges[j][1] - ranges[j][0] == end - start:
+                repeats.append((j, i))  # one chunk referenced again (zeros): decode once, copy
+            else:
+                futures[i] = self.pool.submit(self._read_chunk, entry, out[start:end], describe)
+        if not repeats:
+            return list(futures.values())
+        return [*futures.values(), _copy_when_done(futures, repeats, ranges, out)]
 
     def _locate(self, chunk_ids: Sequence[bytes], describe: Callable[[], str]) -> list[PackEntry]:
-        entries = []
+        found: dict[bytes, PackEntry] = {}
         for cid in chunk_ids:
-            entry = self.index.get(cid)
-            if entry is None:
-                raise IntegrityError(f"{describe()}: chunk {cid.hex()} is missing from the store")
-            entries.append(entry)
-        return entries
+            if cid not in found:  # one lookup per distinct chunk
+                entry = self.index.get(cid)
+                if entry is None:
+                    raise IntegrityError(f"{describe()}: chunk {cid.hex()} is missing from the store")
+                found[cid] = entry
+        return [found[cid] for cid in chunk_ids]
 
     def _read_chunk(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> int:
         self._decode_checked(entry, out, describe)
