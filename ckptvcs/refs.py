@@ -57,6 +57,8 @@ def check_ref_name(name: str, what: str = "ref") -> str:
 
 
 _MAX_REF_FILE = 4096  # a ref holds 65 bytes, or "ref: " and a name of at most 200 bytes
+# A deleted ref's reflog set aside by Refs.set_aside_stale_logs: <time ns>-<ref, %-quoted>.
+_DELETED_LOG = re.compile(r"^deleted/[0-9]+-[A-Za-z0-9._~%-]+$")
 
 
 def is_valid_ref(ref: str) -> bool:
@@ -201,7 +203,9 @@ class Refs:
     # -- reflog ------------------------------------------------------------------
 
     def _log_path(self, ref: str) -> Path:
-        self._path(ref)  # validates the name
+        """The reflog file of ``ref``, or of a deleted ref's log set aside (``deleted/...``)."""
+        if not _DELETED_LOG.match(ref):
+            self._path(ref)  # validates the name
         return self.root / "logs" / ref
 
     def log_move(self, ref: str, old: str | None, new: str | None, *, who: str, message: str) -> None:
@@ -274,7 +278,9 @@ class Refs:
         found = []
         for dirpath, _, files in os.walk(base):
             for f in files:
-                found.append(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"))
+                name = os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/")
+                if is_valid_ref(name) or _DELETED_LOG.match(name):  # stray files are no reflog
+                    found.append(name)
         return sorted(found)
 
 

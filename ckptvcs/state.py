@@ -12,6 +12,7 @@ single byte is written. Node encodings are specified in docs/format.md.
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -395,6 +396,11 @@ def _resolve_device(saved: str, map_location: MapLocation) -> str:
     return str(map_location(saved))
 
 
+# torch.device's device types, for fsck's torch-free check of saved device values.
+_DEVICE = re.compile(
+    r"^(cpu|cuda|mkldnn|opengl|opencl|ideep|hip|ve|fpga|maia|xla|lazy|vulkan|metal|xpu|mps|meta|hpu|mtia|ipu"
+    r"|privateuseone)(:[0-9]+)?$"
+)
 _VIEW_FLOOR = 64 << 20  # bytes of elements the tensors of one decode may address, at least...
 _VIEW_FACTOR = 16  # ...or this many times the bytes their blobs hold (docs/format.md, Reader limits)
 
@@ -501,22 +507,9 @@ class _Decoder:
         if not isinstance(body, dict) or not isinstance(body.get("dtype"), str) or body["dtype"] not in TORCH_DTYPES:
             raise _corrupt(f"bad tensor at {path}")
         dtype = TORCH_DTYPES[body["dtype"]]
-        shape = _int_list(body.get("shape"), "shape", path)
-        stride = _int_list(body.get("stride"), "stride", path)
-        offset = body.get("offset")
-        if len(stride) != len(shape) or isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise _corrupt(f"bad tensor layout at {path}")
         blob_index = body.get("blob")
         blob = self._blob(blob_index, path, torch.Tensor)
-        item = torch.empty(0, dtype=dtype).element_size()
-        numel = math.prod(shape)
-        if len(shape) > 64 or (numel == 0 and any(n >= 1 << 62 for n in shape)):
-            raise _corrupt(f"tensor at {path} has an impossible shape")
-        if numel > 0:
-            last = sum((n - 1) * s for n, s in zip(shape, stride))
-            if offset % item or offset + (last + 1) * item > blob.numel():
-                raise _corrupt(f"tensor at {path} reaches outside its blob")
-            self._spend_view((blob_index, offset, tuple(shape), tuple(stride), item), numel * item, path)
+        shape, stride, offset, item = self._tensor_layout(body, path, blob.numel())
         device = _resolve_device(str(body.get("device", "cpu")), self.map_location)
         blob = self._on_device(blob_index, blob, device)
         try:
@@ -528,6 +521,25 @@ class _Decoder:
         if body.get("requires_grad"):
             t.requires_grad_(True)
         return t
+
+    def _tensor_layout(self, body: dict, path: str, blob_nbytes: int) -> tuple[list[int], list[int], int, int]:
+        """Shape, stride, offset and item size of a tensor node, checked against its blob's size
+        (every element inside it) and the decode's view budget. Torch-free: fsck runs it too."""
+        shape = _int_list(body.get("shape"), "shape", path)
+        stride = _int_list(body.get("stride"), "stride", path)
+        offset = body.get("offset")
+        if len(stride) != len(shape) or isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise _corrupt(f"bad tensor layout at {path}")
+        item = DTYPE_ITEMSIZE[body["dtype"]]
+        numel = math.prod(shape)
+        if len(shape) > 64 or (numel == 0 and any(n >= 1 << 62 for n in shape)):
+            raise _corrupt(f"tensor at {path} has an impossible shape")
+        if numel > 0:
+            last = sum((n - 1) * s for n, s in zip(shape, stride))
+            if offset % item or offset + (last + 1) * item > blob_nbytes:
+                raise _corrupt(f"tensor at {path} reaches outside its blob")
+            self._spend_view((body.get("blob"), offset, tuple(shape), tuple(stride), item), numel * item, path)
+        return shape, stride, offset, item
 
     def _spend_view(self, view: tuple, nbytes: int, path: str) -> None:
         """Count the bytes a distinct view's elements span against the decode's budget."""
@@ -571,21 +583,41 @@ class _Validator(_Decoder):
     def __init__(self, blob_sizes: list[int]) -> None:
         super().__init__({}, "meta")
         self.blob_sizes = blob_sizes
-        self.kinds: dict[int, type] = {}
+        self.kinds: dict[int, str] = {}
+        self._view_budget = max(_VIEW_FLOOR, _VIEW_FACTOR * sum(blob_sizes))
 
     def value(self, node: Any, path: str) -> Any:
-        if isinstance(node, dict) and len(node) == 1 and "bytes_blob" in node:
-            self._blob(node["bytes_blob"], path, np.ndarray)
-            return b""
+        # The node kinds whose decoding needs torch are checked here without it (so
+        # `ckptvcs fsck` never imports torch); the rest decode as load decodes them.
+        if isinstance(node, dict) and len(node) == 1:
+            tag, body = next(iter(node.items()))
+            if tag == "bytes_blob":
+                self._blob(body, path, "array")
+                return b""
+            if tag == "dtype":
+                if not isinstance(body, str) or body not in DTYPE_ITEMSIZE:
+                    raise _corrupt(f"unknown dtype {body!r} at {path}")
+                return body
+            if tag == "device":
+                if not isinstance(body, str) or not _DEVICE.match(body):
+                    raise _corrupt(f"bad device {body!r} at {path}")
+                return body
+            if tag == "size":
+                return tuple(_int_list(body, "size", path))
         return super().value(node, path)
 
-    def _blob(self, index: Any, path: str, kind: type) -> Any:
+    def _blob(self, index: Any, path: str, kind: Any) -> int:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.blob_sizes):
             raise _corrupt(f"blob reference {index!r} at {path} is out of range")
-        if self.kinds.setdefault(index, kind) is not kind:
+        kind = "tensor" if kind not in ("array", np.ndarray) else "array"
+        if self.kinds.setdefault(index, kind) != kind:
             raise _corrupt(f"blob {index} is shared between a tensor and an array at {path}")
-        size = self.blob_sizes[index]
-        return torch.empty(size, dtype=torch.uint8, device="meta") if kind is torch.Tensor else size
+        return self.blob_sizes[index]
+
+    def _tensor(self, body: Any, path: str) -> None:  # type: ignore[override]
+        if not isinstance(body, dict) or not isinstance(body.get("dtype"), str) or body["dtype"] not in DTYPE_ITEMSIZE:
+            raise _corrupt(f"bad tensor at {path}")
+        self._tensor_layout(body, path, self._blob(body.get("blob"), path, "tensor"))
 
     def _ndarray(self, body: Any, path: str) -> None:
         if not isinstance(body, dict):
