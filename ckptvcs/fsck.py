@@ -41,7 +41,7 @@ from .codec import CODEC_NAMES, USES_BASE
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
 from .objects import Commit, Manifest, Tag
 from .pack import PackEntry, iter_pack_entries, with_delta_bases
-from .refs import HEAD, ZERO_ID, check_ref_name
+from .refs import HEAD, REFLOG_LINE, ZERO_ID, check_ref_name
 from .state import iter_tensors, validate_tree
 from .store import MAX_CHAIN_LENGTH
 
@@ -59,7 +59,6 @@ FsckProgress = Callable[[str, int, int], None]
 
 _PACK_NAME = re.compile(r"^[0-9a-f]{32}\.pack$")
 _CONFIG_WRITTEN = ("hash", "id", "created")  # fields `init` always writes that opening does not check
-_REFLOG_LINE = re.compile(r"^[0-9a-f]{64} [0-9a-f]{64} [0-9]+ [^\t]*\t[^\t]*$")  # docs/format.md section 7
 _MAX_NAMED = 5  # users of a damaged chunk spelled out in a message; all are in the fields
 _READ_WINDOW = 16
 
@@ -417,7 +416,7 @@ class _Checker:
     def check_reflog(self, path: Any, rel: str) -> None:
         """Every complete line of a reflog must parse; a torn last line (a crash mid-append) is garbage."""
         try:
-            text = path.read_bytes().decode("utf-8")
+            text = _fs.read_record(path).decode("utf-8")
         except UnicodeDecodeError as err:
             self.add("corrupt", f"reflog {rel} is damaged: it is not UTF-8 ({err})", objects=[rel])
             return
@@ -426,7 +425,7 @@ class _Checker:
             return
         lines = text.split("\n")
         torn = lines.pop()
-        bad = [n for n, line in enumerate(lines, 1) if not _REFLOG_LINE.match(line)]
+        bad = [n for n, line in enumerate(lines, 1) if not REFLOG_LINE.match(line)]
         if bad:
             shown = ", ".join(map(str, bad[:_MAX_NAMED]))
             if len(bad) > _MAX_NAMED:

@@ -41,6 +41,7 @@ from .errors import (
     NotARepositoryError,
     ProtectedCommitError,
     RefExistsError,
+    RepositoryDamagedError,
     StepOrderError,
     UnsupportedValueError,
 )
@@ -512,7 +513,7 @@ class CheckpointManager:
         if self._saves_since_gc >= self.gc_every and self._pruned_since_gc:
             try:
                 self.repo.gc(only=self._pruned_by_me, lock_timeout=self.gc_lock_timeout)
-            except (LockTimeoutError, IndexMismatchError) as err:
+            except (LockTimeoutError, IndexMismatchError, RepositoryDamagedError) as err:
                 warnings.warn(f"automatic gc skipped, the save is committed: {err}", RuntimeWarning, stacklevel=2)
                 return
             self._pruned_by_me.clear()

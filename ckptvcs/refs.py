@@ -57,6 +57,8 @@ def check_ref_name(name: str, what: str = "ref") -> str:
 
 
 _MAX_REF_FILE = 4096  # a ref holds 65 bytes, or "ref: " and a name of at most 200 bytes
+# One complete reflog line (docs/format.md section 7): old id, new id, time ns, who TAB message.
+REFLOG_LINE = re.compile(r"^[0-9a-f]{64} [0-9a-f]{64} [0-9]+ [^\t]*\t[^\t]*$")
 # A deleted ref's reflog set aside by Refs.set_aside_stale_logs: <time ns>-<ref, %-quoted>.
 _DELETED_LOG = re.compile(r"^deleted/[0-9]+-[A-Za-z0-9._~%-]+$")
 
@@ -223,8 +225,12 @@ class Refs:
             _fs.check_inside(self.root, path)
             _fs.append_durably(path, line.encode())
 
-    def reflog(self, ref: str) -> Iterator[ReflogEntry]:
-        """Entries newest first; a torn last line (crash mid-append) is skipped."""
+    def reflog(self, ref: str, *, strict: bool = False) -> Iterator[ReflogEntry]:
+        """Entries newest first; a torn last line (crash mid-append) is skipped.
+
+        Other lines that do not parse are skipped too, unless ``strict`` (gc, whose reflog
+        grace must not silently lose an entry): then they raise CorruptObjectError.
+        """
         path = self._log_path(ref)
         with _fs.storage_errors(f"reading the reflog of {ref}"):
             try:
@@ -235,6 +241,13 @@ class Refs:
             except CorruptObjectError as err:
                 raise CorruptObjectError(f"reflog of {ref} is damaged: {err}") from None
         lines = data.decode("utf-8", errors="replace").split("\n")
+        if strict:
+            bad = [n for n, line in enumerate(lines[:-1], 1) if not REFLOG_LINE.match(line)]
+            if bad:
+                raise CorruptObjectError(
+                    f"reflog of {ref} is damaged: line {bad[0]} of {len(lines) - 1} does not parse"
+                    + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                )
         for line in reversed(lines):
             head, sep, message = line.partition("\t")
             parts = head.split(" ", 3)

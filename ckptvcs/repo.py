@@ -1059,9 +1059,15 @@ class Repo:
         cutoff = -1 if math.isinf(expire) else time.time_ns() - int(expire * 1e9)
         named: set[str] = set()
         for ref in self.refs.logged_refs():
-            for entry in self.refs.reflog(ref):
-                if entry.time_ns >= cutoff:
-                    named.update(oid for oid in (entry.old, entry.new) if oid != ZERO_ID)
+            try:
+                entries = list(self.refs.reflog(ref, strict=True))
+            except CorruptObjectError as err:
+                raise RepositoryDamagedError(
+                    f"cannot collect garbage while {err}: the commits its lines name may need their data; "
+                    f"fix or delete the damaged lines of logs/{ref}"
+                ) from None
+            named.update(oid for entry in entries if entry.time_ns >= cutoff
+                         for oid in (entry.old, entry.new) if oid != ZERO_ID)
         commits = set()
         for oid in named:
             if self.objects.has(oid):

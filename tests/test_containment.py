@@ -113,3 +113,28 @@ def test_manager_keeps_saving_onto_a_healthy_branch(tmp_path: Path, what: str) -
         assert repo.load(saved[0])["w"].eq(0).all()
     skipped = [str(w.message) for w in caught if "retention and gc are skipped" in str(w.message)]
     assert skipped and all(name in text for text in skipped), skipped
+
+
+def test_a_damaged_reflog_line_stops_gc_but_no_save(tmp_path: Path) -> None:
+    """gc keeps what unexpired reflog entries name (git's grace): an unparseable line
+    could name the only holder of some data, so gc refuses instead of skipping it, while
+    a manager's saves go on with its automatic gc skipped and a warning."""
+    repo = Repo.init(tmp_path / "store")
+    kept = repo.commit(_state(1), "left behind", code_version=None)
+    repo.commit(_state(2), "head", code_version=None)
+    log = repo.root / "logs" / "refs" / "heads" / "main"
+    lines = log.read_bytes().split(b"\n")
+    lines[0] = lines[0].replace(b" ", b"#", 1)  # the line that created main at `kept`
+    log.write_bytes(b"\n".join(lines))
+    with pytest.raises(RepositoryDamagedError, match="logs/refs/heads/main"):
+        repo.gc(prune_unreachable_after="never")
+    assert repo.load(kept)["w"].equal(_state(1)["w"])
+    model = torch.nn.Linear(4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with CheckpointManager(repo, {"model": model}, keep_last=1) as mgr:
+            for step in (1, 2, 3):
+                assert mgr.save(step) is not None
+    assert any("automatic gc skipped" in str(w.message) for w in caught)
+    assert len(repo.log("main")) == 5
+    repo.close()
