@@ -201,6 +201,20 @@ class Refs:
             os.unlink(path)
             _fs.fsync_dir(path.parent)
         self.log_move(ref, current, None, who=who, message=message)
+        self.prune_empty_folders(path.parent)
+
+    def prune_empty_folders(self, folder: Path) -> None:
+        """Remove ``folder`` and its parents while empty, up to ``refs/<namespace>`` (as git does
+        after deleting ``a/b``): an empty ``refs/heads/a/`` would otherwise block a branch ``a``.
+        A folder another writer just filled (its ref or lock file) stays."""
+        stop = {self.root / "refs", self.root / "refs" / "heads", self.root / "refs" / "tags", self.root}
+        while folder not in stop and self.root in folder.parents:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return  # not empty (or gone): leave it
+            _fs.fsync_dir(folder.parent)
+            folder = folder.parent
 
     # -- reflog ------------------------------------------------------------------
 

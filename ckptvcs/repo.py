@@ -834,6 +834,8 @@ class Repo:
         """A new ref may not sit where another ref's name needs a directory, or inside one."""
         path = self.root / ref
         if path.is_dir():
+            self.refs.prune_empty_folders(path)  # left empty by an older ckptvcs deleting {ref}/...
+        if path.is_dir():
             raise RefExistsError(f"cannot create {ref}: refs named {ref}/... exist")
         for parent in path.relative_to(self.root).parents:
             if parent != Path(".") and (self.root / parent).is_file():

@@ -714,3 +714,16 @@ def test_an_index_that_cannot_be_rebuilt_is_named_with_the_cure(tmp_path: Path, 
     monkeypatch.setattr(repo_module, "rebuild_index", busy)
     with pytest.raises(StorageError, match=r"chunk index .* is missing .* `ckptvcs repair index`"):
         Repo.open(tmp_path / "r")
+
+
+def test_deleting_a_nested_branch_frees_its_folder_for_a_branch_of_that_name(repo: Repo) -> None:
+    """As in git: deleting ``x/y`` removes the folder ``refs/heads/x/`` it leaves empty, so a
+    branch ``x`` can be created afterwards (also where an older ckptvcs left the folder)."""
+    c1 = repo.commit({"w": torch.zeros(4)}, "c1", code_version=None)
+    repo.branch("x/y", c1)
+    repo.delete_branch("x/y")
+    assert not (repo.root / "refs" / "heads" / "x").exists()
+    assert repo.branch("x", c1) == c1
+    (repo.root / "refs" / "heads" / "z").mkdir()  # what an older version left behind
+    assert repo.branch("z", c1) == c1
+    assert set(repo.branches()) == {"main", "x", "z"}
