@@ -18,7 +18,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -209,36 +209,30 @@ def read_file(path: str | os.PathLike[str], max_size: int | None = None) -> byte
     Only a regular file is read (see :func:`open_regular`); with ``max_size``, a larger
     file (even one growing while it is read) raises CorruptObjectError.
     """
-    fd = open_regular(path, max_size)
-    try:
-        parts = []
-        offset = 0
-        while True:
-            block = _pread(fd, 1 << 20, offset)
-            if not block:
-                return b"".join(parts)
-            parts.append(block)
-            offset += len(block)
-            if max_size is not None and offset > max_size:
-                raise CorruptObjectError(f"{path} holds more than the {max_size} bytes its kind may hold")
-    finally:
-        os.close(fd)
+    return _read_whole(path, max_size, _pread)
 
 
 def read_record(path: str | os.PathLike[str], max_size: int | None = None) -> bytes:
     """:func:`read_file` for refs, reflogs and records, outside the ``_pread`` seam (fault
     tests inject read errors into object and pack data, not into these)."""
+    return _read_whole(path, max_size, lambda fd, size, offset: os.read(fd, size))
+
+
+def _read_whole(
+    path: str | os.PathLike[str], max_size: int | None, read: Callable[[int, int, int], bytes]
+) -> bytes:
+    """Read a regular file to its end with ``read(fd, size, offset)``, refusing more than ``max_size``."""
     fd = open_regular(path, max_size)
     try:
         parts = []
-        total = 0
+        offset = 0
         while True:
-            block = os.read(fd, 1 << 20)
+            block = read(fd, 1 << 20, offset)
             if not block:
                 return b"".join(parts)
             parts.append(block)
-            total += len(block)
-            if max_size is not None and total > max_size:
+            offset += len(block)
+            if max_size is not None and offset > max_size:
                 raise CorruptObjectError(f"{path} holds more than the {max_size} bytes its kind may hold")
     finally:
         os.close(fd)

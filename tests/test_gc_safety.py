@@ -142,24 +142,15 @@ def _holders(lock: _fs.RepoLock, count: int, *, exclusive: bool) -> tuple[thread
     return stop, threads
 
 
-def test_an_exclusive_taker_gets_the_lock_behind_overlapping_shared_holders(tmp_path) -> None:
+@pytest.mark.parametrize(("holders", "holders_exclusive"), [(4, False), (2, True)],
+                         ids=["exclusive taker behind overlapping shared holders",
+                              "shared taker behind repeated exclusive takers"])
+def test_a_taker_gets_the_lock_behind_busy_holders(tmp_path, holders: int, holders_exclusive: bool) -> None:
     lock = _fs.RepoLock(tmp_path / "lock")
-    stop, threads = _holders(lock, 4, exclusive=False)
+    stop, threads = _holders(lock, holders, exclusive=holders_exclusive)
     try:
-        with lock.hold(exclusive=True, timeout=60):  # polling LOCK_NB never found a free moment here
-            took = True
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
-    assert took
-
-
-def test_a_shared_taker_gets_the_lock_behind_repeated_exclusive_takers(tmp_path) -> None:
-    lock = _fs.RepoLock(tmp_path / "lock")
-    stop, threads = _holders(lock, 2, exclusive=True)
-    try:
-        with lock.hold(exclusive=False, timeout=60):
+        # polling LOCK_NB never found a free moment behind overlapping shared holders
+        with lock.hold(exclusive=not holders_exclusive, timeout=60):
             took = True
     finally:
         stop.set()
