@@ -93,6 +93,10 @@ class PackWriter:
     def __init__(self, tmp_dir: Path, packs_dir: Path) -> None:
         self.name = uuid.uuid4().hex
         self._packs_dir = packs_dir
+        for folder in (tmp_dir, packs_dir):
+            if not folder.is_dir():  # a copy of the store that dropped empty folders (git keeps none)
+                folder.mkdir(exist_ok=True)
+                _fs.fsync_dir(folder.parent)
         self._tmp_path = tmp_dir / _fs.temp_name(f"pack-{self.name}-")
         self._fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._writeback = _fs.EarlyWriteback(self._fd)

@@ -727,3 +727,16 @@ def test_deleting_a_nested_branch_frees_its_folder_for_a_branch_of_that_name(rep
     (repo.root / "refs" / "heads" / "z").mkdir()  # what an older version left behind
     assert repo.branch("z", c1) == c1
     assert set(repo.branches()) == {"main", "x", "z"}
+
+
+def test_a_copy_without_its_empty_folders_still_takes_commits(tmp_path: Path) -> None:
+    """git and some archivers keep no empty folder: a store copied without ``tmp/`` (and, while
+    it held no pack, ``packs/``) must still take commits, not fail creating a pack."""
+    repo = Repo.init(tmp_path / "store")
+    repo.close()
+    for name in ("tmp", "packs"):
+        (tmp_path / "store" / name).rmdir()
+    with Repo.open(tmp_path / "store") as repo:
+        cid = repo.commit({"w": torch.arange(10.0)}, "after the copy", code_version=None)
+        assert repo.load(cid)["w"].equal(torch.arange(10.0))
+        assert repo.fsck().ok
