@@ -44,14 +44,14 @@ from .objects import Commit, Tag
 from .refs import ReflogEntry
 from .repair import RepairReport
 from .repo import Repo, RepoStats
-from .retention import RetentionPolicy
+from .training.retention import RetentionPolicy
 
 if TYPE_CHECKING:
-    from .manager import CheckpointManager
+    from .training.manager import CheckpointManager
 
 # Names whose module imports torch at import time: loaded on first use (PEP 562), so
 # `import ckptvcs` and the CLI's history commands start without torch.
-_LAZY = {"CheckpointManager": "manager"}
+_LAZY = {"CheckpointManager": "training.manager"}
 
 
 def __getattr__(name: str) -> Any:

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import provenance
-from .errors import (
+from .. import provenance
+from ..errors import (
     AsyncSaveError,
     IndexMismatchError,
     InvalidInputError,
@@ -45,11 +45,11 @@ from .errors import (
     StepOrderError,
     UnsupportedValueError,
 )
-from .repo import Repo
+from ..repo import Repo
 from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time, select_prunable
 from .rng import capture_rng, restore_rng
 from .snapshot import HostBuffers, host_copy
-from .state import encode_state
+from ..state import encode_state
 
 __all__ = ["CheckpointManager", "MANAGER_KEY"]
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 __all__ = ["CheckpointRecord", "RetentionPolicy", "PruneDecision", "select_prunable", "parse_time"]
 
