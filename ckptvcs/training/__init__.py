@@ -10,6 +10,23 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .policies import (
+    AllKeep,
+    AnyKeep,
+    AnySave,
+    AtSteps,
+    EverySeconds,
+    EverySteps,
+    KeepBest,
+    KeepEverySteps,
+    KeepLast,
+    KeepMaxAge,
+    KeepPolicy,
+    OnImprovement,
+    SaveContext,
+    SavePolicy,
+    prune_decisions,
+)
 from .retention import CheckpointRecord, PruneDecision, RetentionPolicy, select_prunable
 
 if TYPE_CHECKING:
@@ -38,4 +55,19 @@ __all__ = [
     "PruneDecision",
     "RetentionPolicy",
     "select_prunable",
+    "prune_decisions",
+    "SaveContext",
+    "SavePolicy",
+    "KeepPolicy",
+    "EverySteps",
+    "EverySeconds",
+    "OnImprovement",
+    "AtSteps",
+    "AnySave",
+    "KeepLast",
+    "KeepBest",
+    "KeepEverySteps",
+    "KeepMaxAge",
+    "AnyKeep",
+    "AllKeep",
 ]

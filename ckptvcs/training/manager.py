@@ -2,9 +2,9 @@
 
 The manager sits on top of :class:`ckptvcs.Repo`. Each save commits the ``state_dict()``
 of every object it was given, the RNG streams, and the loop's progress (step, epoch,
-metrics, training wall time) onto one branch. Triggers decide when to save; retention
-decides which older checkpoints to prune, and runs only after the new commit is durable
-(the branch moved). Restore loads a commit back into the live objects in place.
+metrics, training wall time) onto one branch. A save policy decides when to save; a keep
+policy (retention) decides which older checkpoints to prune, and runs only after the new
+commit is durable (the branch moved); both are in :mod:`ckptvcs.training.policies`. Restore loads a commit back into the live objects in place.
 
 With ``async_save`` the loop waits only while the state is copied to host memory; the
 commit (hashing, compression, writes, ref update, retention) runs on one background
@@ -46,7 +46,16 @@ from ..errors import (
     UnsupportedValueError,
 )
 from ..repo import Repo
-from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time, select_prunable
+from .._lazy import LazyMapping
+from .policies import (
+    KeepPolicy,
+    SaveContext,
+    SavePolicy,
+    check_policy_conflicts,
+    prune_decisions,
+    save_policy_from_keywords,
+)
+from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time
 from .rng import capture_rng, restore_rng
 from .snapshot import HostBuffers, host_copy
 from ..state import encode_state
@@ -72,6 +81,11 @@ class CheckpointManager:
     the next save, never failing the save it follows. With
     ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
     seconds takes its course without a save. See the README for every argument.
+
+    ``save_policy=`` and ``keep_policy=`` take policy objects (:mod:`ckptvcs.training.policies`);
+    the trigger keywords (``every_steps``, ``every_seconds``, ``best_metric``) and the keep
+    keywords (``keep_last``, ``keep_best``, ``keep_every_steps``, ``max_age``) are shorthands
+    for them, and passing a policy with a shorthand of its family raises PolicyConflictError.
     """
 
     gc_lock_timeout: float = 10.0
@@ -99,6 +113,8 @@ class CheckpointManager:
         gc_every: int = 1,
         preemption_grace: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        save_policy: SavePolicy | None = None,
+        keep_policy: KeepPolicy | None = None,
     ) -> None:
         if not isinstance(state, Mapping) or not state:
             raise InvalidInputError("state must be a non-empty dict of name -> object, tensor or value")
@@ -123,6 +139,17 @@ class CheckpointManager:
         self.policy = RetentionPolicy(
             keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
             keep_every_steps=keep_every_steps, max_age=max_age,
+        )
+        check_policy_conflicts(save_policy, keep_policy, dict(
+            every_steps=every_steps, every_seconds=every_seconds, best_metric=best_metric,
+            keep_last=keep_last, keep_best=keep_best, keep_every_steps=keep_every_steps, max_age=max_age,
+        ))
+        self.save_policy: SavePolicy | None = (
+            save_policy if save_policy is not None
+            else save_policy_from_keywords(every_steps, every_seconds, best_metric, best_mode)
+        )
+        self.keep_policy: KeepPolicy | None = (
+            keep_policy if keep_policy is not None else self.policy if self.policy.active else None
         )
         self._owns_repo = not isinstance(repo, Repo)
         if isinstance(repo, Repo):
@@ -159,8 +186,7 @@ class CheckpointManager:
         self.metrics: dict[str, float] = {}
         self.resumed_from: str | None = None
         self.last_commit: str | None = None
-        self._best: float | None = None
-        self._best_loaded = False
+        self._bests: dict[tuple[str, str], float | None] = {}  # (metric, mode) -> best saved on the branch
         self._records: list[CheckpointRecord] = []  # first-parent history of the branch, newest first
         self._other_tips: frozenset[str] | None = None
         self._other_history: set[str] = set()
@@ -187,10 +213,10 @@ class CheckpointManager:
         step = self._begin_call(step, epoch)
         if self._pending_signal is not None:
             self._preemption_save(step, metrics)
-        reasons = self._triggers(step, metrics)
-        if not reasons:
+        reason = self._triggers(step, metrics)
+        if not reason:
             return None
-        return self._save(step, metrics, f"step {step} ({', '.join(reasons)})", None)
+        return self._save(step, metrics, f"step {step} ({reason})", None)
 
     def save(
         self,
@@ -383,46 +409,44 @@ class CheckpointManager:
     @property
     def best(self) -> float | None:
         """The best value of ``best_metric`` saved on this branch so far."""
-        self._load_best()
-        return self._best
+        return None if self.best_metric is None else self._best_of(self.best_metric, self.best_mode)
 
     # -- triggers ---------------------------------------------------------------------------
 
-    def _triggers(self, step: int, metrics: Mapping[str, float] | None) -> list[str]:
-        if step == self._last_saved_step:
-            return []  # already saved (or restored) at this step
-        reasons = []
-        if self.every_steps is not None and step % self.every_steps == 0:
-            reasons.append(f"every_steps={self.every_steps}")
-        if self.every_seconds is not None and self._clock() - self._last_save_clock >= self.every_seconds:
-            reasons.append(f"every_seconds={self.every_seconds:g}")
-        if self.best_metric is not None and self._improves(metrics):
-            reasons.append(f"best {self.best_metric}")
-        return reasons
+    def _triggers(self, step: int, metrics: Mapping[str, float] | None) -> str | None:
+        """The save policy's reason to save at ``step``, or None."""
+        if step == self._last_saved_step or self.save_policy is None:
+            return None  # already saved (or restored) at this step, or no trigger
+        ctx = SaveContext(
+            step=step,
+            # Coerced only when a policy reads them, as the metrics of a step that saves nothing
+            # were never checked.
+            metrics=LazyMapping(lambda: _plain_metrics(metrics)),
+            now=self._clock(),
+            last_save_step=self._last_saved_step,
+            last_save_time=self._last_save_clock,
+            best=self._best_of,
+        )
+        return self.save_policy.should_save(ctx)
 
-    def _improves(self, metrics: Mapping[str, float] | None) -> bool:
-        value = best_value(_plain_metrics(metrics), self.best_metric)
-        if value is None:
-            return False
-        self._load_best()
-        if self._best is None:
-            return True
-        return value < self._best if self.best_mode == "min" else value > self._best
+    def _best_of(self, metric: str, mode: str) -> float | None:
+        """The best value of ``metric`` saved on the branch (its history is read once per metric)."""
+        key = (metric, mode)
+        if key not in self._bests:
+            self._bests[key] = None
+            for record in self._history():
+                self._note_best(key, record.metrics)
+            if self._inflight is not None:  # an async save that may not be on the branch yet
+                self._note_best(key, self.metrics)
+        return self._bests[key]
 
-    def _load_best(self) -> None:
-        """The best saved value on the branch, read from history once."""
-        if self._best_loaded or self.best_metric is None:
-            return
-        self._best_loaded = True
-        for record in self._history():
-            self._note_best(record.metrics)
-
-    def _note_best(self, metrics: Mapping[str, float]) -> None:
-        value = best_value(dict(metrics), self.best_metric)
+    def _note_best(self, key: tuple[str, str], metrics: Mapping[str, float]) -> None:
+        value = best_value(dict(metrics), key[0])
         if value is None:
             return
-        if self._best is None or (value < self._best if self.best_mode == "min" else value > self._best):
-            self._best = value
+        best = self._bests[key]
+        if best is None or (value < best if key[1] == "min" else value > best):
+            self._bests[key] = value
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -453,8 +477,9 @@ class CheckpointManager:
         self._last_saved_step = step
         self._last_save_clock = self._clock()
         if self.best_metric is not None:
-            self._load_best()
-            self._note_best(metrics)
+            self._best_of(self.best_metric, self.best_mode)
+        for key in self._bests:
+            self._note_best(key, metrics)
 
     def _capture(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
         """Every object's state_dict plus the manager's record; tensors still live (no copy)."""
@@ -489,7 +514,7 @@ class CheckpointManager:
         """True (with a warning, once per distinct damage) while a branch, tag or pruned record
         is damaged: retention and gc need them all to know what other history still needs,
         so both wait, and saves go on."""
-        if not self.policy.active and self.gc_every == 0:
+        if self.keep_policy is None and self.gc_every == 0:
             return False
         damaged = self.repo._damaged_items()
         if damaged and frozenset(damaged) != self._damage_warned:
@@ -576,11 +601,11 @@ class CheckpointManager:
         return protected
 
     def _apply_retention(self) -> None:
-        if not self.policy.active:
+        if self.keep_policy is None:
             return
         others = self._other_branches_history()
         records = [r for r in self._history() if r.id not in others]
-        decisions = select_prunable(records, self.policy, self._protected(), time.time())
+        decisions = prune_decisions(records, self.keep_policy, self._protected(), time.time())
         dropped = set()
         for decision in decisions:
             try:

@@ -90,6 +90,21 @@ class RetentionPolicy:
     def active(self) -> bool:
         return self.has_keep_rules or self.max_age is not None
 
+    @property
+    def rule(self) -> str:
+        """How a prune record names these rules: ``keep_last=3,keep_best=2``, ``max_age=60s``."""
+        parts = [self.keep_rule_names()] if self.has_keep_rules else []
+        if self.max_age is not None:
+            parts.append(f"max_age={self.max_age:g}s")
+        return ",".join(parts)
+
+    def keep(self, records: Sequence[CheckpointRecord], now: float) -> dict[str, str]:
+        """The keep-policy protocol (:mod:`ckptvcs.training.policies`): the ids these rules keep,
+        each with its reason. Decided by :func:`select_prunable`."""
+        dropped = {d.id for d in select_prunable(records, self, (), now)}
+        why = f"kept by {self.rule}" if self.active else "no retention rule: everything is kept"
+        return {r.id: why for r in records if r.id not in dropped}
+
     def keep_rule_names(self) -> str:
         parts = []
         if self.keep_last is not None:
