@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
 
@@ -33,7 +32,6 @@ import torch
 
 from .. import provenance
 from ..errors import (
-    AsyncSaveError,
     IndexMismatchError,
     InvalidInputError,
     KeyNotFoundError,
@@ -55,15 +53,15 @@ from .policies import (
     prune_decisions,
     save_policy_from_keywords,
 )
+from .async_save import BackgroundSaver
+from .preemption import PreemptionWatcher
 from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time
 from .rng import capture_rng, restore_rng
-from .snapshot import HostBuffers, host_copy
 from ..state import encode_state
 
 __all__ = ["CheckpointManager", "MANAGER_KEY"]
 
 MANAGER_KEY = "ckptvcs.manager"
-_PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class CheckpointManager:
@@ -190,16 +188,12 @@ class CheckpointManager:
         self._records: list[CheckpointRecord] = []  # first-parent history of the branch, newest first
         self._other_tips: frozenset[str] | None = None
         self._other_history: set[str] = set()
-        self._executor: ThreadPoolExecutor | None = None
-        self._buffers = HostBuffers()
-        self._inflight: Future[str] | None = None
-        self._inflight_step: int | None = None
+        self._saver = BackgroundSaver()
         self._closed = False
-        self._pending_signal: int | None = None
-        self.preemption_grace = preemption_grace
-        self._previous_handlers: dict[int, Any] = {}
+        self._preemption = PreemptionWatcher(preemption_grace)
+        self._on_signal = self._preemption.on_signal  # the handler installed for SIGTERM/SIGINT
         if save_on_preemption:
-            self._install_signal_handlers()
+            self._preemption.install()
 
     # -- the loop's calls --------------------------------------------------------------
 
@@ -211,7 +205,7 @@ class CheckpointManager:
         A step lower than the last one saved on the branch raises StepOrderError.
         """
         step = self._begin_call(step, epoch)
-        if self._pending_signal is not None:
+        if self._preemption.pending is not None:
             self._preemption_save(step, metrics)
         reason = self._triggers(step, metrics)
         if not reason:
@@ -369,16 +363,13 @@ class CheckpointManager:
         if self._closed:
             return
         try:
-            if self._pending_signal is not None and self._current_step is not None:
+            if self._preemption.pending is not None and self._current_step is not None:
                 self._preemption_save(self._current_step, None)
             self.wait()
         finally:
             self._closed = True
-            self._uninstall_signal_handlers()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            self._buffers.clear()
+            self._preemption.uninstall()
+            self._saver.close()
             if self._owns_repo:
                 self.repo.close()
 
@@ -404,7 +395,7 @@ class CheckpointManager:
     @property
     def preempted(self) -> bool:
         """True once SIGTERM/SIGINT arrived and has not been handled yet."""
-        return self._pending_signal is not None
+        return self._preemption.pending is not None
 
     @property
     def best(self) -> float | None:
@@ -436,7 +427,7 @@ class CheckpointManager:
             self._bests[key] = None
             for record in self._history():
                 self._note_best(key, record.metrics)
-            if self._inflight is not None:  # an async save that may not be on the branch yet
+            if self._saver.in_flight:  # an async save that may not be on the branch yet
                 self._note_best(key, self.metrics)
         return self._bests[key]
 
@@ -461,16 +452,12 @@ class CheckpointManager:
             commit_id = self._commit_and_retain(captured, options, tag)
             self._saved(step, plain)
             return commit_id
-        self._buffers.release()  # the previous snapshot is committed (or failed): reuse its memory
-        snapshot = host_copy(captured, self._buffers)  # the only part the loop waits for
+        snapshot = self._saver.snapshot(captured)  # the only part the loop waits for (the previous save is done)
         del captured
         encode_state(snapshot)  # refuse unsupported values here, not in the background
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvcs-save")
-        self._inflight_step = step
-        self._inflight = self._executor.submit(self._commit_and_retain, snapshot, options, tag)
+        future = self._saver.submit(step, self._commit_and_retain, snapshot, options, tag)
         self._saved(step, plain)
-        return self._inflight
+        return future
 
     def _saved(self, step: int, metrics: dict[str, float]) -> None:
         """Trigger bookkeeping once a save is committed (sync) or handed to the background."""
@@ -643,13 +630,7 @@ class CheckpointManager:
     # -- background errors -----------------------------------------------------------------------
 
     def _raise_background_error(self, *, wait: bool) -> None:
-        fut = self._inflight
-        if fut is None or (not wait and not fut.done()):
-            return
-        self._inflight = None
-        err = fut.exception()  # blocks until done
-        if err is not None:
-            raise AsyncSaveError(f"background save of step {self._inflight_step} failed: {err}") from err
+        self._saver.check(wait=wait)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -657,41 +638,18 @@ class CheckpointManager:
 
     # -- preemption -----------------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            raise InvalidInputError("save_on_preemption installs signal handlers: create the manager in the main thread")
-        for sig in _PREEMPTION_SIGNALS:
-            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+    @property
+    def preemption_grace(self) -> float:
+        """Seconds a preemption signal waits for a ``step()`` before it acts without a save."""
+        return self._preemption.grace
 
-    def _uninstall_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._pending_signal == signum:
-            # Asked twice: stop waiting for a step boundary and let the signal act now.
-            self._pending_signal = None
-            self._uninstall_signal_handlers()
-            signal.raise_signal(signum)
-            return
-        self._pending_signal = signum
-        # No step boundary within the grace period (a long evaluation, or a loop that
-        # ended without close()): send the signal again, which then acts at once.
-        timer = threading.Timer(self.preemption_grace, self._signal_again, (signum,))
-        timer.daemon = True
-        timer.start()
-
-    def _signal_again(self, signum: int) -> None:
-        if self._pending_signal == signum:
-            os.kill(os.getpid(), signum)
+    @preemption_grace.setter
+    def preemption_grace(self, seconds: float) -> None:
+        self._preemption.grace = seconds
 
     def _preemption_save(self, step: int, metrics: Mapping[str, float] | None) -> None:
         """Save the state at this step boundary (blocking), then let the signal take its course."""
-        signum = self._pending_signal
-        self._pending_signal = None
+        signum = self._preemption.take()
         try:
             if step != self._last_saved_step:
                 result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)
@@ -700,9 +658,7 @@ class CheckpointManager:
             else:
                 self.wait()
         finally:
-            self._uninstall_signal_handlers()
-            if signum is not None:
-                signal.raise_signal(signum)
+            self._preemption.let_act(signum)
 
 
 def _done(value: Any) -> Future[Any]:
