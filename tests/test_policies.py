@@ -236,6 +236,17 @@ def test_an_object_without_the_method_is_refused(repo) -> None:
         CheckpointManager(repo, {"w": torch.zeros(2)}, code_version=None, save_policy=object())
 
 
+def test_a_keep_policy_may_not_take_a_reserved_rule_name(repo) -> None:
+    class Sneaky:
+        rule = "gc"
+
+        def keep(self, recs, now):
+            return {}
+
+    with pytest.raises(InvalidInputError, match="reserved"):
+        CheckpointManager(repo, {"w": torch.zeros(2)}, code_version=None, keep_policy=Sneaky())
+
+
 def test_user_policies_drive_the_manager(repo) -> None:
     class SaveBelow:
         """Saves whenever the loss is under a threshold; sees the whole context."""

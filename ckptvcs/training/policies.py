@@ -371,6 +371,7 @@ def prune_decisions(
 
 # -- the manager's keywords as policies ------------------------------------------------------
 
+RESERVED_RULES = ("gc", "manual")  # the rules of gc's and `ckptvcs prune`'s records
 SAVE_KEYWORDS = ("every_steps", "every_seconds", "best_metric")
 KEEP_KEYWORDS = ("keep_last", "keep_best", "keep_every_steps", "max_age")
 
@@ -411,6 +412,8 @@ def check_policy_conflicts(save_policy: object, keep_policy: object, keywords: M
             continue
         if not callable(getattr(policy, method, None)):
             raise InvalidInputError(f"{family}_policy must have a {method}() method, got {policy!r}")
+        if family == "keep" and rule_name(policy) in RESERVED_RULES:
+            raise InvalidInputError(f"keep policy rule {rule_name(policy)!r} is reserved (gc and `ckptvcs prune` use it)")
         given = tuple(name for name in names if keywords.get(name) is not None)
         if given:
             hint = " (and KeepBest(n, metric) in keep_policy= for keep_best)" if "best_metric" in given else ""
