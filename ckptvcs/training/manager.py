@@ -4,7 +4,8 @@ The manager sits on top of :class:`ckptvcs.Repo`. Each save commits the ``state_
 of every object it was given, the RNG streams, and the loop's progress (step, epoch,
 metrics, training wall time) onto one branch. A save policy decides when to save; a keep
 policy (retention) decides which older checkpoints to prune, and runs only after the new
-commit is durable (the branch moved); both are in :mod:`ckptvcs.training.policies`. Restore loads a commit back into the live objects in place.
+commit is durable (the branch moved); both are in :mod:`ckptvcs.training.policies`.
+Restore loads a commit back into the live objects in place.
 
 With ``async_save`` the loop waits only while the state is copied to host memory; the
 commit (hashing, compression, writes, ref update, retention) runs on one background
