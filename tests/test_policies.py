@@ -202,9 +202,10 @@ def scripted_run(repo, **kwargs) -> tuple[list[tuple[int, str]], dict[int, tuple
      dict(save_policy=AnySave(EverySteps(2), OnImprovement("loss", "max")),
           keep_policy=AnyKeep(KeepLast(1), KeepBest(1, "loss", "max")))),
 ])
-def test_keywords_and_explicit_policies_save_and_prune_the_same(tmp_path, keywords, policies) -> None:
-    by_keywords = scripted_run(ckptvcs.Repo.init(tmp_path / "a"), **keywords)
-    by_policies = scripted_run(ckptvcs.Repo.init(tmp_path / "b"), **policies)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_keywords_and_explicit_policies_save_and_prune_the_same(tmp_path, keywords, policies, async_save) -> None:
+    by_keywords = scripted_run(ckptvcs.Repo.init(tmp_path / "a"), async_save=async_save, **keywords)
+    by_policies = scripted_run(ckptvcs.Repo.init(tmp_path / "b"), async_save=async_save, **policies)
     assert by_keywords == by_policies
     assert len(by_keywords[0]) >= 3 and bool(by_keywords[1]) == ("keep_policy" in policies)
 
@@ -297,3 +298,53 @@ def test_old_import_paths_still_work() -> None:
     assert ckptvcs.snapshot.host_copy is ckptvcs.training.snapshot.host_copy
     assert ckptvcs.rng.capture_rng is ckptvcs.training.rng.capture_rng
     assert ckptvcs.KeepLast is KeepLast and ckptvcs.training.AnySave is AnySave
+
+
+# -- the seams split out of the manager ------------------------------------------------------------
+
+
+def test_background_saver_runs_one_save_and_raises_its_failure_later() -> None:
+    from ckptvcs import AsyncSaveError
+    from ckptvcs.training.async_save import BackgroundSaver
+
+    saver = BackgroundSaver()
+    try:
+        snap = saver.snapshot({"w": torch.ones(3)})
+        assert saver.submit(1, lambda s: "ok" if s["w"].sum() == 3 else "bad", snap).result() == "ok"
+        assert saver.in_flight
+        saver.check(wait=True)
+        assert not saver.in_flight
+
+        def fail() -> str:
+            raise OSError("disk gone")
+
+        saver.submit(2, fail)
+        with pytest.raises(AsyncSaveError, match="step 2 failed: disk gone") as info:
+            saver.check(wait=True)
+        assert isinstance(info.value.__cause__, OSError)
+        saver.check(wait=True)  # reported once
+    finally:
+        saver.close()
+
+
+def test_preemption_watcher_sets_a_flag_and_restores_the_handlers() -> None:
+    import signal
+    import threading
+
+    from ckptvcs.training.preemption import PreemptionWatcher
+
+    previous = signal.getsignal(signal.SIGTERM)
+    watcher = PreemptionWatcher(grace=3600)
+    try:
+        watcher.install()
+        watcher.on_signal(signal.SIGTERM, None)  # as the handler is called
+        assert watcher.pending == signal.SIGTERM
+        assert watcher.take() == signal.SIGTERM and watcher.pending is None
+    finally:
+        watcher.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == previous
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(InvalidInputError, watcher.install)))
+    thread.start()
+    thread.join()
+    assert errors and "main thread" in str(errors[0].value)
