@@ -27,6 +27,7 @@ from .errors import (
     KeyNotFoundError,
     LockTimeoutError,
     NotARepositoryError,
+    PolicyConflictError,
     ProtectedCommitError,
     RefConflictError,
     RefExistsError,
@@ -44,14 +45,16 @@ from .objects import Commit, Tag
 from .refs import ReflogEntry
 from .repair import RepairReport
 from .repo import Repo, RepoStats
-from .retention import RetentionPolicy
+from .training.retention import RetentionPolicy
 
 if TYPE_CHECKING:
-    from .manager import CheckpointManager
+    from .training.manager import CheckpointManager
 
 # Names whose module imports torch at import time: loaded on first use (PEP 562), so
 # `import ckptvcs` and the CLI's history commands start without torch.
-_LAZY = {"CheckpointManager": "manager"}
+_POLICIES = ("SaveContext", "EverySteps", "EverySeconds", "OnImprovement", "AtSteps", "AnySave",
+             "KeepLast", "KeepBest", "KeepEverySteps", "KeepMaxAge", "AnyKeep", "AllKeep")
+_LAZY = {"CheckpointManager": "training.manager", **{name: "training.policies" for name in _POLICIES}}
 
 
 def __getattr__(name: str) -> Any:
@@ -98,6 +101,7 @@ __all__ = [
     "RepositoryExistsError",
     "RevisionNotFoundError",
     "StepOrderError",
+    "PolicyConflictError",
     "StorageError",
     "UnsupportedFormatError",
     "UnsupportedValueError",
@@ -106,4 +110,5 @@ __all__ = [
     "AsyncSaveError",
     "ProtectedCommitError",
     "IndexMismatchError",
+    *_POLICIES,
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "UnsupportedValueError",
     "InvalidInputError",
     "StepOrderError",
+    "PolicyConflictError",
     "IntegrityError",
     "CorruptObjectError",
     "LockTimeoutError",
@@ -147,6 +148,21 @@ class StepOrderError(InvalidInputError):
         super().__init__(message)
         self.step = step
         self.last_step = last_step
+
+
+class PolicyConflictError(InvalidInputError):
+    """A CheckpointManager was given an explicit policy and a shorthand keyword of the same
+    family (``save_policy=`` with ``every_steps=``, ``keep_policy=`` with ``keep_last=``, ...).
+
+    ``family`` is ``"save"`` or ``"keep"``, ``keywords`` the shorthand keywords passed.
+    """
+
+    exit_code = 9
+
+    def __init__(self, message: str, family: str, keywords: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.family = family
+        self.keywords = keywords
 
 
 class IntegrityError(CkptvcsError):

@@ -102,7 +102,7 @@ def test_importing_the_package_leaves_torch_alone_until_needed() -> None:
             "ckptvcs.CheckpointManager; assert 'torch' in sys.modules; "
             "from ckptvcs import CheckpointManager; print(CheckpointManager.__module__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "ckptvcs.manager", result.stderr
+    assert result.returncode == 0 and result.stdout.strip() == "ckptvcs.training.manager", result.stderr
 
 
 def test_dtype_sizes_known_without_torch_match_torch() -> None:
