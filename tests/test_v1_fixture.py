@@ -37,6 +37,9 @@ def v1_copy(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """A fresh copy of the fixture; ``without-index`` drops the LMDB index (rebuilt on open)."""
     copy = tmp_path / "v1-repo"
     shutil.copytree(FIXTURE, copy)
+    # git keeps no empty folder: put back what the old code left empty (without tmp/ a
+    # commit cannot stage its pack; reading needs neither it nor the `lock` file).
+    (copy / "tmp").mkdir(exist_ok=True)
     if request.param == "without-index":
         shutil.rmtree(copy / "index")
     return copy
@@ -81,3 +84,16 @@ def test_every_commit_loads_as_committed(v1_copy: Path) -> None:
             assert describe(repo.load(cid)) == values, cid
         assert describe(repo.load("v1.0", keys=["model"])) == {
             k: v for k, v in expected[repo.resolve("v1.0")].items() if k.startswith("model/")}
+
+
+def test_today_commits_on_top_of_a_v1_repository(v1_copy: Path) -> None:
+    """Old repositories stay writable: a new commit on top, then fsck finds nothing wrong."""
+    import torch
+
+    with Repo.open(v1_copy) as repo:
+        parent = repo.resolve("main")
+        cid = repo.commit({"model": {"weight": torch.ones(64, 64)}, "step": 6}, message="today", step=6)
+        assert list(repo.show(cid).parents) == [parent]
+        assert torch.equal(repo.load(cid)["model"]["weight"], torch.ones(64, 64))
+        report = repo.fsck(read_data=True)
+        assert report.ok and not report.findings, report.summary()
