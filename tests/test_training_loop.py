@@ -44,13 +44,19 @@ def evaluate():
 '''
 
 
-def readme_manager_snippet() -> str:
-    """The first python block of the README's CheckpointManager section, verbatim."""
-    text = README.read_text()
-    section = text[text.index("## Training loop: CheckpointManager"):]
+def readme_manager_snippet(doc: Path = README, heading: str = "## Training loop: CheckpointManager") -> str:
+    """The first python block of the README's CheckpointManager section (or ``doc``'s), verbatim."""
+    text = doc.read_text()
+    section = text[text.index(heading):]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "no python block in the README's CheckpointManager section"
+    assert match, f"no python block in {doc.name}'s CheckpointManager section"
     return match.group(1)
+
+
+def test_the_training_guide_shows_the_readme_loop() -> None:
+    """docs/training.md opens with the same loop the README shows (and the next test runs)."""
+    guide = README.parent / "docs" / "training.md"
+    assert readme_manager_snippet(guide, "# Training loop: CheckpointManager") == readme_manager_snippet()
 
 
 def history(store: Path) -> tuple[list[tuple[str, int]], dict[str, str]]:
