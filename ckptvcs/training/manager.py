@@ -79,7 +79,7 @@ class CheckpointManager:
     seconds, or an index gc refuses to trust) is skipped with a RuntimeWarning and tried again after
     the next save, never failing the save it follows. With
     ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
-    seconds takes its course without a save. See the README for every argument.
+    seconds takes its course without a save. See docs/training.md for every argument.
 
     ``save_policy=`` and ``keep_policy=`` take policy objects (:mod:`ckptvcs.training.policies`);
     the trigger keywords (``every_steps``, ``every_seconds``, ``best_metric``) and the keep
