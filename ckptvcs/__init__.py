@@ -33,6 +33,7 @@ from .errors import (
     RepositoryDamagedError,
     RepositoryExistsError,
     RevisionNotFoundError,
+    StagedDataCollectedError,
     StepOrderError,
     StorageError,
     UnmergedBranchError,
@@ -43,7 +44,7 @@ from .gc import GcReport
 from .objects import Commit, Tag
 from .refs import ReflogEntry
 from .repair import RepairReport
-from .repo import Repo, RepoStats
+from .repo import Repo, RepoStats, Staged
 from .retention import RetentionPolicy
 
 if TYPE_CHECKING:
@@ -106,4 +107,6 @@ __all__ = [
     "AsyncSaveError",
     "ProtectedCommitError",
     "IndexMismatchError",
+    "StagedDataCollectedError",
+    "Staged",
 ]
