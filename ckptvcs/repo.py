@@ -315,6 +315,7 @@ class Repo:
         try:
             _check_keyframe_interval(config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL))
             parse_expiry(config.get("reflog_expire", DEFAULT_REFLOG_EXPIRE))
+            parse_expiry(config.get("staged_expire", DEFAULT_STAGED_EXPIRE))
         except InvalidInputError as err:
             raise CorruptObjectError(f"{root}/config.json: {err}") from None
         return cls(root, config)
