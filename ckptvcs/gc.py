@@ -31,7 +31,7 @@ import contextlib
 import errno
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,7 +219,7 @@ def collect_garbage(
     rewrite_dead_fraction: float = REWRITE_DEAD_FRACTION,
     expire: float | None = None,
     only: set[str] | None = None,
-    staged: tuple[list[str], list[str]] = ([], []),
+    staged: tuple[Sequence[str], Sequence[str]] = ((), ()),
 ) -> GcReport:
     """Mark and sweep ``repo``. The caller holds the exclusive repository lock.
 

@@ -551,7 +551,7 @@ class Repo:
         """Write the commit of a :meth:`stage`'d state and move the ref; returns the commit id.
 
         The metadata arguments are :meth:`commit`'s. The ref (``branch``, or where HEAD
-        points) moves by compare-and-swap from ``expected_parent`` (default: the parent
+        points) moves by compare-and-swap from ``expected_parent`` (a commit id; default: the parent
         the state was staged against; None when the branch does not exist yet, which
         then starts at the staged parent): RefConflictError if it moved since, and
         nothing is published. StagedDataCollectedError if gc reclaimed the staged data
