@@ -34,6 +34,7 @@ from .errors import (
     RepositoryDamagedError,
     RepositoryExistsError,
     RevisionNotFoundError,
+    StagedDataCollectedError,
     StepOrderError,
     StorageError,
     UnmergedBranchError,
@@ -44,7 +45,7 @@ from .gc import GcReport
 from .objects import Commit, Tag
 from .refs import ReflogEntry
 from .repair import RepairReport
-from .repo import Repo, RepoStats
+from .repo import Repo, RepoStats, Staged
 from .training.retention import RetentionPolicy
 
 if TYPE_CHECKING:
@@ -110,5 +111,7 @@ __all__ = [
     "AsyncSaveError",
     "ProtectedCommitError",
     "IndexMismatchError",
+    "StagedDataCollectedError",
+    "Staged",
     *_POLICIES,
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "ProtectedCommitError",
     "RepositoryDamagedError",
     "IndexMismatchError",
+    "StagedDataCollectedError",
 ]
 
 
@@ -240,3 +241,17 @@ class IndexMismatchError(IntegrityError):
     gc refuses to delete anything then (the index is derived data and may be damaged);
     ``ckptvcs repair index`` rebuilds it from the packs.
     """
+
+
+class StagedDataCollectedError(CkptvcsError):
+    """``publish`` was given a staged state whose data gc collected (its grace expired).
+
+    A state, not damage: nothing was published and no ref moved. Stage the state again.
+    ``manifest_id`` names the staged manifest. Same exit code as a collected commit.
+    """
+
+    exit_code = 14
+
+    def __init__(self, manifest_id: str, message: str) -> None:
+        super().__init__(message)
+        self.manifest_id = manifest_id

@@ -409,9 +409,21 @@ class _Checker:
             self.add("corrupt", f"{why}; gc refuses to run until the record is fixed (delete pruned/{commit_id} "
                      f"to keep commit {_short(commit_id)}'s data){self._where([commit_id])}",
                      objects=[f"pruned/{commit_id}"], commits=[commit_id])
+        self.check_staged_records()
         logs = self.repo.root / "logs"
         for path in sorted(p for p in logs.rglob("*") if p.is_file()) if logs.is_dir() else []:
             self.check_reflog(path, path.relative_to(self.repo.root).as_posix())
+
+    def check_staged_records(self) -> None:
+        """Staged, unpublished states (Repo.stage): garbage awaiting publish or the staged grace, never damage."""
+        records, damaged = self.repo._staged_records()
+        for manifest_id, record in records.items():
+            self.add("garbage", f"staged/{manifest_id}: a state staged on {record.get('time')} and not published; "
+                     "gc keeps its data until the staged grace expires, then reclaims it",
+                     objects=[f"staged/{manifest_id}"])
+        for name, why in damaged.items():
+            self.add("garbage", f"{why}; gc reclaims its staged data once the file is older than the staged grace",
+                     objects=[f"staged/{name}"])
 
     def check_reflog(self, path: Any, rel: str) -> None:
         """Every complete line of a reflog must parse; a torn last line (a crash mid-append) is garbage."""

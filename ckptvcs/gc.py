@@ -31,7 +31,7 @@ import contextlib
 import errno
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,8 @@ class GcReport:
     packs_skipped: list[str] = field(default_factory=list)  # unreadable packs, left for fsck
     tmp_files_removed: int = 0
     collected_commits: list[str] = field(default_factory=list)  # unreachable commits whose data went
+    staged_kept: int = 0  # staged, unpublished states whose data the staged grace keeps
+    staged_expired: list[str] = field(default_factory=list)  # manifests of staged states past the grace
     stale_index_rows: int = 0  # rows of unneeded chunks dropped: undecodable chain, or no such pack entry
     pack_bytes_before: int = 0
     pack_bytes_after: int = 0
@@ -97,8 +99,27 @@ def live_chunk_ids(repo: Repo, commit_ids: Iterable[str], index: dict[bytes, Pac
 
     Any malformed manifest raises (CorruptObjectError): gc never deletes when unsure.
     """
+    return _manifest_chunk_ids(repo, {repo.objects.read_commit(cid).manifest for cid in commit_ids}, index)
+
+
+def staged_chunk_ids(repo: Repo, manifest_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
+    """Chunks of staged, unpublished manifests, closed over delta bases.
+
+    A staged manifest that is missing or does not parse keeps nothing: it can never be
+    published (publish reads it first), and it must not stop gc.
+    """
     chunks: set[bytes] = set()
-    for manifest_id in {repo.objects.read_commit(cid).manifest for cid in commit_ids}:
+    for manifest_id in manifest_ids:
+        try:
+            chunks |= _manifest_chunk_ids(repo, [manifest_id], {})
+        except CkptvcsError:
+            continue
+    return with_delta_bases(chunks, index)
+
+
+def _manifest_chunk_ids(repo: Repo, manifest_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
+    chunks: set[bytes] = set()
+    for manifest_id in manifest_ids:
         try:
             manifest = Manifest.parse(manifest_id, repo.objects.get(manifest_id, "manifest")[1])
         except CorruptObjectError as err:
@@ -198,16 +219,22 @@ def collect_garbage(
     rewrite_dead_fraction: float = REWRITE_DEAD_FRACTION,
     expire: float | None = None,
     only: set[str] | None = None,
+    staged: tuple[Sequence[str], Sequence[str]] = ((), ()),
 ) -> GcReport:
     """Mark and sweep ``repo``. The caller holds the exclusive repository lock.
 
     ``expire``: seconds a reflog entry keeps its commits (default: the repository's);
-    ``only``: collect nothing but these pruned commits' data (see :func:`select_live`).
+    ``only``: collect nothing but these pruned commits' data (see :func:`select_live`);
+    ``staged``: (manifests of staged states still in their grace, whose chunks are
+    live; names of expired staged records, removed before anything is deleted).
     """
     report = GcReport(dry_run=dry_run)
     index = {entry.chunk_id: entry for entry in repo.chunks.index}
     selection = select_live(repo, index, expire=expire, only=only)
-    live = selection.chunks
+    staged_keep, staged_expired = staged
+    live = selection.chunks | staged_chunk_ids(repo, staged_keep, index)
+    report.staged_kept = len(staged_keep)
+    report.staged_expired = list(staged_expired)
     report.live_commits = len(selection.commits)
     report.pruned_commits = selection.pruned
     report.live_chunks = len(live)
@@ -253,6 +280,7 @@ def collect_garbage(
         return report
 
     selection.record(repo)  # before any chunk goes: a commit without its data is always on record
+    repo._remove_staged_records(staged_expired)  # a publish after this fails cleanly: no record, no data
 
     with _fs.storage_errors("removing leftovers of interrupted commits from tmp/"):
         _remove_tmp_leftovers(repo.root / "tmp", [name for name, _ in tmp_files])

@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ from .errors import (
     RepositoryDamagedError,
     RepositoryExistsError,
     RevisionNotFoundError,
+    StagedDataCollectedError,
     StorageError,
     UnmergedBranchError,
     UnsupportedFormatError,
@@ -68,7 +70,7 @@ else:
     torch = LazyModule("torch")  # loads and commits need it; history, refs, gc and fsck do not
 
 __all__ = [
-    "Repo", "RepoStats", "Manifest", "GcReport", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "DEFAULT_KEYFRAME_INTERVAL",
+    "Repo", "RepoStats", "Staged", "Manifest", "GcReport", "FORMAT_VERSION", "DEFAULT_CHUNK_SIZE", "DEFAULT_KEYFRAME_INTERVAL",
     "STORE_DIRNAME",
 ]
 
@@ -90,7 +92,46 @@ _MIN_CHUNK_SIZE = 4096
 _MAX_CHUNK_SIZE = 256 << 20
 _MAX_RECORD_SIZE = 1 << 20  # config.json and pruned records: small JSON files
 # The store's own entries: none may be a symbolic link (docs/format.md, "Symbolic links").
-_LAYOUT = ("config.json", "HEAD", "lock", "lock.gate", "objects", "packs", "tmp", "index", "refs", "logs", "pruned")
+_LAYOUT = ("config.json", "HEAD", "lock", "lock.gate", "objects", "packs", "tmp", "index", "refs", "logs", "pruned",
+           "staged")
+STAGED_DIRNAME = "staged"
+DEFAULT_STAGED_EXPIRE = "1.day"
+
+
+class _ParentOfBranch:
+    """The default parent of a stage (and expected value of a publish): what commit would use."""
+
+    def __repr__(self) -> str:
+        return "<the commit the branch points at>"
+
+
+_PARENT_OF_BRANCH: Any = _ParentOfBranch()
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A state :meth:`Repo.stage` made durable, not yet published: what :meth:`Repo.publish` needs.
+
+    Plain values only (ids, counts, a time), so it can be handed to another process.
+    """
+
+    manifest: str  # id of the manifest object
+    parent: str | None  # the commit the state was delta-encoded against; the published commit's parent
+    tensors: int
+    logical_bytes: int
+    new_chunks: int
+    new_stored_bytes: int
+    time: str  # UTC ISO 8601, when staging finished
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The ``stats`` field of the commit that publishes this state."""
+        return {
+            "tensors": self.tensors,
+            "logical_bytes": self.logical_bytes,
+            "new_chunks": self.new_chunks,
+            "new_stored_bytes": self.new_stored_bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -274,6 +315,7 @@ class Repo:
         try:
             _check_keyframe_interval(config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL))
             parse_expiry(config.get("reflog_expire", DEFAULT_REFLOG_EXPIRE))
+            parse_expiry(config.get("staged_expire", DEFAULT_STAGED_EXPIRE))
         except InvalidInputError as err:
             raise CorruptObjectError(f"{root}/config.json: {err}") from None
         return cls(root, config)
@@ -421,7 +463,7 @@ class Repo:
         branch = ref.removeprefix("refs/heads/") if ref != HEAD else None
         return branch, value
 
-    # -- commit --------------------------------------------------------------------
+    # -- commit: stage, then publish ------------------------------------------------
 
     def commit(
         self,
@@ -448,62 +490,165 @@ class Repo:
         The commit is durable when this returns. If the branch moved meanwhile, raises
         RefConflictError and leaves the branch as the other writer left it.
         ``progress(done_bytes, total_bytes)`` is called as the state's bytes are stored.
+
+        The same as :meth:`stage` then :meth:`publish`, under one shared hold of the
+        repository lock (so gc cannot run in between and no staged record is needed).
         """
         self._check_process()
         encoded = encode_state(state)  # refuses unsupported values before any write
-        body = {
-            "message": _require_str(message, "message"),
-            "step": _optional_int(step, "step"),
-            "epoch": _optional_int(epoch, "epoch"),
-            "metrics": _metrics(metrics),
-            "config": _json_value(config, "config"),
-            "data_version": None if data_version is None else _require_str(data_version, "data_version"),
-            "code_version": provenance.code_version() if code_version is True
-            else (None if code_version in (None, False) else _json_value(dict(code_version), "code_version")),
-        }
+        body = _commit_body(message, step, epoch, metrics, config, data_version, code_version)
         target, expected, parent = self._commit_target(branch)
         who = author or provenance.default_author()
         with self._lock.hold(exclusive=False):
-            self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
-            session = self.chunks.write_session()
-            try:
-                chunk_lists = session.put_blobs(
-                    [blob.data for blob in encoded.blobs],
-                    progress,
-                    dtypes=[blob.dtype for blob in encoded.blobs],
-                    bases=self._delta_bases(parent, encoded),
-                )
-                stats = session.finish()
-            except BaseException:
-                session.abort()
-                raise
-            manifest_id = self.objects.put("manifest", {
-                "root": encoded.root,
-                "blobs": [
-                    {"nbytes": len(blob.data), "dtype": blob.dtype, "chunks": [c.hex() for c in chunks]}
-                    for blob, chunks in zip(encoded.blobs, chunk_lists)
-                ],
-            })
-            commit = Commit(
-                manifest=manifest_id,
-                parents=(parent,) if parent else (),
-                author=who,
-                time=provenance.utc_now(),
-                environment=provenance.environment(),
-                stats={
-                    "tensors": encoded.tensors,
-                    "logical_bytes": stats.logical_bytes,
-                    "new_chunks": stats.new_chunks,
-                    "new_stored_bytes": stats.new_stored_bytes,
-                },
-                **body,
-            )
-            commit_id = self.objects.put("commit", commit.to_json())
-            summary = f"commit: {commit.message.splitlines()[0] if commit.message else '(no message)'}"
-            self.refs.set_if_equals(target, expected, commit_id, who=who, message=summary)
-            if target != HEAD and self.refs.symbolic_target(HEAD) == target:
-                self.refs.log_move(HEAD, expected, commit_id, who=who, message=summary)
+            staged = self._stage_locked(encoded, parent, progress)
+            return self._publish_locked(staged, body, target, expected, who)
+
+    def stage(
+        self,
+        state: Any,
+        *,
+        parent: str | None = _PARENT_OF_BRANCH,
+        branch: str | None = None,
+        progress: Progress | None = None,
+    ) -> Staged:
+        """Make ``state``'s chunks and manifest durable without moving any ref.
+
+        ``parent`` (a revision, or None for a root commit) is the commit the state is
+        delta-encoded against and that :meth:`publish` will record as its parent; by
+        default the commit ``branch`` (or HEAD) points at, as :meth:`commit` chooses it.
+        Returns a :class:`Staged` (plain values: it may travel to another process) for
+        :meth:`publish`. Until published, the staged data is kept from gc by the record
+        ``staged/<manifest id>`` for the staged grace (config.json ``staged_expire``,
+        default one day); after it, gc reclaims the data (never damage: fsck calls it
+        garbage).
+        """
+        self._check_process()
+        encoded = encode_state(state)
+        if parent is _PARENT_OF_BRANCH:
+            parent_id = self._commit_target(branch)[2]
+        else:
+            parent_id = None if parent is None else self.resolve(_require_str(parent, "parent"))
+        with self._lock.hold(exclusive=False):
+            staged = self._stage_locked(encoded, parent_id, progress)
+            self._write_staged_record(staged)  # before gc can run: the lock is still held
+        return staged
+
+    def publish(
+        self,
+        staged: Staged,
+        message: str = "",
+        branch: str | None = None,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        config: Any = None,
+        data_version: str | None = None,
+        *,
+        code_version: Mapping[str, Any] | None | bool = True,
+        author: str | None = None,
+        expected_parent: str | None = _PARENT_OF_BRANCH,
+    ) -> str:
+        """Write the commit of a :meth:`stage`'d state and move the ref; returns the commit id.
+
+        The metadata arguments are :meth:`commit`'s. The ref (``branch``, or where HEAD
+        points) moves by compare-and-swap from ``expected_parent`` (a commit id; default: the parent
+        the state was staged against; None when the branch does not exist yet, which
+        then starts at the staged parent): RefConflictError if it moved since, and
+        nothing is published. StagedDataCollectedError if gc reclaimed the staged data
+        (its grace expired). The staged record is removed once the ref moved.
+        """
+        self._check_process()
+        if not isinstance(staged, Staged) or not _HEX_ID.match(str(staged.manifest)):
+            raise InvalidInputError(f"publish takes what Repo.stage returned, got {type(staged).__name__}")
+        body = _commit_body(message, step, epoch, metrics, config, data_version, code_version)
+        target, current, _ = self._commit_target(branch)
+        if expected_parent is _PARENT_OF_BRANCH:
+            expected = staged.parent if current is not None else None
+        else:
+            expected = None if expected_parent is None else _require_str(expected_parent, "expected_parent")
+        who = author or provenance.default_author()
+        with self._lock.hold(exclusive=False):
+            self._check_staged_data(staged)
+            commit_id = self._publish_locked(staged, body, target, expected, who)
+        self._remove_staged_record(staged.manifest)
         return commit_id
+
+    def _stage_locked(self, encoded: Any, parent: str | None, progress: Progress | None) -> Staged:
+        """State → chunks → manifest, under the caller's shared lock; no ref moves.
+
+        The parent's delta bases are chosen first, from its manifest alone, and handed
+        to the store session with the blobs: encoding never comes back here.
+        """
+        bases = self._delta_bases(parent, encoded)
+        self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
+        session = self.chunks.write_session()
+        try:
+            chunk_lists = session.put_blobs(
+                [blob.data for blob in encoded.blobs],
+                progress,
+                dtypes=[blob.dtype for blob in encoded.blobs],
+                bases=bases,
+            )
+            stats = session.finish()
+        except BaseException:
+            session.abort()
+            raise
+        manifest_id = self.objects.put("manifest", {
+            "root": encoded.root,
+            "blobs": [
+                {"nbytes": len(blob.data), "dtype": blob.dtype, "chunks": [c.hex() for c in chunks]}
+                for blob, chunks in zip(encoded.blobs, chunk_lists)
+            ],
+        })
+        return Staged(
+            manifest=manifest_id,
+            parent=parent,
+            tensors=encoded.tensors,
+            logical_bytes=stats.logical_bytes,
+            new_chunks=stats.new_chunks,
+            new_stored_bytes=stats.new_stored_bytes,
+            time=provenance.utc_now(),
+        )
+
+    def _publish_locked(
+        self, staged: Staged, body: dict[str, Any], target: str, expected: str | None, who: str
+    ) -> str:
+        """Commit object → ref compare-and-swap (the commit point) → reflog, under the caller's lock."""
+        commit = Commit(
+            manifest=staged.manifest,
+            parents=(staged.parent,) if staged.parent else (),
+            author=who,
+            time=provenance.utc_now(),
+            environment=provenance.environment(),
+            stats=staged.stats,
+            **body,
+        )
+        commit_id = self.objects.put("commit", commit.to_json())
+        summary = f"commit: {commit.message.splitlines()[0] if commit.message else '(no message)'}"
+        self.refs.set_if_equals(target, expected, commit_id, who=who, message=summary)
+        if target != HEAD and self.refs.symbolic_target(HEAD) == target:
+            self.refs.log_move(HEAD, expected, commit_id, who=who, message=summary)
+        return commit_id
+
+    def _check_staged_data(self, staged: Staged) -> None:
+        """Refuse to publish a staged state whose manifest, parent or chunks are gone
+        (gc reclaimed them after the staged grace): index look-ups only."""
+        self.chunks.index.refresh()
+        try:
+            manifest = Manifest.parse(staged.manifest, self.objects.get(staged.manifest, "manifest")[1])
+        except IntegrityError:
+            raise StagedDataCollectedError(
+                staged.manifest, f"staged manifest {staged.manifest[:12]} is missing or unreadable; stage the state again"
+            ) from None
+        if staged.parent is not None and not self.objects.has(staged.parent):
+            raise RevisionNotFoundError(f"the parent {staged.parent[:12]} the state was staged against does not exist")
+        for blob in manifest.blobs:
+            if not all(self.chunks.has_complete_chain(bytes.fromhex(c)) for c in blob["chunks"]):
+                raise StagedDataCollectedError(
+                    staged.manifest,
+                    f"the data of staged state {staged.manifest[:12]} (staged {staged.time}) was collected by gc "
+                    "after its staged grace expired; nothing was published: stage the state again",
+                )
 
     def _delta_bases(self, parent: str | None, encoded: Any) -> list[list[bytes] | None] | None:
         """Per blob, the parent commit's chunk ids to try XOR deltas against (None: no parent)."""
@@ -972,6 +1117,84 @@ class Repo:
     def _with_pruned(commit: Commit, record: dict[str, Any] | None) -> Commit:
         return commit if record is None else replace(commit, pruned=record)
 
+    # -- staged records (docs/format.md, section 12) ----------------------------------
+
+    def _write_staged_record(self, staged: Staged) -> None:
+        """Record a stage durably (temp, fsync, rename, fsync dir): gc keeps its data for the grace."""
+        folder = self.root / STAGED_DIRNAME
+        record = {"manifest": staged.manifest, "parent": staged.parent, "time": staged.time,
+                  "who": provenance.default_author()}
+        with _fs.storage_errors(f"recording staged state {staged.manifest[:12]}"):
+            if not folder.is_dir():
+                folder.mkdir(exist_ok=True)
+                _fs.fsync_dir(self.root)
+            _fs.atomic_write(folder / staged.manifest, canonical_json(record) + b"\n")
+
+    def _remove_staged_records(self, manifest_ids: Iterable[str]) -> None:
+        """Drop staged records (published, or expired and reclaimed by gc)."""
+        folder = self.root / STAGED_DIRNAME
+        removed = False
+        with _fs.storage_errors("removing staged records"):
+            for manifest_id in manifest_ids:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder / manifest_id)
+                    removed = True
+            if removed:
+                _fs.fsync_dir(folder)
+
+    def _remove_staged_record(self, manifest_id: str) -> None:
+        """After a publish: the record is no longer needed (the ref keeps the data). A failure
+        here does not undo a publish that happened; the record merely expires later."""
+        with contextlib.suppress(CkptvcsError, OSError):
+            self._remove_staged_records([manifest_id])
+
+    def _staged_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """``(manifest id → staged record, name → why its record does not read)``."""
+        folder = self.root / STAGED_DIRNAME
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return {}, {}
+        records: dict[str, dict[str, Any]] = {}
+        damaged: dict[str, str] = {}
+        for name in names:
+            if not _HEX_ID.match(name):
+                continue  # an interrupted atomic_write's temp file
+            try:
+                record = json.loads(_fs.read_record(folder / name, _MAX_RECORD_SIZE))
+                if not isinstance(record, dict) or record.get("manifest") != name:
+                    raise ValueError("not a staged record of this manifest")
+                _staged_time(record)
+            except (OSError, ValueError, RecursionError, CkptvcsError) as err:
+                damaged[name] = f"staged record staged/{name} is unreadable: {str(err)[:200]}"
+                continue
+            records[name] = record
+        return records, damaged
+
+    @property
+    def staged_expire(self) -> float:
+        """Seconds a staged, unpublished state keeps its data from gc (config.json ``staged_expire``)."""
+        return parse_expiry(self.config.get("staged_expire", DEFAULT_STAGED_EXPIRE))
+
+    def _staged_for_gc(self, expire: float) -> tuple[list[str], list[str]]:
+        """``(manifest ids whose staged data gc keeps, names of expired staged records)``.
+
+        A record that does not read expires by its file's modification time (a staged
+        state is garbage until published: an unreadable record must not keep it forever).
+        """
+        records, damaged = self._staged_records()
+        now = time.time()
+        keep: list[str] = []
+        expired: list[str] = []
+        for name in [*records, *damaged]:
+            try:
+                made = _staged_time(records[name]) if name in records else os.lstat(
+                    self.root / STAGED_DIRNAME / name).st_mtime
+            except OSError:
+                made = now
+            (keep if now - made < expire else expired).append(name)
+        return keep, expired
+
     def gc(
         self,
         dry_run: bool = False,
@@ -979,6 +1202,7 @@ class Repo:
         prune_unreachable_after: Any = None,
         only: Iterable[str] | None = None,
         lock_timeout: float = 60.0,
+        staged_expire: Any = None,
     ) -> GcReport:
         """Release the chunks no kept commit needs; returns what was (or would be) reclaimed.
 
@@ -1002,14 +1226,21 @@ class Repo:
         seconds without the lock). Before deleting anything, gc checks the index rows
         of the live chunks against the packs' own entry headers and raises
         IndexMismatchError (deleting nothing) when they disagree: run ``repair index``.
+
+        A state :meth:`stage`'d and not published keeps its data for ``staged_expire``
+        (default: config.json's ``staged_expire``, one day; same grammar); after it, gc
+        reclaims the data and drops the record (``report.staged_expired``).
         """
         self._check_process()
         expire = self.reflog_expire if prune_unreachable_after is None else parse_expiry(prune_unreachable_after)
+        staged_grace = self.staged_expire if staged_expire is None else parse_expiry(staged_expire)
         with self._lock.hold(exclusive=True, timeout=lock_timeout):
             self._refuse_if_damaged("collect garbage")
             self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
             collectable = None if only is None else self._collectable(only)
-            return collect_garbage(self, dry_run=dry_run, expire=expire, only=collectable)
+            # A restricted gc releases only its own pruned commits: every staged state stays.
+            staged = self._staged_for_gc(math.inf if only is not None else staged_grace)
+            return collect_garbage(self, dry_run=dry_run, expire=expire, only=collectable, staged=staged)
 
     @property
     def reflog_expire(self) -> float:
@@ -1253,6 +1484,30 @@ def _optional_int(value: Any, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise UnsupportedValueError(name, f"expected an integer, got {type(value).__name__}")
     return int(value)
+
+
+def _commit_body(
+    message: Any, step: Any, epoch: Any, metrics: Any, config: Any, data_version: Any, code_version: Any
+) -> dict[str, Any]:
+    """The validated metadata fields of a commit object (before any write)."""
+    return {
+        "message": _require_str(message, "message"),
+        "step": _optional_int(step, "step"),
+        "epoch": _optional_int(epoch, "epoch"),
+        "metrics": _metrics(metrics),
+        "config": _json_value(config, "config"),
+        "data_version": None if data_version is None else _require_str(data_version, "data_version"),
+        "code_version": provenance.code_version() if code_version is True
+        else (None if code_version in (None, False) else _json_value(dict(code_version), "code_version")),
+    }
+
+
+def _staged_time(record: dict[str, Any]) -> float:
+    """A staged record's time, in seconds since the epoch; ValueError when malformed."""
+    when = datetime.fromisoformat(str(record.get("time", "")).replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"time {record.get('time')!r} has no time zone")
+    return when.timestamp()
 
 
 def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:

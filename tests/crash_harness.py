@@ -108,6 +108,18 @@ def scenario_commit(store: str, ack_path: str, first_seed: int) -> None:
             seed += 1
 
 
+def scenario_stage_publish(store: str, ack_path: str, first_seed: int) -> None:
+    """Commit states in a loop as stage then publish (the halves a distributed writer runs apart)."""
+    with Repo.open(store) as repo:
+        ack(ack_path, READY)
+        seed = first_seed
+        while True:
+            staged = repo.stage(make_state(seed))
+            cid = repo.publish(staged, f"seed {seed}", code_version=None)
+            ack(ack_path, f"{cid} {seed} -")
+            seed += 1
+
+
 def scenario_init(parent: str, ack_path: str, first_seed: int) -> None:
     """Create repositories ``parent/r<seed>`` in a loop."""
     ack(ack_path, READY)

@@ -26,6 +26,7 @@ from crash_harness import (
     scenario_init,
     scenario_repair,
     scenario_slow,
+    scenario_stage_publish,
     scenario_tag,
     seed_of,
 )
@@ -159,6 +160,21 @@ def _kill_during_init(tmp_path: Path, rounds: int, seed: int) -> None:
                             seed=seed)
     assert kills == rounds
     assert acknowledged
+
+
+def test_kill_during_stage_and_publish(tmp_path: Path) -> None:
+    """Kills land in stage, between stage and publish, and in publish: only garbage (and
+    staged records, garbage too) is ever left; acknowledged commits load; the next commit works."""
+    store = _new_store(tmp_path)
+    checker = CommitCrashChecker(store)
+    kills = run_kill_rounds(scenario_stage_publish, lambda: str(store), checker, rounds=10, workdir=tmp_path, seed=21)
+    assert kills == 10 and len(checker.acknowledged) > 10
+    with Repo.open(store) as repo:
+        assert_no_damage(repo.fsck(read_data=True), "final")
+        repo.gc(staged_expire="now")
+        assert_no_damage(repo.fsck(read_data=True), "after gc")
+        for cid, seed in checker.acknowledged.items():
+            assert_state_identical(repo.load(cid), make_state(seed))
 
 
 def test_kill_during_init(tmp_path: Path) -> None:
