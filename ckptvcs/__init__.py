@@ -38,6 +38,7 @@ from .errors import (
     UnmergedBranchError,
     UnsupportedFormatError,
     UnsupportedValueError,
+    UsageError,
 )
 from .gc import GcReport
 from .objects import Commit, Tag
@@ -106,4 +107,5 @@ __all__ = [
     "AsyncSaveError",
     "ProtectedCommitError",
     "IndexMismatchError",
+    "UsageError",
 ]

@@ -144,6 +144,25 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | os.PathLike[str]) -> None:
+    """``mkdir -p``, durably: each folder created has its entry fsynced in its parent.
+
+    A ref or reflog written into a new nested folder (``refs/heads/team/x``) is only
+    durable once every new folder on its way is. A folder that exists already (or that
+    another process creates meanwhile) gets its parent fsynced too when it was missing
+    at the start: its creator may not have synced it yet.
+    """
+    missing = []
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+        fsync_dir(folder.parent)
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write every byte (os.write may write fewer than asked)."""
     view = memoryview(data).cast("B")
