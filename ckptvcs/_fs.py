@@ -29,6 +29,7 @@ __all__ = [
     "fsync_file",
     "fsync_dir",
     "write_all",
+    "make_dirs",
     "atomic_write",
     "atomic_file",
     "append_durably",
@@ -400,7 +401,12 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o666) -> Iterator[
 
 
 def append_durably(path: str | os.PathLike[str], line: bytes) -> None:
-    """Append one record with a single write() and fsync it (reflog entries)."""
+    """Append one record with a single write() and fsync it (reflog entries).
+
+    A file this call creates also gets its directory entry fsynced: the record is not
+    durable while the file's name is not.
+    """
+    created = not os.path.lexists(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -409,6 +415,8 @@ def append_durably(path: str | os.PathLike[str], line: bytes) -> None:
         fsync_file(fd)
     finally:
         os.close(fd)
+    if created:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 _EMPTY_LOCK_GRACE = 2.0  # seconds an empty, unlocked lock file may be young (see RefLock)
