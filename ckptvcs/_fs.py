@@ -159,8 +159,11 @@ def make_dirs(path: str | os.PathLike[str]) -> None:
         missing.append(folder)
         folder = folder.parent
     for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
         fsync_dir(folder.parent)
 
 

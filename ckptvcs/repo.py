@@ -217,7 +217,7 @@ class Repo:
         }
         staging = target.parent / _fs.temp_name(f".{target.name}.init-")
         with _fs.storage_errors(f"creating repository {target}"):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _fs.make_dirs(target.parent)
             try:
                 staging.mkdir()
                 for sub in ("objects", "packs", "tmp", "index", "refs/heads", "refs/tags", "logs"):
