@@ -30,7 +30,7 @@ from click.shell_completion import CompletionItem
 
 from . import __version__
 from .diff import DiffStat
-from .errors import CkptvcsError, InvalidInputError, RefExistsError, RepositoryDamagedError
+from .errors import CkptvcsError, InvalidInputError, RefExistsError, RepositoryDamagedError, UsageError
 from .exchange import FORMATS, export_metadata, export_state, guess_format, read_state_file, subtree
 from .gc import COLLECTED_RULE
 from .graph import graph_lines
@@ -207,7 +207,7 @@ def _parse_metrics(pairs: Iterable[str]) -> dict[str, float]:
                 raise ValueError
             metrics[name] = float(value)
         except ValueError:
-            raise InvalidInputError(f"--metric wants NAME=NUMBER, got {pair!r}") from None
+            raise UsageError(f"--metric wants NAME=NUMBER, got {pair!r}") from None
     return metrics
 
 

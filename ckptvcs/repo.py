@@ -593,6 +593,9 @@ class Repo:
                 done += fut.result()
                 if progress is not None:
                     progress(done, total)
+        except IntegrityError as err:
+            err.commit_ids = err.commit_ids or (commit_id,)  # the message names it; the field too
+            raise
         finally:
             for fut in futures:
                 fut.cancel()

@@ -115,7 +115,7 @@ def test_flipped_chunk_names_chunk_pack_and_offset(repo: Repo) -> None:
         repo.load(cid)
     e = err.value
     assert (e.chunk_id, e.pack, e.offset) == (entry.chunk_id.hex(), entry.pack, entry.offset)
-    assert e.damaged_on_disk and e.problem == "fails its BLAKE3 check"
+    assert e.damaged_on_disk and e.problem == "fails its BLAKE3 check" and e.commit_ids == (cid,)
     assert str(e).endswith(f"chunk {entry.chunk_id.hex()} in pack {entry.pack} fails its BLAKE3 check")
 
 
