@@ -40,6 +40,7 @@ from .errors import (
     UnmergedBranchError,
     UnsupportedFormatError,
     UnsupportedValueError,
+    UsageError,
 )
 from .gc import GcReport
 from .objects import Commit, Tag
@@ -113,5 +114,6 @@ __all__ = [
     "IndexMismatchError",
     "StagedDataCollectedError",
     "Staged",
+    "UsageError",
     *_POLICIES,
 ]

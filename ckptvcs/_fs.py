@@ -29,6 +29,7 @@ __all__ = [
     "fsync_file",
     "fsync_dir",
     "write_all",
+    "make_dirs",
     "atomic_write",
     "atomic_file",
     "append_durably",
@@ -142,6 +143,28 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         _fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str | os.PathLike[str]) -> None:
+    """``mkdir -p``, durably: each folder created has its entry fsynced in its parent.
+
+    A ref or reflog written into a new nested folder (``refs/heads/team/x``) is only
+    durable once every new folder on its way is. A folder that exists already (or that
+    another process creates meanwhile) gets its parent fsynced too when it was missing
+    at the start: its creator may not have synced it yet.
+    """
+    missing = []
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+        fsync_dir(folder.parent)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -375,7 +398,12 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o666) -> Iterator[
 
 
 def append_durably(path: str | os.PathLike[str], line: bytes) -> None:
-    """Append one record with a single write() and fsync it (reflog entries)."""
+    """Append one record with a single write() and fsync it (reflog entries).
+
+    A file this call creates also gets its directory entry fsynced: the record is not
+    durable while the file's name is not.
+    """
+    created = not os.path.lexists(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -384,6 +412,8 @@ def append_durably(path: str | os.PathLike[str], line: bytes) -> None:
         fsync_file(fd)
     finally:
         os.close(fd)
+    if created:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 _EMPTY_LOCK_GRACE = 2.0  # seconds an empty, unlocked lock file may be young (see RefLock)

@@ -13,6 +13,7 @@ gc, fsck, help or shell completion.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from click.shell_completion import CompletionItem
 
 from . import __version__
 from .diff import DiffStat
-from .errors import CkptvcsError, InvalidInputError, RefExistsError, RepositoryDamagedError
+from .errors import CkptvcsError, InvalidInputError, RefExistsError, RepositoryDamagedError, UsageError
 from .exchange import FORMATS, export_metadata, export_state, guess_format, read_state_file, subtree
 from .gc import COLLECTED_RULE
 from .graph import graph_lines
@@ -140,25 +141,12 @@ def _repo(ctx: click.Context) -> Repo:
 
 @contextlib.contextmanager
 def _progress(label: str) -> Iterator[Progress | None]:
-    """A progress bar on stderr for long reads and writes, when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    bar: Any = None
+    """A progress bar on stderr for long reads and writes (``(done, total)`` bytes), when stderr is a terminal.
 
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            if total < _PROGRESS_MIN_BYTES:
-                return
-            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True).__enter__()
-        bar.update(done - bar.pos)
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+    Small transfers (under ``_PROGRESS_MIN_BYTES``) get no bar.
+    """
+    with _phase_progress({"bytes": label}, min_total=_PROGRESS_MIN_BYTES) as update:
+        yield None if update is None else functools.partial(update, "bytes")
 
 
 def _human(n: float) -> str:
@@ -219,7 +207,7 @@ def _parse_metrics(pairs: Iterable[str]) -> dict[str, float]:
                 raise ValueError
             metrics[name] = float(value)
         except ValueError:
-            raise InvalidInputError(f"--metric wants NAME=NUMBER, got {pair!r}") from None
+            raise UsageError(f"--metric wants NAME=NUMBER, got {pair!r}") from None
     return metrics
 
 
@@ -695,20 +683,29 @@ def gc(ctx: click.Context, dry_run: bool, expire: str | None, as_json: bool) -> 
                + (f", {len(report.packs_skipped)} unreadable left alone (run fsck)" if report.packs_skipped else ""))
     click.echo(f"{verb} {_human(report.bytes_reclaimed)} ({report.bytes_reclaimed} bytes); "
                f"packs now {_human(report.pack_bytes_after)}")
+
+
+_PHASE_LABELS = {"packs": "checking packs", "data": "reading data", "commits": "walking commits"}
+
+
 @contextlib.contextmanager
-def _phase_progress() -> Iterator[Any]:
-    """Progress bars for fsck's phases (``(phase, done, total)``) when stderr is a terminal."""
+def _phase_progress(labels: dict[str, str] = _PHASE_LABELS, min_total: int = 1) -> Iterator[Any]:
+    """Progress bars on stderr, one phase after another (``(phase, done, total)``), when stderr is a terminal.
+
+    The one progress helper of the CLI (:func:`_progress` is its single-phase form).
+    A phase whose total is under ``min_total`` gets no bar: open-ended counts (total 0)
+    never do.
+    """
     if not sys.stderr.isatty():
         yield None
         return
     bars: dict[str, Any] = {}
-    labels = {"packs": "checking packs", "data": "reading data", "commits": "walking commits"}
 
     def update(phase: str, done: int, total: int) -> None:
-        if total <= 0:
-            return  # open-ended counts (commits) get no bar
         bar = bars.get(phase)
         if bar is None:
+            if total <= 0 or total < min_total:
+                return
             for other in bars.values():
                 other.__exit__(None, None, None)
             bars.clear()

@@ -1,7 +1,10 @@
 """Typed errors: one base class, one subclass per contract with the user.
 
 Every error carries a one-line, actionable message and a stable exit code that the
-CLI returns (borg-style): scripts can branch on the code, people read the line.
+CLI returns (borg-style): scripts can branch on the code, people read the line. Errors
+about damaged data also carry what they name as fields (``IntegrityError.object_id``,
+``chunk_id``, ``pack``, ...), so callers such as fsck decide from fields, never from the
+message. docs/errors.md is generated from this module (scripts/errors_table.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "UnmergedBranchError",
     "UnsupportedValueError",
     "InvalidInputError",
+    "UsageError",
     "StepOrderError",
     "PolicyConflictError",
     "IntegrityError",
@@ -136,6 +140,16 @@ class InvalidInputError(CkptvcsError):
     exit_code = 9
 
 
+class UsageError(InvalidInputError):
+    """A library call or command got an argument value it does not accept (API misuse).
+
+    The caller's mistake, not a bad file: a chunk size off the grid, a keyframe interval
+    out of range, a step or metric of the wrong type. A subclass of InvalidInputError
+    with the same exit code, so existing ``except InvalidInputError`` and scripts that
+    branch on code 9 keep working.
+    """
+
+
 class StepOrderError(InvalidInputError):
     """A CheckpointManager was given a step lower than the last one saved on its branch.
 
@@ -167,9 +181,43 @@ class PolicyConflictError(InvalidInputError):
 
 
 class IntegrityError(CkptvcsError):
-    """Stored bytes do not match their BLAKE3 id, or are missing: data is damaged."""
+    """Stored bytes do not match their BLAKE3 id, or are missing: data is damaged.
+
+    Fields name what is damaged, where known (None or empty otherwise): ``object_id``
+    (hex id of a commit, manifest or tag object), ``chunk_id`` (hex id of the damaged
+    chunk: in a delta chain, the level that failed), ``pack`` and ``offset`` (where
+    that chunk's entry sits), ``commit_ids`` (commits that need it), ``path`` (the
+    damaged file or ref, relative to the repository where possible).
+    ``damaged_on_disk`` is True when the stored bytes themselves fail (they do not
+    decompress or do not hash to their id), False when they verify but do not parse
+    or are missing. ``problem`` is the finding about the named chunk or object alone,
+    without the context that names it (e.g. ``"fails its BLAKE3 check"``).
+    """
 
     exit_code = 10
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        object_id: str | None = None,
+        chunk_id: str | None = None,
+        pack: str | None = None,
+        offset: int | None = None,
+        commit_ids: tuple[str, ...] = (),
+        path: str | None = None,
+        damaged_on_disk: bool = False,
+        problem: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.object_id = object_id
+        self.chunk_id = chunk_id
+        self.pack = pack
+        self.offset = offset
+        self.commit_ids = tuple(commit_ids)
+        self.path = path
+        self.damaged_on_disk = damaged_on_disk
+        self.problem = problem
 
 
 class CorruptObjectError(IntegrityError):
@@ -231,6 +279,8 @@ class ProtectedCommitError(CkptvcsError):
     """A commit that a branch, tag or HEAD points at cannot be pruned."""
 
     exit_code = 16
+
+
 class RepositoryDamagedError(IntegrityError):
     """``fsck`` found damage (missing, corrupt or mismatching data); the findings say where."""
 

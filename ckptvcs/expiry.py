@@ -15,7 +15,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import UsageError
 
 __all__ = ["DEFAULT_REFLOG_EXPIRE", "parse_expiry"]
 
@@ -37,7 +37,7 @@ _DURATION = re.compile(r"^(\d+)\.?([a-z]+)$")
 def parse_expiry(value: Any) -> float:
     """Seconds a reflog entry keeps its commits: 0 for ``now``, ``math.inf`` for ``never``.
 
-    Raises InvalidInputError (naming the grammar) for anything else.
+    Raises UsageError (an InvalidInputError, naming the grammar) for anything else.
     """
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
@@ -48,7 +48,7 @@ def parse_expiry(value: Any) -> float:
     else:
         seconds = -1.0
     if math.isnan(seconds) or seconds < 0:
-        raise InvalidInputError(
+        raise UsageError(
             f"invalid expiry {value!r}: use 'now', 'never' or a number and a unit such as '7d', '2.weeks', "
             "'30.days' (units: s, m, h, d, w, months, years)"
         )

@@ -215,7 +215,7 @@ class _Checker:
         except StorageError as err:
             self.add("unreadable", f"{kind} {oid} cannot be read ({context}): {err}", objects=[oid], commits=commits)
         except CorruptObjectError as err:
-            damaged = "damaged on disk" in str(err)
+            damaged = err.damaged_on_disk
             self.add("hash-mismatch" if damaged else "corrupt",
                      f"{kind} {oid} ({context}) {'fails verification' if damaged else 'is malformed'}: {err}"
                      f"{self._where(commits)}", objects=[oid], commits=commits)
@@ -612,7 +612,7 @@ class _Checker:
                 self.add("unreadable", f"object {oid} cannot be read: {err}", objects=[oid])
                 continue
             except CorruptObjectError as err:
-                self.add("hash-mismatch" if "damaged on disk" in str(err) else "corrupt",
+                self.add("hash-mismatch" if err.damaged_on_disk else "corrupt",
                          f"unreachable object {oid} is damaged: {err}", objects=[oid])
                 continue
             except IntegrityError as err:
@@ -669,12 +669,8 @@ class _Checker:
                          f"{users}", objects=[entry.chunk_id.hex(), entry.pack], commits=commits, tensors=tensors)
             except IntegrityError as err:
                 commits, tensors, users = self.users(entry.chunk_id)
-                # The store's message starts with our own description of the chunk; keep
-                # only its finding, which names the damaged chunk (a base, in a chain).
                 where = f"chunk {entry.chunk_id.hex()} in pack {entry.pack}"
-                detail = str(err).removeprefix(f"chunk {entry.chunk_id.hex()}: ")
-                reason = detail.removeprefix(f"{where} ") if detail.startswith(f"{where} ") else f"does not verify ({detail})"
-                self.add("hash-mismatch", f"{where} at offset {entry.offset} {reason}; {users}",
+                self.add("hash-mismatch", f"{where} at offset {entry.offset} {_chunk_reason(entry, err)}; {users}",
                          objects=[entry.chunk_id.hex(), entry.pack], commits=commits, tensors=tensors)
             done += entry.raw_len
             if self.progress is not None:
@@ -712,6 +708,20 @@ class _Checker:
             self.verify_data(index)
         self.check_garbage(index, packs)
         return self.report
+
+
+def _chunk_reason(entry: PackEntry, err: IntegrityError) -> str:
+    """What a failed read of ``entry`` found, from the error's fields.
+
+    The store names the chunk that failed: ``entry`` itself, or a chunk of its delta
+    chain (a base); errors without those fields are quoted whole.
+    """
+    if err.chunk_id is None or err.problem is None:
+        return f"does not verify ({err})"
+    if err.chunk_id == entry.chunk_id.hex():
+        return err.problem
+    where = f" in pack {err.pack}" if err.pack is not None else ""
+    return f"does not verify (chunk {err.chunk_id}{where} of its delta chain {err.problem})"
 
 
 def check_repository(repo: Repo, *, read_data: bool = False, progress: FsckProgress | None = None) -> FsckReport:

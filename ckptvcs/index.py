@@ -233,7 +233,7 @@ class ChunkIndex:
     @staticmethod
     def _decode(chunk_id: bytes, value: bytes) -> PackEntry:
         if len(value) not in (_VALUE.size, _VALUE.size + _BASE_ID_SIZE):
-            raise CorruptObjectError(f"index entry for chunk {chunk_id.hex()} is malformed")
+            raise CorruptObjectError(f"index entry for chunk {chunk_id.hex()} is malformed", chunk_id=chunk_id.hex())
         pack, offset, stored_len, raw_len, codec = _VALUE.unpack_from(value)
         base = bytes(value[_VALUE.size :]) if len(value) > _VALUE.size else None
         return PackEntry(chunk_id, pack.hex(), offset, stored_len, raw_len, codec, base)

@@ -273,30 +273,39 @@ class ObjectStore:
                 _fs.check_inside(self.root.parent, path)
                 stored = _fs.read_file(path, _MAX_OBJECT_SIZE)
             except (FileNotFoundError, NotADirectoryError):  # inside: storage_errors would make it a StorageError
-                raise IntegrityError(f"object {oid} is missing") from None
+                raise self._damage(IntegrityError, oid, "is missing") from None
             except CorruptObjectError as err:
-                raise CorruptObjectError(f"object {oid} is damaged on disk: {err}") from None
+                raise self._damage(CorruptObjectError, oid, f"is damaged on disk: {err}", on_disk=True) from None
         try:
             data = codec.decompress_object(stored, object_size_limit(len(stored)))
         except CorruptObjectError as err:
-            raise CorruptObjectError(f"object {oid} is damaged on disk: {err}") from None
+            raise self._damage(CorruptObjectError, oid, f"is damaged on disk: {err}", on_disk=True) from None
         if blake3.blake3(data).hexdigest() != oid:
-            raise IntegrityError(f"object {oid} fails its BLAKE3 check (damaged on disk)")
+            raise self._damage(IntegrityError, oid, "fails its BLAKE3 check (damaged on disk)", on_disk=True)
         kind, _, payload = data.partition(b"\n")
         kind_name = kind.decode("ascii", "replace")
         if kind_name not in KINDS:
-            raise CorruptObjectError(f"object {oid} has unknown kind {kind_name!r}")
+            raise self._damage(CorruptObjectError, oid, f"has unknown kind {kind_name!r}")
         if expected_kind is not None and kind_name != expected_kind:
-            raise CorruptObjectError(f"object {oid} is a {kind_name}, expected a {expected_kind}")
+            raise self._damage(CorruptObjectError, oid, f"is a {kind_name}, expected a {expected_kind}")
         try:
             body = json.loads(payload)
         except (UnicodeDecodeError, ValueError) as err:
-            raise CorruptObjectError(f"object {oid} does not parse: {err}") from None
+            raise self._damage(CorruptObjectError, oid, f"does not parse: {err}") from None
         except RecursionError:
-            raise CorruptObjectError(f"object {oid} nests deeper than {MAX_JSON_DEPTH} levels") from None
+            raise self._damage(CorruptObjectError, oid, f"nests deeper than {MAX_JSON_DEPTH} levels") from None
         if json_depth_exceeds(body):
-            raise CorruptObjectError(f"object {oid} nests deeper than {MAX_JSON_DEPTH} levels")
+            raise self._damage(CorruptObjectError, oid, f"nests deeper than {MAX_JSON_DEPTH} levels")
         return kind_name, body
+
+    def _damage(self, cls: type[IntegrityError], oid: str, problem: str, *, on_disk: bool = False) -> IntegrityError:
+        """``cls("object <oid> <problem>")`` carrying the object's id, file and finding as fields."""
+        path = self.path(oid)
+        try:
+            rel = path.relative_to(self.root.parent).as_posix()
+        except ValueError:
+            rel = str(path)
+        return cls(f"object {oid} {problem}", object_id=oid, path=rel, damaged_on_disk=on_disk, problem=problem)
 
     def kind(self, oid: str) -> str:
         return self.get(oid)[0]

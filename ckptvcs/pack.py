@@ -150,11 +150,17 @@ class PackWriter:
             os.unlink(self._tmp_path)
 
 
+def _entry_damage(entry: PackEntry, what: str) -> CorruptObjectError:
+    """``CorruptObjectError("pack <pack> <what>")`` naming the entry's pack, offset and chunk as fields."""
+    return CorruptObjectError(f"pack {entry.pack} {what}", pack=entry.pack, offset=entry.offset,
+                              chunk_id=entry.chunk_id.hex())
+
+
 def _entry_start(entry: PackEntry, prefix: int) -> int:
     """Where an entry's header starts, refusing offsets no entry can have (a damaged index)."""
     start = entry.offset - prefix
     if not _PACK_HEADER.size <= start < _MAX_OFFSET:
-        raise CorruptObjectError(f"pack {entry.pack} has no entry at offset {entry.offset}")
+        raise _entry_damage(entry, f"has no entry at offset {entry.offset}")
     return start
 
 
@@ -174,7 +180,7 @@ class PackFiles:
             try:
                 fd = _fs.open_regular(self.path(pack))
             except FileNotFoundError:
-                raise CorruptObjectError(f"pack {pack} is missing") from None
+                raise CorruptObjectError(f"pack {pack} is missing", pack=pack) from None
             # Another thread may have opened it meanwhile; keep one, close the other.
             existing = self._fds.setdefault(pack, fd)
             if existing != fd:
@@ -188,7 +194,7 @@ class PackFiles:
         want = prefix + entry.stored_len
         data = _fs.pread(self._fd(entry.pack), want, _entry_start(entry, prefix))
         if len(data) != want:
-            raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
+            raise _entry_damage(entry, f"is truncated at offset {entry.offset}")
         self._check_header(entry, data)
         return memoryview(data)[prefix:]
 
@@ -199,18 +205,18 @@ class PackFiles:
         buf = memoryview(scratch.buffer("pack-read", want))
         got = _fs.preadv(self._fd(entry.pack), [buf], _entry_start(entry, prefix))
         if got != want:
-            raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
+            raise _entry_damage(entry, f"is truncated at offset {entry.offset}")
         self._check_header(entry, buf)
         return buf[prefix:]
 
     def read_raw_into(self, entry: PackEntry, out: memoryview) -> None:
         """Read a raw-codec payload directly into ``out`` (one syscall, no copy)."""
         if entry.base is not None:
-            raise CorruptObjectError(f"pack {entry.pack} entry at offset {entry.offset}: a raw chunk has no base")
+            raise _entry_damage(entry, f"entry at offset {entry.offset}: a raw chunk has no base")
         header = bytearray(ENTRY_HEADER_SIZE)
         got = _fs.preadv(self._fd(entry.pack), [header, out], _entry_start(entry, ENTRY_HEADER_SIZE))
         if got != ENTRY_HEADER_SIZE + len(out) or len(out) != entry.stored_len:
-            raise CorruptObjectError(f"pack {entry.pack} is truncated at offset {entry.offset}")
+            raise _entry_damage(entry, f"is truncated at offset {entry.offset}")
         self._check_header(entry, header)
 
     @staticmethod
@@ -225,9 +231,7 @@ class PackFiles:
         if (magic, codec, flags, raw_len, stored_len, chunk_id, base) != (
             _ENTRY_MAGIC, entry.codec, expected_flags, entry.raw_len, entry.stored_len, entry.chunk_id, entry.base
         ):
-            raise CorruptObjectError(
-                f"pack {entry.pack} entry at offset {entry.offset} does not match the index"
-            )
+            raise _entry_damage(entry, f"entry at offset {entry.offset} does not match the index")
 
     def forget(self, pack: str) -> None:
         """Close the descriptor of a pack that gc is about to delete."""
@@ -262,7 +266,7 @@ def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]
         head = f.read(_PACK_HEADER.size)
         header_ok = len(head) == _PACK_HEADER.size and _PACK_HEADER.unpack(head) == (PACK_MAGIC, PACK_VERSION, 0)
         if not header_ok and strict:
-            raise CorruptObjectError(f"pack {pack} has no valid header")
+            raise CorruptObjectError(f"pack {pack} has no valid header", pack=pack, damaged_on_disk=True)
         end = size
         count = digest = None
         if size >= _PACK_HEADER.size + _FOOTER.size:
@@ -276,7 +280,8 @@ def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]
             entries = _salvage_entries(f, pack, end)
         else:
             if count is None:
-                raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)")
+                raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)", pack=pack,
+                                         damaged_on_disk=True)
             entries = _strict_entries(f, pack, end, count, digest)
     yield from entries
 
@@ -300,12 +305,14 @@ def _strict_entries(f: BinaryIO, pack: str, end: int, count: int, digest: bytes)
                 raw += base
             valid = valid and pos + _prefix_size(base) + stored_len <= end
         if not valid:
-            raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid or torn")
+            raise CorruptObjectError(f"pack {pack} entry header at {pos} is invalid or torn", pack=pack, offset=pos,
+                                     damaged_on_disk=True)
         headers.update(raw)
         entries.append(PackEntry(chunk_id, pack, pos + _prefix_size(base), stored_len, raw_len, codec, base))
         pos += _prefix_size(base) + stored_len
     if len(entries) != count or headers.digest() != digest:
-        raise CorruptObjectError(f"pack {pack} entry headers do not match its footer")
+        raise CorruptObjectError(f"pack {pack} entry headers do not match its footer", pack=pack,
+                                 damaged_on_disk=True)
     return entries
 
 

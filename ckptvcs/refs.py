@@ -109,6 +109,13 @@ class Refs:
             raise InvalidRefNameError(f"invalid ref {ref[:200]!r}: a ref is HEAD or refs/<name> by the ref-name rules")
         return self.root / ref
 
+    def _rel(self, path: Path) -> str:
+        """``path`` relative to the repository root (for error fields)."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
     # -- reading ---------------------------------------------------------------
 
     def read_raw(self, ref: str) -> str | None:
@@ -123,17 +130,17 @@ class Refs:
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
             except CorruptObjectError as err:
-                raise CorruptObjectError(f"ref {ref} is damaged: {err}") from None
+                raise CorruptObjectError(f"ref {ref} is damaged: {err}", path=self._rel(path)) from None
         try:
             value = data.decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise CorruptObjectError(f"ref {ref} is damaged: it is not UTF-8 text") from None
+            raise CorruptObjectError(f"ref {ref} is damaged: it is not UTF-8 text", path=self._rel(path)) from None
         if _HEX_ID.match(value):
             return value
         if value.startswith(_SYMREF_PREFIX) and is_valid_ref(value[len(_SYMREF_PREFIX):]):
             if value[len(_SYMREF_PREFIX):] != HEAD:
                 return value
-        raise CorruptObjectError(f"ref {ref} is damaged: {value[:80]!r}")
+        raise CorruptObjectError(f"ref {ref} is damaged: {value[:80]!r}", path=self._rel(path))
 
     def symbolic_target(self, ref: str) -> str | None:
         value = self.read_raw(ref)
@@ -177,7 +184,7 @@ class Refs:
         path = self._path(ref)
         with _fs.storage_errors(f"updating {ref}"):
             _fs.check_inside(self.root, path)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _fs.make_dirs(path.parent)
             _fs.check_inside(self.root, path)  # no link slipped in while the folders were made
             with _fs.RefLock(path, self.lock_timeout) as lock:
                 current = self.read_raw(ref)
@@ -235,7 +242,7 @@ class Refs:
         path = self._log_path(ref)
         with _fs.storage_errors(f"appending to the reflog of {ref}"):
             _fs.check_inside(self.root, path)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _fs.make_dirs(path.parent)
             _fs.check_inside(self.root, path)
             _fs.append_durably(path, line.encode())
 
@@ -253,14 +260,15 @@ class Refs:
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return
             except CorruptObjectError as err:
-                raise CorruptObjectError(f"reflog of {ref} is damaged: {err}") from None
+                raise CorruptObjectError(f"reflog of {ref} is damaged: {err}", path=self._rel(path)) from None
         lines = data.decode("utf-8", errors="replace").split("\n")
         if strict:
             bad = [n for n, line in enumerate(lines[:-1], 1) if not REFLOG_LINE.match(line)]
             if bad:
                 raise CorruptObjectError(
                     f"reflog of {ref} is damaged: line {bad[0]} of {len(lines) - 1} does not parse"
-                    + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                    + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                    path=self._rel(path),
                 )
         for line in reversed(lines):
             head, sep, message = line.partition("\t")
@@ -288,7 +296,7 @@ class Refs:
             return
         aside = logs / "deleted"
         with _fs.storage_errors(f"setting aside the reflogs of deleted refs in the way of {ref}"):
-            aside.mkdir(exist_ok=True)
+            _fs.make_dirs(aside)
             for log in blockers:
                 name = log.relative_to(logs).as_posix()
                 if self.read_raw(name) is None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, delta, provenance
+from . import _fs, _validate, delta, provenance
 from ._lazy import LazyModule
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
@@ -53,6 +53,7 @@ from .errors import (
     UnmergedBranchError,
     UnsupportedFormatError,
     UnsupportedValueError,
+    UsageError,
 )
 from .expiry import DEFAULT_REFLOG_EXPIRE, parse_expiry
 from .fsck import FsckProgress, FsckReport, check_repository
@@ -236,16 +237,11 @@ class Repo:
         :mod:`ckptvcs.expiry`) is how long a reflog entry keeps the data of the commits it
         names from gc; stored in config.json, editable there.
         """
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
-            _MIN_CHUNK_SIZE <= chunk_size <= _MAX_CHUNK_SIZE and chunk_size % 16 == 0
-        ):
-            raise InvalidInputError(
-                f"chunk_size must be a multiple of 16 between {_MIN_CHUNK_SIZE} and {_MAX_CHUNK_SIZE}, got {chunk_size!r}"
-            )
-        _check_keyframe_interval(keyframe_interval)
+        chunk_size = _check_chunk_size(chunk_size)
+        keyframe_interval = _check_keyframe_interval(keyframe_interval)
         _refuse_url(path)
         if not isinstance(reflog_expire, str):
-            raise InvalidInputError(f"reflog_expire must be a string such as '30.days', got {reflog_expire!r}")
+            raise UsageError(f"reflog_expire must be a string such as '30.days', got {reflog_expire!r}")
         parse_expiry(reflog_expire)
         target = Path(path).absolute()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -262,7 +258,7 @@ class Repo:
         }
         staging = target.parent / _fs.temp_name(f".{target.name}.init-")
         with _fs.storage_errors(f"creating repository {target}"):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _fs.make_dirs(target.parent)
             try:
                 staging.mkdir()
                 for sub in ("objects", "packs", "tmp", "index", "refs/heads", "refs/tags", "logs"):
@@ -308,10 +304,10 @@ class Repo:
                 f"({FORMAT_VERSION}); upgrade ckptvcs"
             )
         chunk_size = config.get("chunk_size")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
-            _MIN_CHUNK_SIZE <= chunk_size <= _MAX_CHUNK_SIZE and chunk_size % 16 == 0
-        ):
-            raise CorruptObjectError(f"{root}/config.json has an invalid chunk_size {chunk_size!r}")
+        try:
+            _check_chunk_size(chunk_size)
+        except UsageError:
+            raise CorruptObjectError(f"{root}/config.json has an invalid chunk_size {chunk_size!r}") from None
         try:
             _check_keyframe_interval(config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL))
             parse_expiry(config.get("reflog_expire", DEFAULT_REFLOG_EXPIRE))
@@ -742,6 +738,9 @@ class Repo:
                 done += fut.result()
                 if progress is not None:
                     progress(done, total)
+        except IntegrityError as err:
+            err.commit_ids = err.commit_ids or (commit_id,)  # the message names it; the field too
+            raise
         finally:
             for fut in futures:
                 fut.cancel()
@@ -763,7 +762,7 @@ class Repo:
         if isinstance(rev, str) and ".." in rev:
             old, _, new = rev.partition("..")
             if new.startswith("."):
-                raise InvalidInputError(f"{rev}: A...B (symmetric difference) is not supported; use A..B")
+                raise UsageError(f"{rev}: A...B (symmetric difference) is not supported; use A..B")
             hidden = {c.id for c in self._walk([self.resolve(old or HEAD)])}
             return self._walk([self.resolve(new or HEAD)], n, hidden=hidden)
         start = self.resolve(rev)
@@ -1417,7 +1416,7 @@ def _refuse_url(path: Any) -> None:
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if _URL.match(text):
-        raise InvalidInputError(
+        raise UsageError(
             f"{text}: a URL; ckptvcs repositories are local directories for now (remote storage is not supported yet)"
         )
 
@@ -1462,9 +1461,15 @@ def _check_layout(root: Path) -> None:
             raise CorruptObjectError(f"{root / name} is not a {kind}; the repository is damaged")
 
 
-def _check_keyframe_interval(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise InvalidInputError(f"keyframe_interval must be an integer between 1 and 64, got {value!r}")
+def _check_chunk_size(value: Any) -> int:
+    return _validate.check_int(
+        value, "chunk_size", minimum=_MIN_CHUNK_SIZE, maximum=_MAX_CHUNK_SIZE, multiple_of=16,
+        message=f"chunk_size must be a multiple of 16 between {_MIN_CHUNK_SIZE} and {_MAX_CHUNK_SIZE}, got {{value}}",
+    )
+
+
+def _check_keyframe_interval(value: Any) -> int:
+    return _validate.check_int(value, "keyframe_interval", minimum=1, maximum=64)
 
 
 def _desc(timestamp: str) -> tuple[int, ...]:
@@ -1478,12 +1483,9 @@ def _require_str(value: Any, name: str) -> str:
     return value
 
 
-def _optional_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UnsupportedValueError(name, f"expected an integer, got {type(value).__name__}")
-    return int(value)
+# Shared with the CheckpointManager (ckptvcs._validate): one rule for steps and metrics.
+_optional_int = _validate.optional_int
+_metrics = _validate.metrics
 
 
 def _commit_body(
@@ -1508,22 +1510,6 @@ def _staged_time(record: dict[str, Any]) -> float:
     if when.tzinfo is None:
         raise ValueError(f"time {record.get('time')!r} has no time zone")
     return when.timestamp()
-
-
-def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    result: dict[str, float] = {}
-    for name, value in (metrics or {}).items():
-        if not isinstance(name, str):
-            raise UnsupportedValueError(f"metrics/{name!r}", "metric names must be strings")
-        try:
-            if isinstance(value, torch.Tensor):
-                value = value.item()
-            if isinstance(value, (bool, str, bytes)):
-                raise TypeError
-            result[name] = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise UnsupportedValueError(f"metrics/{name}", f"expected a number, got {type(value).__name__}") from None
-    return result
 
 
 def _json_value(value: Any, name: str) -> Any:

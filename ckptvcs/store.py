@@ -44,6 +44,24 @@ Progress = Callable[[int, int], None]
 """A progress callback: ``(bytes done, bytes total)``."""
 
 
+def _damage(describe: Callable[[], str], subject: str, problem: str, *, entry: PackEntry | None = None,
+            chunk_id: bytes | None = None, on_disk: bool = False) -> IntegrityError:
+    """``IntegrityError("<describe()>: <subject> <problem>")`` naming the damaged chunk as fields.
+
+    ``entry`` (the chunk's pack entry) or ``chunk_id`` (a chunk the index lacks) says
+    which chunk ``problem`` is about; fsck reads the fields, never the message.
+    """
+    cid = entry.chunk_id if entry is not None else chunk_id
+    return IntegrityError(
+        f"{describe()}: {subject} {problem}",
+        chunk_id=None if cid is None else cid.hex(),
+        pack=None if entry is None else entry.pack,
+        offset=None if entry is None else entry.offset,
+        damaged_on_disk=on_disk,
+        problem=problem,
+    )
+
+
 def chunk_hash(data: bytes | memoryview) -> bytes:
     """The 32-byte BLAKE3 id of a chunk's raw bytes."""
     return blake3.blake3(data).digest()
@@ -212,7 +230,7 @@ class ChunkStore:
             if cid not in found:  # one lookup per distinct chunk
                 entry = self.index.get(cid)
                 if entry is None:
-                    raise IntegrityError(f"{describe()}: chunk {cid.hex()} is missing from the store")
+                    raise _damage(describe, f"chunk {cid.hex()}", "is missing from the store", chunk_id=cid)
                 found[cid] = entry
         return [found[cid] for cid in chunk_ids]
 
@@ -276,26 +294,23 @@ class ChunkStore:
     def _decode_verified(self, entry: PackEntry, out: memoryview, describe: Callable[[], str], depth: int) -> None:
         """Decode one chunk into ``out`` (its base first, recursively) and check its BLAKE3."""
         if entry.raw_len != len(out):
-            raise IntegrityError(
-                f"{describe()}: chunk {entry.chunk_id.hex()} holds {entry.raw_len} bytes, expected {len(out)}"
-            )
+            raise _damage(describe, f"chunk {entry.chunk_id.hex()}", f"holds {entry.raw_len} bytes, expected {len(out)}",
+                          entry=entry)
         base_bytes = None
         if entry.base is not None:
             if depth >= MAX_CHAIN_LENGTH:
-                raise IntegrityError(
-                    f"{describe()}: chunk {entry.chunk_id.hex()} has a delta chain longer than {MAX_CHAIN_LENGTH}"
-                )
+                raise _damage(describe, f"chunk {entry.chunk_id.hex()}", f"has a delta chain longer than {MAX_CHAIN_LENGTH}",
+                              entry=entry)
             base_entry = self.index.get(entry.base)
             if base_entry is None:
-                raise IntegrityError(
-                    f"{describe()}: base chunk {entry.base.hex()} of chunk {entry.chunk_id.hex()} is missing from the store"
-                )
+                raise _damage(describe, f"base chunk {entry.base.hex()} of chunk {entry.chunk_id.hex()}",
+                              "is missing from the store", chunk_id=entry.base)
             # One scratch buffer per chain level: a level's base is in use while the
             # level below it decodes.
             base_bytes = scratch.buffer(f"base-{depth}", len(out))
             self._decode_with_retry(base_entry, memoryview(base_bytes), describe, depth + 1)
         elif entry.codec in codec.USES_BASE:
-            raise IntegrityError(f"{describe()}: delta chunk {entry.chunk_id.hex()} names no base")
+            raise _damage(describe, f"delta chunk {entry.chunk_id.hex()}", "names no base", entry=entry)
         try:
             with _fs.storage_errors(f"reading pack {entry.pack}"):
                 if entry.codec == codec.RAW:
@@ -303,11 +318,12 @@ class ChunkStore:
                 else:
                     codec.decode_into(entry.codec, self.packs.read_payload_reusing(entry), out, base=base_bytes)
         except CorruptObjectError as err:
-            raise IntegrityError(f"{describe()}: chunk {entry.chunk_id.hex()}: {err}") from None
+            raise IntegrityError(f"{describe()}: chunk {entry.chunk_id.hex()}: {err}", chunk_id=entry.chunk_id.hex(),
+                                 pack=entry.pack, offset=entry.offset, damaged_on_disk=True,
+                                 problem=f"is damaged: {err}") from None
         if chunk_hash(out) != entry.chunk_id:
-            raise IntegrityError(
-                f"{describe()}: chunk {entry.chunk_id.hex()} in pack {entry.pack} fails its BLAKE3 check"
-            )
+            raise _damage(describe, f"chunk {entry.chunk_id.hex()} in pack {entry.pack}", "fails its BLAKE3 check",
+                          entry=entry, on_disk=True)
 
     def read_chunk(self, chunk_id: bytes, *, describe: Callable[[], str], reuse: bool = False) -> memoryview:
         """One chunk's raw bytes, decoded (bases included) and verified.
@@ -318,7 +334,7 @@ class ChunkStore:
         """
         entry = self.index.get(chunk_id)
         if entry is None:
-            raise IntegrityError(f"{describe()}: chunk {chunk_id.hex()} is missing from the store")
+            raise _damage(describe, f"chunk {chunk_id.hex()}", "is missing from the store", chunk_id=chunk_id)
         # The chain below uses the "base-N" slots, never this one.
         out = scratch.buffer("read-chunk", entry.raw_len) if reuse else np.empty(entry.raw_len, dtype=np.uint8)
         self._decode_checked(entry, memoryview(out), describe)

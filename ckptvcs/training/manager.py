@@ -28,10 +28,9 @@ from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 
-from .. import provenance
+from .. import _validate, provenance
 from ..errors import (
     IndexMismatchError,
     InvalidInputError,
@@ -42,7 +41,6 @@ from ..errors import (
     RefExistsError,
     RepositoryDamagedError,
     StepOrderError,
-    UnsupportedValueError,
 )
 from ..repo import Repo
 from .._lazy import LazyMapping
@@ -693,23 +691,11 @@ def _prime_loader(obj: Any) -> None:
 
 
 def _step_number(step: Any) -> int:
-    if isinstance(step, np.integer):
-        return int(step)
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise UnsupportedValueError("step", f"expected an integer, got {type(step).__name__}")
-    return step
+    return _validate.require_int(step, "step")
 
 
-def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    result: dict[str, float] = {}
-    for name, value in (metrics or {}).items():
-        if isinstance(value, torch.Tensor):
-            value = value.item()
-        try:
-            result[str(name)] = float(value)
-        except (TypeError, ValueError):
-            raise UnsupportedValueError(f"metrics/{name}", f"expected a number, got {type(value).__name__}") from None
-    return result
+# One metrics rule for the manager and Repo.commit (ckptvcs._validate).
+_plain_metrics = _validate.metrics
 
 
 def _describe(value: Any) -> str:
