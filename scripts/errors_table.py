@@ -32,7 +32,8 @@ def _fields(cls: type) -> list[str]:
 
 
 def _when(cls: type) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0].replace("``", "`").replace("|", "\\|")
+    first_paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(first_paragraph.split()).replace("``", "`").replace("|", "\\|")
 
 
 def render() -> str:
