@@ -38,8 +38,8 @@ from .errors import (
     CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
-    InvalidInputError,
     IntegrityError,
+    InvalidInputError,
     KeyNotFoundError,
     NotARepositoryError,
     ProtectedCommitError,
@@ -171,7 +171,7 @@ class Repo:
         self._lock = _fs.RepoLock(root / "lock")
         self._rebuild_missing_index()
         try:
-            self.chunks.index  # open now: a forked child is refused here, at open
+            self.chunks.index  # noqa: B018 (read for its effect) open now: a forked child is refused here, at open
         except StorageError:
             pass  # an unreadable index fails on first use; `repair index` needs no index
 
