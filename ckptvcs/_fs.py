@@ -157,7 +157,7 @@ def pread(fd: int, size: int, offset: int) -> bytes:
     return _pread(fd, size, offset)
 
 
-def preadv(fd: int, buffers: list, offset: int) -> int:
+def preadv(fd: int, buffers: list[bytearray | memoryview], offset: int) -> int:
     """Scatter-read at ``offset`` straight into ``buffers``; returns the bytes read."""
     return _preadv(fd, buffers, offset)
 
@@ -211,7 +211,7 @@ def read_file(path: str | os.PathLike[str], max_size: int | None = None) -> byte
     """
     fd = open_regular(path, max_size)
     try:
-        parts = []
+        parts: list[bytes] = []
         offset = 0
         while True:
             block = _pread(fd, 1 << 20, offset)
@@ -230,7 +230,7 @@ def read_record(path: str | os.PathLike[str], max_size: int | None = None) -> by
     tests inject read errors into object and pack data, not into these)."""
     fd = open_regular(path, max_size)
     try:
-        parts = []
+        parts: list[bytes] = []
         total = 0
         while True:
             block = os.read(fd, 1 << 20)

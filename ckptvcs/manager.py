@@ -122,7 +122,7 @@ class CheckpointManager:
         self._damage_warned: frozenset[str] = frozenset()  # damage already warned about
         self.policy = RetentionPolicy(
             keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
-            keep_every_steps=keep_every_steps, max_age=max_age,
+            keep_every_steps=keep_every_steps, max_age=max_age,  # type: ignore[arg-type]  # it converts a timedelta
         )
         self._owns_repo = not isinstance(repo, Repo)
         if isinstance(repo, Repo):
@@ -669,7 +669,7 @@ class CheckpointManager:
         self._pending_signal = None
         try:
             if step != self._last_saved_step:
-                result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)
+                result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)  # type: ignore[arg-type]
                 if isinstance(result, Future):
                     self.wait()
             else:
@@ -707,7 +707,7 @@ def _prime_loader(obj: Any) -> None:
     next ``iter()``, so asking for its state here is enough.
     """
     if isinstance(obj, torch.utils.data.DataLoader):
-        obj.state_dict()
+        obj.state_dict()  # type: ignore[attr-defined]  # a StatefulDataLoader: a plain one was refused at save
 
 
 def _step_number(step: Any) -> int:

@@ -20,7 +20,7 @@ import stat
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -386,10 +386,10 @@ class Repo:
             if not self.objects.has(rev):
                 raise RevisionNotFoundError(f"unknown revision {rev}")
             return self._peel(rev)
-        for ref in (f"refs/heads/{rev}", f"refs/tags/{rev}", rev if rev.startswith("refs/") else None):
-            if ref is None or not is_valid_ref(ref):
+        for candidate in (f"refs/heads/{rev}", f"refs/tags/{rev}", rev if rev.startswith("refs/") else None):
+            if candidate is None or not is_valid_ref(candidate):
                 continue
-            value = self.refs.read_raw(ref)
+            value = self.refs.read_raw(candidate)
             if value is not None and not value.startswith("ref: "):
                 return self._peel(value)
         if _HEX_PREFIX.match(rev):
@@ -459,7 +459,7 @@ class Repo:
             "config": _json_value(config, "config"),
             "data_version": None if data_version is None else _require_str(data_version, "data_version"),
             "code_version": provenance.code_version() if code_version is True
-            else (None if code_version in (None, False) else _json_value(dict(code_version), "code_version")),
+            else (None if code_version in (None, False) else _json_value(dict(code_version), "code_version")),  # type: ignore[arg-type]
         }
         target, expected, parent = self._commit_target(branch)
         who = author or provenance.default_author()
@@ -589,7 +589,7 @@ class Repo:
                 futures += self.chunks.read_into(
                     [bytes.fromhex(c) for c in blob["chunks"]],
                     view,
-                    describe=lambda name=name: f"tensor {name} of commit {commit_id[:12]}",
+                    describe=lambda name=name: f"tensor {name} of commit {commit_id[:12]}",  # type: ignore[misc]
                 )
             total = sum(len(buf) for buf in buffers.values())
             done = 0
@@ -626,7 +626,7 @@ class Repo:
 
     def _walk(self, starts: Iterable[str], n: int | None = None, *, hidden: set[str] | None = None) -> list[Commit]:
         seen: set[str] = set(hidden or ())
-        heap: list[tuple[str, str, Commit]] = []
+        heap: list[tuple[tuple[int, ...], str, Commit]] = []
         pruned = self.pruned()
 
         def push(oid: str) -> None:
@@ -661,7 +661,7 @@ class Repo:
         manifest_a, manifest_b = self.manifest(a), self.manifest(b)
         commit_a, commit_b = self.resolve(a), self.resolve(b)
 
-        def loader(manifest: Manifest, commit_id: str):
+        def loader(manifest: Manifest, commit_id: str) -> Callable[[Any, str], Any]:
             def load_node(node: Any, path: str) -> Any:
                 return decode_state(node, self._read_blobs(manifest, node, commit_id, path=path), "cpu")
             return load_node
