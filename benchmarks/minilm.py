@@ -117,7 +117,8 @@ class _Embeddings(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
-        x = self.word_embeddings(tokens) + self.position_embeddings(self.position_ids[:, :t]) + self.token_type_embeddings.weight[0]
+        x = self.word_embeddings(tokens) + self.position_embeddings(self.position_ids[:, :t])
+        x = x + self.token_type_embeddings.weight[0]
         return F.dropout(self.LayerNorm(x), 0.1, self.training)
 
 

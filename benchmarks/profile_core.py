@@ -41,7 +41,7 @@ import bench_core  # noqa: E402
 import ckptvcs  # noqa: E402
 from ckptvcs import _fs, codec  # noqa: E402
 from ckptvcs.index import ChunkIndex  # noqa: E402
-from ckptvcs.pack import PackEntry, PackFiles, PackWriter  # noqa: E402
+from ckptvcs.pack import PackFiles, PackWriter  # noqa: E402
 from ckptvcs.repo import DEFAULT_CHUNK_SIZE  # noqa: E402
 from ckptvcs.state import encode_state  # noqa: E402
 from ckptvcs.store import chunk_hash  # noqa: E402
@@ -112,9 +112,9 @@ def commit_stages(state: Any, work: Path) -> tuple[list[memoryview], list[tuple[
     t, _ = timed(lambda: [dctx.decompress(p, max_output_size=n) for p, n in zpay])
     line("  of which verify decompress (one-shot)", t, sum(n for _, n in zpay))
     zraw = [(dctx.decompress(p, max_output_size=len(c)), c) for (k, p), c in zip(encoded_chunks, chunks) if k == codec.ZSTD]
-    t, _ = timed(lambda: [d != c for d, c in zraw])
+    t, _ = timed(lambda: [d != c for d, c in zraw])  # noqa: F821 (called before the `del zraw` below)
     line("  of which verify compare (bytes != memoryview, holds GIL)", t, sum(len(c) for _, c in zraw))
-    t, _ = timed(lambda: [d != c.tobytes() for d, c in zraw])
+    t, _ = timed(lambda: [d != c.tobytes() for d, c in zraw])  # noqa: F821 (as above)
     line("  alternative compare: bytes != memoryview.tobytes() (memcmp)", t, sum(len(c) for _, c in zraw))
     del zraw
     with ThreadPoolExecutor(2) as pool:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from .diff import DiffEntry, DiffStat
-from .fsck import Finding, FsckReport
 from .errors import (
     AmbiguousRevisionError,
     AsyncSaveError,
@@ -42,6 +41,7 @@ from .errors import (
     UnsupportedValueError,
     UsageError,
 )
+from .fsck import Finding, FsckReport
 from .gc import GcReport
 from .objects import Commit, Tag
 from .refs import ReflogEntry

@@ -180,7 +180,7 @@ def pread(fd: int, size: int, offset: int) -> bytes:
     return _pread(fd, size, offset)
 
 
-def preadv(fd: int, buffers: list, offset: int) -> int:
+def preadv(fd: int, buffers: list[bytearray | memoryview], offset: int) -> int:
     """Scatter-read at ``offset`` straight into ``buffers``; returns the bytes read."""
     return _preadv(fd, buffers, offset)
 
@@ -247,7 +247,7 @@ def _read_whole(
     """Read a regular file to its end with ``read(fd, size, offset)``, refusing more than ``max_size``."""
     fd = open_regular(path, max_size)
     try:
-        parts = []
+        parts: list[bytes] = []
         offset = 0
         while True:
             block = read(fd, 1 << 20, offset)

@@ -26,6 +26,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import blake3
 import numpy as np
@@ -139,7 +140,7 @@ def encode(
     """
     data = np.frombuffer(raw, dtype=np.uint8)
     # (codec, payload parts, total length, base id); only the winner's parts are joined.
-    candidates: list[tuple[int, list, int, bytes | None]] = []
+    candidates: list[tuple[int, list[Any], int, bytes | None]] = []
     base_data = None
     if base is not None:
         base_id, base_bytes = base
@@ -161,10 +162,10 @@ def encode(
             parts = _plane_parts(data, layout, "split")
             candidates.append((PLANES, parts, sum(len(p) for p in parts), None))
     limit = len(raw) * (1 - _MIN_SAVING)
-    for kind, parts, total, base_id in sorted(candidates, key=lambda c: c[2]):
+    for kind, parts, total, base_ref in sorted(candidates, key=lambda c: c[2]):
         if total > limit:
             break
-        candidate = Encoded(kind, parts[0] if len(parts) == 1 else _join(parts, total, allocate), base_id)
+        candidate = Encoded(kind, parts[0] if len(parts) == 1 else _join(parts, total, allocate), base_ref)
         if not verify or _decodes_to(candidate, chunk_id, len(raw), base_data):
             return candidate
         warnings.warn(
@@ -176,7 +177,7 @@ def encode(
     return Encoded(RAW, raw)
 
 
-def _join(parts: list, total: int, allocate: Callable[[int], memoryview] | None) -> bytes | memoryview:
+def _join(parts: list[Any], total: int, allocate: Callable[[int], memoryview] | None) -> bytes | memoryview:
     if allocate is None:
         return b"".join(parts)
     out = allocate(total)
@@ -231,7 +232,7 @@ def _worth_compressing(plane: np.ndarray, cctx: zstandard.ZstdCompressor) -> boo
         return True
     step = n // 4
     sample = np.concatenate([plane[i * step : i * step + _SAMPLE_SLICE] for i in range(4)])
-    return len(cctx.compress(sample)) <= len(sample) * (1 - _SAMPLE_MIN_SAVING)
+    return len(cctx.compress(sample)) <= len(sample) * (1 - _SAMPLE_MIN_SAVING)  # type: ignore[arg-type]  # stub: bytes; any buffer works
 
 
 # -- decoding ------------------------------------------------------------------------

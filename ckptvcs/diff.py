@@ -61,7 +61,8 @@ def _layout(kind: str, body: dict, manifest: Manifest) -> tuple:
     if not 0 <= index < len(manifest.blobs):
         raise CorruptObjectError(f"manifest {manifest.id} refers to blob {index}, which it lacks")
     blob = manifest.blobs[index]
-    return (kind, body.get("dtype"), body.get("shape"), body.get("stride"), body.get("offset"), blob["nbytes"], tuple(blob["chunks"]))
+    return (kind, body.get("dtype"), body.get("shape"), body.get("stride"), body.get("offset"),
+            blob["nbytes"], tuple(blob["chunks"]))
 
 
 def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:

@@ -149,7 +149,7 @@ class _Checker:
         self.usage: dict[bytes, list[tuple[int, int]]] = {}
         self.required: set[bytes] = set()  # chunks some non-pruned reachable commit needs
         self.flagged: set[bytes] = set()  # chunks already reported damaged
-        self._tensor_names: dict[int, dict[int, list[str]]] = {}
+        self._tensor_names: dict[int, dict[Any, list[str]]] = {}  # blob key as the manifest has it (unchecked)
         self._failed_commits: list[tuple[str, str]] = []  # commits that did not load, reported later
 
     # -- reporting helpers ---------------------------------------------------------
@@ -526,8 +526,8 @@ class _Checker:
         for pack, chunks in missing_packs.items():
             self.flagged.update(chunks)
             needed = [c for c in chunks if c in self.required]
-            commits: list[str] = []
-            tensors: list[str] = []
+            commits = []
+            tensors = []
             for chunk in needed:
                 c, t, _ = self.users(chunk)
                 commits += c
@@ -680,7 +680,7 @@ class _Checker:
             buffer = bytearray(entry.raw_len)
             try:
                 futures = store.read_into([entry.chunk_id], memoryview(buffer),
-                                          describe=lambda e=entry: f"chunk {e.chunk_id.hex()}")
+                                          describe=lambda e=entry: f"chunk {e.chunk_id.hex()}")  # type: ignore[misc]
             except CkptvcsError as err:
                 failed: Future[int] = Future()
                 failed.set_exception(err)

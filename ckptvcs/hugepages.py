@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Callable
 
 __all__ = ["advise_huge_pages"]
 
@@ -21,7 +22,7 @@ _MADV_HUGEPAGE = 14  # linux/mman.h
 _MIN_BYTES = 2 * _HUGE_PAGE  # smaller buffers hold no whole huge page worth the call
 
 
-def _load_madvise():
+def _load_madvise() -> Callable[[int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -15,7 +15,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -34,7 +34,7 @@ _T = TypeVar("_T")
 
 _registry_lock = threading.Lock()
 # (pid, real path, inode of data.mdb) → [environment, number of open ChunkIndex objects using it]
-_registry: dict[tuple[int, str, int | None], list] = {}
+_registry: dict[tuple[int, str, int | None], list[Any]] = {}
 
 
 REBUILT_SUFFIX = ".rebuilt"  # a complete rebuilt index waiting to be swapped in (repair)
@@ -63,7 +63,7 @@ def _finish_interrupted_swap(path: Path) -> None:
                     raise  # else another process finished it first
 
 
-def _acquire_environment(path: Path, map_size: int) -> tuple[lmdb.Environment, tuple]:
+def _acquire_environment(path: Path, map_size: int) -> tuple[lmdb.Environment, tuple[int, str, int | None]]:
     """One shared environment per (process, real path, data file); LMDB forbids opening twice.
 
     The data file's inode is part of the key so that, once ``repair index`` has
@@ -144,7 +144,7 @@ def open_read_only(path: Path) -> lmdb.Environment:
     return lmdb.open(str(path), readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
 
 
-def _release_environment(key: tuple) -> None:
+def _release_environment(key: tuple[int, str, int | None]) -> None:
     with _registry_lock:
         slot = _registry.get(key)
         if slot is not None:

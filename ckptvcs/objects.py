@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(node, dict):
             children = node.values()
         elif isinstance(node, (list, tuple)):
@@ -79,7 +80,7 @@ def decode_float(v: Any) -> float:
     return float(v)
 
 
-def _expect(obj: dict, key: str, types: type | tuple[type, ...], kind: str) -> Any:
+def _expect(obj: dict[str, Any], key: str, types: type | tuple[type, ...], kind: str) -> Any:
     if key not in obj:
         raise CorruptObjectError(f"{kind} object has no field {key!r}")
     value = obj[key]

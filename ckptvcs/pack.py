@@ -279,7 +279,7 @@ def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]
         if not strict:
             entries = _salvage_entries(f, pack, end)
         else:
-            if count is None:
+            if count is None or digest is None:  # both None or both set
                 raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)", pack=pack,
                                          damaged_on_disk=True)
             entries = _strict_entries(f, pack, end, count, digest)

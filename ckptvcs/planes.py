@@ -16,6 +16,7 @@ never compress and never check ids. ``layout`` numbers are part of the on-disk f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ _FLOAT_WIDTHS = {
 }
 
 
-_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_UINT: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def layout_for_dtype(dtype: str | None) -> int:

@@ -30,8 +30,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 __all__ = ["utc_now", "default_author", "code_version", "environment"]
@@ -99,7 +99,7 @@ _RACY_NS = 2_000_000_000
 _STAT_LIMIT = 2000
 _cache_lock = threading.Lock()
 # cwd -> (tree state when git last ran, its answer, the checkout's layout)
-_code_cache: dict[str, tuple[Any, dict[str, Any] | None, "_Layout | None"]] = {}
+_code_cache: dict[str, tuple[Any, dict[str, Any] | None, _Layout | None]] = {}
 
 
 class _Layout:
@@ -115,7 +115,8 @@ class _Layout:
 
 def _run_git_code_version(cwd: str) -> tuple[dict[str, Any] | None, _Layout | None]:
     """Run git: ``(code version or None, layout or None)``."""
-    where = _git(cwd, "rev-parse", "--absolute-git-dir", "--path-format=absolute", "--git-common-dir", "--show-toplevel", "--verify", "-q", "HEAD")
+    where = _git(cwd, "rev-parse", "--absolute-git-dir", "--path-format=absolute", "--git-common-dir", "--show-toplevel",
+                 "--verify", "-q", "HEAD")
     lines = where.splitlines() if where else []
     if len(lines) != 4:
         return None, None

@@ -84,7 +84,7 @@ class _Salvage:
         if key not in self.verdicts:
             self.verdicts[key] = "unknown"  # a base loop lands here: not provable either way
             try:
-                self.verdicts[key] = "ok" if chunk_hash(self.decode(entry, depth)) == entry.chunk_id else "wrong"
+                self.verdicts[key] = "ok" if chunk_hash(memoryview(self.decode(entry, depth))) == entry.chunk_id else "wrong"
             except _Wrong:
                 self.verdicts[key] = "wrong"
             except _Unknown:

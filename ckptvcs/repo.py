@@ -20,7 +20,7 @@ import stat
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -39,8 +39,8 @@ from .errors import (
     CommitPrunedError,
     CorruptObjectError,
     ForkedRepoError,
-    InvalidInputError,
     IntegrityError,
+    InvalidInputError,
     KeyNotFoundError,
     NotARepositoryError,
     ProtectedCommitError,
@@ -213,7 +213,7 @@ class Repo:
         self._lock = _fs.RepoLock(root / "lock")
         self._rebuild_missing_index()
         try:
-            self.chunks.index  # open now: a forked child is refused here, at open
+            self.chunks.index  # noqa: B018 (read for its effect) open now: a forked child is refused here, at open
         except StorageError:
             pass  # an unreadable index fails on first use; `repair index` needs no index
 
@@ -424,10 +424,10 @@ class Repo:
             if not self.objects.has(rev):
                 raise RevisionNotFoundError(f"unknown revision {rev}")
             return self._peel(rev)
-        for ref in (f"refs/heads/{rev}", f"refs/tags/{rev}", rev if rev.startswith("refs/") else None):
-            if ref is None or not is_valid_ref(ref):
+        for candidate in (f"refs/heads/{rev}", f"refs/tags/{rev}", rev if rev.startswith("refs/") else None):
+            if candidate is None or not is_valid_ref(candidate):
                 continue
-            value = self.refs.read_raw(ref)
+            value = self.refs.read_raw(candidate)
             if value is not None and not value.startswith("ref: "):
                 return self._peel(value)
         if _HEX_PREFIX.match(rev):
@@ -730,7 +730,7 @@ class Repo:
                 futures += self.chunks.read_into(
                     [bytes.fromhex(c) for c in blob["chunks"]],
                     view,
-                    describe=lambda name=name: f"tensor {name} of commit {commit_id[:12]}",
+                    describe=lambda name=name: f"tensor {name} of commit {commit_id[:12]}",  # type: ignore[misc]
                 )
             total = sum(len(buf) for buf in buffers.values())
             done = 0
@@ -770,7 +770,7 @@ class Repo:
 
     def _walk(self, starts: Iterable[str], n: int | None = None, *, hidden: set[str] | None = None) -> list[Commit]:
         seen: set[str] = set(hidden or ())
-        heap: list[tuple[str, str, Commit]] = []
+        heap: list[tuple[tuple[int, ...], str, Commit]] = []
         pruned = self.pruned()
 
         def push(oid: str) -> None:
@@ -805,7 +805,7 @@ class Repo:
         manifest_a, manifest_b = self.manifest(a), self.manifest(b)
         commit_a, commit_b = self.resolve(a), self.resolve(b)
 
-        def loader(manifest: Manifest, commit_id: str):
+        def loader(manifest: Manifest, commit_id: str) -> Callable[[Any, str], Any]:
             def load_node(node: Any, path: str) -> Any:
                 return decode_state(node, self._read_blobs(manifest, node, commit_id, path=path), "cpu")
             return load_node

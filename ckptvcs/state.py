@@ -268,7 +268,7 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     item = t.element_size()
     start = t.storage_offset() * item
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return start, start + (last + 1) * item
+    return start, start + (last + 1) * item  # type: ignore[return-value]  # torch says int | SymInt; eager tensors give int
 
 
 def _float(x: float) -> float | str:
@@ -511,7 +511,7 @@ class _Decoder:
         blob = self._blob(blob_index, path, torch.Tensor)
         shape, stride, offset, item = self._tensor_layout(body, path, blob.numel())
         device = _resolve_device(str(body.get("device", "cpu")), self.map_location)
-        blob = self._on_device(blob_index, blob, device)
+        blob = self._on_device(blob_index, blob, device)  # type: ignore[arg-type]  # an int: _blob checked it
         try:
             t = torch.empty(0, dtype=dtype, device=blob.device).set_(blob.untyped_storage(), offset // item, shape, stride)
         except (RuntimeError, ValueError, OverflowError) as err:
@@ -619,7 +619,7 @@ class _Validator(_Decoder):
             raise _corrupt(f"bad tensor at {path}")
         self._tensor_layout(body, path, self._blob(body.get("blob"), path, "tensor"))
 
-    def _ndarray(self, body: Any, path: str) -> None:
+    def _ndarray(self, body: Any, path: str) -> None:  # type: ignore[override]
         if not isinstance(body, dict):
             raise _corrupt(f"bad ndarray at {path}")
         dtype = self._np_dtype(body.get("dtype"), path)

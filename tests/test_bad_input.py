@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import store_snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +20,7 @@ from ckptvcs.cli import cli
 from ckptvcs.exchange import read_state_file
 from ckptvcs.pack import iter_pack_entries
 from ckptvcs.refs import Refs
+from helpers import store_snapshot
 
 
 class _Planted:

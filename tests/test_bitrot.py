@@ -34,7 +34,7 @@ def _one_pack_three_commits(repo: Repo) -> tuple[str, list[torch.Tensor], list[P
     entries.sort(key=lambda pair: pair[0].offset)
     assert len({e.pack for e, _ in entries}) == 1
     branches = {}
-    for entry, i in entries[1:]:
+    for _entry, i in entries[1:]:
         repo.commit({"t": tensors[i]}, f"only t{i}", branch=f"c{i}", code_version=None)
         branches[f"c{i}"] = i
     return x, tensors, [e for e, _ in entries], branches

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_tensor_identical, flip_payload_byte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptvcs import IntegrityError, Repo, codec, planes
+from ckptvcs.errors import CorruptObjectError
 from ckptvcs.hugepages import advise_huge_pages
 from ckptvcs.store import ChunkStore, chunk_hash
+from helpers import assert_tensor_identical, flip_payload_byte
 
 
 def _run(n: int, steps: int, seed: int = 0):
@@ -136,7 +137,7 @@ def test_chain_decoder_declines_mixed_layouts_and_misplaced_codecs() -> None:
     assert decoder.add(four[0].codec, four[0].payload)
     assert not decoder.add(two[1].codec, two[1].payload)  # a delta in another layout
     assert not codec.ChainDecoder(memoryview(bytearray(4096))).add(four[1].codec, four[1].payload)  # no keyframe
-    with pytest.raises(Exception):
+    with pytest.raises(CorruptObjectError):
         codec.ChainDecoder(memoryview(bytearray(4096))).finish()
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_tensor_identical, flip_payload_byte
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,6 +16,7 @@ from ckptvcs import IntegrityError, Repo, codec, planes
 from ckptvcs.index import ChunkIndex
 from ckptvcs.pack import iter_pack_entries
 from ckptvcs.store import chunk_hash
+from helpers import assert_tensor_identical, flip_payload_byte
 
 FLOAT_DTYPES = [
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,

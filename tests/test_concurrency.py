@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import torch
-from crash_harness import HANG_GUARD, context
 
 from ckptvcs import RefConflictError, Repo
+from crash_harness import HANG_GUARD, context
 
 
 def _race_one_commit(store: str, barrier, result_path: str, worker: int) -> None:  # type: ignore[no-untyped-def]

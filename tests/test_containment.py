@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ckptvcs import CheckpointManager, RepositoryDamagedError, Repo
+from ckptvcs import CheckpointManager, Repo, RepositoryDamagedError
 from ckptvcs.cli import cli
 from helpers import flip_byte
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from ckptvcs import Repo
+from ckptvcs.fsck import FsckReport
 from crash_harness import (
     CHUNK_SIZE,
     KillRound,
@@ -31,9 +34,6 @@ from crash_harness import (
     seed_of,
 )
 from helpers import assert_array_identical, assert_tensor_identical
-
-from ckptvcs import Repo
-from ckptvcs.fsck import FsckReport
 
 
 def assert_state_identical(actual: dict, expected: dict) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import flip_byte, store_snapshot
 
 import ckptvcs
 import ckptvcs._fs
@@ -38,6 +37,7 @@ from ckptvcs import (
 from ckptvcs import errors as errors_module
 from ckptvcs.pack import PackEntry
 from ckptvcs.state import iter_tensors
+from helpers import flip_byte, store_snapshot
 
 
 @pytest.fixture

@@ -214,7 +214,8 @@ def test_lost_or_garbled_index_file(tmp_path: Path, damage: str) -> None:
         found = repo.fsck().errors
         assert found and all(f.kind in ("index-mismatch", "corrupt") for f in found)
         assert all(f.commits in ((cid,), ()) for f in found)
-        with pytest.raises(IntegrityError if damage == "deleted" else StorageError, match="index" if damage != "deleted" else "missing"):
+        error = IntegrityError if damage == "deleted" else StorageError
+        with pytest.raises(error, match="index" if damage != "deleted" else "missing"):
             repo.load()
         report = repo.repair_index()
         assert report.previous_chunks == (0 if damage == "deleted" else None)

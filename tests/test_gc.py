@@ -11,8 +11,6 @@ from datetime import timedelta
 import pytest
 import torch
 from click.testing import CliRunner
-from gc_workers import chain_committer, chain_state
-from helpers import assert_tensor_identical, store_snapshot, tree_size
 
 from ckptvcs import (
     CommitCollectedError,
@@ -25,6 +23,8 @@ from ckptvcs import (
 )
 from ckptvcs.cli import cli
 from ckptvcs.expiry import parse_expiry
+from gc_workers import chain_committer, chain_state
+from helpers import assert_tensor_identical, store_snapshot, tree_size
 
 
 def tensor(seed: int, numel: int) -> torch.Tensor:

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from crash_harness import context
-from helpers import assert_array_identical, assert_tensor_identical
 
 from ckptvcs import CheckpointManager, Repo
+from crash_harness import context
+from helpers import assert_array_identical, assert_tensor_identical
 
 # -- 1. randomised gc / retention / commit / replay campaign ------------------------------------
 

@@ -14,11 +14,11 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_tensor_identical, store_snapshot
 
 from ckptvcs import CheckpointManager, IndexMismatchError, LockTimeoutError, Repo, _fs
 from ckptvcs.cli import cli
 from ckptvcs.index import encode_entry
+from helpers import assert_tensor_identical, store_snapshot
 
 
 def tensor(seed: int, numel: int) -> torch.Tensor:

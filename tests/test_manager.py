@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_tensor_identical
 from torch import nn
 
 import ckptvcs
@@ -26,6 +25,7 @@ from ckptvcs import (
 )
 from ckptvcs.cli import cli
 from ckptvcs.manager import MANAGER_KEY
+from helpers import assert_tensor_identical
 
 
 class FakeClock:
@@ -145,7 +145,7 @@ def test_restore_brings_back_objects_rng_and_progress(repo) -> None:
     extras = {"seen": [1, 2]}
     state = {"model": model, "optimizer": opt, "scheduler": sched, "buffer": buffer, "extras": extras, "count": 5}
     with CheckpointManager(repo, state, code_version=None) as mgr:
-        for step in range(1, 5):
+        for _step in range(1, 5):
             train_step(model, opt, sched)
         buffer += 7
         wall = mgr.wall_time

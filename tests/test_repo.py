@@ -13,7 +13,6 @@ import blake3
 import numpy as np
 import pytest
 import torch
-from helpers import commit_worker, record_chunk_reads, tree_size
 
 from ckptvcs import (
     AmbiguousRevisionError,
@@ -26,11 +25,13 @@ from ckptvcs import (
     RevisionNotFoundError,
     Tag,
     UnmergedBranchError,
+    codec,
+    pack,
 )
-from ckptvcs import codec, pack
 from ckptvcs.objects import canonical_json
 from ckptvcs.refs import ZERO_ID
 from ckptvcs.store import chunk_hash
+from helpers import commit_worker, record_chunk_reads, tree_size
 
 AUTHOR = "Test Author <test@example.com>"
 

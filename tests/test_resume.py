@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tensor_bits
 
 from ckptvcs import Repo
+from helpers import tensor_bits
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 STEPS = 20

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import assert_array_identical, assert_tensor_identical, record_chunk_reads
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ckptvcs import IntegrityError, Repo, RevisionNotFoundError, UnsupportedValueError
 from ckptvcs.state import TORCH_DTYPES
+from helpers import assert_array_identical, assert_tensor_identical, record_chunk_reads
 
 DTYPE_NAMES = sorted(TORCH_DTYPES)
 
