@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import flip_byte
 
 import ckptvcs
 import ckptvcs._fs
@@ -29,6 +28,7 @@ from ckptvcs import (
 )
 from ckptvcs import errors as errors_module
 from ckptvcs.state import iter_tensors
+from helpers import flip_byte
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,7 +150,7 @@ def test_fsck_decides_kinds_from_fields_not_messages(repo: Repo, monkeypatch: py
         return real(oid, expected_kind)
 
     monkeypatch.setattr(repo.objects, "get", get)
-    for on_disk, kind in ((True, "hash-mismatch"), (False, "corrupt")):
+    for on_disk, kind in ((True, "hash-mismatch"), (False, "corrupt")):  # noqa: B007 (get() above reads it)
         assert [f.kind for f in repo.fsck().errors] == [kind]
 
 

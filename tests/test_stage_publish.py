@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from crash_harness import CHUNK_SIZE, ack, kill_child_timed, make_state, read_acks
-from helpers import assert_tensor_identical
 
 from ckptvcs import (
     InvalidInputError,
@@ -22,6 +20,8 @@ from ckptvcs import (
     UnsupportedValueError,
 )
 from ckptvcs.objects import canonical_json
+from crash_harness import CHUNK_SIZE, ack, kill_child_timed, make_state, read_acks
+from helpers import assert_tensor_identical
 
 
 def _state(seed: int) -> dict:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .. import _validate, provenance
+from .._lazy import LazyMapping
 from ..errors import (
     IndexMismatchError,
     InvalidInputError,
@@ -43,7 +44,8 @@ from ..errors import (
     StepOrderError,
 )
 from ..repo import Repo
-from .._lazy import LazyMapping
+from ..state import encode_state
+from .async_save import BackgroundSaver
 from .policies import (
     KeepPolicy,
     SaveContext,
@@ -52,11 +54,9 @@ from .policies import (
     prune_decisions,
     save_policy_from_keywords,
 )
-from .async_save import BackgroundSaver
 from .preemption import PreemptionWatcher
 from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time
 from .rng import capture_rng, restore_rng
-from ..state import encode_state
 
 __all__ = ["CheckpointManager", "MANAGER_KEY"]
 
@@ -135,7 +135,7 @@ class CheckpointManager:
         self._damage_warned: frozenset[str] = frozenset()  # damage already warned about
         self.policy = RetentionPolicy(
             keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
-            keep_every_steps=keep_every_steps, max_age=max_age,
+            keep_every_steps=keep_every_steps, max_age=max_age,  # type: ignore[arg-type]  # it converts a timedelta
         )
         check_policy_conflicts(save_policy, keep_policy, dict(
             every_steps=every_steps, every_seconds=every_seconds, best_metric=best_metric,
@@ -651,7 +651,7 @@ class CheckpointManager:
         signum = self._preemption.take()
         try:
             if step != self._last_saved_step:
-                result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)
+                result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)  # type: ignore[arg-type]
                 if isinstance(result, Future):
                     self.wait()
             else:
@@ -687,7 +687,7 @@ def _prime_loader(obj: Any) -> None:
     next ``iter()``, so asking for its state here is enough.
     """
     if isinstance(obj, torch.utils.data.DataLoader):
-        obj.state_dict()
+        obj.state_dict()  # type: ignore[attr-defined]  # a StatefulDataLoader: a plain one was refused at save
 
 
 def _step_number(step: Any) -> int:
