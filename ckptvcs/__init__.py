@@ -5,11 +5,11 @@ The public API is what this module exports; everything else is internal and may 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+from ._lazy import lazy_attributes
 from .diff import DiffEntry, DiffStat
 from .errors import (
     AmbiguousRevisionError,
@@ -58,18 +58,7 @@ _POLICIES = ("SaveContext", "EverySteps", "EverySeconds", "OnImprovement", "AtSt
              "KeepLast", "KeepBest", "KeepEverySteps", "KeepMaxAge", "AnyKeep", "AllKeep")
 _LAZY = {"CheckpointManager": "training.manager", **{name: "training.policies" for name in _POLICIES}}
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 __all__ = [
     "__version__",

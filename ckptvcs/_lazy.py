@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any, TypeVar
 
-__all__ = ["LazyModule", "LazyMapping"]
+__all__ = ["LazyModule", "LazyMapping", "lazy_attributes"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -67,3 +67,24 @@ class LazyMapping(Mapping[K, V]):
 
     def __repr__(self) -> str:
         return repr(self._get())
+
+
+def lazy_attributes(
+    package: str, modules: Mapping[str, str], namespace: dict[str, Any]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's PEP 562 ``__getattr__`` and ``__dir__``: ``name`` is imported from the
+    submodule ``modules[name]`` (relative to ``package``) on first use, then cached in the
+    package's ``namespace`` (its ``globals()``), so later reads cost nothing."""
+
+    def __getattr__(name: str) -> Any:
+        module = modules.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{module}", package), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(modules))
+
+    return __getattr__, __dir__

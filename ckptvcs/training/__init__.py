@@ -7,9 +7,9 @@ imports torch and loads on first use (PEP 562), so ``import ckptvcs.training`` s
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_attributes
 from .policies import (
     AllKeep,
     AnyKeep,
@@ -34,18 +34,7 @@ if TYPE_CHECKING:
 
 _LAZY = {"CheckpointManager": "manager", "MANAGER_KEY": "manager"}
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 __all__ = [
