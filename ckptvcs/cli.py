@@ -322,21 +322,37 @@ def _long(c: Commit, labels: dict[str, list[str]]) -> list[str]:
     return lines
 
 
+def _commit_json(c: Commit) -> dict[str, Any]:
+    """A commit as one JSON object: its id, its record and its pruned record (or null)."""
+    return {"id": c.id, **c.to_json(), "pruned": c.pruned}
+
+
 @cli.command(cls=_LogCommand)
 @click.argument("rev", default="HEAD", shell_complete=_complete_rev)
 @click.option("-n", "max_count", type=click.IntRange(min=0), help="Show at most N commits (also -N, as in log -3).")
 @click.option("--oneline", is_flag=True, help="One line per commit.")
 @click.option("--graph", is_flag=True, help="Draw the commit graph.")
 @click.option("--all", "all_refs", is_flag=True, help="Start from every branch and tag, not just REV.")
+@click.option("--where", "where", multiple=True, metavar="EXPR",
+              help="Only commits matching FIELD OP VALUE, e.g. \"val_loss < 0.3\" (repeatable: all must hold).")
+@click.option("--json", "as_json", is_flag=True, help="Print the commits as one JSON list.")
 @click.pass_context
-def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, graph: bool, all_refs: bool) -> None:
+def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, graph: bool, all_refs: bool,
+        where: tuple[str, ...], as_json: bool) -> None:
     """Show the history reachable from REV (default HEAD).
 
     REV may be a range A..B: the commits reachable from B and not from A (what B added
-    since A); A.. means A..HEAD.
+    since A); A.. means A..HEAD. --where filters by step, epoch, message, author, time,
+    data_version, metrics.NAME (or a bare metric name) and config.KEY (docs/cli.md).
     """
     repo = _repo(ctx)
-    commits = repo.all_commits()[:max_count] if all_refs else repo.log(rev, n=max_count)
+    if where:
+        commits = repo.find(*where, rev=rev, all_refs=all_refs, n=max_count)
+    else:
+        commits = repo.all_commits()[:max_count] if all_refs else repo.log(rev, n=max_count)
+    if as_json:
+        click.echo(json.dumps([_commit_json(c) for c in commits], indent=2, sort_keys=True))
+        return
     labels = _decorations(repo)
     texts = [[_oneline(c, labels)] if oneline else _long(c, labels) for c in commits]
     if graph:
@@ -346,6 +362,32 @@ def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, grap
         for block in texts:
             for line in block:
                 click.echo(line)
+
+
+@cli.command()
+@click.option("--metric", required=True, metavar="NAME", help="The metric to rank by (e.g. val_loss).")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True,
+              help="min: lower is better; max: higher is better.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=1, show_default=True, help="How many commits to show.")
+@click.option("--branch", "branch", shell_complete=_complete_branch, help="Rank this branch's history (default HEAD's).")
+@click.option("--where", "where", multiple=True, metavar="EXPR", help="Only commits matching EXPR (repeatable).")
+@click.option("--include-pruned", is_flag=True, help="Also rank commits whose tensor data was released.")
+@click.option("--json", "as_json", is_flag=True, help="Print the commits as one JSON list.")
+@click.pass_context
+def best(ctx: click.Context, metric: str, mode: str, k: int, branch: str | None, where: tuple[str, ...],
+         include_pruned: bool, as_json: bool) -> None:
+    """The K best commits by a metric, best first (ties: the newer commit first).
+
+    Commits without the metric are skipped; pruned ones too unless --include-pruned.
+    """
+    repo = _repo(ctx)
+    commits = repo.best(metric, mode=mode, k=k, branch=branch, where=where, include_pruned=include_pruned)
+    if as_json:
+        click.echo(json.dumps([_commit_json(c) for c in commits], indent=2, sort_keys=True))
+        return
+    labels = _decorations(repo)
+    for c in commits:
+        click.echo(_oneline(c, labels))
 
 
 def _print_diff_stat(entries: list[DiffStat], as_json: bool) -> None:

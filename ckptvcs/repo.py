@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, _validate, delta, provenance
+from . import _fs, _validate, catalog, delta, provenance
 from ._lazy import LazyModule
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
@@ -767,6 +767,52 @@ class Repo:
             return self._walk([self.resolve(new or HEAD)], n, hidden=hidden)
         start = self.resolve(rev)
         return self._walk([start], n)
+
+    def find(self, *where: str, rev: str = "HEAD", all_refs: bool = False, n: int | None = None) -> list[Commit]:
+        """Commits matching every ``FIELD OP VALUE`` expression (docs/library.md, "Catalog
+        queries"), newest first, at most ``n``.
+
+        ``rev`` is as for :meth:`log` (ranges ``A..B`` included); ``all_refs=True`` searches
+        every branch, tag and HEAD instead. A malformed expression raises UsageError before
+        any history is read.
+        """
+        conditions = catalog.parse_all(where)
+        commits = self.all_commits() if all_refs else self.log(rev)
+        found = [c for c in commits if catalog.matches(c, conditions)]
+        return found if n is None else found[:n]
+
+    def best(
+        self,
+        metric: str,
+        mode: str = "min",
+        k: int = 1,
+        branch: str | None = None,
+        where: Iterable[str] = (),
+        include_pruned: bool = False,
+    ) -> list[Commit]:
+        """The ``k`` commits with the lowest (``mode="min"``) or highest (``"max"``) value of
+        ``metric``, best first, among the history of ``branch`` (default HEAD) that matches
+        ``where``.
+
+        Commits without the metric (or with NaN) are skipped. Ties go to the newer commit
+        (the later checkpoint of an equal score). Pruned and collected commits are left out
+        unless ``include_pruned=True`` (their ``.pruned`` then says so), so by default every
+        result can be loaded.
+        """
+        if mode not in ("min", "max"):
+            raise UsageError(f"best: mode must be 'min' or 'max', not {mode!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UsageError(f"best: k must be a positive integer, not {k!r}")
+        if not isinstance(metric, str) or not metric.strip():
+            raise UsageError("best: metric must be a non-empty name")
+        rev = HEAD if branch is None else f"refs/heads/{check_ref_name(branch, 'branch')}"
+        scored = []
+        for commit in self.find(*where, rev=rev):  # newest first; the stable sort keeps it
+            value = catalog.metric_value(commit, metric)
+            if value is not None and (include_pruned or commit.pruned is None):
+                scored.append((value if mode == "min" else -value, commit))
+        scored.sort(key=lambda pair: pair[0])
+        return [commit for _, commit in scored[:k]]
 
     def _walk(self, starts: Iterable[str], n: int | None = None, *, hidden: set[str] | None = None) -> list[Commit]:
         seen: set[str] = set(hidden or ())
