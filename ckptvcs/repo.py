@@ -806,6 +806,8 @@ class Repo:
         if not isinstance(metric, str) or not metric.strip():
             raise UsageError("best: metric must be a non-empty name")
         rev = HEAD if branch is None else f"refs/heads/{check_ref_name(branch, 'branch')}"
+        if branch is not None and self.refs.read_raw(rev) is None:
+            raise RevisionNotFoundError(f"best: no branch named {branch!r}")
         scored = []
         for commit in self.find(*where, rev=rev):  # newest first; the stable sort keeps it
             value = catalog.metric_value(commit, metric)

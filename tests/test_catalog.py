@@ -14,7 +14,7 @@ import pytest
 
 from ckptvcs import Repo
 from ckptvcs.catalog import matches, parse_all, parse_where
-from ckptvcs.errors import UsageError
+from ckptvcs.errors import RevisionNotFoundError, UsageError
 from ckptvcs.objects import Commit
 
 CKPTVCS = Path(sys.executable).with_name("ckptvcs")
@@ -114,6 +114,8 @@ def test_best_min_max_k_branch_where(repo: Repo) -> None:
     assert [c.message for c in repo.best("val_loss", where=["data_version == 'v1'"])] == ["c2"]
     assert len(repo.best("val_loss", k=100)) == 5  # the commit without the metric is skipped
     assert repo.best("nonexistent") == []
+    with pytest.raises(RevisionNotFoundError, match="no branch named 'nope'"):
+        repo.best("val_loss", branch="nope")
 
 
 def test_best_skips_pruned_commits_unless_asked(repo: Repo) -> None:
