@@ -32,7 +32,7 @@ from typing import Any
 from .errors import UsageError
 from .objects import Commit
 
-__all__ = ["Condition", "parse_where", "parse_all", "matches", "metric_value"]
+__all__ = ["Condition", "parse_where", "parse_all", "matches", "metric_value", "shown_parents"]
 
 FIELDS = ("step", "epoch", "message", "author", "time", "data_version")
 OPERATORS = ("==", "!=", "<=", ">=", "<", ">", "~")
@@ -106,6 +106,29 @@ def metric_value(commit: Commit, name: str) -> float | None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return None
     return float(value)
+
+
+def shown_parents(shown: list[Commit], history: Iterable[Commit]) -> list[tuple[str, tuple[str, ...]]]:
+    """(id, parents) of each shown commit with parents rewritten to its nearest shown
+    ancestors (git's parent rewriting), so a graph of a filtered log stays connected."""
+    by_id = {c.id: c for c in history}
+    keep = {c.id for c in shown}
+    edges = []
+    for commit in shown:
+        found: list[str] = []
+        seen: set[str] = set()
+        queue = list(commit.parents)
+        while queue:
+            oid = queue.pop(0)
+            if oid in seen:
+                continue
+            seen.add(oid)
+            if oid in keep:
+                found.append(oid)
+            elif oid in by_id:
+                queue.extend(by_id[oid].parents)
+        edges.append((commit.id, tuple(found)))
+    return edges
 
 
 def parse_time(value: str, text: str = "") -> datetime:

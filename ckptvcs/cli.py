@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import click
 from click.shell_completion import CompletionItem
 
-from . import __version__
+from . import __version__, catalog
 from .diff import DiffStat
 from .errors import CkptvcsError, InvalidInputError, RefExistsError, RepositoryDamagedError, UsageError
 from .exchange import FORMATS, export_metadata, export_state, guess_format, read_state_file, subtree
@@ -356,7 +356,10 @@ def log(ctx: click.Context, rev: str, max_count: int | None, oneline: bool, grap
     labels = _decorations(repo)
     texts = [[_oneline(c, labels)] if oneline else _long(c, labels) for c in commits]
     if graph:
-        for line in graph_lines([(c.id, c.parents) for c in commits], texts):
+        edges = [(c.id, c.parents) for c in commits]
+        if where:  # a filtered history: join each commit to its nearest shown ancestors
+            edges = catalog.shown_parents(commits, repo.all_commits() if all_refs else repo.log(rev))
+        for line in graph_lines(edges, texts):
             click.echo(line)
     else:
         for block in texts:

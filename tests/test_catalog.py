@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ckptvcs import Repo
-from ckptvcs.catalog import matches, parse_all, parse_where
+from ckptvcs.catalog import matches, parse_all, parse_where, shown_parents
 from ckptvcs.errors import RevisionNotFoundError, UsageError
 from ckptvcs.objects import Commit
 
@@ -171,3 +171,17 @@ def test_cli_malformed_where_is_one_line_exit_9(repo: Repo, args: list[str]) -> 
     assert result.returncode == 9, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: where")
+
+
+def test_a_filtered_graph_joins_commits_to_their_nearest_shown_ancestors(repo: Repo) -> None:
+    out = run("log", "--graph", "--oneline", "--all", "--where", "step >= 0", "--where", "step != 40",
+              "--where", "step != 20", cwd=repo.root)
+    assert out.returncode == 0, out.stderr
+    # side (off c2, hidden) joins c1; "no metric" (off c4, hidden) joins c3; nothing dangles.
+    shown = {c.id: c for c in repo.find("step >= 0", "step != 40", "step != 20", all_refs=True)}
+    edges = dict(shown_parents(list(shown.values()), repo.all_commits()))
+    by_message = {c.message: c.id for c in shown.values()}
+    assert edges[by_message["side"]] == (by_message["c1"],)
+    assert edges[by_message["no metric"]] == (by_message["c3"],)
+    assert edges[by_message["c0"]] == ()
+    assert out.stdout.count("*") == len(shown)
