@@ -153,15 +153,19 @@ class RepoMachine(RuleBasedStateMachine):
     # -- helpers ---------------------------------------------------------------------
 
     def _arrays(self, data: st.DataObject) -> dict[str, np.ndarray]:
-        """A new state, an earlier one again, or an earlier one with one tensor changed."""
+        """A new state, an earlier one again, or an earlier one with one tensor or every chunk changed."""
         known = [c.arrays for c in self.model.commits.values()]
-        mode = data.draw(st.sampled_from(["new", "same", "change"] if known else ["new"]), label="mode")
+        mode = data.draw(st.sampled_from(["new", "same", "change", "drift"] if known else ["new"]), label="mode")
         if mode == "new":
             return _state_arrays(data.draw(st.integers(0, 3), label="seed"))
         base = data.draw(st.sampled_from(known), label="earlier")
         if mode == "same":
             return base
         arrays = {n: a.copy() for n, a in base.items()}
+        if mode == "drift":  # one element of every chunk: every chunk new, each an XOR delta of its parent's
+            for arr in arrays.values():
+                arr[:: CHUNK // 4] *= 1.5
+            return arrays
         name = data.draw(st.sampled_from(sorted(arrays)), label="tensor")
         index = data.draw(st.integers(0, arrays[name].size - 1), label="index")
         arrays[name][index : index + 7] += 1.0  # a few elements of one chunk (or two) change
@@ -428,8 +432,8 @@ class DeepRepoMachine(RepoMachine):
 
 
 DeepRepoMachine.TestCase.settings = settings(
-    max_examples=300,
-    stateful_step_count=60,
+    max_examples=200,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
