@@ -419,7 +419,7 @@ class RepoMachine(RuleBasedStateMachine):
 
 
 RepoMachine.TestCase.settings = settings(
-    max_examples=40,
+    max_examples=60,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
