@@ -432,7 +432,7 @@ class DeepRepoMachine(RepoMachine):
 
 
 DeepRepoMachine.TestCase.settings = settings(
-    max_examples=200,
+    max_examples=500,
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
