@@ -346,6 +346,9 @@ class RepoMachine(RuleBasedStateMachine):
     def prune(self, data: st.DataObject) -> None:
         # A commit gc already collected is left alone: pruning it again would only rename its record.
         candidates = [c for c, mc in self.model.commits.items() if mc.fate != "collected"]
+        if data.draw(st.booleans(), label="parent of a tip"):  # the delta base of a kept commit
+            parents = {self.model.commits[t].parent for t in self.model.tips()} - self.model.tips()
+            candidates = [c for c in candidates if c in parents] or candidates
         if not candidates:
             return
         cid = data.draw(st.sampled_from(candidates), label="commit")
