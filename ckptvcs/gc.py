@@ -230,9 +230,10 @@ def collect_garbage(
     """
     report = GcReport(dry_run=dry_run)
     index = {entry.chunk_id: entry for entry in repo.chunks.index}
-    selection = select_live(repo, index, expire=expire, only=only)
     staged_keep, staged_expired = staged
-    live = selection.chunks | staged_chunk_ids(repo, staged_keep, index)
+    staged_live = staged_chunk_ids(repo, staged_keep, index)
+    selection = select_live(repo, index, expire=expire, only=only, staged_chunks=staged_live)
+    live = selection.chunks | staged_live
     report.staged_kept = len(staged_keep)
     report.staged_expired = list(staged_expired)
     report.live_commits = len(selection.commits)
@@ -399,14 +400,15 @@ class LiveSelection:
 
 
 def select_live(repo: Repo, index: dict[bytes, PackEntry], *, expire: float | None,
-                only: set[str] | None) -> LiveSelection:
+                only: set[str] | None, staged_chunks: set[bytes] | frozenset[bytes] = frozenset()) -> LiveSelection:
     """The live set of a gc.
 
     Default: the commits of :meth:`Repo.live_commits` (refs, and reflog entries younger
     than ``expire``); every other commit whose data goes is reported. With ``only`` (pruned
     commits no ref names): every other commit a ref or any reflog entry reaches, or
     pruned by someone else and not yet collected, is kept, and so is every indexed chunk
-    none of the ``only`` commits lists: nothing but their data can go.
+    none of the ``only`` commits lists: nothing but their data can go. ``staged_chunks``
+    (kept for staged states) stay too: an unreachable commit they hold whole is not collected.
     """
     records = repo.pruned()
     pruned = sum(1 for r in records.values() if r.get("rule") != COLLECTED_RULE)
@@ -415,7 +417,8 @@ def select_live(repo: Repo, index: dict[bytes, PackEntry], *, expire: float | No
         chunks = live_chunk_ids(repo, kept, index)
         kept_set = set(kept)
         released = [c for c, r in records.items() if c not in kept_set and "collected" not in r]
-        collected = [c for c in _unrecorded_commits(repo, kept_set, records) if _data_goes(repo, c, chunks)]
+        stays = chunks | staged_chunks
+        collected = [c for c in _unrecorded_commits(repo, kept_set, records) if _data_goes(repo, c, stays)]
         return LiveSelection(kept, chunks, pruned, collected, released)
     others = [c for c, r in records.items() if c not in only and "collected" not in r]
     kept = list(dict.fromkeys(repo.live_commits(expire=math.inf) + others))

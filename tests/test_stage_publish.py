@@ -111,6 +111,21 @@ def test_gc_keeps_staged_data_within_the_grace(repo: Repo) -> None:
     assert repo.fsck(read_data=True).ok
 
 
+
+def test_gc_does_not_mark_collected_an_unreachable_commit_a_stage_keeps_whole(repo: Repo) -> None:
+    """An unreachable commit whose every chunk a staged state holds keeps its data, so it
+    loads and gets no ``gc`` record (found by tests/test_repo_model.py: gc judged "data
+    goes" against the kept commits' chunks only, then kept the staged chunks anyway)."""
+    repo.commit(_state(1), "one", code_version=None)
+    lost = repo.commit(_state(2), "two", branch="dev", code_version=None)
+    repo.stage(_state(2))  # the same bytes, staged onto main and not published
+    repo.delete_branch("dev", force=True)
+    report = repo.gc(prune_unreachable_after="now")
+    assert lost not in report.collected_commits
+    assert not repo.is_pruned(lost)
+    _assert_same_state(repo.load(lost), _state(2))
+    assert repo.fsck(read_data=True).ok
+
 def test_restricted_gc_keeps_even_expired_staged_data(repo: Repo) -> None:
     repo.commit(_state(1), "one", code_version=None)
     staged = repo.stage(_state(2))
