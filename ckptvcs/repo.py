@@ -1098,12 +1098,16 @@ class Repo:
         ``rule`` names the retention rule (``keep_last=3``), ``reason`` says why in words.
         A commit that a branch, tag or HEAD points at cannot be pruned
         (ProtectedCommitError). Pruning is permanent once gc has run. Returns the id.
+        Pruning a commit that already has a record changes nothing: the first record
+        stands (a record that says gc collected the data must never lose that).
         """
         commit_id = self.resolve(rev)
         if commit_id in self._all_tips():
             raise ProtectedCommitError(
                 f"commit {commit_id[:12]} is the tip of a branch, tag or HEAD; it cannot be pruned"
             )
+        if self.pruned_record(commit_id) is not None:
+            return commit_id
         self._write_pruned_record(commit_id, _require_str(rule, "rule"), _require_str(reason, "reason"))
         return commit_id
 

@@ -23,6 +23,7 @@ from ckptvcs import (
 )
 from ckptvcs.cli import cli
 from ckptvcs.expiry import parse_expiry
+from ckptvcs.gc import COLLECTED_RULE
 from gc_workers import chain_committer, chain_state
 from helpers import assert_tensor_identical, store_snapshot, tree_size
 
@@ -405,3 +406,25 @@ def test_cli_marks_collected_commits_and_refuses_refs_to_them(small_repo) -> Non
     assert refused.exit_code == 14 and "collected by gc" in refused.output
     bad = runner.invoke(cli, ["--repo", root, "gc", "--prune=soon"])
     assert bad.exit_code == 9 and "invalid expiry 'soon'" in bad.output
+
+
+def test_pruning_an_already_pruned_or_collected_commit_keeps_its_first_record(small_repo) -> None:
+    """A second prune (by hand, or another rule) must not overwrite a record, least of all one
+    saying gc collected the data: the commit would then read as pruned with data on disk."""
+    base = small_repo.commit({"w": tensor(1, 8192)}, "base", code_version=None)
+    small_repo.checkout(base)
+    lost = small_repo.commit({"w": tensor(2, 8192)}, "detached", code_version=None)
+    small_repo.checkout("main")
+    small_repo.gc(prune_unreachable_after="now")
+    record = small_repo.pruned_record(lost)
+    assert record is not None and record["rule"] == COLLECTED_RULE and "collected" in record
+    assert small_repo.prune(lost, "manual", "by hand") == lost
+    assert small_repo.pruned_record(lost) == record
+    with pytest.raises(CommitCollectedError):
+        small_repo.load(lost)
+    older = small_repo.commit({"w": tensor(3, 8192)}, "next", code_version=None)
+    small_repo.commit({"w": tensor(4, 8192)}, "head", code_version=None)
+    small_repo.prune(older, "keep_last=1", "first")
+    first = small_repo.pruned_record(older)
+    small_repo.prune(older, "manual", "second")
+    assert small_repo.pruned_record(older) == first
