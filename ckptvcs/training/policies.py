@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol, runtime_checkable
 
+from .._validate import check_int
 from ..errors import InvalidInputError, PolicyConflictError
 from .retention import CheckpointRecord, PruneDecision, RetentionPolicy, best_value, select_prunable
 
@@ -107,9 +108,7 @@ class KeepPolicy(Protocol):
 
 
 def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return check_int(value, name, minimum=1, message=f"{name} must be a positive integer, got {{value}}")
 
 
 def _positive_seconds(value: object, name: str) -> float:
