@@ -1,0 +1,172 @@
+"""The storage backend protocol: everything ckptvcs does to durable storage.
+
+A backend stores *keys*: relative POSIX paths inside one repository ("packs/ab/<id>.pack",
+"objects/12/<id>", "refs/heads/main"). It knows nothing of chunks, commits or refs; the
+layers above decide what a key means (their names live in ``ckptvcs.layout``). The protocol
+is shaped so that both a local directory and an object store (S3 and its compatibles) can
+implement it without a second seam:
+
+- ``put`` is an immutable, atomic, durable whole-object write: a reader sees all of it or
+  nothing, and once ``put`` returns a crash cannot take it back. Locally: write a temporary
+  file, fsync, rename, fsync the folder. On S3: one PUT (``If-None-Match: *`` when
+  ``if_absent``).
+- ``open_writer`` streams a large object (a pack) and makes it visible only at ``commit``.
+- ``get_range``/``open_reader`` serve ranged reads; nothing ever needs a whole pack in memory.
+- ``compare_and_swap`` is the commit point of the store (a ref update): it replaces a small
+  object only if it still holds what the caller last read. Locally: a lock file plus rename;
+  on S3: a conditional PUT (``If-Match: <etag>`` / ``If-None-Match: *``).
+- ``append`` adds a line to a log (reflogs). Backends without appends emulate it with
+  ``compare_and_swap`` of the whole object.
+- ``lock`` is the repository's advisory reader/writer lock (gc and repair hold it
+  exclusively). Only backends with ``Capabilities.advisory_locks`` offer it.
+
+Errors: a missing key raises :class:`KeyMissing` (a ``FileNotFoundError``, so existing
+``except FileNotFoundError`` paths keep working); a lost compare-and-swap raises
+:class:`ConcurrentUpdate`; every other failure raises an ``OSError`` with an errno (ENOSPC,
+EIO, EACCES...) that the layers above turn into one clear ``StorageError`` line. A backend
+never returns partial data: a short read is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can promise; the layers above choose their strategy from it.
+
+    atomic_rename: a put/commit becomes visible whole through a rename (POSIX); object
+        stores publish whole objects natively and say False.
+    fsync: durability is reached by fsync (files and folders); False where the service
+        acknowledges a write only once it is durable.
+    conditional_put: compare_and_swap and put(if_absent=True) are native and safe between
+        machines (S3 If-Match / If-None-Match). Local directories implement them with lock
+        files, safe between processes on one host only.
+    advisory_locks: ``lock()`` works (flock on a local file system). Object stores have no
+        locks; maintenance there relies on conditional puts and grace periods instead.
+    local_path: keys are files under ``local_root()``, so LMDB and mmap may be used on them.
+    appends: ``append`` is native (O_APPEND + fsync); otherwise it is emulated by
+        read-modify-compare-and-swap, correct but O(size) per line.
+    """
+
+    atomic_rename: bool
+    fsync: bool
+    conditional_put: bool
+    advisory_locks: bool
+    local_path: bool
+    appends: bool
+
+
+class KeyMissing(FileNotFoundError):
+    """The key does not exist (or was deleted). Subclasses FileNotFoundError on purpose."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(errno.ENOENT, "no such key", key)
+        self.key = key
+
+
+class ConcurrentUpdate(OSError):
+    """compare_and_swap found another value than the expected one.
+
+    ``current`` holds what the key holds now (None: absent), so a caller can report or retry.
+    """
+
+    def __init__(self, key: str, current: bytes | None) -> None:
+        super().__init__(errno.EAGAIN, "the key was changed by someone else", key)
+        self.key = key
+        self.current = current
+
+
+class RangeReader(Protocol):
+    """An open, immutable object read by ranges (a pack)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Exactly ``size`` bytes at ``offset``; a short read raises OSError(EIO)."""
+        ...
+
+    def readinto(self, buffers: list[bytearray | memoryview], offset: int) -> int:
+        """Fill the buffers in order from ``offset`` (one preadv locally); returns bytes read."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ObjectWriter(Protocol):
+    """A streamed immutable object: invisible until ``commit``, gone after ``abort``."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def commit(self) -> None:
+        """Make everything written durable and visible under the key, atomically."""
+        ...
+
+    def abort(self) -> None:
+        """Drop what was written; the key is untouched. Safe to call twice or after a failure."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Durable storage for one repository; see the module docstring for the contract."""
+
+    capabilities: Capabilities
+
+    def describe(self) -> str:
+        """Where this backend stores (a path or URL), for messages."""
+        ...
+
+    def local_root(self) -> Path | None:
+        """The directory holding the keys as files, or None (not a local file system)."""
+        ...
+
+    # Reads
+    def get(self, key: str, *, max_size: int | None = None) -> bytes:
+        """The whole object. Larger than ``max_size``: OSError(EFBIG), nothing read."""
+        ...
+
+    def open_reader(self, key: str) -> RangeReader: ...
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when it does not exist."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every committed key under ``prefix`` (a folder, "" for all), sorted; never
+        temporaries or half-written objects."""
+        ...
+
+    # Writes
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Store ``data`` atomically and durably. ``if_absent``: leave an existing key as it
+        is and return False (content-addressed keys hold the same bytes anyway)."""
+        ...
+
+    def open_writer(self, key: str) -> ObjectWriter: ...
+
+    def delete(self, key: str) -> bool:
+        """Remove the key durably; False when it did not exist."""
+        ...
+
+    def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
+        """Replace the key's value by ``new`` (None: delete) only if it still holds
+        ``expected`` (None: absent); otherwise raise :class:`ConcurrentUpdate`."""
+        ...
+
+    def append(self, key: str, data: bytes) -> None:
+        """Append ``data`` durably (creating the key); a crash keeps a prefix of whole appends."""
+        ...
+
+    def lock(self, name: str, *, exclusive: bool, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """Hold the named advisory lock (shared or exclusive) for the block.
+
+        Raises ``NotImplementedError`` where ``capabilities.advisory_locks`` is False."""
+        ...
