@@ -146,7 +146,7 @@ class Commit:
     data_version: str | None = None
     code_version: dict[str, Any] | None = None
     environment: dict[str, Any] = field(default_factory=dict)
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # sizes and timings (docs/format.md 4.1)
     id: str = ""
     # Not part of the object (nor of its id): the pruned record (``pruned/<id>``) when a
     # retention rule released this commit's tensor data; filled in by Repo.log/show.

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, _validate, catalog, delta, provenance
+from . import _fs, _validate, catalog, components, delta, provenance, records
 from ._lazy import LazyModule
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
@@ -94,7 +94,7 @@ _MAX_CHUNK_SIZE = 256 << 20
 _MAX_RECORD_SIZE = 1 << 20  # config.json and pruned records: small JSON files
 # The store's own entries: none may be a symbolic link (docs/format.md, "Symbolic links").
 _LAYOUT = ("config.json", "HEAD", "lock", "lock.gate", "objects", "packs", "tmp", "index", "refs", "logs", "pruned",
-           "staged")
+           "staged", "records")
 STAGED_DIRNAME = "staged"
 DEFAULT_STAGED_EXPIRE = "1.day"
 
@@ -123,16 +123,25 @@ class Staged:
     new_chunks: int
     new_stored_bytes: int
     time: str  # UTC ISO 8601, when staging finished
+    save_seconds: float | None = None  # wall time of the stage: encode, hash, code, write, fsync
+    # (component, logical bytes, new stored bytes) per ckptvcs.components class
+    components: tuple[tuple[str, int, int], ...] = ()
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """The ``stats`` field of the commit that publishes this state."""
-        return {
+        stats: dict[str, Any] = {
             "tensors": self.tensors,
             "logical_bytes": self.logical_bytes,
             "new_chunks": self.new_chunks,
             "new_stored_bytes": self.new_stored_bytes,
         }
+        if self.save_seconds is not None:
+            stats["save_seconds"] = round(self.save_seconds, 6)
+        if self.components:
+            stats["components"] = {name: {"logical_bytes": logical, "new_stored_bytes": stored}
+                                   for name, logical, stored in self.components}
+        return stats
 
 
 @dataclass(frozen=True)
@@ -491,12 +500,13 @@ class Repo:
         repository lock (so gc cannot run in between and no staged record is needed).
         """
         self._check_process()
+        started = time.perf_counter()
         encoded = encode_state(state)  # refuses unsupported values before any write
         body = _commit_body(message, step, epoch, metrics, config, data_version, code_version)
         target, expected, parent = self._commit_target(branch)
         who = author or provenance.default_author()
         with self._lock.hold(exclusive=False):
-            staged = self._stage_locked(encoded, parent, progress)
+            staged = self._stage_locked(encoded, parent, progress, started)
             return self._publish_locked(staged, body, target, expected, who)
 
     def stage(
@@ -519,13 +529,14 @@ class Repo:
         garbage).
         """
         self._check_process()
+        started = time.perf_counter()
         encoded = encode_state(state)
         if parent is _PARENT_OF_BRANCH:
             parent_id = self._commit_target(branch)[2]
         else:
             parent_id = None if parent is None else self.resolve(_require_str(parent, "parent"))
         with self._lock.hold(exclusive=False):
-            staged = self._stage_locked(encoded, parent_id, progress)
+            staged = self._stage_locked(encoded, parent_id, progress, started)
             self._write_staged_record(staged)  # before gc can run: the lock is still held
         return staged
 
@@ -569,7 +580,7 @@ class Repo:
         self._remove_staged_record(staged.manifest)
         return commit_id
 
-    def _stage_locked(self, encoded: Any, parent: str | None, progress: Progress | None) -> Staged:
+    def _stage_locked(self, encoded: Any, parent: str | None, progress: Progress | None, started: float) -> Staged:
         """State → chunks → manifest, under the caller's shared lock; no ref moves.
 
         The parent's delta bases are chosen first, from its manifest alone, and handed
@@ -604,6 +615,8 @@ class Repo:
             new_chunks=stats.new_chunks,
             new_stored_bytes=stats.new_stored_bytes,
             time=provenance.utc_now(),
+            save_seconds=time.perf_counter() - started,
+            components=_component_sizes(encoded, stats.blob_new_stored_bytes),
         )
 
     def _publish_locked(
@@ -1286,12 +1299,47 @@ class Repo:
         expire = self.reflog_expire if prune_unreachable_after is None else parse_expiry(prune_unreachable_after)
         staged_grace = self.staged_expire if staged_expire is None else parse_expiry(staged_expire)
         with self._lock.hold(exclusive=True, timeout=lock_timeout):
+            started = time.perf_counter()
             self._refuse_if_damaged("collect garbage")
             self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
             collectable = None if only is None else self._collectable(only)
             # A restricted gc releases only its own pruned commits: every staged state stays.
             staged = self._staged_for_gc(math.inf if only is not None else staged_grace)
-            return collect_garbage(self, dry_run=dry_run, expire=expire, only=collectable, staged=staged)
+            report = collect_garbage(self, dry_run=dry_run, expire=expire, only=collectable, staged=staged)
+            seconds = time.perf_counter() - started
+        if not dry_run:
+            self._record_gc(report, seconds, restricted=only is not None)
+        return report
+
+    def _record_gc(self, report: GcReport, seconds: float, *, restricted: bool) -> None:
+        """Append what this gc did to ``records/gc.jsonl`` (for the report; docs/format.md section 16)."""
+        records.append(self.root, "gc", {
+            "time": provenance.utc_now(),
+            "seconds": round(seconds, 6),
+            "restricted": restricted,
+            "pack_bytes_before": report.pack_bytes_before,
+            "pack_bytes_after": report.pack_bytes_after,
+            "bytes_reclaimed": report.bytes_reclaimed,
+            "packs_deleted": len(report.packs_deleted),
+            "packs_rewritten": len(report.packs_rewritten),
+            "packs_written": len(report.packs_written),
+            "live_commits": report.live_commits,
+            "live_chunks": report.live_chunks,
+            "chunks_freed": report.dead_chunks,
+            "commits_collected": len(report.collected_commits),
+            "who": provenance.default_author(),
+        })
+
+    def read_records(self, kind: str) -> records.RecordLog:
+        """The operational records of ``kind`` (``gc``, ``restore``), oldest first; see
+        :mod:`ckptvcs.records`. Damaged lines are counted, never raised."""
+        self._check_process()
+        return records.read(self.root, kind)
+
+    def add_record(self, kind: str, record: dict[str, Any]) -> bool:
+        """Append ``record`` to ``records/<kind>.jsonl`` durably; False (a warning) when it cannot be written."""
+        self._check_process()
+        return records.append(self.root, kind, {"time": provenance.utc_now(), **record})
 
     @property
     def reflog_expire(self) -> float:
@@ -1554,6 +1602,15 @@ def _commit_body(
         "code_version": provenance.code_version() if code_version is True
         else (None if code_version in (None, False) else _json_value(dict(code_version), "code_version")),
     }
+
+
+def _component_sizes(encoded: Any, stored: list[int]) -> tuple[tuple[str, int, int], ...]:
+    """(component, logical bytes, new stored bytes) of a staged state (docs/format.md, 4.1)."""
+    logical = [len(blob.data) for blob in encoded.blobs]
+    if len(stored) != len(logical):
+        return ()
+    split = components.split(encoded.root, logical, stored)
+    return tuple((name, sizes["logical_bytes"], sizes["new_stored_bytes"]) for name, sizes in split.items())
 
 
 def _staged_time(record: dict[str, Any]) -> float:

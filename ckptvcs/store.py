@@ -78,6 +78,7 @@ class WriteStats:
     new_stored_bytes: int = 0
     delta_chunks: int = 0  # new chunks stored as a delta against a base
     packs: list[str] = field(default_factory=list)
+    blob_new_stored_bytes: list[int] = field(default_factory=list)  # per blob of put_blobs: what it added
 
 
 @dataclass
@@ -424,11 +425,15 @@ class WriteSession:
             blob_no, fut = pending.popleft()
             enc = fut.result()
             result[blob_no].append(enc.chunk_id)
+            before = self.stats.new_stored_bytes
             self._append(enc)
+            self.stats.blob_new_stored_bytes[first + blob_no] += self.stats.new_stored_bytes - before
             done += enc.raw_len
             if progress is not None:
                 progress(done, total)
 
+        first = len(self.stats.blob_new_stored_bytes)
+        self.stats.blob_new_stored_bytes += [0] * len(blobs)
         for blob_no, blob in enumerate(blobs):
             result.append([])
             self.stats.logical_bytes += len(blob)

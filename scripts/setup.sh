@@ -28,6 +28,18 @@ if [ -z "${SKIP_TORCH:-}" ]; then
     fi
 fi
 
+# The report's browser test (tests/test_report_browser.py) needs a real headless chromium:
+# Debian's package, installed when missing (as root; otherwise say how). SKIP_CHROMIUM=1 skips it.
+if [ -z "${SKIP_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing chromium (apt-get) for the report's browser test" >&2
+        apt-get update -qq >&2 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >&2
+    else
+        echo "setup: chromium is missing; the report's browser test will be skipped (apt-get install chromium)" >&2
+    fi
+fi
+
 echo "setup: installing ckptvcs and its test tools" >&2
 "${pip[@]}" -e ".[test]"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, ckptvcs; print("ckptvcs", ckptvcs.__version__, "torch", torch.__version__)'))" >&2

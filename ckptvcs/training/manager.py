@@ -318,7 +318,9 @@ class CheckpointManager:
                 return None
         else:
             commit_id = self.repo.resolve(rev)
+        started = time.perf_counter()
         loaded = self.repo.load(commit_id, map_location=map_location)
+        load_seconds = time.perf_counter() - started
         if not isinstance(loaded, dict):
             raise InvalidInputError(f"commit {commit_id[:12]} does not hold a dict of named states")
         missing = [name for name in self.state if name not in loaded]
@@ -351,7 +353,20 @@ class CheckpointManager:
         self._current_step = step
         self.resumed_from = commit_id
         self.last_commit = commit_id
+        self._record_restore(commit_id, step, load_seconds, time.perf_counter() - started, commit)
         return step
+
+    def _record_restore(self, commit_id: str, step: int | None, load: float, total: float, commit: Any) -> None:
+        """Keep this restore's timings in ``records/restore.jsonl`` for the report (a store
+        that cannot be written, read-only, just goes without)."""
+        self.repo.add_record("restore", {
+            "commit": commit_id,
+            "branch": self.branch,
+            "step": step,
+            "load_seconds": round(load, 6),
+            "restore_seconds": round(total, 6),
+            "logical_bytes": commit.stats.get("logical_bytes"),
+        })
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is durable; raise its error if it failed."""
