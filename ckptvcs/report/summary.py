@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import _fs, provenance
+from .. import _fs
 from ..catalog import metric_value
 from ..components import COMPONENTS, blob_components
 from ..errors import CkptvcsError
@@ -84,7 +84,7 @@ def _build(repo: Repo, attention: list[dict[str, str]]) -> dict[str, Any]:
     manifests = _manifest_chunks(repo, commits, attention)
     stored_len = {entry.chunk_id: entry.stored_len for entry in repo.chunks.index}
 
-    branch_of = {}
+    branch_of: dict[str, str] = {}
     for name, chain in chains.items():
         for cid in chain:
             branch_of.setdefault(cid, name)
@@ -98,7 +98,7 @@ def _build(repo: Repo, attention: list[dict[str, str]]) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "format": "ckptvcs-report",
         "version": SUMMARY_VERSION,
-        "generated": provenance.utc_now(),
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "repository": str(repo.root),
         "repository_id": repo.config.get("id"),
         "head": {"branch": head_branch, "commit": head_commit},
@@ -226,10 +226,43 @@ def _records(repo: Repo, kind: str, attention: list[dict[str, str]]) -> dict[str
     path = repo.root / "records" / f"{kind}.jsonl"
     return {
         "recorded": log.error is None and (bool(log.records) or os.path.lexists(path)),
-        "records": log.records,
+        "records": [_clean(r, _SCHEMAS[kind]) for r in log.records],
         "damaged_lines": log.damaged_lines,
         "truncated": log.truncated,
     }
+
+
+_NUM, _STR, _BOOL, _ID = "number", "string", "bool", "id"
+_SCHEMAS: dict[str, dict[str, str]] = {
+    "gc": {"time": _STR, "seconds": _NUM, "restricted": _BOOL, "pack_bytes_before": _NUM, "pack_bytes_after": _NUM,
+           "bytes_reclaimed": _NUM, "packs_deleted": _NUM, "packs_rewritten": _NUM, "packs_written": _NUM,
+           "live_commits": _NUM, "live_chunks": _NUM, "chunks_freed": _NUM, "commits_collected": _NUM, "who": _STR},
+    "restore": {"time": _STR, "commit": _ID, "branch": _STR, "step": _NUM, "load_seconds": _NUM,
+                "restore_seconds": _NUM, "logical_bytes": _NUM},
+    "verified": {"time": _STR, "commit": _ID, "ok": _BOOL, "restore_seconds": _NUM, "check_seconds": _NUM,
+                 "seconds": _NUM, "error": _STR, "error_type": _STR},
+}
+
+
+def _clean(record: dict[str, Any], schema: dict[str, str]) -> dict[str, Any]:
+    """The record's known fields with the types the report relies on (anything else: None).
+
+    Records come from the repository, which is untrusted: a string where a size belongs
+    must not break a chart, and a 1 MiB "time" must not flood the page.
+    """
+    out: dict[str, Any] = {}
+    for name, kind in schema.items():
+        value = record.get(name)
+        if kind == _NUM:
+            number = _finite(value)
+            out[name] = None if number is None else (int(number) if isinstance(value, int) else number)
+        elif kind == _BOOL:
+            out[name] = value if isinstance(value, bool) else None
+        elif kind == _ID:
+            out[name] = value if isinstance(value, str) and _HEX_ID.match(value) else None
+        else:
+            out[name] = value[:500] if isinstance(value, str) else None
+    return out
 
 
 def _verified(root: Path, attention: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
@@ -255,7 +288,10 @@ def _verified(root: Path, attention: list[dict[str, str]]) -> dict[str, dict[str
             _attend(attention, "warning", f"verification record {VERIFIED_DIRNAME}/{name} is unreadable "
                     f"({str(err)[:120]}); left out")
             continue
-        found[name] = {**record, "commit": name}
+        metrics = record["metrics"] if isinstance(record.get("metrics"), dict) else {}
+        found[name] = {**_clean({**record, "commit": name}, _SCHEMAS["verified"]),
+                       "metrics": {str(k)[:200]: _json_metric(v) for k, v in list(metrics.items())[:100]
+                                   if isinstance(v, (int, float, str))}}
     return found
 
 
@@ -293,7 +329,9 @@ def _retention(
     tip_of: dict[str, list[str]] = {}
     for name, tip in branches.items():
         tip_of.setdefault(tip, []).append(name)
-    kept, pruned, by_rule = [], [], {}
+    kept: list[dict[str, Any]] = []
+    pruned: list[dict[str, Any]] = []
+    by_rule: dict[str, int] = {}
     for c in reversed(commits):  # newest first
         if c.pruned is not None:
             rule = str(c.pruned.get("rule"))

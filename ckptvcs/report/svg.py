@@ -63,7 +63,9 @@ def fmt_number(value: float) -> str:
 
 
 def human_bytes(n: float) -> str:
-    """Bytes in B/KiB/MiB/GiB/TiB, as ``ckptvcs stats`` prints them."""
+    """Bytes in B/KiB/MiB/GiB/TiB, as ``ckptvcs stats`` prints them ("-" for no number)."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n):
+        return "-"
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
@@ -72,8 +74,14 @@ def human_bytes(n: float) -> str:
     return f"{value:.1f} TiB"
 
 
-def fmt_time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%m-%d %H:%M")
+def fmt_time(epoch: float, span: float = 86400.0) -> str:
+    """A UTC time label as precise as a span of ``span`` seconds needs."""
+    when = datetime.fromtimestamp(epoch, timezone.utc)
+    if span < 600:
+        return when.strftime("%H:%M:%S")
+    if span < 2 * 86400:
+        return when.strftime("%m-%d %H:%M")
+    return when.strftime("%Y-%m-%d")
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -86,7 +94,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
     start = math.floor(lo / step) * step
-    ticks = []
+    ticks: list[float] = []
     value = start
     while value <= hi + step * 0.5 and len(ticks) < 50:
         ticks.append(round(value, 12))
@@ -112,7 +120,7 @@ def _marker(kind: str, x: float, y: float, color: str, tooltip: str) -> str:
         return f'<path class="pt tagged" d="{d}" fill="{color}" stroke="#222" stroke-width="1.2">{tip}</path>'
     if kind == "best":
         return (f'<g class="pt best"><circle cx="{x:.1f}" cy="{y:.1f}" r="8" fill="none" stroke="#222" '
-                f'stroke-width="1.5"/><circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}">{tip}</circle>{tip}</g>')
+                f'stroke-width="1.5"/><circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"/>{tip}</g>')
     return f'<circle class="pt" cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}">{tip}</circle>'
 
 
@@ -170,7 +178,7 @@ def line_chart(
                      f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(label)}</text>')
     for t in x_ticks:
         x = sx(t)
-        label = fmt_time(t) if x_time else fmt_number(t)
+        label = fmt_time(t, x_hi - x_lo) if x_time else fmt_number(t)
         parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{TOP + plot_h}"/>'
                      f'<text class="tick" x="{x:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{escape(label)}</text>')
     parts.append(f'<text class="axis" x="{LEFT + plot_w / 2}" y="{TOP + plot_h + 36}" text-anchor="middle">'
@@ -190,21 +198,34 @@ def line_chart(
     return out + "".join(parts) + "</svg>"
 
 
+_LEGEND_NAME = 32  # characters of a series name shown in a legend (the tooltip has all of it)
+
+
+def _legend_layout(series: Sequence[Series], width: int) -> list[tuple[int, int, str]]:
+    """(x, row, shown name) per legend item, flowing left to right (about 7 px per character)."""
+    x, row, out = LEFT, 0, []
+    for s in series:
+        name = s.name if len(s.name) <= _LEGEND_NAME else s.name[:_LEGEND_NAME - 1] + "…"
+        item = 34 + 7 * len(name)
+        if x + item > width and x > LEFT:
+            x, row = LEFT, row + 1
+        out.append((x, row, name))
+        x += item
+    return out
+
+
 def _legend_rows(series: Sequence[Series], width: int) -> int:
-    per_row = max(1, (width - LEFT) // 150)
-    return max(1, -(-len(series) // per_row))
+    layout = _legend_layout(series, width)
+    return 1 + (layout[-1][1] if layout else 0)
 
 
 def _legend(series: Sequence[Series], top: int, width: int) -> str:
-    per_row = max(1, (width - LEFT) // 150)
     items = []
-    for i, s in enumerate(series):
-        x = LEFT + (i % per_row) * 150
-        y = top + 4 + (i // per_row) * 20
+    for s, (x, row, name) in zip(series, _legend_layout(series, width)):
+        y = top + 4 + row * 20
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
         swatch = (f'<line x1="{x}" x2="{x + 18}" y1="{y + 6}" y2="{y + 6}" stroke="{s.color}" stroke-width="2"{dash}/>'
                   if s.line else f'<circle cx="{x + 9}" cy="{y + 6}" r="4" fill="{s.color}"/>')
-        name = s.name if len(s.name) <= 20 else s.name[:19] + "…"
         items.append(f'<g class="legend-item">{swatch}<text class="legend" x="{x + 24}" y="{y + 10}">'
                      f"{escape(name)}<title>{escape(s.name)}</title></text></g>")
     return '<g class="legend">' + "".join(items) + "</g>"
