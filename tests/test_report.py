@@ -223,3 +223,39 @@ def test_report_imports_no_torch(built: Path) -> None:
             f"r = Repo.open({str(built)!r}); render_html(build_summary(r)); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+_AUDIT = ("import atexit, sys\n"
+          "atexit.register(lambda: sys.stderr.write(f\"\\nTORCH-IMPORTED={'torch' in sys.modules}\\n\"))\n"
+          "from ckptvcs.cli import main\nsys.argv = ['ckptvcs', *sys.argv[1:]]\nmain()\n")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _AUDIT, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_report_html_and_json_without_torch(built: Path, tmp_path: Path) -> None:
+    done = _cli("--repo", str(built), "report", "-o", "out/r.html", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "TORCH-IMPORTED=False" in done.stderr
+    assert done.stdout.startswith("wrote out/r.html (13 commits, 2 branches;")
+    assert "no restore was ever verified" in done.stdout
+    assert (tmp_path / "out" / "r.html").read_text().startswith("<!DOCTYPE html>")
+    shown = _cli("--repo", str(built), "report", "--json", cwd=tmp_path)
+    assert shown.returncode == 0 and "TORCH-IMPORTED=False" in shown.stderr
+    assert json.loads(shown.stdout)["branches"].keys() == {"main", "lr-sweep"}
+    written = _cli("--repo", str(built), "report", "--json", "-o", "s.json", cwd=tmp_path)
+    assert written.returncode == 0 and json.loads((tmp_path / "s.json").read_text())["format"] == "ckptvcs-report"
+
+
+def test_cli_report_errors_are_one_line(tmp_path: Path) -> None:
+    done = _cli("--repo", str(tmp_path / "none"), "report", cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[0].startswith("error: ") and "not a ckptvcs repository" in done.stderr
+    with Repo.init(tmp_path / "r", chunk_size=4096) as repo:
+        repo.commit({"w": torch.ones(4)}, "a", code_version=None)
+    (tmp_path / "r" / "records").mkdir()
+    (tmp_path / "r" / "records" / "gc.jsonl").write_bytes(b"\x00garbage\n")
+    damaged = _cli("--repo", str(tmp_path / "r"), "report", "-o", "r.html", cwd=tmp_path)
+    assert damaged.returncode == 0 and "Traceback" not in damaged.stderr
+    assert "warning: records/gc.jsonl has 1 damaged line(s), left out" in damaged.stdout
