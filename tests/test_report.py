@@ -259,3 +259,23 @@ def test_cli_report_errors_are_one_line(tmp_path: Path) -> None:
     damaged = _cli("--repo", str(tmp_path / "r"), "report", "-o", "r.html", cwd=tmp_path)
     assert damaged.returncode == 0 and "Traceback" not in damaged.stderr
     assert "warning: records/gc.jsonl has 1 damaged line(s), left out" in damaged.stdout
+
+
+def test_verified_restores_shown(tmp_path: Path) -> None:
+    """`ckptvcs verify` keeps the last verification of a commit in verified/<commit id>."""
+    with Repo.init(tmp_path / "r", chunk_size=4096) as repo:
+        good = repo.commit({"w": torch.ones(4)}, "a", step=1, code_version=None)
+        bad = repo.commit({"w": torch.zeros(4)}, "b", step=2, code_version=None)
+        (repo.root / "verified").mkdir()
+        for commit, ok, when in ((good, True, "2026-01-01T00:00:00Z"), (bad, False, "2026-01-02T00:00:00Z")):
+            record = {"version": 1, "commit": commit, "time": when, "ok": ok, "restore_seconds": 0.25,
+                      "metrics": {"holdout": 0.9}, "error": None if ok else "chunk 12ab... does not match its id"}
+            (repo.root / "verified" / commit).write_text(json.dumps(record))
+        summary = build_summary(repo)
+    rows = {c["id"]: c for c in summary["commits"]}
+    assert rows[good]["verified"]["ok"] is True and rows[bad]["verified"]["ok"] is False
+    assert [v["commit"] for v in summary["verifications"]["records"]] == [good, bad]  # oldest first
+    assert any(a["level"] == "error" and "FAILED" in a["text"] and "does not match" in a["text"]
+               for a in summary["attention"])
+    page = render_html(summary)
+    assert "verified restore of" in page and "never verified" not in page

@@ -20,6 +20,7 @@ __all__ = ["Point", "Series", "Bar", "line_chart", "bar_chart", "nice_ticks", "P
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 
 WIDTH, HEIGHT = 640, 300
+MAX_MARKERS = 400  # plain dots drawn per series at most (the page stays small for 10,000 commits)
 LEFT, RIGHT, TOP, BOTTOM = 72, 16, 16, 48
 
 _ids = iter(range(1, 1 << 30))
@@ -193,7 +194,9 @@ def line_chart(
             dash = ' stroke-dasharray="6 4"' if s.dashed else ""
             parts.append(f'<path class="line" d="{d}" fill="none" stroke="{s.color}" stroke-width="2"{dash}>'
                          f"<title>{escape(s.name)}</title></path>")
-        parts.extend(_marker(p.marker, x, y, s.color, p.tooltip) for x, y, p in pts)
+        every = max(1, -(-len(pts) // MAX_MARKERS))  # long runs: the line has every point, plain dots thin out
+        parts.extend(_marker(p.marker, x, y, s.color, p.tooltip) for i, (x, y, p) in enumerate(pts)
+                     if p.marker != "dot" or i % every == 0 or i == len(pts) - 1)
     parts.append(_legend(shown, height, width))
     return out + "".join(parts) + "</svg>"
 
