@@ -279,3 +279,16 @@ def test_verified_restores_shown(tmp_path: Path) -> None:
                for a in summary["attention"])
     page = render_html(summary)
     assert "verified restore of" in page and "never verified" not in page
+
+
+def test_empty_and_damaged_ref_repositories(tmp_path: Path) -> None:
+    with Repo.init(tmp_path / "r", chunk_size=4096) as repo:
+        empty = build_summary(repo)
+        assert empty["commits"] == [] and "nothing recorded yet" in render_html(empty)
+        repo.commit({"w": torch.ones(4)}, "a", code_version=None)
+        repo.branch("x")
+        (repo.root / "refs" / "heads" / "x").write_text("zzzz\n")
+        damaged = build_summary(repo)
+    assert list(damaged["branches"]) == ["main"]
+    assert any(a["level"] == "error" and a["text"].startswith("branch x is damaged") for a in damaged["attention"])
+    render_html(damaged)
