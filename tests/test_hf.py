@@ -8,10 +8,13 @@ anything; ``save_total_limit`` prunes what the Trainer's own rotation deletes, h
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,3 +233,39 @@ def test_resume_path_refuses_a_commit_the_callback_did_not_make(tmp_path: Path) 
 def test_import_ckptvcs_does_not_import_transformers() -> None:
     code = "import sys, ckptvcs, ckptvcs.integrations; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_run_killed_mid_training_resumes_in_a_fresh_process_bit_exact(tmp_path: Path) -> None:
+    """SIGKILL after the step-6 commit; a fresh process resumes from "latest" and ends as an
+    uninterrupted run (itself in a fresh process) does: same losses, same weights."""
+    from safetensors.torch import load_file
+
+    worker = [sys.executable, str(Path(__file__).with_name("hf_worker.py"))]
+    subprocess.run([*worker, str(tmp_path / "full"), str(tmp_path / "full-out")], check=True, timeout=900,
+                   stdout=subprocess.DEVNULL)
+    killed = subprocess.Popen([*worker, str(tmp_path / "ckpts"), str(tmp_path / "killed"), "--hang-after", "6"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout is not None
+        deadline = time.monotonic() + 900
+        while True:  # the child says when its commit is durable; a generous deadline, no race
+            ready, _, _ = select.select([killed.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = killed.stdout.readline() if ready else ""
+            assert line, "the worker ended or never reported its commit"
+            if line.strip() == "committed 6":
+                break
+    finally:
+        killed.kill()  # SIGKILL
+        killed.wait(timeout=60)
+    subprocess.run([*worker, str(tmp_path / "ckpts"), str(tmp_path / "resumed"), "--resume", "latest"],
+                   check=True, timeout=900, stdout=subprocess.DEVNULL)
+    full = {int(k): v for k, v in json.loads((tmp_path / "full-out" / "losses.json").read_text()).items()}
+    resumed = {int(k): v for k, v in json.loads((tmp_path / "resumed" / "losses.json").read_text()).items()}
+    assert sorted(full) == list(range(1, 11))
+    assert resumed == {step: loss for step, loss in full.items() if step > 6}
+    assert_same_weights(load_file(str(tmp_path / "resumed" / "model.safetensors")),
+                        load_file(str(tmp_path / "full-out" / "model.safetensors")))
+    with contextlib.closing(Repo.open(tmp_path / "ckpts")) as repo:
+        assert [c.step for c in repo.log()] == [10, 8, 6, 4, 2]
+    assert_fsck_clean(tmp_path / "ckpts")
