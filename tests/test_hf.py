@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForMaskedLM,
     BertConfig,
@@ -221,6 +223,13 @@ def test_default_removes_folders_but_the_best_one_load_best_model_at_end_reads(t
     with contextlib.closing(Repo.open(store)) as repo:
         best = repo.load("main-best", keys=["model"], map_location="cpu")["model"]
     assert_same_weights(weights(run["model"]), best)
+    # On a machine without that folder, resume_path writes the best weights beside the resume
+    # folder, so that load_best_model_at_end still finds them after the resume.
+    shutil.rmtree(tmp_path / "out")
+    folder = Path(resume_path(store, directory=tmp_path / "resume"))
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert folder.name == "checkpoint-6" and state["best_model_checkpoint"] == str(tmp_path / "resume" / "checkpoint-4")
+    assert_same_weights(load_file(str(tmp_path / "resume" / "checkpoint-4" / "model.safetensors")), best)
 
 
 def test_resume_path_refuses_a_commit_the_callback_did_not_make(tmp_path: Path) -> None:
@@ -239,8 +248,6 @@ def test_import_ckptvcs_does_not_import_transformers() -> None:
 def test_run_killed_mid_training_resumes_in_a_fresh_process_bit_exact(tmp_path: Path) -> None:
     """SIGKILL after the step-6 commit; a fresh process resumes from "latest" and ends as an
     uninterrupted run (itself in a fresh process) does: same losses, same weights."""
-    from safetensors.torch import load_file
-
     worker = [sys.executable, str(Path(__file__).with_name("hf_worker.py"))]
     subprocess.run([*worker, str(tmp_path / "full"), str(tmp_path / "full-out")], check=True, timeout=900,
                    stdout=subprocess.DEVNULL)
