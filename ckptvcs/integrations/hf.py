@@ -339,11 +339,10 @@ class CkptvcsCallback(TrainerCallback):
         pointer = callbacks.pop(POINTER_KEY, None)
         if not isinstance(pointer, dict):
             return
-        source = self.repo if Path(pointer["repo"]).resolve() == self.repo.root.resolve() else open_repo(pointer["repo"])
-        commit_id = str(pointer["commit"])
-        keys = set(_keys(source.show(commit_id)))
-        wanted = [k for k in (OPTIMIZER, SCHEDULER, SCALER, RNG) if k in keys]
-        saved = source.load(commit_id, keys=wanted, map_location="cpu") if wanted else {}
+        repo_path, commit_id = pointer.get("repo"), pointer.get("commit")
+        if not isinstance(repo_path, str) or not isinstance(commit_id, str):
+            raise InvalidInputError(f"trainer_state.json: stateful_callbacks[{POINTER_KEY!r}] names no commit: {pointer!r}")
+        saved = self._load_resume_state(repo_path, commit_id)
         optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         if OPTIMIZER in saved and optimizer is not None:
             optimizer.load_state_dict(saved[OPTIMIZER])
@@ -357,6 +356,17 @@ class CkptvcsCallback(TrainerCallback):
         # drawing the skipped batches (Trainer._run_epoch): the first step of the resumed run.
         self._rng_at_epoch_begin = bool(args.ignore_data_skip) or float(state.epoch or 0.0).is_integer()
         self.resumed_from = commit_id
+
+    def _load_resume_state(self, repo_path: str, commit_id: str) -> dict[str, Any]:
+        """Optimizer, scheduler, scaler and RNG entries of the commit a resume folder names."""
+        own = Path(repo_path).resolve() == self.repo.root.resolve()
+        source = self.repo if own else open_repo(repo_path)
+        try:
+            wanted = [k for k in (OPTIMIZER, SCHEDULER, SCALER, RNG) if k in _keys(_resolve_ours(source, commit_id))]
+            return dict(source.load(commit_id, keys=wanted, map_location="cpu")) if wanted else {}
+        finally:
+            if not own:
+                source.close()
 
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
