@@ -52,9 +52,15 @@ import torch
 import transformers
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..errors import CkptvcsError, InvalidInputError, NotARepositoryError, ProtectedCommitError, RepositoryExistsError
-from ..objects import Commit
-from ..repo import Repo
+from .. import (
+    CkptvcsError,
+    Commit,
+    InvalidInputError,
+    NotARepositoryError,
+    ProtectedCommitError,
+    Repo,
+    RepositoryExistsError,
+)
 from ..training.rng import capture_rng, restore_rng
 
 __all__ = ["CkptvcsCallback", "resume_path", "export_pretrained", "load_pretrained", "INTEGRATION"]
