@@ -444,6 +444,11 @@ def show(ctx: click.Context, rev: str, list_tensors: bool, as_json: bool) -> Non
         return
     for line in _long(c, _decorations(repo)):
         click.echo(line)
+    from .cli_trust import verification_line
+
+    verified = verification_line(repo.last_verification(c.id))
+    if verified:
+        click.echo(f"Verified: {verified}")
     if c.config is not None:
         click.echo(f"Config: {json.dumps(c.config, sort_keys=True)[:500]}")
     env = c.environment
@@ -614,8 +619,10 @@ def export(ctx: click.Context, rev: str, file: str, fmt: str | None, key: str | 
 @click.option("-D", "force_delete", is_flag=True,
               help="Delete branch NAME even if no other branch or tag contains its commits.")
 @click.option("-f", "--force", is_flag=True, help="Move NAME to REV if it exists.")
+@click.option("--override-protection", is_flag=True, help="Delete or move NAME even if it is protected (audited).")
 @click.pass_context
-def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, force_delete: bool, force: bool) -> None:
+def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, force_delete: bool, force: bool,
+           override_protection: bool) -> None:
     """List branches, create NAME at REV, or delete NAME with -d (-D: even if unmerged)."""
     repo = _repo(ctx)
     delete = delete or force_delete
@@ -629,11 +636,11 @@ def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, force_d
         return
     if delete:
         tip = repo.branches().get(name)
-        repo.delete_branch(name, force=force_delete)
+        repo.delete_branch(name, force=force_delete, override_protection=override_protection)
         click.echo(f"Deleted branch {name}" + (f" (was {tip[:12]})" if tip else ""))
         return
     with _exists_hint(f"add -f to move it (ckptvcs branch -f {name} {rev})"):
-        commit_id = repo.branch(name, rev, force=force)
+        commit_id = repo.branch(name, rev, force=force, override_protection=override_protection)
     click.echo(f"Branch {name} at {commit_id[:12]}")
 
 
@@ -643,24 +650,44 @@ def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, force_d
 @click.option("-m", "--message", default="", help="Tag message (release notes, audit trail).")
 @click.option("-d", "--delete", is_flag=True, help="Delete tag NAME.")
 @click.option("-f", "--force", is_flag=True, help="Move an existing tag (tags never move otherwise).")
+@click.option("-s", "--sign", is_flag=True, help="Sign the tag with the Ed25519 key of --key (docs/audit.md).")
+@click.option("--key", type=click.Path(dir_okay=False), help="Private key (PEM) for -s; default $CKPTVCS_SIGNING_KEY.")
+@click.option("-v", "--verify", "verify_it", is_flag=True,
+              help="Verify NAME's signature and re-hash everything it pins.")
+@click.option("--trusted-key", "trusted", multiple=True, type=click.Path(dir_okay=False),
+              help="With -v: a trusted public key (PEM; repeatable). Default: the repository's keys/.")
+@click.option("--override-protection", is_flag=True, help="Delete or move NAME even if it is protected (audited).")
 @click.pass_context
-def tag(ctx: click.Context, name: str | None, rev: str, message: str, delete: bool, force: bool) -> None:
-    """List tags, tag REV as NAME, or delete NAME with -d."""
+def tag(ctx: click.Context, name: str | None, rev: str, message: str, delete: bool, force: bool, sign: bool,
+        key: str | None, verify_it: bool, trusted: tuple[str, ...], override_protection: bool) -> None:
+    """List tags, tag REV as NAME (-s: signed), verify NAME with -v, or delete NAME with -d."""
+    from .cli_trust import signing_key, verify_tag_command
+
     repo = _repo(ctx)
+    if verify_it:
+        if name is None:
+            raise click.UsageError("tag -v needs a NAME")
+        verify_tag_command(ctx, name, trusted)
+        return
+    key = signing_key(key) if sign else None
+    if sign and key is None:
+        raise click.UsageError(f"tag -s needs --key KEYFILE (or $CKPTVCS_SIGNING_KEY); create one with `ckptvcs keygen`")
     if name is None:
         if delete:
             raise click.UsageError("tag -d needs a NAME")
         for tag_name, record in repo.tags().items():
             first = record.message.splitlines()[0] if record.message else ""
-            click.echo(f"{tag_name:<24} {record.object[:12]}  {first}")
+            signed = "signed" if record.signature else "      "
+            click.echo(f"{tag_name:<24} {record.object[:12]}  {signed}  {first}")
         return
     if delete:
-        repo.delete_tag(name)
+        repo.delete_tag(name, override_protection=override_protection)
         click.echo(f"Deleted tag {name}")
         return
     with _exists_hint(f"add -f to move it (ckptvcs tag -f {name} {rev})"):
-        commit_id = repo.tag(name, rev, message=message, force=force)
-    click.echo(f"Tagged {commit_id[:12]} as {name}")
+        commit_id = repo.tag(name, rev, message=message, force=force, key=key,
+                             override_protection=override_protection)
+    click.echo(f"Tagged {commit_id[:12]} as {name}" + (" (signed)" if key else ""))
 
 
 @cli.command()
@@ -823,6 +850,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     head = repo.show(head_id) if head_id else None
     report = repo.gc(dry_run=True)
     checked = repo.last_fsck()
+    verified = repo.last_verification(head_id) if head_id else None
     if as_json:
         click.echo(json.dumps({
             "branch": branch_name, "head": head_id,
@@ -832,10 +860,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "gc": {"reclaimable_bytes": report.bytes_reclaimed, "pruned_commits": report.pruned_commits,
                    "dead_chunks": report.dead_chunks},
             "fsck": checked,
+            "verified": verified,
         }, indent=2))
         return
     for line in _status_lines(branch_name, head, report, checked):
         click.echo(line)
+    from .cli_trust import verification_line
+
+    click.echo(f"verify:  {verification_line(verified) or 'HEAD never verified; run `ckptvcs verify`'}")
 
 
 def _status_lines(branch_name: str | None, head: Commit | None, report: Any, checked: dict | None) -> list[str]:
@@ -881,3 +913,6 @@ def main() -> None:
     """Console entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     cli(prog_name="ckptvcs")
+
+
+from . import cli_trust  # noqa: E402, F401  (registers verify, verify-tag, keygen, trust, protect, unprotect, audit)

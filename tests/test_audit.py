@@ -101,7 +101,6 @@ def test_concurrent_appends_keep_the_chain(repo: Repo, tmp_path: Path) -> None:
     assert check.ok and check.events == 75
 
 
-@pytest.mark.skip(reason="the CLI commands land after the cli/ package split")
 def test_cli_audit(repo: Repo) -> None:
     _events(repo, 2)
     cli = [sys.executable, "-m", "ckptvcs", "--repo", str(repo.root)]

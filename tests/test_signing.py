@@ -187,3 +187,27 @@ def test_gc_keeps_and_prune_refuses_protected_data(repo: Repo) -> None:
         repo.prune(released, "keep_last=1")
     repo.gc(prune_unreachable_after="now")
     assert repo.load("release-1")["w"].shape == (20_000,)
+
+
+def test_cli_sign_verify_protect(repo: Repo, keys: dict[str, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _commit(repo)
+    cli = [sys.executable, "-m", "ckptvcs", "--repo", str(repo.root)]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, check=False)
+
+    made = run("keygen", str(tmp_path / "cli.pem"), "--trust")
+    assert made.returncode == 0 and "Key id" in made.stdout, made.stderr
+    assert run("tag", "-s", "v1.0", "-m", "release", "--key", str(tmp_path / "cli.pem")).returncode == 0
+    good = run("tag", "-v", "v1.0")
+    assert good.returncode == 0 and "Good signature" in good.stdout, good.stderr
+    wrong = run("verify-tag", "v1.0", "--trusted-key", str(keys["other.pub"]))
+    assert wrong.returncode == 18 and wrong.stderr.startswith("error: tag 'v1.0' is signed by key")
+    assert run("protect", "refs/tags/v*").returncode == 0
+    refused = run("tag", "-d", "v1.0")
+    assert refused.returncode == 16 and "protected" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert run("tag", "-d", "v1.0", "--override-protection").returncode == 0
+    assert "protection.override" in run("audit").stdout

@@ -116,7 +116,6 @@ def test_damaged_record_reads_as_corrupt(repo: Repo) -> None:
         assert repo.verifications() == {}
 
 
-@pytest.mark.skip(reason="the CLI commands land after the cli/ package split")
 def test_cli_verify(repo: Repo, check_module: str, tmp_path: Path) -> None:
     commit_id = _commit(repo)
     cli = [sys.executable, "-m", "ckptvcs", "--repo", str(repo.root)]
