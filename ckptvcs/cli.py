@@ -671,7 +671,7 @@ def tag(ctx: click.Context, name: str | None, rev: str, message: str, delete: bo
         return
     key = signing_key(key) if sign else None
     if sign and key is None:
-        raise click.UsageError(f"tag -s needs --key KEYFILE (or $CKPTVCS_SIGNING_KEY); create one with `ckptvcs keygen`")
+        raise click.UsageError("tag -s needs --key KEYFILE (or $CKPTVCS_SIGNING_KEY); create one with `ckptvcs keygen`")
     if name is None:
         if delete:
             raise click.UsageError("tag -d needs a NAME")

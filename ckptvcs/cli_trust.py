@@ -109,8 +109,8 @@ def trust(ctx: click.Context, public_key: str | None) -> None:
 def protect(ctx: click.Context, pattern: str | None) -> None:
     """Protect refs matching PATTERN from deletion and forced moves, or list the patterns.
 
-    PATTERN is a glob over full ref names, e.g. 'refs/tags/release-*'. A protected ref moves or goes only with --override-protection, which the reflog and
-    the audit log record.
+    PATTERN is a glob over full ref names, e.g. 'refs/tags/release-*'. A protected ref
+    moves or goes only with --override-protection, which the reflog and the audit log record.
     """
     repo = _repo(ctx)
     patterns = repo.protected_refs() if pattern is None else repo.protect(pattern)
