@@ -117,16 +117,29 @@ class AuditLog:
                 seq, prev, torn = self._tail()
                 record: dict[str, Any] = {"seq": seq, "time": _utc_now(), "who": who, "event": event,
                                           "data": data, "prev": prev}
-                if torn is not None:
+                if torn:
                     record["torn"] = torn
                 line = _encode(record)
                 if len(line) > MAX_LINE:
                     record["data"] = {"truncated": True, "summary": json.dumps(data)[: MAX_LINE // 2]}
                     line = _encode(record)
-                _fs.append_durably(self.path, (b"\n" if torn is not None else b"") + line + b"\n")
+                _fs.append_durably(self.path, (b"\n" if self._ends_torn() else b"") + line + b"\n")
                 digest = _line_hash(line)
                 _fs.atomic_write(self.head_path, _encode({"seq": seq, "hash": digest}) + b"\n")
         return AuditEvent(seq, record["time"], who, event, record["data"], prev, digest)
+
+    def _ends_torn(self) -> bool:
+        """Whether the log's last byte is not a newline (a crash mid-append)."""
+        try:
+            fd = _fs.open_regular(self.path)
+        except FileNotFoundError:
+            return False
+        with open(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return False
+            f.seek(size - 1)
+            return f.read(1) != b"\n"
 
     def _locked(self) -> Any:
         log = self
@@ -143,38 +156,43 @@ class AuditLog:
 
         return _Lock()
 
-    def _tail(self) -> tuple[int, str, str | None]:
-        """``(next seq, hash of the last complete line, BLAKE3 of a torn fragment or None)``."""
+    def _tail(self) -> tuple[int, str, list[str] | None]:
+        """``(next seq, hash of the last event line, hashes of the torn lines after it or None)``.
+
+        Torn lines are what crashes mid-append left after the last event: the fragments
+        of lines that never completed (each later append started on a new line).
+        """
         try:
             fd = _fs.open_regular(self.path)
         except FileNotFoundError:
             return 0, ZERO_HASH, None
         with open(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            start = max(0, size - 2 * (MAX_LINE + 1))
-            f.seek(start)
-            data = f.read()
-        if not data:
-            return 0, ZERO_HASH, None
-        lines = data.split(b"\n")
-        fragment = lines.pop()
-        if start > 0:
-            lines = lines[1:]  # the first piece may be the end of an earlier line
-        torn = _line_hash(fragment) if fragment else None
-        while lines and not lines[-1]:
-            lines.pop()
+            window = 4 * (MAX_LINE + 1)
+            while True:
+                start = max(0, size - window)
+                f.seek(start)
+                lines = f.read(size - start).split(b"\n")
+                if start > 0:
+                    lines = lines[1:]  # the first piece may be the end of an earlier line
+                torn: list[bytes] = []
+                while lines and _parse(lines[-1]) is None:
+                    piece = lines.pop()
+                    if piece or not lines:  # the empty piece after the final newline is no line
+                        torn.insert(0, piece)
+                torn = [t for t in torn if t]
+                if lines or start == 0 or window >= MAX_LOG:
+                    break
+                window *= 4
+        hashes = [_line_hash(t) for t in torn] or None
         if not lines:
-            return 0, ZERO_HASH, torn
-        last = lines[-1]
-        try:
-            seq = json.loads(last)["seq"]
-            if isinstance(seq, bool) or not isinstance(seq, int):
-                raise ValueError("seq is not an integer")
-        except (ValueError, KeyError, TypeError) as err:
-            raise AuditLogDamagedError(
-                f"the audit log's last line does not parse ({str(err)[:80]}); run `ckptvcs audit --check`",
-                path=f"{AUDIT_DIR}/{LOG_NAME}") from None
-        return seq + 1, _line_hash(last), torn
+            if start > 0:
+                raise AuditLogDamagedError("no event line in the audit log's last part; run `ckptvcs audit --check`",
+                                           path=f"{AUDIT_DIR}/{LOG_NAME}")
+            return 0, ZERO_HASH, hashes
+        last = _parse(lines[-1])
+        assert last is not None
+        return last.seq + 1, last.hash, hashes
 
     # -- reading ---------------------------------------------------------------------
 
@@ -206,23 +224,23 @@ class AuditLog:
         fragment = lines.pop()
         expected_seq, prev = 0, ZERO_HASH
         hashes: list[str] = []
-        skip_torn: str | None = None
+        pending: list[tuple[int, str]] = []  # lines that do not parse since the last event
         for number, line in enumerate(lines, 1):
             event = _parse(line)
             if event is None:
-                following = _parse(lines[number]) if number < len(lines) else None
-                torn = following is not None and _torn_of(lines[number]) == _line_hash(line)
-                if torn:
-                    skip_torn = _line_hash(line)
-                    result.notes.append(f"line {number} is a torn line (a crash while appending); the next line "
-                                        "names it and the chain continues")
-                    continue
-                result.problems.append(f"line {number} does not parse or is not in canonical form (edited)")
+                pending.append((number, _line_hash(line)))
+                continue
+            named = _torn_of(line)
+            if [h for _, h in pending] != (named or []):
+                first = pending[0][0] if pending else number
+                result.problems.append(
+                    f"line {first} does not parse or is not in canonical form (edited)" if pending and not named else
+                    f"line {number} names torn lines that are not the ones before it (lines were edited or removed)")
                 return result
-            if _torn_of(line) is not None and _torn_of(line) != skip_torn:
-                result.problems.append(f"line {number} names a torn line that is not there (a line was removed)")
-                return result
-            skip_torn = None
+            if pending:
+                result.notes.append(f"line{'s' if len(pending) > 1 else ''} {', '.join(str(n) for n, _ in pending)}: "
+                                    "torn by a crash while appending; the next line names them and the chain continues")
+            pending = []
             if event.seq != expected_seq or event.prev != prev:
                 result.problems.append(
                     f"line {number} (seq {event.seq}) does not follow line {number - 1}: its prev hash or seq "
@@ -231,7 +249,7 @@ class AuditLog:
             prev = event.hash
             hashes.append(prev)
             expected_seq += 1
-        if fragment:
+        if pending or fragment:
             result.notes.append("the last line is torn (a crash while appending); the next append skips it")
         result.events = expected_seq
         result.head = prev
@@ -260,12 +278,13 @@ class AuditLog:
         return []  # the head may lag one event: a crash between the append and its write
 
 
-def _torn_of(line: bytes) -> str | None:
+def _torn_of(line: bytes) -> list[str] | None:
+    """The ``torn`` field of an event line: the hashes of the torn lines just before it."""
     try:
         value = json.loads(line).get("torn")
     except (ValueError, AttributeError):
         return None
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 
 def _parse(line: bytes) -> AuditEvent | None:

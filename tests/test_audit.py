@@ -113,3 +113,18 @@ def test_cli_audit(repo: Repo) -> None:
     _write(repo, _lines(repo)[1:])
     bad = subprocess.run([*cli, "audit", "--check"], capture_output=True, text=True, check=False)
     assert bad.returncode == 10 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_repeated_crashes_mid_append_keep_the_chain(repo: Repo) -> None:
+    _events(repo, 1)
+    log = repo.root / "audit" / "log.jsonl"
+    with open(log, "ab") as f:
+        f.write(b'{"data":{"ref":"refs/ta')
+    AuditLog(repo.root).append("test.event", "w@h", {"i": 1})
+    with open(log, "r+b") as f:  # the recovery append itself torn: cut its line short
+        f.truncate(len(log.read_bytes()) - 20)
+    repo.tag("after-two-crashes")
+    check = repo.check_audit()
+    assert check.ok, check.problems
+    assert [e.event for e in repo.audit_events()] == ["tag.create", "tag.create"]
+    assert repo.audit_events()[-1].seq == 1
