@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from .cli import _complete_rev, _complete_tag, _human, _local_time, _repo, cli
-from .errors import AuditLogDamagedError
+from ..errors import AuditLogDamagedError
+from ._app import _complete_rev, _complete_tag, _human, _local_time, _repo, cli
 
 SIGNING_KEY_ENV = "CKPTVCS_SIGNING_KEY"
 
@@ -79,7 +79,7 @@ def verify_tag(ctx: click.Context, name: str, trusted: tuple[str, ...]) -> None:
 @click.pass_context
 def keygen(ctx: click.Context, path: str, add_to_repo: bool) -> None:
     """Create an Ed25519 signing key: PATH (private, PEM, mode 0600) and PATH.pub (public, PEM)."""
-    from .signing import generate_key
+    from ..signing import generate_key
 
     private, public, kid = generate_key(path)
     click.echo(f"Wrote private key {private} (keep it secret) and public key {public}")
