@@ -263,7 +263,7 @@ class AuditLog:
             if len(hashes) > 1:
                 return [f"{AUDIT_DIR}/{HEAD_NAME} is missing while the log holds {len(hashes)} events"]
             return []
-        except (OSError, ValueError, CorruptObjectError) as err:
+        except (OSError, ValueError, RecursionError, CorruptObjectError) as err:
             return [f"{AUDIT_DIR}/{HEAD_NAME} cannot be read: {str(err)[:120]}"]
         seq = head.get("seq") if isinstance(head, dict) else None
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
@@ -282,7 +282,7 @@ def _torn_of(line: bytes) -> list[str] | None:
     """The ``torn`` field of an event line: the hashes of the torn lines just before it."""
     try:
         value = json.loads(line).get("torn")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
@@ -293,7 +293,7 @@ def _parse(line: bytes) -> AuditEvent | None:
         return None
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(record, dict) or any(k not in record for k in _FIELDS) or _encode(record) != line:
         return None

@@ -128,3 +128,13 @@ def test_repeated_crashes_mid_append_keep_the_chain(repo: Repo) -> None:
     assert check.ok, check.problems
     assert [e.event for e in repo.audit_events()] == ["tag.create", "tag.create"]
     assert repo.audit_events()[-1].seq == 1
+
+
+def test_hostile_lines_are_damage_not_crashes(repo: Repo) -> None:
+    _events(repo, 2)
+    lines = _lines(repo)
+    _write(repo, [lines[0], b"[" * 10_000 + b"\n", lines[1]])
+    check = repo.check_audit()
+    assert not check.ok and "line 2" in check.problems[0]
+    (repo.root / "audit" / "head.json").write_bytes(b"[" * 3000)
+    assert not repo.check_audit().ok
