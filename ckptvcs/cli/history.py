@@ -215,9 +215,9 @@ def show(ctx: click.Context, rev: str, list_tensors: bool, as_json: bool) -> Non
         return
     for line in _long(c, _decorations(repo)):
         click.echo(line)
-    from .trust import verification_line
+    from .trust import last_verification, verification_line
 
-    verified = verification_line(repo.last_verification(c.id))
+    verified = verification_line(last_verification(repo, c.id))
     if verified:
         click.echo(f"Verified: {verified}")
     if c.config is not None:

@@ -133,7 +133,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     head = repo.show(head_id) if head_id else None
     report = repo.gc(dry_run=True)
     checked = repo.last_fsck()
-    verified = repo.last_verification(head_id) if head_id else None
+    from .trust import last_verification, verification_line
+
+    verified = last_verification(repo, head_id) if head_id else None
     if as_json:
         click.echo(json.dumps({
             "branch": branch_name, "head": head_id,
@@ -148,8 +150,6 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     for line in _status_lines(branch_name, head, report, checked):
         click.echo(line)
-    from .trust import verification_line
-
     click.echo(f"verify:  {verification_line(verified) or 'HEAD never verified; run `ckptvcs verify`'}")
 
 

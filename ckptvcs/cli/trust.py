@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ..errors import AuditLogDamagedError
+from ..errors import AuditLogDamagedError, CorruptObjectError
 from ._app import _complete_rev, _complete_tag, _human, _local_time, _repo, cli
 
 SIGNING_KEY_ENV = "CKPTVCS_SIGNING_KEY"
@@ -17,6 +17,16 @@ SIGNING_KEY_ENV = "CKPTVCS_SIGNING_KEY"
 
 def _metrics(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+
+
+def last_verification(repo: Any, commit_id: str) -> dict[str, Any] | None:
+    """The commit's verification record for show/status; a damaged one is a warning, not a failure."""
+    try:
+        record: dict[str, Any] | None = repo.last_verification(commit_id)
+    except CorruptObjectError as err:
+        click.echo(f"warning: {err}", err=True)
+        return None
+    return record
 
 
 def verification_line(record: dict[str, Any] | None) -> str | None:
