@@ -63,6 +63,7 @@ def main() -> None:
     print(f"state: {nbytes / 2**20:.1f} MiB")
     print(f"load (this process):        {load:7.3f} s")
     print(f"verify, load in the child:  {record['restore_seconds']:7.3f} s")
+    print(f"verify, torch import:       {record['import_seconds']:7.3f} s")
     print(f"verify, whole (fresh proc): {record['seconds']:7.3f} s  "
           f"(start-up and imports: {record['seconds'] - record['restore_seconds']:.3f} s)")
     print(f"verify_tag (re-hash all):   {tag:7.3f} s")

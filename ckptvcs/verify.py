@@ -56,6 +56,7 @@ def verify_commit(repo: Repo, commit_id: str, check: str | None, timeout: float 
         "who": who,
         "ok": bool(result.get("ok")),
         "seconds": result.get("seconds"),
+        "import_seconds": result.get("import_seconds"),
         "restore_seconds": result.get("restore_seconds"),
         "check_seconds": result.get("check_seconds"),
         "bytes": result.get("bytes"),
