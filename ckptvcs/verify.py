@@ -87,9 +87,10 @@ def check_spec(spec: str | None) -> str | None:
 
 
 def _child_env() -> dict[str, str]:
-    """The parent's environment, with its import path: a check the caller can import, the child can."""
+    """The parent's environment, with its import path and the working directory (as ``python -m``
+    has it; the ``ckptvcs`` script does not): a check the caller can import, the child can."""
     env = dict(os.environ)
-    paths = [p or os.getcwd() for p in sys.path]
+    paths = [os.getcwd(), *(p or os.getcwd() for p in sys.path)]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 

@@ -118,8 +118,8 @@ def test_damaged_record_reads_as_corrupt(repo: Repo) -> None:
 
 def test_cli_verify(repo: Repo, check_module: str, tmp_path: Path) -> None:
     commit_id = _commit(repo)
-    cli = [sys.executable, "-m", "ckptvcs", "--repo", str(repo.root)]
-    env_path = str(tmp_path / "checks")
+    cli = [str(Path(sys.executable).parent / "ckptvcs"), "--repo", str(repo.root)]  # the installed script
+    env_path = str(tmp_path / "checks")  # the user's project folder, holding the check module
     ok = subprocess.run([*cli, "verify", "HEAD", "--check", f"{check_module}:holdout", "--json"], capture_output=True,
                         text=True, cwd=env_path, check=False)
     assert ok.returncode == 0, ok.stderr
