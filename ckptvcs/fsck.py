@@ -425,6 +425,11 @@ class _Checker:
         for note in verdict.notes:
             if "last line" in note:
                 self.add("garbage", f"audit log {rel}: {note}", objects=[rel])
+        folder = self.repo.root / AUDIT_DIR
+        for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+            if name.startswith("."):  # atomic_write's temp file of head.json, left by a crash
+                self.add("garbage", f"{AUDIT_DIR}/{name} is left over from an interrupted write",
+                         objects=[f"{AUDIT_DIR}/{name}"])
 
     def check_staged_records(self) -> None:
         """Staged, unpublished states (Repo.stage): garbage awaiting publish or the staged grace, never damage."""

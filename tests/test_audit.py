@@ -138,3 +138,10 @@ def test_hostile_lines_are_damage_not_crashes(repo: Repo) -> None:
     assert not check.ok and "line 2" in check.problems[0]
     (repo.root / "audit" / "head.json").write_bytes(b"[" * 3000)
     assert not repo.check_audit().ok
+
+
+def test_fsck_names_a_leftover_head_temp_file_as_garbage(repo: Repo) -> None:
+    _events(repo, 1)
+    (repo.root / "audit" / ".head.json.1234.tmp").write_bytes(b'{"seq"')
+    report = repo.fsck()
+    assert report.ok and any(".head.json.1234.tmp" in f.message for f in report.garbage)
