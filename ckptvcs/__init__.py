@@ -14,6 +14,8 @@ from .diff import DiffEntry, DiffStat
 from .errors import (
     AmbiguousRevisionError,
     AsyncSaveError,
+    AuditLogDamagedError,
+    BadSignatureError,
     CkptvcsError,
     CommitCollectedError,
     CommitPrunedError,
@@ -28,6 +30,7 @@ from .errors import (
     NotARepositoryError,
     PolicyConflictError,
     ProtectedCommitError,
+    ProtectedRefError,
     RefConflictError,
     RefExistsError,
     RepositoryDamagedError,
@@ -36,10 +39,14 @@ from .errors import (
     StagedDataCollectedError,
     StepOrderError,
     StorageError,
+    TagSignatureError,
     UnmergedBranchError,
+    UnsignedTagError,
     UnsupportedFormatError,
     UnsupportedValueError,
+    UntrustedKeyError,
     UsageError,
+    VerifyFailedError,
 )
 from .fsck import Finding, FsckReport
 from .gc import GcReport
@@ -104,5 +111,12 @@ __all__ = [
     "StagedDataCollectedError",
     "Staged",
     "UsageError",
+    "VerifyFailedError",
+    "TagSignatureError",
+    "UnsignedTagError",
+    "UntrustedKeyError",
+    "BadSignatureError",
+    "ProtectedRefError",
+    "AuditLogDamagedError",
     *_POLICIES,
 ]

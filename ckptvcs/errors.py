@@ -38,6 +38,13 @@ __all__ = [
     "RepositoryDamagedError",
     "IndexMismatchError",
     "StagedDataCollectedError",
+    "VerifyFailedError",
+    "TagSignatureError",
+    "UnsignedTagError",
+    "UntrustedKeyError",
+    "BadSignatureError",
+    "ProtectedRefError",
+    "AuditLogDamagedError",
 ]
 
 
@@ -305,3 +312,65 @@ class StagedDataCollectedError(CkptvcsError):
     def __init__(self, manifest_id: str, message: str) -> None:
         super().__init__(message)
         self.manifest_id = manifest_id
+
+
+class VerifyFailedError(CkptvcsError):
+    """``verify`` could not restore a commit in a fresh process, or its check failed.
+
+    The failure is recorded (``verified/<commit id>``, docs/audit.md) before this is
+    raised. ``commit_id`` names the commit, ``record`` is the recorded verification
+    (``ok`` False, ``error``), ``chunk_id`` the damaged chunk when the data failed its
+    BLAKE3 check (None otherwise).
+    """
+
+    exit_code = 17
+
+    def __init__(self, message: str, commit_id: str, record: dict[str, object], chunk_id: str | None = None) -> None:
+        super().__init__(message)
+        self.commit_id = commit_id
+        self.record = record
+        self.chunk_id = chunk_id
+
+
+class TagSignatureError(CkptvcsError):
+    """A signed-tag check failed; the subclasses say how. ``tag`` names the tag."""
+
+    exit_code = 18
+
+    def __init__(self, message: str, tag: str) -> None:
+        super().__init__(message)
+        self.tag = tag
+
+
+class UnsignedTagError(TagSignatureError):
+    """``verify_tag`` on a tag that carries no signature (a plain annotated tag)."""
+
+
+class UntrustedKeyError(TagSignatureError):
+    """The tag is signed, but by a key that is not among the trusted keys given (or in ``keys/``)."""
+
+
+class BadSignatureError(TagSignatureError):
+    """The tag's signature does not verify with the key it names: the tag object was altered
+    (or forged) after signing. Same exit code as the other signature errors."""
+
+
+class ProtectedRefError(CkptvcsError):
+    """Deleting or force-moving a ref that matches a protected pattern (``ckptvcs protect``).
+
+    ``ref`` is the full ref name, ``pattern`` the protection that matched. An explicit
+    override (``override_protection=True``, ``--override-protection``) does it anyway
+    and is recorded in the reflog and the audit log.
+    """
+
+    exit_code = 16
+
+    def __init__(self, message: str, ref: str, pattern: str) -> None:
+        super().__init__(message)
+        self.ref = ref
+        self.pattern = pattern
+
+
+class AuditLogDamagedError(IntegrityError):
+    """The audit log's hash chain is broken: a line was edited, removed or inserted, or its
+    tail was truncated (``ckptvcs audit --check`` names the first bad line)."""

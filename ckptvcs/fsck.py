@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _fs
+from .audit import AUDIT_DIR, LOG_NAME, AuditLog
 from .codec import CODEC_NAMES, USES_BASE
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
 from .objects import Commit, Manifest, Tag
@@ -413,6 +414,22 @@ class _Checker:
         logs = self.repo.root / "logs"
         for path in sorted(p for p in logs.rglob("*") if p.is_file()) if logs.is_dir() else []:
             self.check_reflog(path, path.relative_to(self.repo.root).as_posix())
+        self.check_audit_log()
+
+    def check_audit_log(self) -> None:
+        """The audit log's hash chain (docs/audit.md): a break is damage, a torn last line garbage."""
+        verdict = AuditLog(self.repo.root).check()
+        rel = f"{AUDIT_DIR}/{LOG_NAME}"
+        for problem in verdict.problems:
+            self.add("corrupt", f"audit log {rel} is damaged: {problem}", objects=[rel])
+        for note in verdict.notes:
+            if "last line" in note:
+                self.add("garbage", f"audit log {rel}: {note}", objects=[rel])
+        folder = self.repo.root / AUDIT_DIR
+        for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+            if name.startswith("."):  # atomic_write's temp file of head.json, left by a crash
+                self.add("garbage", f"{AUDIT_DIR}/{name} is left over from an interrupted write",
+                         objects=[f"{AUDIT_DIR}/{name}"])
 
     def check_staged_records(self) -> None:
         """Staged, unpublished states (Repo.stage): garbage awaiting publish or the staged grace, never damage."""

@@ -201,10 +201,15 @@ class Tag:
     tagger: str
     time: str
     id: str = ""
+    # A signed tag's ``{"alg", "key", "sig"}`` (ckptvcs.signing; docs/format.md "Signed
+    # tags"); absent from unsigned tags, whose bytes and ids are as before.
+    signature: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
         del body["id"]
+        if self.signature is None:
+            del body["signature"]
         return body
 
     @classmethod
@@ -221,7 +226,19 @@ class Tag:
             tagger=_expect(obj, "tagger", str, "tag"),
             time=_expect(obj, "time", str, "tag"),
             id=oid,
+            signature=_signature(obj, oid),
         )
+
+
+def _signature(obj: dict[str, Any], oid: str) -> dict[str, str] | None:
+    """A tag's ``signature`` field: absent, or ``{"alg": "ed25519", "key": 64 hex, "sig": 128 hex}``."""
+    value = obj.get("signature")
+    if value is None:
+        return None
+    if (not isinstance(value, dict) or set(value) != {"alg", "key", "sig"}
+            or not all(isinstance(v, str) and len(v) <= 256 for v in value.values())):
+        raise CorruptObjectError(f"tag {oid} has a malformed signature field")
+    return dict(value)
 
 
 def _readable(kind: str, body: Any, data: bytes) -> bytes:

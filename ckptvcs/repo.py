@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, _validate, catalog, components, delta, provenance, records
+from . import _fs, _validate, catalog, components, delta, provenance, records, trust
+from . import verify as verification
 from ._lazy import LazyModule
+from .audit import AuditCheck, AuditEvent, AuditLog
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
     AmbiguousRevisionError,
@@ -62,6 +64,7 @@ from .hugepages import advise_huge_pages
 from .objects import MAX_JSON_DEPTH, Commit, Manifest, ObjectStore, Tag, canonical_json, json_depth_exceeds
 from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name, is_valid_ref
 from .repair import RepairReport, rebuild_index
+from .signing import sign_tag
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
 
@@ -94,7 +97,7 @@ _MAX_CHUNK_SIZE = 256 << 20
 _MAX_RECORD_SIZE = 1 << 20  # config.json and pruned records: small JSON files
 # The store's own entries: none may be a symbolic link (docs/format.md, "Symbolic links").
 _LAYOUT = ("config.json", "HEAD", "lock", "lock.gate", "objects", "packs", "tmp", "index", "refs", "logs", "pruned",
-           "staged", "records")
+           "staged", "records", "audit", "verified", "keys")
 STAGED_DIRNAME = "staged"
 DEFAULT_STAGED_EXPIRE = "1.day"
 
@@ -905,16 +908,26 @@ class Repo:
                 good[name] = value
         return good, damaged
 
-    def branch(self, name: str, rev: str = "HEAD", force: bool = False) -> str:
-        """Create branch ``name`` at ``rev`` (move it there with ``force``); returns the id."""
+    def branch(self, name: str, rev: str = "HEAD", force: bool = False, *, override_protection: bool = False) -> str:
+        """Create branch ``name`` at ``rev`` (move it there with ``force``); returns the id.
+
+        Moving a protected branch (:meth:`protect`) raises ProtectedRefError unless
+        ``override_protection`` (then the reflog and the audit log record the override).
+        """
         ref = f"refs/heads/{check_ref_name(name, 'branch')}"
         target = self.resolve(rev)
         self._check_data_kept(target, f"branch {name!r}")
         current = self._ref_to_write(ref, force, f"branch {name!r}", "use force to move it")
-        self.refs.set_if_equals(ref, current, target, who=provenance.default_author(), message=f"branch: {rev}")
+        overridden = None
+        if current is not None and current != target:
+            overridden = trust.guard(self, ref, "force-move", override_protection)
+        note = f" (protection {overridden} overridden)" if overridden else ""
+        self.refs.set_if_equals(ref, current, target, who=provenance.default_author(), message=f"branch: {rev}{note}")
+        if current is not None and current != target:
+            self.audit("branch.move", ref=ref, old=current, new=target, override=bool(overridden))
         return target
 
-    def delete_branch(self, name: str, force: bool = False) -> None:
+    def delete_branch(self, name: str, force: bool = False, *, override_protection: bool = False) -> None:
         """Delete a branch (not the one HEAD is on).
 
         Like ``git branch -d``: refuses (UnmergedBranchError) a branch whose tip no other
@@ -932,7 +945,7 @@ class Repo:
                 f"branch {name!r} (at {tip[:12]}) is not contained in any other branch or tag; deleting it leaves "
                 f"its commits to gc once its reflog expires; use -D (force=True) to delete it anyway",
             )
-        self._delete_ref(ref, "branch", name)
+        self._delete_ref(ref, "branch", name, override_protection)
 
     def _tips_except(self, ref: str, *, detached_head: bool = True) -> list[str]:
         """Commits named by every branch and tag but ``ref`` (and by a detached HEAD)."""
@@ -967,16 +980,30 @@ class Repo:
         commits = [self.objects.read_commit(oid) for oid in own]
         return sorted(commits, key=lambda c: (c.time, c.id), reverse=True)
 
-    def tag(self, name: str, rev: str = "HEAD", message: str = "", force: bool = False) -> str:
-        """Create an annotated tag at ``rev``; a tag never moves unless ``force``. Returns the commit id."""
+    def tag(self, name: str, rev: str = "HEAD", message: str = "", force: bool = False, *, key: Any = None,
+            override_protection: bool = False) -> str:
+        """Create an annotated tag at ``rev``; a tag never moves unless ``force``. Returns the commit id.
+
+        ``key`` (an Ed25519 private key: PEM path, PEM bytes or key object) signs the
+        tag object, which pins the commit and every chunk by hash (docs/audit.md);
+        :meth:`verify_tag` checks it. Moving a protected tag raises ProtectedRefError
+        unless ``override_protection``. Tag changes are recorded in the audit log.
+        """
         ref = f"refs/tags/{check_ref_name(name, 'tag')}"
         target = self.resolve(rev)
         self._check_data_kept(target, f"tag {name!r}")
         current = self._ref_to_write(ref, force, f"tag {name!r}", "tags never move unless forced")
+        overridden = trust.guard(self, ref, "force-move", override_protection) if current is not None else None
         who = provenance.default_author()
         tag = Tag(object=target, name=name, message=_require_str(message, "message"), tagger=who, time=provenance.utc_now())
-        tag_id = self.objects.put("tag", tag.to_json())
-        self.refs.set_if_equals(ref, current, tag_id, who=who, message=f"tag: {rev}")
+        body = tag.to_json()
+        if key is not None:
+            body["signature"] = sign_tag(body, key)
+        tag_id = self.objects.put("tag", body)
+        note = f" (protection {overridden} overridden)" if overridden else ""
+        self.refs.set_if_equals(ref, current, tag_id, who=who, message=f"tag: {rev}{note}")
+        self.audit("tag.move" if current is not None else "tag.create", ref=ref, old=current, new=tag_id,
+                   commit=target, signed_by=body.get("signature", {}).get("key"), override=bool(overridden))
         return target
 
     def tags(self) -> dict[str, Tag]:
@@ -1000,9 +1027,12 @@ class Repo:
                 damaged[name] = str(err)
         return good, damaged
 
-    def delete_tag(self, name: str) -> None:
-        """Delete a tag. Releases are meant to be permanent: this is for mistakes."""
-        self._delete_ref(f"refs/tags/{check_ref_name(name, 'tag')}", "tag", name)
+    def delete_tag(self, name: str, *, override_protection: bool = False) -> None:
+        """Delete a tag. Releases are meant to be permanent: this is for mistakes.
+
+        A protected tag (:meth:`protect`) raises ProtectedRefError unless ``override_protection``.
+        """
+        self._delete_ref(f"refs/tags/{check_ref_name(name, 'tag')}", "tag", name, override_protection)
 
     def checkout(self, rev: str) -> str:
         """Point HEAD at a branch (by name) or detach it at any other revision; returns the id."""
@@ -1029,11 +1059,14 @@ class Repo:
             self._check_ref_path_free(ref)
         return current
 
-    def _delete_ref(self, ref: str, what: str, name: str) -> None:
+    def _delete_ref(self, ref: str, what: str, name: str, override_protection: bool = False) -> None:
         current = self.refs.read_raw(ref)
         if current is None:
             raise RevisionNotFoundError(f"no {what} named {name!r}")
-        self.refs.remove_if_equals(ref, current, who=provenance.default_author(), message=f"{what}: deleted")
+        overridden = trust.guard(self, ref, "delete", override_protection)
+        note = f" (protection {overridden} overridden)" if overridden else ""
+        self.refs.remove_if_equals(ref, current, who=provenance.default_author(), message=f"{what}: deleted{note}")
+        self.audit(f"{what}.delete", ref=ref, old=current, override=bool(overridden))
 
     def _check_ref_path_free(self, ref: str) -> None:
         """A new ref may not sit where another ref's name needs a directory, or inside one."""
@@ -1451,6 +1484,83 @@ class Repo:
             pack_bytes=folder_size(self.root / "packs"),
             object_bytes=folder_size(self.root / "objects"),
         )
+
+    # -- recovery readiness, release trust, audit (docs/audit.md) -------------------------
+
+    def verify(self, rev: str = "HEAD", check: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+        """Restore a commit in a fresh process of this Python, re-hashing every chunk, and run ``check``.
+
+        ``check`` names an importable function (``"evals.holdout:run"``, found on this
+        process's import path) that receives the loaded state (tensors on the CPU) and
+        returns a dict of metrics (numbers); raising fails the verification. The outcome
+        is recorded as ``verified/<commit id>`` (:meth:`last_verification`) and in the
+        audit log, then returned: ``ok``, ``time``, ``seconds``, ``restore_seconds``,
+        ``check_seconds``, ``bytes``, ``chunks``, ``check``, ``metrics``, ``error``,
+        ``chunk_id``. A failure raises VerifyFailedError (``.record``, ``.chunk_id``)
+        after it is recorded. A pruned commit raises CommitPrunedError (nothing to restore).
+        """
+        self._check_process()
+        commit_id = self.resolve(rev)
+        self._check_not_pruned(commit_id)
+        return verification.verify_commit(self, commit_id, check, timeout, provenance.default_author())
+
+    def last_verification(self, rev: str = "HEAD") -> dict[str, Any] | None:
+        """The record of the last :meth:`verify` of a commit, or None (a damaged record raises CorruptObjectError)."""
+        return verification.read_record(self.root, self.resolve(rev))
+
+    def verifications(self) -> dict[str, dict[str, Any]]:
+        """Commit id → last verification record, for every verified commit (damaged records are left out with a
+        RuntimeWarning)."""
+        records, damaged = verification.read_records(self.root)
+        for why in damaged.values():
+            warnings.warn(why, RuntimeWarning, stacklevel=2)
+        return records
+
+    def verify_tag(self, name: str, trusted_keys: Iterable[Any] | None = None) -> dict[str, Any]:
+        """Check a signed tag: its Ed25519 signature by a trusted key, then every byte it pins.
+
+        ``trusted_keys``: public keys (PEM paths, PEM bytes or key objects); default: the
+        keys in the repository's ``keys/`` (:meth:`trust_key`; an auditor passes keys
+        obtained out of band, see docs/audit.md). Raises UnsignedTagError,
+        UntrustedKeyError, BadSignatureError, or IntegrityError naming the damaged
+        object or chunk. Returns ``tag``, ``tag_object``, ``commit``, ``manifest``,
+        ``key``, ``chunks``, ``bytes``. Audited either way.
+        """
+        self._check_process()
+        return trust.verify_tag(self, name, trusted_keys)
+
+    def trust_key(self, public_key: Any) -> str:
+        """Add a public key (PEM path or bytes) to ``keys/``, trusted by :meth:`verify_tag`; returns its id."""
+        return trust.trust_key(self, public_key)
+
+    def trusted_keys(self) -> list[str]:
+        """Ids of the keys in ``keys/``."""
+        return sorted(trust.trusted_keys(self))
+
+    def protect(self, pattern: str) -> list[str]:
+        """Protect the refs matching ``pattern`` (``refs/tags/release-*``; ``*`` and ``?`` glob, ``*`` spans
+        ``/``): deleting or force-moving them raises ProtectedRefError unless overridden. Returns the patterns."""
+        return trust.set_protection(self, pattern, True)
+
+    def unprotect(self, pattern: str) -> list[str]:
+        """Remove a protection pattern (audited); returns the remaining patterns."""
+        return trust.set_protection(self, pattern, False)
+
+    def protected_refs(self) -> list[str]:
+        """The protection patterns (config.json ``protected_refs``)."""
+        return trust.protected_patterns(self)
+
+    def audit(self, event: str, **data: Any) -> AuditEvent:
+        """Append an event to the audit log (``audit/log.jsonl``), by ``$CKPTVCS_AUTHOR`` or user@host."""
+        return AuditLog(self.root).append(event, provenance.default_author(), data)
+
+    def audit_events(self) -> list[AuditEvent]:
+        """The audit log's events, oldest first (:meth:`check_audit` says whether the chain holds)."""
+        return list(AuditLog(self.root).events())
+
+    def check_audit(self) -> AuditCheck:
+        """Walk the audit log's hash chain; ``.ok``, ``.problems``, ``.events``, ``.head``."""
+        return AuditLog(self.root).check()
 
     # -- integrity ---------------------------------------------------------------------
 

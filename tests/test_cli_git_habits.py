@@ -75,6 +75,7 @@ def commit_ids(project: Path) -> list[str]:
 TORCH_FREE = [
     ["--help"], ["--version"], ["log"], ["log", "--oneline", "-2"], ["log", "v1..main"], ["branch"], ["tag"],
     ["status"], ["reflog"], ["fsck"], ["show", "v1"], ["stats"], ["gc", "--dry-run"], ["diff", "--stat", "exp"],
+    ["verify", "v1"], ["audit"], ["protect"],  # verify restores in a child process: the command stays torch-free
 ]
 
 

@@ -215,6 +215,11 @@ def show(ctx: click.Context, rev: str, list_tensors: bool, as_json: bool) -> Non
         return
     for line in _long(c, _decorations(repo)):
         click.echo(line)
+    from .trust import last_verification, verification_line
+
+    verified = verification_line(last_verification(repo, c.id))
+    if verified:
+        click.echo(f"Verified: {verified}")
     if c.config is not None:
         click.echo(f"Config: {json.dumps(c.config, sort_keys=True)[:500]}")
     env = c.environment

@@ -133,6 +133,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     head = repo.show(head_id) if head_id else None
     report = repo.gc(dry_run=True)
     checked = repo.last_fsck()
+    from .trust import last_verification, verification_line
+
+    verified = last_verification(repo, head_id) if head_id else None
     if as_json:
         click.echo(json.dumps({
             "branch": branch_name, "head": head_id,
@@ -142,10 +145,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "gc": {"reclaimable_bytes": report.bytes_reclaimed, "pruned_commits": report.pruned_commits,
                    "dead_chunks": report.dead_chunks},
             "fsck": checked,
+            "verified": verified,
         }, indent=2))
         return
     for line in _status_lines(branch_name, head, report, checked):
         click.echo(line)
+    click.echo(f"verify:  {verification_line(verified) or 'HEAD never verified; run `ckptvcs verify`'}")
 
 
 def _status_lines(branch_name: str | None, head: Commit | None, report: Any, checked: dict | None) -> list[str]:

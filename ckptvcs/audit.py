@@ -1,0 +1,304 @@
+"""The audit log: an append-only, hash-chained record of security-relevant events.
+
+``audit/log.jsonl`` holds one event per line, each line the canonical JSON of
+``{"seq", "time", "who", "event", "data", "prev"}``: ``seq`` counts from 0, ``prev`` is
+the BLAKE3 (hex) of the previous line's bytes (its newline excluded; 64 zeros for the
+first line). Editing, inserting or removing a line breaks the chain at the next line;
+``audit/head.json`` (``{"seq", "hash"}`` of the last line, rewritten atomically after
+each append) exposes a truncated tail. Each line is appended with one ``write`` and an
+fsync (the reflog's helper), under ``audit/lock``, so concurrent writers chain in turn.
+
+A crash mid-append leaves a torn last line: the next append starts on a new line and
+names the fragment's BLAKE3 in ``torn``, so the check can tell a crash from an edit.
+The chain detects accidents and edits by anyone who does not rewrite the whole log;
+docs/audit.md says what it does not detect (a writer recomputing every hash) and how
+an external copy of the head closes that gap.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from . import _fs
+from .errors import AuditLogDamagedError, CorruptObjectError, LockTimeoutError
+
+__all__ = ["AuditLog", "AuditEvent", "AuditCheck", "AUDIT_DIR", "ZERO_HASH"]
+
+AUDIT_DIR = "audit"
+LOG_NAME = "log.jsonl"
+HEAD_NAME = "head.json"
+LOCK_NAME = "lock"
+ZERO_HASH = "0" * 64
+MAX_LINE = 16 << 10  # one event's line; longer data is cut (the "data" values are small)
+MAX_LOG = 256 << 20  # what a reader reads of a hostile log
+_MAX_HEAD = 4096
+_LOCK_TIMEOUT = 30.0
+_FIELDS = ("seq", "time", "who", "event", "data", "prev")
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit line: ``event`` (e.g. ``tag.sign``) by ``who`` at ``time`` (UTC ISO 8601) with ``data``."""
+
+    seq: int
+    time: str
+    who: str
+    event: str
+    data: dict[str, Any]
+    prev: str
+    hash: str  # BLAKE3 of this line: the next line's ``prev``
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "time": self.time, "who": self.who, "event": self.event, "data": self.data,
+                "prev": self.prev, "hash": self.hash}
+
+
+@dataclass
+class AuditCheck:
+    """The verdict of :meth:`AuditLog.check`: ``problems`` (empty: the chain holds), the number of
+    ``events``, the ``head`` hash (record it elsewhere to detect a rewrite of the whole log) and
+    ``notes`` that are not damage (a torn last line from a crash)."""
+
+    events: int = 0
+    head: str = ZERO_HASH
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _line_hash(line: bytes) -> str:
+    return blake3.blake3(line).hexdigest()
+
+
+def _utc_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+class AuditLog:
+    """The audit log of the repository at ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / AUDIT_DIR
+        self.path = self.dir / LOG_NAME
+        self.head_path = self.dir / HEAD_NAME
+
+    # -- writing ---------------------------------------------------------------------
+
+    def append(self, event: str, who: str, data: dict[str, Any]) -> AuditEvent:
+        """Append one event durably and chain it to the last line; returns it.
+
+        Raises AuditLogDamagedError when the last complete line does not parse (the
+        chain cannot continue from it: ``ckptvcs audit --check`` says where).
+        """
+        with _fs.storage_errors("appending to the audit log"):
+            _fs.check_inside(self.root, self.dir)
+            if not self.dir.is_dir():
+                self.dir.mkdir(exist_ok=True)
+                _fs.fsync_dir(self.root)
+            with self._locked():
+                seq, prev, torn = self._tail()
+                record: dict[str, Any] = {"seq": seq, "time": _utc_now(), "who": who, "event": event,
+                                          "data": data, "prev": prev}
+                if torn:
+                    record["torn"] = torn
+                line = _encode(record)
+                if len(line) > MAX_LINE:
+                    record["data"] = {"truncated": True, "summary": json.dumps(data)[: MAX_LINE // 2]}
+                    line = _encode(record)
+                _fs.append_durably(self.path, (b"\n" if self._ends_torn() else b"") + line + b"\n")
+                digest = _line_hash(line)
+                _fs.atomic_write(self.head_path, _encode({"seq": seq, "hash": digest}) + b"\n")
+        return AuditEvent(seq, record["time"], who, event, record["data"], prev, digest)
+
+    def _ends_torn(self) -> bool:
+        """Whether the log's last byte is not a newline (a crash mid-append)."""
+        try:
+            fd = _fs.open_regular(self.path)
+        except FileNotFoundError:
+            return False
+        with open(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return False
+            f.seek(size - 1)
+            return f.read(1) != b"\n"
+
+    def _locked(self) -> Any:
+        log = self
+
+        class _Lock:
+            def __enter__(self) -> None:
+                self.fd = os.open(log.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                if not _fs.flock_within(self.fd, fcntl.LOCK_EX, _LOCK_TIMEOUT):
+                    os.close(self.fd)
+                    raise LockTimeoutError(f"another process held the audit log's lock for {_LOCK_TIMEOUT:.0f} s")
+
+            def __exit__(self, *exc: object) -> None:
+                os.close(self.fd)  # closing drops the flock
+
+        return _Lock()
+
+    def _tail(self) -> tuple[int, str, list[str] | None]:
+        """``(next seq, hash of the last event line, hashes of the torn lines after it or None)``.
+
+        Torn lines are what crashes mid-append left after the last event: the fragments
+        of lines that never completed (each later append started on a new line).
+        """
+        try:
+            fd = _fs.open_regular(self.path)
+        except FileNotFoundError:
+            return 0, ZERO_HASH, None
+        with open(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            window = 4 * (MAX_LINE + 1)
+            while True:
+                start = max(0, size - window)
+                f.seek(start)
+                lines = f.read(size - start).split(b"\n")
+                if start > 0:
+                    lines = lines[1:]  # the first piece may be the end of an earlier line
+                torn: list[bytes] = []
+                while lines and _parse(lines[-1]) is None:
+                    piece = lines.pop()
+                    if piece or not lines:  # the empty piece after the final newline is no line
+                        torn.insert(0, piece)
+                torn = [t for t in torn if t]
+                if lines or start == 0 or window >= MAX_LOG:
+                    break
+                window *= 4
+        hashes = [_line_hash(t) for t in torn] or None
+        if not lines:
+            if start > 0:
+                raise AuditLogDamagedError("no event line in the audit log's last part; run `ckptvcs audit --check`",
+                                           path=f"{AUDIT_DIR}/{LOG_NAME}")
+            return 0, ZERO_HASH, hashes
+        last = _parse(lines[-1])
+        assert last is not None
+        return last.seq + 1, last.hash, hashes
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _read(self) -> bytes:
+        try:
+            return _fs.read_record(self.path, MAX_LOG)
+        except FileNotFoundError:
+            return b""
+        except CorruptObjectError as err:
+            raise AuditLogDamagedError(f"the audit log cannot be read: {err}", path=f"{AUDIT_DIR}/{LOG_NAME}") from None
+
+    def events(self) -> Iterator[AuditEvent]:
+        """Every event that parses, oldest first (use :meth:`check` to trust the chain)."""
+        for line in self._read().split(b"\n"):
+            event = _parse(line)
+            if event is not None:
+                yield event
+
+    def check(self) -> AuditCheck:
+        """Walk the chain: every line parses, counts on, and names the previous line's hash;
+        the head record matches. Returns the verdict (never raises for damage)."""
+        result = AuditCheck()
+        try:
+            data = self._read()
+        except AuditLogDamagedError as err:
+            result.problems.append(str(err))
+            return result
+        lines = data.split(b"\n")
+        fragment = lines.pop()
+        expected_seq, prev = 0, ZERO_HASH
+        hashes: list[str] = []
+        pending: list[tuple[int, str]] = []  # lines that do not parse since the last event
+        for number, line in enumerate(lines, 1):
+            event = _parse(line)
+            if event is None:
+                pending.append((number, _line_hash(line)))
+                continue
+            named = _torn_of(line)
+            if [h for _, h in pending] != (named or []):
+                first = pending[0][0] if pending else number
+                result.problems.append(
+                    f"line {first} does not parse or is not in canonical form (edited)" if pending and not named else
+                    f"line {number} names torn lines that are not the ones before it (lines were edited or removed)")
+                return result
+            if pending:
+                result.notes.append(f"line{'s' if len(pending) > 1 else ''} {', '.join(str(n) for n, _ in pending)}: "
+                                    "torn by a crash while appending; the next line names them and the chain continues")
+            pending = []
+            if event.seq != expected_seq or event.prev != prev:
+                result.problems.append(
+                    f"line {number} (seq {event.seq}) does not follow line {number - 1}: its prev hash or seq "
+                    "does not match, so a line before it was edited, removed or inserted")
+                return result
+            prev = event.hash
+            hashes.append(prev)
+            expected_seq += 1
+        if pending or fragment:
+            result.notes.append("the last line is torn (a crash while appending); the next append skips it")
+        result.events = expected_seq
+        result.head = prev
+        result.problems += self._check_head(hashes)
+        return result
+
+    def _check_head(self, hashes: list[str]) -> list[str]:
+        try:
+            head = json.loads(_fs.read_record(self.head_path, _MAX_HEAD))
+        except FileNotFoundError:
+            if len(hashes) > 1:
+                return [f"{AUDIT_DIR}/{HEAD_NAME} is missing while the log holds {len(hashes)} events"]
+            return []
+        except (OSError, ValueError, RecursionError, CorruptObjectError) as err:
+            return [f"{AUDIT_DIR}/{HEAD_NAME} cannot be read: {str(err)[:120]}"]
+        seq = head.get("seq") if isinstance(head, dict) else None
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            return [f"{AUDIT_DIR}/{HEAD_NAME} is malformed"]
+        if seq >= len(hashes):
+            return [f"the audit log was truncated: {AUDIT_DIR}/{HEAD_NAME} records event {seq}, "
+                    f"the log ends at event {len(hashes) - 1}"]
+        if hashes[seq] != head.get("hash"):
+            return [f"event {seq} does not match the hash {AUDIT_DIR}/{HEAD_NAME} recorded for it (edited)"]
+        if seq < len(hashes) - 2:
+            return [f"{AUDIT_DIR}/{HEAD_NAME} records event {seq} while the log ends at {len(hashes) - 1} (rewound)"]
+        return []  # the head may lag one event: a crash between the append and its write
+
+
+def _torn_of(line: bytes) -> list[str] | None:
+    """The ``torn`` field of an event line: the hashes of the torn lines just before it."""
+    try:
+        value = json.loads(line).get("torn")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def _parse(line: bytes) -> AuditEvent | None:
+    """The event a line holds, or None when it is not a canonical, well-formed event line."""
+    if not line or len(line) > MAX_LINE:
+        return None
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or any(k not in record for k in _FIELDS) or _encode(record) != line:
+        return None
+    seq, data = record["seq"], record["data"]
+    strings = all(isinstance(record[k], str) for k in ("time", "who", "event", "prev"))
+    if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(data, dict) or not strings:
+        return None
+    return AuditEvent(seq, record["time"], record["who"], record["event"], data, record["prev"], _line_hash(line))
