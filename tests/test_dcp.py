@@ -268,3 +268,25 @@ def test_use_collectives_false_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ckptvcs.UsageError, match="use_collectives"):
             dcp.save({"w": torch.ones(2)}, storage_writer=RepoWriter(repo), no_dist=True, use_collectives=False)
         assert repo.head()[1] is None
+
+
+def test_combine_staged_needs_one_parent_and_survives_gc(tmp_path: Path) -> None:
+    with ckptvcs.Repo.init(tmp_path / "r") as repo:
+        first = repo.commit({"x": torch.ones(3)})
+        a = repo.stage({"x": torch.ones(3) * 2})
+        b = repo.stage({"y": torch.arange(3)}, parent=None)
+        with pytest.raises(ckptvcs.InvalidInputError, match="different parents"):
+            repo.combine_staged([a, b])
+        c = repo.stage({"y": torch.arange(3)})
+        combined = repo.combine_staged([a, c])
+        assert sorted(os.listdir(tmp_path / "r" / "staged")) == [combined.manifest]  # the parts' records went
+        repo.gc()  # within the staged grace: the combined record keeps every part's chunks
+        cid = repo.publish(combined, "combined")
+        assert repo.show(cid).parents == (first,)
+        assert torch.equal(repo.load(cid)["x"], torch.ones(3) * 2)
+        assert not os.listdir(tmp_path / "r" / "staged")
+        late = repo.combine_staged([repo.stage({"z": torch.zeros(2)})])
+        repo.gc(staged_expire="now")
+        with pytest.raises(ckptvcs.StagedDataCollectedError):
+            repo.publish(late, "too late")
+        assert repo.head()[1] == cid and repo.fsck(read_data=True).ok
