@@ -613,25 +613,35 @@ class Repo:
             self._remove_staged_records([p.manifest for p in parts if p.manifest != manifest_id])
         return combined
 
-    def read_range(self, manifest: Manifest, blob: int, start: int, stop: int) -> bytearray:
+    def read_range(self, manifest: Manifest, blob: int, start: int, stop: int) -> memoryview:
         """Bytes ``[start, stop)`` of blob ``blob`` of ``manifest`` (from :meth:`manifest`),
-        reading and verifying only the chunks they overlap: ranged reads of large tensors."""
+        decoding and verifying only the chunks they overlap, in parallel: ranged reads of
+        large tensors."""
         self._check_process()
-        if not isinstance(blob, int) or not 0 <= blob < len(manifest.blobs):
+        if isinstance(blob, bool) or not isinstance(blob, int) or not 0 <= blob < len(manifest.blobs):
             raise CorruptObjectError(f"manifest {manifest.id} has no blob {blob!r}")
         record = manifest.blobs[blob]
         if not 0 <= start <= stop <= record["nbytes"]:
             raise InvalidInputError(f"range [{start}, {stop}) is outside blob {blob} ({record['nbytes']} bytes)")
-        out = bytearray(stop - start)
-        size = self.chunk_size
-        for index in range(start // size, -(-stop // size)):
-            lo, hi = max(start, index * size), min(stop, (index + 1) * size)
-            data = self.chunks.read_chunk(
-                bytes.fromhex(record["chunks"][index]),
-                describe=lambda: f"blob {blob} of manifest {manifest.id[:12]}",
-            )
-            out[lo - start:hi - start] = data[lo - index * size:hi - index * size]
-        return out
+        if len(record["chunks"]) != -(-record["nbytes"] // self.chunk_size):
+            raise CorruptObjectError(f"manifest {manifest.id}: blob {blob} lists the wrong number of chunks")
+        if start == stop:
+            return memoryview(bytearray())
+        first, end = start // self.chunk_size, -(-stop // self.chunk_size)
+        lo = first * self.chunk_size
+        buf = bytearray(min(record["nbytes"], end * self.chunk_size) - lo)
+        futures = self.chunks.read_into(
+            [bytes.fromhex(c) for c in record["chunks"][first:end]],
+            memoryview(buf),
+            describe=lambda: f"blob {blob} of manifest {manifest.id[:12]}",
+        )
+        try:
+            for fut in futures:
+                fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+        return memoryview(buf)[start - lo:stop - lo]
 
     def _stage_locked(self, encoded: Any, parent: str | None, progress: Progress | None) -> Staged:
         """State → chunks → manifest, under the caller's shared lock; no ref moves.

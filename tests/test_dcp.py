@@ -232,13 +232,13 @@ def test_ranged_reads_touch_only_the_needed_chunks(tmp_path: Path) -> None:
         big = torch.randn(256, 64)  # 64 KiB: 16 chunks
         dcp.save({"big": big}, storage_writer=RepoWriter(repo), no_dist=True)
         reads: list[bytes] = []
-        original = repo.chunks.read_chunk
+        original = repo.chunks.read_into
 
-        def counting(chunk_id: bytes, **kw: Any) -> Any:
-            reads.append(chunk_id)
-            return original(chunk_id, **kw)
+        def counting(chunk_ids: Any, out: Any, **kw: Any) -> Any:
+            reads.extend(chunk_ids)
+            return original(chunk_ids, out, **kw)
 
-        repo.chunks.read_chunk = counting  # type: ignore[method-assign]
+        repo.chunks.read_into = counting  # type: ignore[method-assign]
         reader = RepoReader(repo)
         reader.read_metadata()
         shards = __import__("ckptvcs.integrations.dcp", fromlist=["_Shards"])._Shards(repo, repo.head()[1])
@@ -247,6 +247,8 @@ def test_ranged_reads_touch_only_the_needed_chunks(tmp_path: Path) -> None:
         assert len(reads) == 1
         col = shards.read("big@0,0", [8, 3], [2, 5])
         assert torch.equal(col, big[8:10, 3:8])
+        tail = shards.read("big@0,0", [200, 0], [56, 64])  # crosses chunk edges, ends at the blob's end
+        assert torch.equal(tail, big[200:]) and len(reads) == 1 + 1 + 4
 
 
 def test_combine_staged_refuses_overlapping_parts(tmp_path: Path) -> None:
