@@ -292,3 +292,16 @@ def test_combine_staged_needs_one_parent_and_survives_gc(tmp_path: Path) -> None
         with pytest.raises(ckptvcs.StagedDataCollectedError):
             repo.publish(late, "too late")
         assert repo.head()[1] == cid and repo.fsck(read_data=True).ok
+
+
+def test_a_shard_is_delta_coded_against_the_parents_same_shard(tmp_path: Path) -> None:
+    base = torch.randn(512, 256, generator=torch.Generator().manual_seed(0))
+    nudged = base + 1e-4 * torch.randn(512, 256, generator=torch.Generator().manual_seed(1))  # no chunk equal
+    stored = {}
+    for keyframe_interval in (1, 4):  # 1: deltas off
+        with ckptvcs.Repo.init(tmp_path / str(keyframe_interval), keyframe_interval=keyframe_interval) as repo:
+            for t in (base, nudged):
+                dcp.save({"w": t.clone()}, storage_writer=RepoWriter(repo), no_dist=True)
+            stored[keyframe_interval] = repo.show().stats["new_stored_bytes"]
+            assert torch.equal(load_consolidated(repo)["w"], nudged)
+    assert stored[4] < 0.8 * stored[1]

@@ -395,15 +395,19 @@ class RepoReader(StorageReader):
         self.rev = rev
         self.commit_id: str | None = None
         self._shards: _Shards | None = None
+        self._storage: tuple[str, dict[MetadataIndex, str]] | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.commit_id = None
         self._shards = None
+        self._storage = None
 
     def read_metadata(self) -> Metadata:
         repo = self._handle.repo
         self.commit_id = repo.resolve(self.rev)
-        return _to_metadata(_read_dcp_metadata(repo, self.commit_id))
+        metadata = _to_metadata(_read_dcp_metadata(repo, self.commit_id))
+        self._storage = (self.commit_id, metadata.storage_data)
+        return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -425,7 +429,9 @@ class RepoReader(StorageReader):
             )
         if self._shards is None or self._shards.commit_id != commit_id:
             self._shards = _Shards(repo, commit_id)
-        storage = _read_storage_keys(repo, commit_id)
+        if self._storage is None or self._storage[0] != commit_id:
+            self._storage = (commit_id, _to_metadata(_read_dcp_metadata(repo, commit_id)).storage_data)
+        storage = self._storage[1]
         byte_items = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
         if byte_items:
             keys = list(dict.fromkeys(storage[item.storage_index] for item in byte_items))
@@ -447,10 +453,6 @@ class RepoReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return False
-
-
-def _read_storage_keys(repo: Repo, commit_id: str) -> dict[MetadataIndex, str]:
-    return _to_metadata(_read_dcp_metadata(repo, commit_id)).storage_data
 
 
 def load_consolidated(repo_or_path: Repo | str | os.PathLike[str], rev: str = "HEAD") -> dict[str, Any]:
