@@ -25,9 +25,11 @@ Backend (object storage, for ranks on several hosts) uses this same code path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -73,29 +75,28 @@ def item_key(index: MetadataIndex, tensor: bool) -> str:
     return f"{index.fqn}@{','.join(str(int(o)) for o in (index.offset or ()))}"
 
 
-def _open(repo_or_path: Repo | str | os.PathLike[str]) -> Repo:
-    return repo_or_path if isinstance(repo_or_path, Repo) else Repo.open(repo_or_path)
-
-
 class _RepoHandle:
-    """A repository given as a Repo or a path; opened once per process (DCP's async
-    process mode and spawned ranks carry the writer to other processes: a path travels)."""
+    """A repository given as a Repo or a path. A path is opened for each step and closed
+    after it (DCP's async process mode and spawned ranks carry the writer to other
+    processes, and a writer per save must not leave repositories open); a Repo object
+    is used as is, in the process that opened it."""
 
     def __init__(self, repo_or_path: Repo | str | os.PathLike[str]) -> None:
         if not isinstance(repo_or_path, (Repo, str, os.PathLike)):
             raise InvalidInputError(f"expected a Repo or a path, got {type(repo_or_path).__name__}")
         self._path = str(repo_or_path.root if isinstance(repo_or_path, Repo) else repo_or_path)
         self._repo = repo_or_path if isinstance(repo_or_path, Repo) else None
-        self._pid = os.getpid()
 
-    @property
-    def repo(self) -> Repo:
-        if self._repo is None or self._pid != os.getpid():
-            self._repo, self._pid = Repo.open(self._path), os.getpid()
-        return self._repo
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Repo]:
+        if self._repo is not None:
+            yield self._repo
+            return
+        with Repo.open(self._path) as repo:
+            yield repo
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_path": self._path, "_repo": None, "_pid": -1}
+        return {"_path": self._path, "_repo": None}
 
 
 def _done(value: Any) -> Future:
@@ -176,7 +177,8 @@ class RepoWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator: every rank stages against the same parent, the branch head now."""
-        self._parent = _branch_head(self._handle.repo, self._commit_args["branch"])
+        with self._handle.open() as repo:
+            self._parent = _branch_head(repo, self._commit_args["branch"])
         return [dataclasses.replace(plan, storage_data={"parent": self._parent}) for plan in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
@@ -202,14 +204,14 @@ class RepoWriter(StorageWriter):
                 sizes.append((item.index, key, data.numel() * data.element_size()))
         if not state:
             return _done([])
-        staged = self._handle.repo.stage(state, parent=parent)
+        with self._handle.open() as repo:
+            staged = repo.stage(state, parent=parent)
         record = dataclasses.asdict(staged)
         return _done([WriteResult(index=index, size_in_bytes=n, storage_data={"key": key, "staged": record})
                       for index, key, n in sizes])
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator, after every rank's write_data returned: publish ONE commit."""
-        repo = self._handle.repo
         parts: dict[str, Staged] = {}
         keys: dict[MetadataIndex, str] = {}
         for rank_results in results:
@@ -217,10 +219,11 @@ class RepoWriter(StorageWriter):
                 record = result.storage_data
                 parts.setdefault(record["staged"]["manifest"], Staged(**record["staged"]))
                 keys[result.index] = record["key"]
-        meta = repo.stage({METADATA_KEY: _metadata_state(metadata, keys)}, parent=self._parent)
-        combined = repo.combine_staged([meta, *parts.values()])
         args = dict(self._commit_args)
-        self.commit_id = repo.publish(combined, args.pop("message"), args.pop("branch"), **args)
+        with self._handle.open() as repo:
+            meta = repo.stage({METADATA_KEY: _metadata_state(metadata, keys)}, parent=self._parent)
+            combined = repo.combine_staged([meta, *parts.values()])
+            self.commit_id = repo.publish(combined, args.pop("message"), args.pop("branch"), **args)
         # DCP broadcasts this Metadata to every rank as dcp.save's return value: the commit id travels with it.
         metadata.storage_meta = dataclasses.replace(metadata.storage_meta or StorageMeta(), save_id=self.commit_id)
 
@@ -394,18 +397,16 @@ class RepoReader(StorageReader):
         self._handle = _RepoHandle(repo_or_path)
         self.rev = rev
         self.commit_id: str | None = None
-        self._shards: _Shards | None = None
         self._storage: tuple[str, dict[MetadataIndex, str]] | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.commit_id = None
-        self._shards = None
         self._storage = None
 
     def read_metadata(self) -> Metadata:
-        repo = self._handle.repo
-        self.commit_id = repo.resolve(self.rev)
-        metadata = _to_metadata(_read_dcp_metadata(repo, self.commit_id))
+        with self._handle.open() as repo:
+            self.commit_id = repo.resolve(self.rev)
+            metadata = _to_metadata(_read_dcp_metadata(repo, self.commit_id))
         self._storage = (self.commit_id, metadata.storage_data)
         return metadata
 
@@ -419,36 +420,40 @@ class RepoReader(StorageReader):
         return [dataclasses.replace(plan, storage_data={"commit": self.commit_id}) for plan in plans]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        repo = self._handle.repo
         wanted = (plan.storage_data or {}).get("commit") if isinstance(plan.storage_data, dict) else None
-        commit_id = wanted or self.commit_id or repo.resolve(self.rev)
-        if self.commit_id is not None and commit_id != self.commit_id:
-            raise InvalidInputError(
-                f"{self.rev!r} names {self.commit_id[:12]} here but {commit_id[:12]} on the coordinator (it moved "
-                "during the load); load a commit id or a tag"
-            )
-        if self._shards is None or self._shards.commit_id != commit_id:
-            self._shards = _Shards(repo, commit_id)
-        if self._storage is None or self._storage[0] != commit_id:
-            self._storage = (commit_id, _to_metadata(_read_dcp_metadata(repo, commit_id)).storage_data)
-        storage = self._storage[1]
+        with self._handle.open() as repo:
+            commit_id = wanted or self.commit_id or repo.resolve(self.rev)
+            if self.commit_id is not None and commit_id != self.commit_id:
+                raise InvalidInputError(
+                    f"{self.rev!r} names {self.commit_id[:12]} here but {commit_id[:12]} on the coordinator (it "
+                    "moved during the load); load a commit id or a tag"
+                )
+            if self._storage is None or self._storage[0] != commit_id:
+                self._storage = (commit_id, _to_metadata(_read_dcp_metadata(repo, commit_id)).storage_data)
+            self._read_items(repo, commit_id, self._storage[1], plan, planner)
+        return _done(None)
+
+    @staticmethod
+    def _read_items(
+        repo: Repo, commit_id: str, storage: dict[MetadataIndex, str], plan: LoadPlan, planner: LoadPlanner
+    ) -> None:
         byte_items = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
         if byte_items:
             keys = list(dict.fromkeys(storage[item.storage_index] for item in byte_items))
             values = repo.load(commit_id, keys=keys, map_location="cpu")
             for item in byte_items:
                 _hand_object(planner, item, values[storage[item.storage_index]])
+        shards = _Shards(repo, commit_id)
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
                 continue
-            src = self._shards.read(storage[item.storage_index], item.storage_offsets, item.lengths)
+            src = shards.read(storage[item.storage_index], item.storage_offsets, item.lengths)
             target = planner.resolve_tensor(item).detach()
             if list(target.size()) != list(src.size()):
                 raise CorruptObjectError(f"{item.storage_index.fqn}: stored {list(src.size())}, "
                                          f"wanted {list(target.size())}")
             target.copy_(src)
             planner.commit_tensor(item, target)
-        return _done(None)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -462,8 +467,11 @@ def load_consolidated(repo_or_path: Repo | str | os.PathLike[str], rev: str = "H
     shards, the non-tensor values, nested back as saved (the planner's flattening
     undone). ``repo.load(rev)`` instead returns the stored shards as they are.
     """
-    repo = _open(repo_or_path)
-    commit_id = repo.resolve(rev)
+    with _RepoHandle(repo_or_path).open() as repo:
+        return _consolidate(repo, repo.resolve(rev))
+
+
+def _consolidate(repo: Repo, commit_id: str) -> dict[str, Any]:
     meta = _read_dcp_metadata(repo, commit_id)
     shards = _Shards(repo, commit_id)
     flat: dict[str, Any] = {}
