@@ -32,10 +32,9 @@ from ckptvcs.integrations.dcp import (  # noqa: E402
     is_dcp_commit,
     load_consolidated,
 )
+from dcp_workers import digest, full_tensors  # noqa: E402
 
 WORKER = Path(__file__).with_name("dcp_workers.py")
-sys.path.insert(0, str(WORKER.parent))
-from dcp_workers import digest, full_tensors  # noqa: E402
 
 JOB_TIMEOUT = 300  # seconds for a whole job on a busy machine; a hang fails instead of blocking CI
 
