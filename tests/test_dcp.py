@@ -304,3 +304,14 @@ def test_a_shard_is_delta_coded_against_the_parents_same_shard(tmp_path: Path) -
             stored[keyframe_interval] = repo.show().stats["new_stored_bytes"]
             assert torch.equal(load_consolidated(repo)["w"], nudged)
     assert stored[4] < 0.8 * stored[1]
+
+
+def test_identical_bytes_under_several_keys_are_stored_once(tmp_path: Path) -> None:
+    """What DCP's planner does not dedup (the same bytes under different names, e.g. each rank's
+    copy of a buffer under a rank-specific key), content addressing does."""
+    t = torch.randn(256, 256, generator=torch.Generator().manual_seed(3))  # 256 KiB
+    with ckptvcs.Repo.init(tmp_path / "r") as repo:
+        dcp.save({f"copy{r}": t.clone() for r in range(4)}, storage_writer=RepoWriter(repo), no_dist=True)
+        stats = repo.show().stats
+        assert stats["logical_bytes"] == 4 * t.numel() * 4
+        assert stats["new_stored_bytes"] < 1.2 * t.numel() * 4
