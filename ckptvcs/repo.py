@@ -65,7 +65,7 @@ from .objects import MAX_JSON_DEPTH, Commit, Manifest, ObjectStore, Tag, canonic
 from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name, is_valid_ref
 from .repair import RepairReport, rebuild_index
 from .signing import sign_tag
-from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
+from .state import MapLocation, blob_kinds, decode_state, dict_items_shifted, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
 
 if TYPE_CHECKING:
@@ -582,6 +582,80 @@ class Repo:
             commit_id = self._publish_locked(staged, body, target, expected, who)
         self._remove_staged_record(staged.manifest)
         return commit_id
+
+    def combine_staged(self, parts: Iterable[Staged]) -> Staged:
+        """One staged state, the union of ``parts``: staged states whose tops are plain dicts.
+
+        For states staged by several processes (the ranks of a sharded save) that one of
+        them publishes as one commit. Writes one manifest listing every part's blobs (no
+        chunk is read or written) and its staged record, then drops the parts' records
+        (the new one keeps all their data). The parts must share their parent and have
+        disjoint top-level keys (InvalidInputError otherwise); StagedDataCollectedError
+        if gc reclaimed a part.
+        """
+        self._check_process()
+        parts = list(parts)
+        if not parts or not all(isinstance(p, Staged) and _HEX_ID.match(str(p.manifest)) for p in parts):
+            raise InvalidInputError("combine_staged takes one or more of what Repo.stage returned")
+        if len({p.parent for p in parts}) != 1:
+            raise InvalidInputError("combine_staged: the parts were staged against different parents")
+        items: list[Any] = []
+        blobs: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        with self._lock.hold(exclusive=False):
+            for part in parts:
+                self._check_staged_data(part)
+                manifest = Manifest.parse(part.manifest, self.objects.get(part.manifest, "manifest")[1])
+                for key, node in dict_items_shifted(manifest.root, len(blobs)):
+                    if json.dumps(key, sort_keys=True) in seen:
+                        raise InvalidInputError(f"combine_staged: the parts share the top-level key {key!r}")
+                    seen.add(json.dumps(key, sort_keys=True))
+                    items.append([key, node])
+                blobs += manifest.blobs
+            manifest_id = self.objects.put("manifest", {"root": {"dict": items}, "blobs": blobs})
+            combined = Staged(
+                manifest=manifest_id,
+                parent=parts[0].parent,
+                tensors=sum(p.tensors for p in parts),
+                logical_bytes=sum(p.logical_bytes for p in parts),
+                new_chunks=sum(p.new_chunks for p in parts),
+                new_stored_bytes=sum(p.new_stored_bytes for p in parts),
+                time=provenance.utc_now(),
+            )
+            self._write_staged_record(combined)
+        with contextlib.suppress(CkptvcsError, OSError):
+            self._remove_staged_records([p.manifest for p in parts if p.manifest != manifest_id])
+        return combined
+
+    def read_range(self, manifest: Manifest, blob: int, start: int, stop: int) -> memoryview:
+        """Bytes ``[start, stop)`` of blob ``blob`` of ``manifest`` (from :meth:`manifest`),
+        decoding and verifying only the chunks they overlap, in parallel: ranged reads of
+        large tensors."""
+        self._check_process()
+        if isinstance(blob, bool) or not isinstance(blob, int) or not 0 <= blob < len(manifest.blobs):
+            raise CorruptObjectError(f"manifest {manifest.id} has no blob {blob!r}")
+        record = manifest.blobs[blob]
+        if not 0 <= start <= stop <= record["nbytes"]:
+            raise InvalidInputError(f"range [{start}, {stop}) is outside blob {blob} ({record['nbytes']} bytes)")
+        if len(record["chunks"]) != -(-record["nbytes"] // self.chunk_size):
+            raise CorruptObjectError(f"manifest {manifest.id}: blob {blob} lists the wrong number of chunks")
+        if start == stop:
+            return memoryview(bytearray())
+        first, end = start // self.chunk_size, -(-stop // self.chunk_size)
+        lo = first * self.chunk_size
+        buf = bytearray(min(record["nbytes"], end * self.chunk_size) - lo)
+        futures = self.chunks.read_into(
+            [bytes.fromhex(c) for c in record["chunks"][first:end]],
+            memoryview(buf),
+            describe=lambda: f"blob {blob} of manifest {manifest.id[:12]}",
+        )
+        try:
+            for fut in futures:
+                fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+        return memoryview(buf)[start - lo:stop - lo]
 
     def _stage_locked(self, encoded: Any, parent: str | None, progress: Progress | None, started: float) -> Staged:
         """State → chunks → manifest, under the caller's shared lock; no ref moves.

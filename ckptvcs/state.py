@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 
 from ._lazy import LazyMapping, LazyModule
-from .errors import CorruptObjectError, UnsupportedValueError
+from .errors import CorruptObjectError, InvalidInputError, UnsupportedValueError
 
 if TYPE_CHECKING:
     import torch
@@ -368,6 +368,31 @@ def blob_kinds(node: Any) -> dict[int, str]:
                 continue
         stack.extend(child for _, child in _children(n))
     return kinds
+
+
+def dict_items_shifted(root: Any, offset: int) -> list[list[Any]]:
+    """The ``[key, value]`` pairs of a plain-dict root node, every blob index raised by
+    ``offset``: the pieces of a state combined from several (Repo.combine_staged)."""
+    tag, body = _single(root)
+    if tag != "dict":
+        raise InvalidInputError("only states whose top level is a plain dict can be combined")
+    return [[key, _shift_blobs(node, offset)] for key, node in _dict_items(tag, body)]
+
+
+def _shift_blobs(node: Any, offset: int) -> Any:
+    if isinstance(node, list):
+        return [_shift_blobs(n, offset) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if len(node) == 1:
+        tag, body = next(iter(node.items()))
+        if tag in ("tensor", "ndarray"):
+            return {tag: {**_array_body(tag, body, ""), "blob": body["blob"] + offset}}
+        if tag == "bytes_blob":
+            if isinstance(body, bool) or not isinstance(body, int):
+                raise _corrupt(f"bytes_blob node holds {type(body).__name__}, not a blob index")
+            return {tag: body + offset}
+    return {key: _shift_blobs(value, offset) for key, value in node.items()}
 
 
 def select_keys(root: Any, keys: list[str] | None) -> Any:
