@@ -29,11 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, _validate, catalog, delta, provenance
+from . import _fs, _validate, catalog, delta, provenance, revisions
 from ._lazy import LazyModule
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
-    AmbiguousRevisionError,
     CkptvcsError,
     CommitCollectedError,
     CommitPrunedError,
@@ -83,9 +82,6 @@ DEFAULT_BRANCH = "main"
 FSCK_RECORD = "last-fsck.json"
 GITIGNORE = b"# created by ckptvcs: git ignores this whole repository\n*\n"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
-_HEX_PREFIX = re.compile(r"^[0-9a-f]{4,63}$")
-_SHORT_PREFIX = re.compile(r"^[0-9a-fA-F]{1,3}$")
-_REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
 # A URL scheme (s3://, gs://, file://, https://...); Path() folds "//" to "/", so one
 # slash is enough. Single-letter schemes are Windows drive letters, not URLs.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
@@ -387,70 +383,19 @@ class Repo:
         """The full commit id a revision names.
 
         Accepts a full id or unique prefix (4+ hex digits), a branch, a tag, ``HEAD``,
-        and suffixes ``~N`` (N-th first-parent ancestor), ``^`` / ``^N`` (N-th parent).
+        and suffixes ``~N`` (N-th first-parent ancestor), ``^`` / ``^N`` (N-th parent)
+        (the grammar: :mod:`ckptvcs.revisions`).
         """
         self._check_process()
-        if not isinstance(rev, str) or not rev.strip():
-            raise RevisionNotFoundError(f"invalid revision {rev!r}")
-        rev = rev.strip()
-        match = _REV_SUFFIX.search(rev)
-        if match and match.start() > 0:
-            base = self.resolve(rev[: match.start()])
-            op, num = match.group(0)[0], match.group(0)[1:]
-            count = int(num) if num else 1
-            if op == "~":
-                for _ in range(count):
-                    parents = self.objects.read_commit(base).parents
-                    if not parents:
-                        raise RevisionNotFoundError(f"{rev}: history is not that deep")
-                    base = parents[0]
-                return base
-            if count == 0:
-                return base
-            parents = self.objects.read_commit(base).parents
-            if len(parents) < count:
-                raise RevisionNotFoundError(f"{rev}: commit {base[:12]} has no parent {count}")
-            return parents[count - 1]
-        return self._resolve_name(rev)
+        return revisions.resolve(self._resolver, rev)
 
-    def _resolve_name(self, rev: str) -> str:
-        if rev == HEAD:
-            ref, value = self.refs.follow(HEAD)
-            if value is None:
-                branch = ref.removeprefix("refs/heads/")
-                raise RevisionNotFoundError(f"HEAD: branch {branch!r} has no commits yet")
-            return value
-        if _HEX_ID.match(rev):
-            if not self.objects.has(rev):
-                raise RevisionNotFoundError(f"unknown revision {rev}")
-            return self._peel(rev)
-        for candidate in (f"refs/heads/{rev}", f"refs/tags/{rev}", rev if rev.startswith("refs/") else None):
-            if candidate is None or not is_valid_ref(candidate):
-                continue
-            value = self.refs.read_raw(candidate)
-            if value is not None and not value.startswith("ref: "):
-                return self._peel(value)
-        if _HEX_PREFIX.match(rev):
-            matches = [oid for oid in self.objects.with_prefix(rev) if self.objects.kind(oid) in ("commit", "tag")]
-            if len(matches) > 1:
-                raise AmbiguousRevisionError(f"revision {rev} is ambiguous: matches {', '.join(m[:12] for m in matches)}")
-            if matches:
-                return self._peel(matches[0])
-        if _SHORT_PREFIX.match(rev):
-            raise RevisionNotFoundError(
-                f"unknown revision {rev!r}: not a branch or tag, and too short for a commit id "
-                "(an id prefix needs at least 4 hex digits)"
-            )
-        raise RevisionNotFoundError(f"unknown revision {rev!r} (not a branch, tag, or commit id)")
+    @property
+    def _resolver(self) -> revisions.StoreResolver:
+        return revisions.StoreResolver(self.refs, self.objects)
 
     def _peel(self, oid: str) -> str:
         """Follow a tag object to the commit it names."""
-        kind = self.objects.kind(oid)
-        if kind == "tag":
-            return self._peel(self.objects.read_tag(oid).object)
-        if kind != "commit":
-            raise RevisionNotFoundError(f"{oid[:12]} is a {kind}, not a commit")
-        return oid
+        return revisions.peel(self._resolver, oid)
 
     def head(self) -> tuple[str | None, str | None]:
         """``(current branch or None when detached, commit id or None when unborn)``."""
@@ -759,12 +704,10 @@ class Repo:
         A range ``A..B`` (git's) lists the commits reachable from B and not from A: what
         B added since A. Either side may be left out for HEAD (``A..`` is ``A..HEAD``).
         """
-        if isinstance(rev, str) and ".." in rev:
-            old, _, new = rev.partition("..")
-            if new.startswith("."):
-                raise UsageError(f"{rev}: A...B (symmetric difference) is not supported; use A..B")
-            hidden = {c.id for c in self._walk([self.resolve(old or HEAD)])}
-            return self._walk([self.resolve(new or HEAD)], n, hidden=hidden)
+        span = revisions.split_range(rev)
+        if span is not None:
+            hidden = {c.id for c in self._walk([self.resolve(span[0])])}
+            return self._walk([self.resolve(span[1])], n, hidden=hidden)
         start = self.resolve(rev)
         return self._walk([start], n)
 
