@@ -29,8 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, _validate, catalog, delta, provenance, revisions
+from . import _fs, catalog, delta, provenance, revisions
 from ._lazy import LazyModule
+from ._validate import check_chunk_size as _check_chunk_size
+from ._validate import check_keyframe_interval as _check_keyframe_interval
+from ._validate import refuse_url as _refuse_url
+from ._validate import require_str as _require_str
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
     CkptvcsError,
@@ -51,14 +55,14 @@ from .errors import (
     StorageError,
     UnmergedBranchError,
     UnsupportedFormatError,
-    UnsupportedValueError,
     UsageError,
 )
 from .expiry import DEFAULT_REFLOG_EXPIRE, parse_expiry
 from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import COLLECTED_RULE, GcReport, collect_garbage
 from .hugepages import advise_huge_pages
-from .objects import MAX_JSON_DEPTH, Commit, Manifest, ObjectStore, Tag, canonical_json, json_depth_exceeds
+from .metadata import commit_body as _commit_body
+from .objects import Commit, Manifest, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name, is_valid_ref
 from .repair import RepairReport, rebuild_index
 from .state import MapLocation, blob_kinds, decode_state, encode_state, iter_tensors, select_keys
@@ -82,11 +86,6 @@ DEFAULT_BRANCH = "main"
 FSCK_RECORD = "last-fsck.json"
 GITIGNORE = b"# created by ckptvcs: git ignores this whole repository\n*\n"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
-# A URL scheme (s3://, gs://, file://, https://...); Path() folds "//" to "/", so one
-# slash is enough. Single-letter schemes are Windows drive letters, not URLs.
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-_MIN_CHUNK_SIZE = 4096
-_MAX_CHUNK_SIZE = 256 << 20
 _MAX_RECORD_SIZE = 1 << 20  # config.json and pruned records: small JSON files
 # The store's own entries: none may be a symbolic link (docs/format.md, "Symbolic links").
 _LAYOUT = ("config.json", "HEAD", "lock", "lock.gate", "objects", "packs", "tmp", "index", "refs", "logs", "pruned",
@@ -1401,21 +1400,6 @@ class Repo:
             return rebuild_index(self.root, self.chunks, progress)
 
 
-def _refuse_url(path: Any) -> None:
-    """Refuse a URL as a repository path (until remotes exist it would become a local
-    directory named like ``s3:``)."""
-    try:
-        text = os.fspath(path)
-    except TypeError:
-        return
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
-    if _URL.match(text):
-        raise UsageError(
-            f"{text}: a URL; ckptvcs repositories are local directories for now (remote storage is not supported yet)"
-        )
-
-
 def _rename_into_place(staging: Path, target: Path) -> None:
     """Rename a complete new repository to ``target``; RepositoryExistsError if another
     process created one there first (every rank of a job may run "open or init")."""
@@ -1456,47 +1440,9 @@ def _check_layout(root: Path) -> None:
             raise CorruptObjectError(f"{root / name} is not a {kind}; the repository is damaged")
 
 
-def _check_chunk_size(value: Any) -> int:
-    return _validate.check_int(
-        value, "chunk_size", minimum=_MIN_CHUNK_SIZE, maximum=_MAX_CHUNK_SIZE, multiple_of=16,
-        message=f"chunk_size must be a multiple of 16 between {_MIN_CHUNK_SIZE} and {_MAX_CHUNK_SIZE}, got {{value}}",
-    )
-
-
-def _check_keyframe_interval(value: Any) -> int:
-    return _validate.check_int(value, "keyframe_interval", minimum=1, maximum=64)
-
-
 def _desc(timestamp: str) -> tuple[int, ...]:
     """A heap key that orders ISO timestamps newest first."""
     return tuple(-ord(ch) for ch in timestamp)
-
-
-def _require_str(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise UnsupportedValueError(name, f"expected a string, got {type(value).__name__}")
-    return value
-
-
-# Shared with the CheckpointManager (ckptvcs._validate): one rule for steps and metrics.
-_optional_int = _validate.optional_int
-_metrics = _validate.metrics
-
-
-def _commit_body(
-    message: Any, step: Any, epoch: Any, metrics: Any, config: Any, data_version: Any, code_version: Any
-) -> dict[str, Any]:
-    """The validated metadata fields of a commit object (before any write)."""
-    return {
-        "message": _require_str(message, "message"),
-        "step": _optional_int(step, "step"),
-        "epoch": _optional_int(epoch, "epoch"),
-        "metrics": _metrics(metrics),
-        "config": _json_value(config, "config"),
-        "data_version": None if data_version is None else _require_str(data_version, "data_version"),
-        "code_version": provenance.code_version() if code_version is True
-        else (None if code_version in (None, False) else _json_value(dict(code_version), "code_version")),
-    }
 
 
 def _staged_time(record: dict[str, Any]) -> float:
@@ -1505,14 +1451,3 @@ def _staged_time(record: dict[str, Any]) -> float:
     if when.tzinfo is None:
         raise ValueError(f"time {record.get('time')!r} has no time zone")
     return when.timestamp()
-
-
-def _json_value(value: Any, name: str) -> Any:
-    """Check that ``value`` is plain JSON (what canonical hashing accepts); returns it."""
-    if json_depth_exceeds(value, MAX_JSON_DEPTH - 2):
-        raise UnsupportedValueError(name, f"nests deeper than {MAX_JSON_DEPTH - 2} levels")
-    try:
-        canonical_json(value)
-    except (TypeError, ValueError) as err:
-        raise UnsupportedValueError(name, f"must be plain JSON (dict, list, str, number, bool, None): {err}") from None
-    return json.loads(json.dumps(value))
