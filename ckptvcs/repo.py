@@ -654,7 +654,7 @@ class Repo:
         kinds = blob_kinds(node)
         names = {body.get("blob"): name for name, _, body in iter_tensors(node, path)}
         buffers: dict[int, Any] = {}
-        futures: list[Future] = []
+        futures: list[Future[int]] = []
         try:
             for index, kind in kinds.items():
                 if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(manifest.blobs):
