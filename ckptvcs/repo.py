@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, catalog, delta, provenance, revisions
+from . import _fs, catalog, delta, history, provenance, revisions
 from ._lazy import LazyModule
 from ._validate import check_chunk_size as _check_chunk_size
 from ._validate import check_keyframe_interval as _check_keyframe_interval
@@ -759,26 +758,10 @@ class Repo:
         return [commit for _, commit in scored[:k]]
 
     def _walk(self, starts: Iterable[str], n: int | None = None, *, hidden: set[str] | None = None) -> list[Commit]:
-        seen: set[str] = set(hidden or ())
-        heap: list[tuple[tuple[int, ...], str, Commit]] = []
+        """Commits reachable from ``starts``, newest first, with their pruned records (:func:`history.walk`)."""
         pruned = self.pruned()
-
-        def push(oid: str) -> None:
-            if oid not in seen:
-                seen.add(oid)
-                commit = self._with_pruned(self.objects.read_commit(oid), pruned.get(oid))
-                # Negated time via a sort key: newest first with a min-heap.
-                heapq.heappush(heap, (_desc(commit.time), oid, commit))
-
-        for oid in starts:
-            push(oid)
-        result: list[Commit] = []
-        while heap and (n is None or len(result) < n):
-            _, _, commit = heapq.heappop(heap)
-            result.append(commit)
-            for parent in commit.parents:
-                push(parent)
-        return result
+        return history.walk(lambda oid: self._with_pruned(self.objects.read_commit(oid), pruned.get(oid)), starts, n,
+                            hidden=hidden)
 
     def reflog(self, ref: str = "HEAD") -> list[ReflogEntry]:
         """Movements of a ref (``HEAD``, a branch or ``refs/...``), newest first."""
@@ -875,15 +858,7 @@ class Repo:
 
     def _reachable(self, starts: Iterable[str], stop: set[str] | frozenset[str] = frozenset()) -> set[str]:
         """Ids of the commits reachable from ``starts`` (parents included), not walking past ``stop``."""
-        seen: set[str] = set()
-        stack = [s for s in starts if s not in stop]
-        while stack:
-            oid = stack.pop()
-            if oid in seen:
-                continue
-            seen.add(oid)
-            stack.extend(p for p in self.objects.read_commit(oid).parents if p not in seen and p not in stop)
-        return seen
+        return history.reachable(lambda oid: self.objects.read_commit(oid).parents, starts, stop)
 
     def commits_not_on_refs(self, rev: str = "HEAD") -> list[Commit]:
         """Commits reachable from ``rev`` that no branch or tag contains, newest first.
@@ -1438,11 +1413,6 @@ def _check_layout(root: Path) -> None:
         if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
             kind = "folder" if want_dir else "regular file"
             raise CorruptObjectError(f"{root / name} is not a {kind}; the repository is damaged")
-
-
-def _desc(timestamp: str) -> tuple[int, ...]:
-    """A heap key that orders ISO timestamps newest first."""
-    return tuple(-ord(ch) for ch in timestamp)
 
 
 def _staged_time(record: dict[str, Any]) -> float:
