@@ -8,13 +8,18 @@ whichever door it comes through:
 - a *metric* is a real number: an ``int``, ``float``, numpy scalar or one-element
   tensor, converted to ``float``. ``bool``, ``str`` and ``bytes`` are refused
   (``{"acc": True}`` or ``{"loss": "0.5"}`` is far more likely a bug than a number),
-  and metric names must be strings.
+  and metric names must be strings;
+- a *string* field is a ``str``, nothing converted to one;
+- a repository's settings (chunk size, keyframe interval) are integers within their
+  bounds, and its path is a local one (a URL is refused until remotes exist).
 
 Torch is not imported here: a value can only be a tensor when torch is loaded already.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +28,10 @@ import numpy as np
 
 from .errors import UnsupportedValueError, UsageError
 
-__all__ = ["as_int", "check_int", "require_int", "optional_int", "metrics"]
+__all__ = [
+    "as_int", "check_int", "require_int", "optional_int", "metrics", "require_str", "check_chunk_size",
+    "check_keyframe_interval", "refuse_url", "MIN_CHUNK_SIZE", "MAX_CHUNK_SIZE",
+]
 
 
 def as_int(value: Any) -> int | None:
@@ -83,3 +91,47 @@ def metrics(values: Mapping[str, Any] | None) -> dict[str, float]:
 def _is_tensor(value: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+def require_str(value: Any, name: str) -> str:
+    """``value`` when it is a string; refuses anything else with UnsupportedValueError naming ``name`` (a record field)."""
+    if not isinstance(value, str):
+        raise UnsupportedValueError(name, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+# -- repository settings --------------------------------------------------------------------
+
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 256 << 20
+# A URL scheme (s3://, gs://, file://, https://...); Path() folds "//" to "/", so one
+# slash is enough. Single-letter schemes are Windows drive letters, not URLs.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def check_chunk_size(value: Any) -> int:
+    """A repository's chunk size: a multiple of 16 bytes between 4 KiB and 256 MiB (UsageError otherwise)."""
+    return check_int(
+        value, "chunk_size", minimum=MIN_CHUNK_SIZE, maximum=MAX_CHUNK_SIZE, multiple_of=16,
+        message=f"chunk_size must be a multiple of 16 between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}, got {{value}}",
+    )
+
+
+def check_keyframe_interval(value: Any) -> int:
+    """A repository's keyframe interval: 1 (no deltas) to 64 (UsageError otherwise)."""
+    return check_int(value, "keyframe_interval", minimum=1, maximum=64)
+
+
+def refuse_url(path: Any) -> None:
+    """Refuse a URL as a repository path (until remotes exist it would become a local
+    directory named like ``s3:``)."""
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        return
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if _URL.match(text):
+        raise UsageError(
+            f"{text}: a URL; ckptvcs repositories are local directories for now (remote storage is not supported yet)"
+        )

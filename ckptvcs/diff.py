@@ -49,14 +49,14 @@ class DiffEntry:
     new: Any = None
 
 
-def _describe(kind: str, body: dict) -> str:
+def _describe(kind: str, body: dict[str, Any]) -> str:
     dtype = body.get("dtype", "?")
     shape = body.get("shape")
     shape_text = str(list(shape)) if isinstance(shape, list) else "[?]"  # a damaged manifest still prints
     return f"{dtype}{shape_text}" if kind == "tensor" else f"ndarray {dtype}{shape_text}"
 
 
-def _layout(kind: str, body: dict, manifest: Manifest) -> tuple:
+def _layout(kind: str, body: dict[str, Any], manifest: Manifest) -> tuple[Any, ...]:
     index = body["blob"]  # an int: iter_tensors checked it
     if not 0 <= index < len(manifest.blobs):
         raise CorruptObjectError(f"manifest {manifest.id} refers to blob {index}, which it lacks")

@@ -318,7 +318,7 @@ def _drop_tied_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     transformers re-ties the dropped names on load. Views that only overlap (q, k, v
     slices of one fused weight) are different tensors and are each written.
     """
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple[Any, ...], list[str]] = {}
     for name, t in tensors.items():
         if t.numel() == 0:
             continue

@@ -31,25 +31,27 @@ import json
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from . import _fs
 from .audit import AUDIT_DIR, LOG_NAME, AuditLog
 from .codec import CODEC_NAMES, USES_BASE
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
-from .objects import Commit, Manifest, Tag
+from .index import ChunkIndex
+from .objects import Commit, Manifest, ObjectStore, Tag
 from .pack import PackEntry, iter_pack_entries, with_delta_bases
-from .refs import HEAD, REFLOG_LINE, ZERO_ID, check_ref_name
+from .refs import HEAD, REFLOG_LINE, ZERO_ID, Refs, check_ref_name
 from .state import iter_tensors, validate_tree
 from .store import MAX_CHAIN_LENGTH
 
-if TYPE_CHECKING:
-    from .repo import Repo
-
-__all__ = ["Finding", "FsckReport", "FsckProgress", "ERROR_KINDS", "INFO_KINDS", "check_repository"]
+__all__ = [
+    "Finding", "FsckReport", "FsckProgress", "ERROR_KINDS", "INFO_KINDS", "check_repository", "FsckRepository",
+    "FsckChunks",
+]
 
 ERROR_KINDS = ("missing", "hash-mismatch", "corrupt", "index-mismatch", "unreadable")
 INFO_KINDS = ("dangling", "unreachable", "garbage")
@@ -62,6 +64,42 @@ _PACK_NAME = re.compile(r"^[0-9a-f]{32}\.pack$")
 _CONFIG_WRITTEN = ("hash", "id", "created")  # fields `init` always writes that opening does not check
 _MAX_NAMED = 5  # users of a damaged chunk spelled out in a message; all are in the fields
 _READ_WINDOW = 16
+
+
+class FsckChunks(Protocol):
+    """The chunk store as fsck reads it (a :class:`~ckptvcs.store.ChunkStore`): the index's
+    rows, and the verified read path ``load`` uses (for ``read_data``)."""
+
+    @property
+    def index(self) -> ChunkIndex: ...
+
+    def read_into(self, chunk_ids: Sequence[bytes], out: memoryview, *, describe: Callable[[], str]) -> list[Future[int]]:
+        ...
+
+
+class FsckRepository(Protocol):
+    """Everything fsck reads of a repository (:class:`ckptvcs.Repo` passes itself): its folder
+    (config.json, ref files, reflogs, packs, leftovers), refs, objects, chunk store and chunk
+    size, and its pruned and staged records, each as ``(id → record, id → why damaged)``."""
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    @property
+    def refs(self) -> Refs: ...
+
+    @property
+    def objects(self) -> ObjectStore: ...
+
+    @property
+    def chunks(self) -> FsckChunks: ...
+
+    def _pruned_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]: ...
+
+    def _staged_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]: ...
 
 
 @dataclass(frozen=True)
@@ -131,7 +169,7 @@ def _short(oid: str) -> str:
 class _Checker:
     """One fsck run; collects findings into a report."""
 
-    def __init__(self, repo: Repo, read_data: bool, progress: FsckProgress | None) -> None:
+    def __init__(self, repo: FsckRepository, read_data: bool, progress: FsckProgress | None) -> None:
         self.repo = repo
         self.read_data = read_data
         self.progress = progress
@@ -741,6 +779,6 @@ def _chunk_reason(entry: PackEntry, err: IntegrityError) -> str:
     return f"does not verify (chunk {err.chunk_id}{where} of its delta chain {err.problem})"
 
 
-def check_repository(repo: Repo, *, read_data: bool = False, progress: FsckProgress | None = None) -> FsckReport:
+def check_repository(repo: FsckRepository, *, read_data: bool = False, progress: FsckProgress | None = None) -> FsckReport:
     """Run every check on ``repo`` (see the module docstring); never writes."""
     return _Checker(repo, read_data, progress).run()

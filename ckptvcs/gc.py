@@ -34,24 +34,79 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import _fs
 from .errors import CkptvcsError, CorruptObjectError, IndexMismatchError
-from .objects import Manifest
-from .pack import PackEntry, PackWriter, entry_size, iter_pack_entries, with_delta_bases
+from .index import ChunkIndex
+from .objects import Commit, Manifest
+from .pack import PackEntry, PackFiles, PackWriter, entry_size, iter_pack_entries, with_delta_bases
 from .store import MAX_CHAIN_LENGTH, PACK_TARGET_SIZE
 
-if TYPE_CHECKING:
-    from .repo import Repo
-
-__all__ = ["GcReport", "collect_garbage", "REWRITE_DEAD_FRACTION", "COLLECTED_RULE"]
+__all__ = [
+    "GcReport", "collect_garbage", "REWRITE_DEAD_FRACTION", "COLLECTED_RULE", "GcRepository", "GcObjects", "GcChunks",
+    "GcHistory",
+]
 
 COLLECTED_RULE = "gc"
 """The ``rule`` of the pruned record gc writes for an unreachable commit whose data it collected."""
 
 REWRITE_DEAD_FRACTION = 0.5
 """A pack whose dead bytes reach this fraction of its entry bytes is rewritten."""
+
+
+class GcObjects(Protocol):
+    """The object graph as gc reads it (an :class:`~ckptvcs.objects.ObjectStore`): commits and
+    their manifests, and a scan of every object for the unreachable commits."""
+
+    def read_commit(self, oid: str) -> Commit: ...
+
+    def get(self, oid: str, expected_kind: str | None = None) -> tuple[str, Any]: ...
+
+    def peek_kind(self, oid: str) -> str | None: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+
+class GcChunks(Protocol):
+    """The chunk store as gc uses it (a :class:`~ckptvcs.store.ChunkStore`): the index, whose
+    rows tell live copies from dead ones and which the sweep updates, and the open packs that
+    rewritten entries are copied from (and that are forgotten before their files go)."""
+
+    @property
+    def index(self) -> ChunkIndex: ...
+
+    @property
+    def packs(self) -> PackFiles: ...
+
+
+class GcHistory(Protocol):
+    """Which commits gc keeps, and the records it writes before it deletes anything
+    (pruned records of the commits whose data goes; expired staged records)."""
+
+    def live_commits(self, *, expire: float | None = None) -> list[str]: ...
+
+    def pruned(self) -> dict[str, dict[str, Any]]: ...
+
+    def _record_collected(self, commit_ids: Iterable[str], reason: str) -> None: ...
+
+    def _mark_collected(self, commit_ids: Iterable[str]) -> None: ...
+
+    def _remove_staged_records(self, manifest_ids: Iterable[str]) -> None: ...
+
+
+class GcRepository(GcHistory, Protocol):
+    """Everything gc touches of a repository (:class:`ckptvcs.Repo` passes itself): its
+    folder (``packs/`` and ``tmp/`` below it), objects, chunks and history; nothing else."""
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def objects(self) -> GcObjects: ...
+
+    @property
+    def chunks(self) -> GcChunks: ...
 
 
 @dataclass
@@ -94,7 +149,7 @@ class _PackPlan:
         return sum(entry_size(e) for e in self.keep)
 
 
-def live_chunk_ids(repo: Repo, commit_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
+def live_chunk_ids(repo: GcRepository, commit_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
     """Chunks of the manifests of ``commit_ids``, closed over delta bases.
 
     Any malformed manifest raises (CorruptObjectError): gc never deletes when unsure.
@@ -102,7 +157,7 @@ def live_chunk_ids(repo: Repo, commit_ids: Iterable[str], index: dict[bytes, Pac
     return _manifest_chunk_ids(repo, {repo.objects.read_commit(cid).manifest for cid in commit_ids}, index)
 
 
-def staged_chunk_ids(repo: Repo, manifest_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
+def staged_chunk_ids(repo: GcRepository, manifest_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
     """Chunks of staged, unpublished manifests, closed over delta bases.
 
     A staged manifest that is missing or does not parse keeps nothing: it can never be
@@ -117,7 +172,7 @@ def staged_chunk_ids(repo: Repo, manifest_ids: Iterable[str], index: dict[bytes,
     return with_delta_bases(chunks, index)
 
 
-def _manifest_chunk_ids(repo: Repo, manifest_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
+def _manifest_chunk_ids(repo: GcRepository, manifest_ids: Iterable[str], index: dict[bytes, PackEntry]) -> set[bytes]:
     chunks: set[bytes] = set()
     for manifest_id in manifest_ids:
         try:
@@ -213,7 +268,7 @@ def _stale_rows(
 
 
 def collect_garbage(
-    repo: Repo,
+    repo: GcRepository,
     *,
     dry_run: bool,
     rewrite_dead_fraction: float = REWRITE_DEAD_FRACTION,
@@ -350,7 +405,7 @@ def _remove_tmp_leftovers(tmp: Path, names: list[str]) -> None:
         os.close(fd)
 
 
-def _copy_live_entries(repo: Repo, plans: list[_PackPlan]) -> list[PackWriter]:
+def _copy_live_entries(repo: GcRepository, plans: list[_PackPlan]) -> list[PackWriter]:
     """Copy the kept entries of ``plans`` verbatim into new sealed packs."""
     sealed: list[PackWriter] = []
     writer: PackWriter | None = None
@@ -394,12 +449,12 @@ class LiveSelection:
     collected: list[str]  # unreachable commits whose data goes now: they get a pruned record, rule "gc"
     released: list[str]  # pruned commits whose data goes now: their record gets a "collected" time
 
-    def record(self, repo: Repo) -> None:
+    def record(self, repo: GcHistory) -> None:
         repo._record_collected(self.collected, "no branch, tag or unexpired reflog entry reached it")
         repo._mark_collected(self.released)
 
 
-def select_live(repo: Repo, index: dict[bytes, PackEntry], *, expire: float | None,
+def select_live(repo: GcRepository, index: dict[bytes, PackEntry], *, expire: float | None,
                 only: set[str] | None, staged_chunks: set[bytes] | frozenset[bytes] = frozenset()) -> LiveSelection:
     """The live set of a gc.
 
@@ -429,7 +484,7 @@ def select_live(repo: Repo, index: dict[bytes, PackEntry], *, expire: float | No
     return LiveSelection(kept, chunks, pruned, [], sorted(only))
 
 
-def _unrecorded_commits(repo: Repo, kept: set[str], records: dict[str, Any]) -> Iterator[str]:
+def _unrecorded_commits(repo: GcRepository, kept: set[str], records: dict[str, Any]) -> Iterator[str]:
     """Commit objects neither kept nor on record (unreachable ones), from a cheap scan."""
     for oid in repo.objects:
         if oid not in kept and oid not in records and repo.objects.peek_kind(oid) == "commit":
@@ -440,13 +495,13 @@ def _unrecorded_commits(repo: Repo, kept: set[str], records: dict[str, Any]) -> 
             yield oid
 
 
-def _data_goes(repo: Repo, commit_id: str, live: set[bytes]) -> bool:
+def _data_goes(repo: GcRepository, commit_id: str, live: set[bytes]) -> bool:
     """Whether a commit loses a chunk (or never had a readable manifest) when ``live`` is kept."""
     listed = _chunks_of(repo, commit_id)
     return listed is None or not listed <= live
 
 
-def _chunks_of(repo: Repo, commit_id: str, *, strict: bool = False) -> set[bytes] | None:
+def _chunks_of(repo: GcRepository, commit_id: str, *, strict: bool = False) -> set[bytes] | None:
     """Chunk ids a commit's manifest lists; None when it does not read (with ``strict``,
     gc stops without deleting anything instead)."""
     try:

@@ -21,18 +21,33 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from . import _fs, codec
 from .errors import CorruptObjectError
-from .index import REBUILT_SUFFIX, open_environment, write_entries
+from .index import REBUILT_SUFFIX, ChunkIndex, open_environment, write_entries
 from .pack import PackEntry, PackFiles, iter_pack_entries
-from .store import MAX_CHAIN_LENGTH, ChunkStore, chunk_hash
+from .store import MAX_CHAIN_LENGTH, chunk_hash
 
-__all__ = ["RepairReport", "rebuild_index"]
+__all__ = ["RepairReport", "rebuild_index", "RepairStore"]
 
 _PACK_SUFFIX = ".pack"
+
+
+class RepairStore(Protocol):
+    """What a rebuild needs of the chunk store (a :class:`~ckptvcs.store.ChunkStore`): its chunk
+    size (to check salvaged entries), the old index (to count it) and a way to close it
+    before the new one is swapped in."""
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    @property
+    def index(self) -> ChunkIndex: ...
+
+    def close_index(self) -> None: ...
 
 
 @dataclass
@@ -187,7 +202,7 @@ def _decodable(entries: Iterable[PackEntry], report: RepairReport) -> list[PackE
     return kept
 
 
-def rebuild_index(root: Path, store: ChunkStore, progress: Callable[[int, int], None] | None = None) -> RepairReport:
+def rebuild_index(root: Path, store: RepairStore, progress: Callable[[int, int], None] | None = None) -> RepairReport:
     """Rebuild ``root/index`` from ``root/packs``. The caller holds the exclusive repo lock."""
     report = RepairReport()
     index_dir = root / "index"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
 import json
 import math
 import os
@@ -29,13 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, _validate, catalog, components, delta, provenance, records, trust
+from . import _fs, catalog, components, delta, history, provenance, records, revisions, trust
 from . import verify as verification
 from ._lazy import LazyModule
+from ._validate import check_chunk_size as _check_chunk_size
+from ._validate import check_keyframe_interval as _check_keyframe_interval
+from ._validate import refuse_url as _refuse_url
+from ._validate import require_str as _require_str
 from .audit import AuditCheck, AuditEvent, AuditLog
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
-    AmbiguousRevisionError,
     CkptvcsError,
     CommitCollectedError,
     CommitPrunedError,
@@ -54,14 +56,14 @@ from .errors import (
     StorageError,
     UnmergedBranchError,
     UnsupportedFormatError,
-    UnsupportedValueError,
     UsageError,
 )
 from .expiry import DEFAULT_REFLOG_EXPIRE, parse_expiry
 from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import COLLECTED_RULE, GcReport, collect_garbage
 from .hugepages import advise_huge_pages
-from .objects import MAX_JSON_DEPTH, Commit, Manifest, ObjectStore, Tag, canonical_json, json_depth_exceeds
+from .metadata import commit_body as _commit_body
+from .objects import Commit, Manifest, ObjectStore, Tag, canonical_json
 from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name, is_valid_ref
 from .repair import RepairReport, rebuild_index
 from .signing import sign_tag
@@ -86,14 +88,6 @@ DEFAULT_BRANCH = "main"
 FSCK_RECORD = "last-fsck.json"
 GITIGNORE = b"# created by ckptvcs: git ignores this whole repository\n*\n"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
-_HEX_PREFIX = re.compile(r"^[0-9a-f]{4,63}$")
-_SHORT_PREFIX = re.compile(r"^[0-9a-fA-F]{1,3}$")
-_REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
-# A URL scheme (s3://, gs://, file://, https://...); Path() folds "//" to "/", so one
-# slash is enough. Single-letter schemes are Windows drive letters, not URLs.
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-_MIN_CHUNK_SIZE = 4096
-_MAX_CHUNK_SIZE = 256 << 20
 _MAX_RECORD_SIZE = 1 << 20  # config.json and pruned records: small JSON files
 # The store's own entries: none may be a symbolic link (docs/format.md, "Symbolic links").
 _LAYOUT = ("config.json", "HEAD", "lock", "lock.gate", "objects", "packs", "tmp", "index", "refs", "logs", "pruned",
@@ -399,70 +393,19 @@ class Repo:
         """The full commit id a revision names.
 
         Accepts a full id or unique prefix (4+ hex digits), a branch, a tag, ``HEAD``,
-        and suffixes ``~N`` (N-th first-parent ancestor), ``^`` / ``^N`` (N-th parent).
+        and suffixes ``~N`` (N-th first-parent ancestor), ``^`` / ``^N`` (N-th parent)
+        (the grammar: :mod:`ckptvcs.revisions`).
         """
         self._check_process()
-        if not isinstance(rev, str) or not rev.strip():
-            raise RevisionNotFoundError(f"invalid revision {rev!r}")
-        rev = rev.strip()
-        match = _REV_SUFFIX.search(rev)
-        if match and match.start() > 0:
-            base = self.resolve(rev[: match.start()])
-            op, num = match.group(0)[0], match.group(0)[1:]
-            count = int(num) if num else 1
-            if op == "~":
-                for _ in range(count):
-                    parents = self.objects.read_commit(base).parents
-                    if not parents:
-                        raise RevisionNotFoundError(f"{rev}: history is not that deep")
-                    base = parents[0]
-                return base
-            if count == 0:
-                return base
-            parents = self.objects.read_commit(base).parents
-            if len(parents) < count:
-                raise RevisionNotFoundError(f"{rev}: commit {base[:12]} has no parent {count}")
-            return parents[count - 1]
-        return self._resolve_name(rev)
+        return revisions.resolve(self._resolver, rev)
 
-    def _resolve_name(self, rev: str) -> str:
-        if rev == HEAD:
-            ref, value = self.refs.follow(HEAD)
-            if value is None:
-                branch = ref.removeprefix("refs/heads/")
-                raise RevisionNotFoundError(f"HEAD: branch {branch!r} has no commits yet")
-            return value
-        if _HEX_ID.match(rev):
-            if not self.objects.has(rev):
-                raise RevisionNotFoundError(f"unknown revision {rev}")
-            return self._peel(rev)
-        for candidate in (f"refs/heads/{rev}", f"refs/tags/{rev}", rev if rev.startswith("refs/") else None):
-            if candidate is None or not is_valid_ref(candidate):
-                continue
-            value = self.refs.read_raw(candidate)
-            if value is not None and not value.startswith("ref: "):
-                return self._peel(value)
-        if _HEX_PREFIX.match(rev):
-            matches = [oid for oid in self.objects.with_prefix(rev) if self.objects.kind(oid) in ("commit", "tag")]
-            if len(matches) > 1:
-                raise AmbiguousRevisionError(f"revision {rev} is ambiguous: matches {', '.join(m[:12] for m in matches)}")
-            if matches:
-                return self._peel(matches[0])
-        if _SHORT_PREFIX.match(rev):
-            raise RevisionNotFoundError(
-                f"unknown revision {rev!r}: not a branch or tag, and too short for a commit id "
-                "(an id prefix needs at least 4 hex digits)"
-            )
-        raise RevisionNotFoundError(f"unknown revision {rev!r} (not a branch, tag, or commit id)")
+    @property
+    def _resolver(self) -> revisions.StoreResolver:
+        return revisions.StoreResolver(self.refs, self.objects)
 
     def _peel(self, oid: str) -> str:
         """Follow a tag object to the commit it names."""
-        kind = self.objects.kind(oid)
-        if kind == "tag":
-            return self._peel(self.objects.read_tag(oid).object)
-        if kind != "commit":
-            raise RevisionNotFoundError(f"{oid[:12]} is a {kind}, not a commit")
-        return oid
+        return revisions.peel(self._resolver, oid)
 
     def head(self) -> tuple[str | None, str | None]:
         """``(current branch or None when detached, commit id or None when unborn)``."""
@@ -800,7 +743,7 @@ class Repo:
         kinds = blob_kinds(node)
         names = {body.get("blob"): name for name, _, body in iter_tensors(node, path)}
         buffers: dict[int, Any] = {}
-        futures: list[Future] = []
+        futures: list[Future[int]] = []
         try:
             for index, kind in kinds.items():
                 if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(manifest.blobs):
@@ -849,12 +792,10 @@ class Repo:
         A range ``A..B`` (git's) lists the commits reachable from B and not from A: what
         B added since A. Either side may be left out for HEAD (``A..`` is ``A..HEAD``).
         """
-        if isinstance(rev, str) and ".." in rev:
-            old, _, new = rev.partition("..")
-            if new.startswith("."):
-                raise UsageError(f"{rev}: A...B (symmetric difference) is not supported; use A..B")
-            hidden = {c.id for c in self._walk([self.resolve(old or HEAD)])}
-            return self._walk([self.resolve(new or HEAD)], n, hidden=hidden)
+        span = revisions.split_range(rev)
+        if span is not None:
+            hidden = {c.id for c in self._walk([self.resolve(span[0])])}
+            return self._walk([self.resolve(span[1])], n, hidden=hidden)
         start = self.resolve(rev)
         return self._walk([start], n)
 
@@ -907,26 +848,10 @@ class Repo:
         return [commit for _, commit in scored[:k]]
 
     def _walk(self, starts: Iterable[str], n: int | None = None, *, hidden: set[str] | None = None) -> list[Commit]:
-        seen: set[str] = set(hidden or ())
-        heap: list[tuple[tuple[int, ...], str, Commit]] = []
+        """Commits reachable from ``starts``, newest first, with their pruned records (:func:`history.walk`)."""
         pruned = self.pruned()
-
-        def push(oid: str) -> None:
-            if oid not in seen:
-                seen.add(oid)
-                commit = self._with_pruned(self.objects.read_commit(oid), pruned.get(oid))
-                # Negated time via a sort key: newest first with a min-heap.
-                heapq.heappush(heap, (_desc(commit.time), oid, commit))
-
-        for oid in starts:
-            push(oid)
-        result: list[Commit] = []
-        while heap and (n is None or len(result) < n):
-            _, _, commit = heapq.heappop(heap)
-            result.append(commit)
-            for parent in commit.parents:
-                push(parent)
-        return result
+        return history.walk(lambda oid: self._with_pruned(self.objects.read_commit(oid), pruned.get(oid)), starts, n,
+                            hidden=hidden)
 
     def reflog(self, ref: str = "HEAD") -> list[ReflogEntry]:
         """Movements of a ref (``HEAD``, a branch or ``refs/...``), newest first."""
@@ -1033,15 +958,7 @@ class Repo:
 
     def _reachable(self, starts: Iterable[str], stop: set[str] | frozenset[str] = frozenset()) -> set[str]:
         """Ids of the commits reachable from ``starts`` (parents included), not walking past ``stop``."""
-        seen: set[str] = set()
-        stack = [s for s in starts if s not in stop]
-        while stack:
-            oid = stack.pop()
-            if oid in seen:
-                continue
-            seen.add(oid)
-            stack.extend(p for p in self.objects.read_commit(oid).parents if p not in seen and p not in stop)
-        return seen
+        return history.reachable(lambda oid: self.objects.read_commit(oid).parents, starts, stop)
 
     def commits_not_on_refs(self, rev: str = "HEAD") -> list[Commit]:
         """Commits reachable from ``rev`` that no branch or tag contains, newest first.
@@ -1690,21 +1607,6 @@ class Repo:
             return rebuild_index(self.root, self.chunks, progress)
 
 
-def _refuse_url(path: Any) -> None:
-    """Refuse a URL as a repository path (until remotes exist it would become a local
-    directory named like ``s3:``)."""
-    try:
-        text = os.fspath(path)
-    except TypeError:
-        return
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
-    if _URL.match(text):
-        raise UsageError(
-            f"{text}: a URL; ckptvcs repositories are local directories for now (remote storage is not supported yet)"
-        )
-
-
 def _rename_into_place(staging: Path, target: Path) -> None:
     """Rename a complete new repository to ``target``; RepositoryExistsError if another
     process created one there first (every rank of a job may run "open or init")."""
@@ -1745,49 +1647,6 @@ def _check_layout(root: Path) -> None:
             raise CorruptObjectError(f"{root / name} is not a {kind}; the repository is damaged")
 
 
-def _check_chunk_size(value: Any) -> int:
-    return _validate.check_int(
-        value, "chunk_size", minimum=_MIN_CHUNK_SIZE, maximum=_MAX_CHUNK_SIZE, multiple_of=16,
-        message=f"chunk_size must be a multiple of 16 between {_MIN_CHUNK_SIZE} and {_MAX_CHUNK_SIZE}, got {{value}}",
-    )
-
-
-def _check_keyframe_interval(value: Any) -> int:
-    return _validate.check_int(value, "keyframe_interval", minimum=1, maximum=64)
-
-
-def _desc(timestamp: str) -> tuple[int, ...]:
-    """A heap key that orders ISO timestamps newest first."""
-    return tuple(-ord(ch) for ch in timestamp)
-
-
-def _require_str(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise UnsupportedValueError(name, f"expected a string, got {type(value).__name__}")
-    return value
-
-
-# Shared with the CheckpointManager (ckptvcs._validate): one rule for steps and metrics.
-_optional_int = _validate.optional_int
-_metrics = _validate.metrics
-
-
-def _commit_body(
-    message: Any, step: Any, epoch: Any, metrics: Any, config: Any, data_version: Any, code_version: Any
-) -> dict[str, Any]:
-    """The validated metadata fields of a commit object (before any write)."""
-    return {
-        "message": _require_str(message, "message"),
-        "step": _optional_int(step, "step"),
-        "epoch": _optional_int(epoch, "epoch"),
-        "metrics": _metrics(metrics),
-        "config": _json_value(config, "config"),
-        "data_version": None if data_version is None else _require_str(data_version, "data_version"),
-        "code_version": provenance.code_version() if code_version is True
-        else (None if code_version in (None, False) else _json_value(dict(code_version), "code_version")),
-    }
-
-
 def _component_sizes(encoded: Any, stored: list[int]) -> tuple[tuple[str, int, int], ...]:
     """(component, logical bytes, new stored bytes) of a staged state (docs/format.md, 4.1)."""
     logical = [len(blob.data) for blob in encoded.blobs]
@@ -1803,14 +1662,3 @@ def _staged_time(record: dict[str, Any]) -> float:
     if when.tzinfo is None:
         raise ValueError(f"time {record.get('time')!r} has no time zone")
     return when.timestamp()
-
-
-def _json_value(value: Any, name: str) -> Any:
-    """Check that ``value`` is plain JSON (what canonical hashing accepts); returns it."""
-    if json_depth_exceeds(value, MAX_JSON_DEPTH - 2):
-        raise UnsupportedValueError(name, f"nests deeper than {MAX_JSON_DEPTH - 2} levels")
-    try:
-        canonical_json(value)
-    except (TypeError, ValueError) as err:
-        raise UnsupportedValueError(name, f"must be plain JSON (dict, list, str, number, bool, None): {err}") from None
-    return json.loads(json.dumps(value))

@@ -103,7 +103,7 @@ class _Encoder:
     def __init__(self) -> None:
         self.state = EncodedState(root=None)
         # Storage groups: (device, storage pointer) → tensors that view that storage.
-        self._groups: dict[tuple[str, int], list[tuple[dict, torch.Tensor]]] = {}
+        self._groups: dict[tuple[str, int], list[tuple[dict[str, Any], torch.Tensor]]] = {}
         self._active: set[int] = set()  # containers on the current path, for cycle detection
 
     def encode(self, value: Any) -> EncodedState:
@@ -154,7 +154,7 @@ class _Encoder:
             "state_dict()/load_state_dict(), register it with CheckpointManager(state={name: obj})",
         )
 
-    def _container(self, value: dict | list | tuple, path: str) -> Any:
+    def _container(self, value: dict[Any, Any] | list[Any] | tuple[Any, ...], path: str) -> Any:
         if id(value) in self._active:
             raise UnsupportedValueError(path, "the structure contains itself (a reference cycle)")
         if len(self._active) >= MAX_STATE_DEPTH:
@@ -330,15 +330,15 @@ def _decode_plain(node: Any) -> Any:
     return _Decoder({}, None).value(node, "")
 
 
-def _array_body(tag: str, body: Any, path: str) -> dict:
+def _array_body(tag: str, body: Any, path: str) -> dict[str, Any]:
     """The body of a tensor/ndarray node, checked to be an object with an integer blob index."""
     blob = body.get("blob") if isinstance(body, dict) else None
-    if isinstance(blob, bool) or not isinstance(blob, int):
+    if not isinstance(body, dict) or isinstance(blob, bool) or not isinstance(blob, int):
         raise _corrupt(f"{tag} node at {path or '<root>'} has no valid blob index")
     return body
 
 
-def iter_tensors(node: Any, path: str = "") -> Iterator[tuple[str, str, dict]]:
+def iter_tensors(node: Any, path: str = "") -> Iterator[tuple[str, str, dict[str, Any]]]:
     """Yield ``(path, kind, body)`` for every tensor and ndarray node below ``node``."""
     if isinstance(node, dict) and len(node) >= 1:
         tag = next(iter(node))
@@ -438,7 +438,7 @@ class _Decoder:
         # Views (stride 0, overlapping strides, tied weights) address more elements than
         # their blobs hold; whoever copies them out (export, diff) materialises them all.
         self._view_budget = max(_VIEW_FLOOR, _VIEW_FACTOR * sum(int(b.nbytes) for b in blobs.values()))
-        self._views: set[tuple] = set()  # (blob, offset, shape, stride) already counted: tied copies count once
+        self._views: set[tuple[Any, ...]] = set()  # (blob, offset, shape, stride) already counted: tied copies count once
 
     def value(self, node: Any, path: str) -> Any:
         if node is None or isinstance(node, (bool, int, str)):
@@ -506,9 +506,9 @@ class _Decoder:
         return blob
 
     @staticmethod
-    def _np_dtype(name: Any, path: str) -> np.dtype:
+    def _np_dtype(name: Any, path: str) -> np.dtype[Any]:
         try:
-            dtype = np.dtype(name)
+            dtype: np.dtype[Any] = np.dtype(name)
         except (TypeError, ValueError):
             raise _corrupt(f"bad numpy dtype {name!r} at {path}") from None
         if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None:
@@ -520,7 +520,7 @@ class _Decoder:
             raise _corrupt(f"bad ndarray at {path}")
         dtype = self._np_dtype(body.get("dtype"), path)
         shape = _int_list(body.get("shape"), "shape", path)
-        blob = self._blob(body.get("blob"), path, np.ndarray)
+        blob: np.ndarray = self._blob(body.get("blob"), path, np.ndarray)
         if blob.nbytes != math.prod(shape) * dtype.itemsize:
             raise _corrupt(f"ndarray at {path} does not match its blob size")
         try:
@@ -547,7 +547,7 @@ class _Decoder:
             t.requires_grad_(True)
         return t
 
-    def _tensor_layout(self, body: dict, path: str, blob_nbytes: int) -> tuple[list[int], list[int], int, int]:
+    def _tensor_layout(self, body: dict[str, Any], path: str, blob_nbytes: int) -> tuple[list[int], list[int], int, int]:
         """Shape, stride, offset and item size of a tensor node, checked against its blob's size
         (every element inside it) and the decode's view budget. Torch-free: fsck runs it too."""
         shape = _int_list(body.get("shape"), "shape", path)
@@ -566,7 +566,7 @@ class _Decoder:
             self._spend_view((body.get("blob"), offset, tuple(shape), tuple(stride), item), numel * item, path)
         return shape, stride, offset, item
 
-    def _spend_view(self, view: tuple, nbytes: int, path: str) -> None:
+    def _spend_view(self, view: tuple[Any, ...], nbytes: int, path: str) -> None:
         """Count the bytes a distinct view's elements span against the decode's budget."""
         if view in self._views:
             return
