@@ -321,13 +321,13 @@ def _class_name(cls: type, path: str) -> str:
     return f"{cls.__module__}:{qualname}"
 
 
-def _rebuilds(cls: type, value: dict) -> bool:
+def _rebuilds(cls: type[dict], value: dict) -> bool:
     """Whether ``cls(items)`` gives back an equal value of the same class, as loading builds it."""
     try:
-        copy = cls(list(value.items()))
+        copy: dict = cls(list(value.items()))
     except Exception:  # noqa: BLE001 (any failure means: cannot be rebuilt)
         return False
-    return type(copy) is cls and dict.__eq__(copy, value) and not getattr(copy, "__dict__", None)
+    return type(copy) is cls and dict(copy) == dict(value) and not getattr(copy, "__dict__", None)
 
 
 def _float(x: float) -> float | str:

@@ -103,6 +103,7 @@ class CkptvcsCheckpointIO(CheckpointIO):
         """The repository, opened (or created) on first use in this process."""
         with self._lock:
             if self._repo is None:
+                assert not isinstance(self._given, Repo)  # a Repo given is self._repo from the start
                 path = Path(os.fspath(self._given))
                 try:
                     self._repo = Repo.open(path)
@@ -308,6 +309,7 @@ def load_from_checkpoint(
     if issubclass(cls, pl.LightningDataModule):
         return _load_state(cls, checkpoint, **kwargs)
     model = _load_state(cls, checkpoint, strict=strict, **kwargs)
+    assert isinstance(model, pl.LightningModule)
     device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor)), None)
     return model if device is None else model.to(device)
 
