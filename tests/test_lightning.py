@@ -12,6 +12,8 @@ import copy
 import enum
 import os
 import pickle
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -354,3 +356,9 @@ def test_names_a_checkpoint_can_be_loaded_by(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="never unpickles"):
         io.load_checkpoint(tmp_path / "plain.ckpt")
     io.teardown()
+
+
+def test_import_ckptvcs_does_not_import_lightning() -> None:
+    code = "import ckptvcs, ckptvcs.integrations, sys; print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"
