@@ -339,6 +339,7 @@ def test_fabric_save_and_load_go_through_the_repository(tmp_path: Path, no_unpic
     assert state["step"] == 1 and remainder == {"tag": Mode.FAST}
     _assert_same(model.state_dict(), saved[0])
     _assert_same(optimizer.state_dict(), saved[1])
+    assert fabric.load("step-1")["tag"] is Mode.FAST  # a label, as for Trainer.fit(ckpt_path=...)
     with Repo.open(tmp_path / "repo") as repo:
         assert [(c.step, c.config["lightning"]["file"]) for c in repo.log()] == [(1, "step-1.ckpt")]
 
@@ -348,7 +349,8 @@ def test_names_a_checkpoint_can_be_loaded_by(tmp_path: Path) -> None:
     io.save_checkpoint({"w": torch.arange(3), "global_step": 5}, tmp_path / "c" / "epoch=0-step=5.ckpt")
     io.save_checkpoint({"w": torch.arange(4), "global_step": 9}, tmp_path / "c" / "epoch=1-step=9.ckpt")
     first = io.resolve("epoch=0-step=5")
-    for name in ("epoch=0-step=5.ckpt", "ckptvcs://epoch=0-step=5", tmp_path / "c" / "epoch=0-step=5.ckpt", first[:10]):
+    for name in ("epoch=0-step=5.ckpt", "ckptvcs://epoch=0-step=5", Path("ckptvcs://epoch=0-step=5"),
+                 tmp_path / "c" / "epoch=0-step=5.ckpt", first[:10], f"ckptvcs://{first}"):
         assert torch.equal(io.load_checkpoint(name)["w"], torch.arange(3)), name
     for name in ("last", "ckptvcs://last", "runs"):
         assert io.load_checkpoint(name)["global_step"] == 9, name
@@ -362,3 +364,27 @@ def test_import_ckptvcs_does_not_import_lightning() -> None:
     code = "import ckptvcs, ckptvcs.integrations, sys; print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]"
+
+
+def _child(tmp_path: Path, name: str, *args: str) -> tuple[int, Path, Path]:
+    losses, weights = tmp_path / f"{name}.losses", tmp_path / f"{name}.safetensors"
+    script = Path(__file__).with_name("lightning_train.py")
+    cmd = [sys.executable, str(script), "--losses", str(losses), "--weights", str(weights), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    return done.returncode, losses, weights
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_in_a_fresh_process_bit_exact(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    rc, ref_losses, ref_weights = _child(tmp_path, "ref", "--work", str(tmp_path / "ref"), "--no-ckptvcs")
+    assert rc == 0
+    run = str(tmp_path / "run")
+    rc, losses, _ = _child(tmp_path, "run", "--work", run, "--kill-at-epoch", "2")
+    assert rc == -9  # SIGKILL, at the start of epoch 2: epochs 0 and 1 are committed
+    rc, losses, weights = _child(tmp_path, "run", "--work", run, "--ckpt-path", "last")
+    assert rc == 0
+    assert losses.read_text().splitlines() == ref_losses.read_text().splitlines()  # every step's loss, bit for bit
+    _assert_same(load_file(weights), load_file(ref_weights))
+    _assert_fsck_clean(tmp_path / "run" / "repo")

@@ -203,8 +203,8 @@ class CkptvcsCheckpointIO(CheckpointIO):
         text = os.fspath(path) if isinstance(path, os.PathLike) else path
         if not isinstance(text, str) or not text:
             raise UsageError(f"not a checkpoint name: {path!r}")
-        if text.startswith(SCHEME):
-            return self._resolve_name(text[len(SCHEME):])
+        if text.startswith("ckptvcs:/"):  # also as pathlib leaves it: ckptvcs:/name
+            return self._resolve_name(text.removeprefix("ckptvcs:").lstrip("/"))
         if os.path.isfile(text):
             pointer = _read_pointer(text)
             if pointer["repo_id"] != _repo_id(self.repo):
