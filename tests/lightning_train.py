@@ -11,19 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_lightning import TinyModule, _loaders  # noqa: E402  (the tests' own model and data)
-
-from ckptvcs.integrations.lightning import CkptvcsCheckpointIO  # noqa: E402
+from ckptvcs.integrations.lightning import CkptvcsCheckpointIO
+from test_lightning import TinyModule, _loaders  # the tests' own model and data (this script's folder is on the path)
 
 
 class LossLog(Callback):
