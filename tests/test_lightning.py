@@ -388,3 +388,21 @@ def test_a_run_killed_with_sigkill_resumes_in_a_fresh_process_bit_exact(tmp_path
     assert losses.read_text().splitlines() == ref_losses.read_text().splitlines()  # every step's loss, bit for bit
     _assert_same(load_file(weights), load_file(ref_weights))
     _assert_fsck_clean(tmp_path / "run" / "repo")
+
+
+def test_save_last_link_removing_the_link_prunes_nothing(tmp_path: Path) -> None:
+    train, val = _loaders()
+    callback = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="val_loss", save_top_k=2, save_last="link")
+    trainer = _trainer(tmp_path, 3, [_io(tmp_path / "repo")], [callback])
+    trainer.fit(TinyModule(), train, val)
+    io = _io(tmp_path / "repo")
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert last.is_symlink()
+    target = io.resolve(last)
+    io.save_checkpoint({"w": torch.ones(1)}, tmp_path / "other" / "later.ckpt")  # the target is no tip now
+    io.remove_checkpoint(last)  # as Lightning does when the last name changes
+    io.teardown()
+    assert not last.exists() and not io.repo.is_pruned(target)
+    with Repo.open(tmp_path / "repo") as repo:
+        kept = {c.config["lightning"]["file"] for c in repo.log() if c.pruned is None}
+    assert kept == {Path(p).name for p in callback.best_k_models} | {"later.ckpt"}

@@ -232,7 +232,12 @@ class CkptvcsCheckpointIO(CheckpointIO):
         return repo.resolve(name)
 
     def _pointed_commit(self, key: str) -> str | None:
-        """The commit of this repository that the pointer at ``key`` names, if it is one."""
+        """The commit of this repository that the pointer at ``key`` names, if it is one.
+
+        A symbolic link (``save_last="link"``) names another pointer's commit: removing or
+        replacing the link must not prune what the file it points to still holds."""
+        if os.path.islink(key):
+            return None
         try:
             pointer = _read_pointer(key)
         except (OSError, UsageError):
