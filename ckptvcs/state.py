@@ -11,8 +11,13 @@ single byte is written. Node encodings are specified in docs/format.md.
 
 from __future__ import annotations
 
+import argparse
+import enum
 import math
+import pathlib
 import re
+import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -118,6 +123,8 @@ class _Encoder:
     def _value(self, value: Any, path: str) -> Any:
         if value is None or isinstance(value, bool):
             return value
+        if isinstance(value, enum.Enum):  # before int and str: IntEnum and StrEnum members are both
+            return self._enum(value, path)
         if isinstance(value, np.generic) and value.dtype.kind in _NUMPY_KINDS:
             return self._npscalar(value, path)  # before float: np.float64 is a float subclass
         if isinstance(value, int):
@@ -147,6 +154,10 @@ class _Encoder:
             return {"size": [int(s) for s in value]}
         if isinstance(value, (dict, list, tuple)):
             return self._container(value, path)
+        if isinstance(value, pathlib.PurePath):
+            return self._path(value, path)
+        if type(value) is argparse.Namespace:
+            return {"namespace": self._items(vars(value), path)}
         raise UnsupportedValueError(
             path,
             f"type {type(value).__module__}.{type(value).__qualname__} is not supported; turn it into a dict "
@@ -163,8 +174,8 @@ class _Encoder:
         try:
             if isinstance(value, dict):
                 if type(value) not in (dict, OrderedDict):
-                    raise UnsupportedValueError(path, f"dict subclass {type(value).__qualname__} is not supported")
-                items = [[self._key(k, path), self._value(v, _join(path, k))] for k, v in value.items()]
+                    return self._dict_subclass(value, path)
+                items = self._items(value, path)
                 if isinstance(value, OrderedDict):
                     body: dict[str, Any] = {"items": items}
                     meta = getattr(value, "_metadata", None)
@@ -181,6 +192,32 @@ class _Encoder:
             return {kind: [self._value(v, _join(path, i)) for i, v in enumerate(value)]}
         finally:
             self._active.discard(id(value))
+
+    def _items(self, mapping: Mapping, path: str) -> list[list[Any]]:
+        return [[self._key(k, path), self._value(v, _join(path, k))] for k, v in mapping.items()]
+
+    def _dict_subclass(self, value: dict, path: str) -> Any:
+        """A dict subclass that is a plain dict plus a name (Lightning's AttributeDict): its
+        items and its class, which loading finds again among the imported modules."""
+        cls = type(value)
+        name = _class_name(cls, path)
+        if isinstance(value, OrderedDict) or getattr(value, "__dict__", None) or not _rebuilds(cls, value):
+            raise UnsupportedValueError(
+                path, f"dict subclass {cls.__qualname__} holds state besides its items (attributes, order or a "
+                "default factory); store dict(value) or its parts"
+            )
+        return {"dictsub": {"type": name, "items": self._items(value, path)}}
+
+    def _enum(self, value: enum.Enum, path: str) -> Any:
+        return {"enum": {"type": _class_name(type(value), path), "value": self._value(value.value, _join(path, "value"))}}
+
+    def _path(self, value: pathlib.PurePath, path: str) -> Any:
+        kind = type(value).__name__
+        if kind not in _PATH_TYPES or type(value) is not getattr(pathlib, kind):
+            raise UnsupportedValueError(path, f"path type {type(value).__qualname__} is not supported")
+        text = str(value)
+        _check_utf8(text, path)
+        return {"path": {"type": kind, "value": text}}
 
     def _key(self, key: Any, path: str) -> Any:
         if isinstance(key, bytes) and len(key) > _INLINE_BYTES_LIMIT:
@@ -271,6 +308,28 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * item  # type: ignore[return-value]  # torch says int | SymInt; eager tensors give int
 
 
+_PATH_TYPES = {"PurePath", "PurePosixPath", "PureWindowsPath", "Path", "PosixPath", "WindowsPath"}
+
+
+def _class_name(cls: type, path: str) -> str:
+    """``module:qualname`` of a class that loading can find again without importing anything."""
+    qualname = cls.__qualname__
+    if "<locals>" in qualname:
+        raise UnsupportedValueError(
+            path, f"class {qualname} is defined inside a function; define it at module level so loading can find it"
+        )
+    return f"{cls.__module__}:{qualname}"
+
+
+def _rebuilds(cls: type[dict], value: dict) -> bool:
+    """Whether ``cls(items)`` gives back an equal value of the same class, as loading builds it."""
+    try:
+        copy: dict = cls(list(value.items()))
+    except Exception:  # noqa: BLE001 (any failure means: cannot be rebuilt)
+        return False
+    return type(copy) is cls and dict(copy) == dict(value) and not getattr(copy, "__dict__", None)
+
+
 def _float(x: float) -> float | str:
     if math.isfinite(x):
         return float(x)
@@ -315,6 +374,12 @@ def _children(node: Any) -> Iterator[tuple[Any, Any]]:
         if not isinstance(body, list):
             raise _corrupt(f"{tag} body is not a list")
         yield from enumerate(body)
+    elif tag == "namespace":
+        yield from _children({"dict": body})
+    elif tag == "dictsub":
+        yield from _children({"dict": body.get("items") if isinstance(body, dict) else None})
+    elif tag == "enum" and isinstance(body, dict):
+        yield "value", body.get("value")
 
 
 def _dict_items(tag: str, body: Any) -> list[list[Any]]:
@@ -495,7 +560,47 @@ class _Decoder:
                 raise _corrupt(f"bad device {body!r} at {path}") from None
         if tag == "size":
             return torch.Size(_int_list(body, "size", path))
+        if tag in _PYTHON_NODES:
+            return self._python(tag, body, path)
         raise _corrupt(f"unknown node kind {tag!r} at {path}")
+
+    def _python(self, tag: str, body: Any, path: str) -> Any:
+        """Enums, paths, argparse Namespaces and plain dict subclasses (docs/format.md 4.2)."""
+        if tag == "namespace":
+            items = [(k, self.value(v, _join(path, k))) for k, v in _children({"dict": body})]
+            if not all(isinstance(k, str) for k, _ in items):
+                raise _corrupt(f"namespace at {path} has a key that is not a string")
+            return argparse.Namespace(**dict(items))
+        if not isinstance(body, dict) or not isinstance(body.get("type"), str):
+            raise _corrupt(f"bad {tag} node at {path}")
+        if tag == "path":
+            kind, text = body["type"], body.get("value")
+            if kind not in _PATH_TYPES or not isinstance(text, str):
+                raise _corrupt(f"bad path at {path}")
+            if kind in ("PosixPath", "WindowsPath"):  # concrete paths of another system load as pure ones
+                kind = "Path" if kind == type(pathlib.Path()).__name__ else "Pure" + kind
+            return getattr(pathlib, kind)(text)
+        if tag == "enum":
+            value = self.value(body.get("value"), _join(path, "value"))
+            cls = self._find_class(body["type"], enum.Enum, path)
+            if cls is None:
+                return value
+            try:
+                return cls(value)
+            except (ValueError, TypeError):
+                raise _corrupt(f"{body['type']} has no member of value {value!r} (at {path})") from None
+        # dictsub
+        items = [(k, self.value(v, _join(path, k))) for k, v in _children({"dict": body.get("items")})]
+        cls = self._find_class(body["type"], dict, path)
+        if cls is None:
+            return dict(items)
+        try:
+            return cls(items)
+        except Exception as err:  # noqa: BLE001 (the class's own constructor refused the items)
+            raise _corrupt(f"{body['type']} at {path} cannot be rebuilt from its items ({str(err)[:120]})") from None
+
+    def _find_class(self, name: str, base: type, path: str) -> type | None:
+        return _find_class(name, base, path)
 
     def _blob(self, index: Any, path: str, kind: type) -> Any:
         if isinstance(index, bool) or not isinstance(index, int) or index not in self.blobs:
@@ -588,6 +693,33 @@ class _Decoder:
         return self._moved[key]
 
 
+_PYTHON_NODES = ("enum", "path", "namespace", "dictsub")
+
+
+def _find_class(name: str, base: type, path: str) -> type | None:
+    """The class ``module:qualname`` names, looked up among the modules already imported.
+
+    Loading never imports a module a manifest names (that would run its code); the program
+    that defined the class has imported it. When it has not, the plain value is returned
+    with a warning (the enum's value, a dict) rather than failing the whole load.
+    """
+    module_name, _, qualname = name.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split(".") if obj is not None and qualname else ():
+        obj = getattr(obj, part, None)
+    if isinstance(obj, type) and issubclass(obj, base):
+        return obj
+    if obj is not None and module_name in sys.modules:
+        raise _corrupt(f"{name} at {path} is not a {base.__name__} class")
+    warnings.warn(
+        f"value at {path or '<root>'} is a {name}, but module {module_name} is not imported: loaded as a plain "
+        f"{'value' if base is enum.Enum else 'dict'}; import the module first to get the class back",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return None
+
+
 def _int_list(value: Any, what: str, path: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise _corrupt(f"bad {what} at {path}")
@@ -638,6 +770,11 @@ class _Validator(_Decoder):
         if self.kinds.setdefault(index, kind) != kind:
             raise _corrupt(f"blob {index} is shared between a tensor and an array at {path}")
         return self.blob_sizes[index]
+
+    def _find_class(self, name: str, base: type, path: str) -> type | None:
+        if ":" not in name:
+            raise _corrupt(f"bad class name {name!r} at {path}")
+        return None  # the structure is checked; which classes the reader has imported is not fsck's business
 
     def _tensor(self, body: Any, path: str) -> None:  # type: ignore[override]
         if not isinstance(body, dict) or not isinstance(body.get("dtype"), str) or body["dtype"] not in DTYPE_ITEMSIZE:

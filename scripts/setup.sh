@@ -41,5 +41,8 @@ if [ -z "${SKIP_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
 fi
 
 echo "setup: installing ckptvcs and its test tools" >&2
-"${pip[@]}" -e ".[test]"
+# The extras (lightning...) accept the torch installed above; the constraint keeps pip from moving it.
+constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
+"$VENV/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' >"$constraints" 2>/dev/null || : >"$constraints"
+"${pip[@]}" -c "$constraints" -e ".[test]"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, ckptvcs; print("ckptvcs", ckptvcs.__version__, "torch", torch.__version__)'))" >&2
