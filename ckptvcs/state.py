@@ -193,10 +193,10 @@ class _Encoder:
         finally:
             self._active.discard(id(value))
 
-    def _items(self, mapping: Mapping, path: str) -> list[list[Any]]:
+    def _items(self, mapping: Mapping[Any, Any], path: str) -> list[list[Any]]:
         return [[self._key(k, path), self._value(v, _join(path, k))] for k, v in mapping.items()]
 
-    def _dict_subclass(self, value: dict, path: str) -> Any:
+    def _dict_subclass(self, value: dict[Any, Any], path: str) -> Any:
         """A dict subclass that is a plain dict plus a name (Lightning's AttributeDict): its
         items and its class, which loading finds again among the imported modules."""
         cls = type(value)
@@ -321,10 +321,10 @@ def _class_name(cls: type, path: str) -> str:
     return f"{cls.__module__}:{qualname}"
 
 
-def _rebuilds(cls: type[dict], value: dict) -> bool:
+def _rebuilds(cls: type[dict[Any, Any]], value: dict[Any, Any]) -> bool:
     """Whether ``cls(items)`` gives back an equal value of the same class, as loading builds it."""
     try:
-        copy: dict = cls(list(value.items()))
+        copy: dict[Any, Any] = cls(list(value.items()))
     except Exception:  # noqa: BLE001 (any failure means: cannot be rebuilt)
         return False
     return type(copy) is cls and dict(copy) == dict(value) and not getattr(copy, "__dict__", None)
