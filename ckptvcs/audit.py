@@ -28,12 +28,12 @@ from typing import Any
 
 import blake3
 
-from . import _fs
+from . import _fs, layout
 from .errors import AuditLogDamagedError, CorruptObjectError, LockTimeoutError
 
 __all__ = ["AuditLog", "AuditEvent", "AuditCheck", "AUDIT_DIR", "ZERO_HASH"]
 
-AUDIT_DIR = "audit"
+AUDIT_DIR = layout.AUDIT
 LOG_NAME = "log.jsonl"
 HEAD_NAME = "head.json"
 LOCK_NAME = "lock"

@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import _fs
+from . import _fs, layout
 from .audit import AUDIT_DIR, LOG_NAME, AuditLog
+from .backends import Backend
 from .codec import CODEC_NAMES, USES_BASE
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
 from .index import ChunkIndex
 from .objects import Commit, Manifest, ObjectStore, Tag
-from .pack import PackEntry, iter_pack_entries, with_delta_bases
+from .pack import PackEntry, iter_backend_pack, with_delta_bases
 from .refs import HEAD, REFLOG_LINE, ZERO_ID, Refs, check_ref_name
 from .state import iter_tensors, validate_tree
 from .store import MAX_CHAIN_LENGTH
@@ -84,6 +85,9 @@ class FsckRepository(Protocol):
 
     @property
     def root(self) -> Path: ...
+
+    @property
+    def backend(self) -> Backend: ...
 
     @property
     def chunk_size(self) -> int: ...
@@ -319,8 +323,8 @@ class _Checker:
         if value is None:
             return
         try:
-            data = (self.repo.root / ref).read_bytes()
-        except OSError:
+            data = self.repo.backend.get(ref, max_size=4096)
+        except (OSError, CkptvcsError):
             return  # moved meanwhile: the value just read is what counts
         if data.decode("utf-8", "replace").strip() != value:
             return  # a writer moved it meanwhile (fsck runs beside commits)
@@ -425,8 +429,8 @@ class _Checker:
     def check_config(self) -> None:
         """The fields of config.json that opening the repository does not need (docs/format.md section 3)."""
         try:
-            config = json.loads((self.repo.root / "config.json").read_bytes())
-        except (OSError, ValueError) as err:
+            config = json.loads(self.repo.backend.get(layout.CONFIG))
+        except (OSError, ValueError, CkptvcsError) as err:
             self.add("corrupt", f"config.json cannot be read: {err}", objects=["config.json"])
             return
         problems = [f"field {name!r} is missing" for name in _CONFIG_WRITTEN if name not in config]
@@ -449,9 +453,8 @@ class _Checker:
                      f"to keep commit {_short(commit_id)}'s data){self._where([commit_id])}",
                      objects=[f"pruned/{commit_id}"], commits=[commit_id])
         self.check_staged_records()
-        logs = self.repo.root / "logs"
-        for path in sorted(p for p in logs.rglob("*") if p.is_file()) if logs.is_dir() else []:
-            self.check_reflog(path, path.relative_to(self.repo.root).as_posix())
+        for key in self.repo.backend.list(layout.LOGS):
+            self.check_reflog(key, key)
         self.check_audit_log()
 
     def check_audit_log(self) -> None:
@@ -480,10 +483,13 @@ class _Checker:
             self.add("garbage", f"{why}; gc reclaims its staged data once the file is older than the staged grace",
                      objects=[f"staged/{name}"])
 
-    def check_reflog(self, path: Any, rel: str) -> None:
+    def check_reflog(self, key: str, rel: str) -> None:
         """Every complete line of a reflog must parse; a torn last line (a crash mid-append) is garbage."""
         try:
-            text = _fs.read_record(path).decode("utf-8")
+            text = self.repo.backend.get(key).decode("utf-8")
+        except CorruptObjectError as err:  # a link or a special file in logs/
+            self.add("corrupt", f"reflog {rel} is damaged: {err}", objects=[rel])
+            return
         except UnicodeDecodeError as err:
             self.add("corrupt", f"reflog {rel} is damaged: it is not UTF-8 ({err})", objects=[rel])
             return
@@ -515,8 +521,13 @@ class _Checker:
 
     def read_packs(self) -> tuple[dict[str, dict[int, PackEntry]], dict[bytes, list[PackEntry]], set[str]]:
         """``(pack → offset → entry, chunk → entries holding it, damaged packs)``."""
-        folder = self.repo.root / "packs"
-        names = sorted(os.listdir(folder)) if folder.is_dir() else []
+        backend = self.repo.backend
+        local = backend.local_root()
+        folder = self.repo.root / layout.PACKS if local is None else local / layout.PACKS
+        if local is not None:  # a local folder may hold strays (named below); keys are packs only
+            names = sorted(os.listdir(folder)) if folder.is_dir() else []
+        else:
+            names = [key[len(layout.PACKS) + 1:] for key in backend.list(layout.PACKS)]
         packs: dict[str, dict[int, PackEntry]] = {}
         located: dict[bytes, list[PackEntry]] = {}
         damaged: set[str] = set()
@@ -524,15 +535,15 @@ class _Checker:
             if self.progress is not None:
                 self.progress("packs", done, len(names))
             path = folder / name
-            if not _PACK_NAME.match(name) or not path.is_file():
+            if not _PACK_NAME.match(name) or (local is not None and not path.is_file()):
                 self.add("garbage", f"packs/{name} is not a pack file", objects=[f"packs/{name}"])
                 continue
             pack = name[:-5]
             try:
-                entries = list(iter_pack_entries(path))
+                entries = list(iter_backend_pack(backend, pack))
             except CorruptObjectError as err:
                 damaged.add(pack)
-                entries = list(iter_pack_entries(path, strict=False))
+                entries = list(iter_backend_pack(backend, pack, strict=False))
                 self.add("corrupt", f"{err}; {len(entries)} well-formed entry headers remain around the damage "
                          "(`ckptvcs repair index` indexes those that verify)", objects=[pack])
             except OSError as err:
@@ -684,21 +695,24 @@ class _Checker:
                          f"conflicting commit, a deleted branch or a detached HEAD's; {fate})", objects=[oid])
             else:
                 self.add("unreachable", f"unreachable {kind} {oid}", objects=[oid])
-        for folder in sorted(objects.root.iterdir()) if objects.root.is_dir() else []:
+        objects_dir = objects.root  # leftover temporaries exist only in a local store
+        for folder in sorted(objects_dir.iterdir()) if objects_dir is not None and objects_dir.is_dir() else []:
             for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
                 if len(folder.name) != 2 or len(name) != 62:
                     self.add("garbage", f"objects/{folder.name}/{name} is a leftover temporary file",
                              objects=[f"objects/{folder.name}/{name}"])
 
     def check_leftover_files(self) -> None:
-        root = self.repo.root
-        tmp = root / "tmp"
+        root = self.repo.backend.local_root()
+        if root is None:
+            return  # temporaries, index rebuilds and lock files exist only in a local store
+        tmp = root / layout.TMP
         for name in sorted(os.listdir(tmp)) if tmp.is_dir() else []:
             self.add("garbage", f"tmp/{name} is left over from an interrupted write", objects=[f"tmp/{name}"])
         for name in sorted(os.listdir(root)):
-            if name.startswith(("index.rebuild-", "index.old-")) or name == "index.rebuilt":
+            if name.startswith((layout.INDEX_REBUILD_PREFIX, layout.INDEX_OLD_PREFIX)) or name == layout.INDEX_REBUILT:
                 self.add("garbage", f"{name} is left over from an interrupted `repair index`", objects=[name])
-        for path in sorted([root / "HEAD.lock", *root.joinpath("refs").rglob("*.lock")]):
+        for path in sorted([root / layout.lock_key(layout.HEAD), *root.joinpath(layout.REFS).rglob("*" + layout.LOCK_SUFFIX)]):
             if path.is_file() and _fs.lock_file_is_stale(path):
                 rel = path.relative_to(root).as_posix()
                 self.add("garbage", f"{rel} is a stale lock of a process that died; the next update breaks it",

@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import _fs
+from . import _fs, layout
+from .backends import Backend
 from .errors import CkptvcsError, CorruptObjectError, IndexMismatchError
 from .index import ChunkIndex
 from .objects import Commit, Manifest
-from .pack import PackEntry, PackFiles, PackWriter, entry_size, iter_pack_entries, with_delta_bases
+from .pack import PackEntry, PackFiles, PackWriter, entry_size, iter_backend_pack, pack_names, with_delta_bases
 from .store import MAX_CHAIN_LENGTH, PACK_TARGET_SIZE
 
 __all__ = [
@@ -103,6 +104,9 @@ class GcRepository(GcHistory, Protocol):
     def root(self) -> Path: ...
 
     @property
+    def backend(self) -> Backend: ...
+
+    @property
     def objects(self) -> GcObjects: ...
 
     @property
@@ -138,7 +142,7 @@ class GcReport:
 @dataclass
 class _PackPlan:
     name: str
-    path: Path
+    key: str
     size: int
     keep: list[PackEntry]
     drop: list[PackEntry]  # entries whose index row (if it points here) must go
@@ -184,9 +188,9 @@ def _manifest_chunk_ids(repo: GcRepository, manifest_ids: Iterable[str], index: 
     return with_delta_bases(chunks, index)
 
 
-def _plan_pack(path: Path, live: set[bytes], index: dict[bytes, PackEntry]) -> _PackPlan:
+def _plan_pack(backend: Backend, name: str, live: set[bytes], index: dict[bytes, PackEntry]) -> _PackPlan:
     keep, drop, dead = [], [], 0
-    for entry in iter_pack_entries(path):
+    for entry in iter_backend_pack(backend, name):
         indexed = index.get(entry.chunk_id)
         here = indexed is not None and indexed.pack == entry.pack and indexed.offset == entry.offset
         # A live chunk the index does not know is kept: never delete when unsure (and the
@@ -196,13 +200,14 @@ def _plan_pack(path: Path, live: set[bytes], index: dict[bytes, PackEntry]) -> _
         else:
             drop.append(entry)
             dead += entry_size(entry)
-    return _PackPlan(path.stem, path, path.stat().st_size, keep, drop, dead)
+    key = layout.pack_key(name)
+    return _PackPlan(name, key, backend.size(key) or 0, keep, drop, dead)
 
 
-def _salvaged_entries(path: Path) -> list[PackEntry]:
+def _salvaged_entries(backend: Backend, name: str) -> list[PackEntry]:
     """The entries of a damaged pack before its damage (gc leaves the pack alone)."""
     try:
-        return list(iter_pack_entries(path, strict=False))
+        return list(iter_backend_pack(backend, name, strict=False))
     except (CorruptObjectError, OSError):
         return []
 
@@ -296,16 +301,18 @@ def collect_garbage(
     report.live_chunks = len(live)
     report.collected_commits = selection.collected
 
-    packs_dir = repo.root / "packs"
+    backend = repo.backend
     plans: list[_PackPlan] = []
     located: dict[bytes, list[PackEntry]] = {}  # chunk → its entries, as the packs' own headers say
-    for path in sorted(packs_dir.glob("*.pack")):
+    with _fs.storage_errors("listing packs"):
+        names = pack_names(backend)
+    for name in names:
         try:
-            plan = _plan_pack(path, live, index)
+            plan = _plan_pack(backend, name, live, index)
         except CorruptObjectError:
-            report.packs_skipped.append(path.stem)
-            report.pack_bytes_before += path.stat().st_size
-            entries = _salvaged_entries(path)
+            report.packs_skipped.append(name)
+            report.pack_bytes_before += backend.size(layout.pack_key(name)) or 0
+            entries = _salvaged_entries(backend, name)
         else:
             report.pack_bytes_before += plan.size
             report.dead_chunks += len(plan.drop)
@@ -325,7 +332,8 @@ def collect_garbage(
     stale = _stale_rows(index, plans, delete + rewrite, set(report.packs_skipped), live)
     report.stale_index_rows = len(stale)
 
-    tmp_files = _tmp_leftovers(repo.root / "tmp")
+    local = backend.local_root()  # temporaries exist only where a backend writes files
+    tmp_files = [] if local is None else _tmp_leftovers(local / layout.TMP)
     tmp_bytes = sum(size for _, size in tmp_files)
     report.tmp_files_removed = len(tmp_files)
 
@@ -339,7 +347,8 @@ def collect_garbage(
     repo._remove_staged_records(staged_expired)  # a publish after this fails cleanly: no record, no data
 
     with _fs.storage_errors("removing leftovers of interrupted commits from tmp/"):
-        _remove_tmp_leftovers(repo.root / "tmp", [name for name, _ in tmp_files])
+        if local is not None:
+            _remove_tmp_leftovers(local / layout.TMP, [name for name, _ in tmp_files])
 
     written = _copy_live_entries(repo, rewrite)
     report.packs_written = [w.name for w in written]
@@ -351,12 +360,10 @@ def collect_garbage(
     with _fs.storage_errors("deleting packs no kept commit needs"):
         for plan in delete + rewrite:
             repo.chunks.packs.forget(plan.name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(plan.path)
-        if delete or rewrite:
-            _fs.fsync_dir(packs_dir)
+        backend.delete_many([plan.key for plan in delete + rewrite])  # one folder fsync locally
 
-    report.pack_bytes_after = sum(p.stat().st_size for p in packs_dir.glob("*.pack"))
+    with _fs.storage_errors("listing packs"):
+        report.pack_bytes_after = sum(backend.size(layout.pack_key(name)) or 0 for name in pack_names(backend))
     report.bytes_reclaimed = report.pack_bytes_before - report.pack_bytes_after + tmp_bytes
     return report
 
@@ -414,7 +421,7 @@ def _copy_live_entries(repo: GcRepository, plans: list[_PackPlan]) -> list[PackW
             for entry in plan.keep:
                 if writer is None:
                     with _fs.storage_errors("creating a pack for gc"):
-                        writer = PackWriter(repo.root / "tmp", repo.root / "packs")
+                        writer = PackWriter(repo.backend)
                 with _fs.storage_errors(f"reading pack {entry.pack}"):
                     payload = repo.chunks.packs.read_payload(entry)
                 with _fs.storage_errors(f"writing pack {writer.name}"):

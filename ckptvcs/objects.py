@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,8 @@ from typing import Any
 
 import blake3
 
-from . import _fs, codec
+from . import _fs, codec, layout
+from .backends import Backend, LocalBackend
 from .errors import CorruptObjectError, IntegrityError, UnsupportedValueError
 
 __all__ = ["Commit", "Manifest", "Tag", "ObjectStore", "canonical_json", "encode_float", "decode_float", "KINDS"]
@@ -256,12 +256,19 @@ def _readable(kind: str, body: Any, data: bytes) -> bytes:
 
 
 class ObjectStore:
-    """Loose, content-addressed objects under ``objects/``."""
+    """Loose, content-addressed objects under ``objects/``, stored through a backend.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    Built from a backend, or (the old form) from a local ``objects/`` directory path.
+    """
+
+    def __init__(self, backend: Backend | Path) -> None:
+        self.backend: Backend = LocalBackend(backend.parent) if isinstance(backend, Path) else backend
+        local = self.backend.local_root()
+        self.root = None if local is None else local / layout.OBJECTS
 
     def path(self, oid: str) -> Path:
+        """The file of an object in a local store (tests damage it)."""
+        assert self.root is not None, "an object file exists only in a local store"
         return self.root / oid[:2] / oid[2:]
 
     def put(self, kind: str, body: Any) -> str:
@@ -269,27 +276,20 @@ class ObjectStore:
         assert kind in KINDS, kind
         data = kind.encode() + b"\n" + canonical_json(body)
         oid = blake3.blake3(data).hexdigest()
-        path = self.path(oid)
+        key = layout.object_key(oid)
         with _fs.storage_errors(f"writing {kind} object {oid}"):
-            _fs.check_inside(self.root.parent, path)
-            if not os.path.lexists(path):
-                compressed = _readable(kind, body, data)
-                if not path.parent.is_dir():
-                    path.parent.mkdir(exist_ok=True)
-                    _fs.fsync_dir(self.root)  # the new folder's entry must be durable too
-                _fs.atomic_write(path, compressed, exclusive=True)
+            if self.backend.size(key) is None:
+                self.backend.put(key, _readable(kind, body, data), if_absent=True)
         return oid
 
     def has(self, oid: str) -> bool:
-        return self.path(oid).is_file()
+        return self.backend.size(layout.object_key(oid)) is not None
 
     def get(self, oid: str, expected_kind: str | None = None) -> tuple[str, Any]:
         """Read, verify and parse an object; returns ``(kind, body)``."""
-        path = self.path(oid)
         with _fs.storage_errors(f"reading object {oid}"):
             try:
-                _fs.check_inside(self.root.parent, path)
-                stored = _fs.read_file(path, _MAX_OBJECT_SIZE)
+                stored = self.backend.get(layout.object_key(oid), max_size=_MAX_OBJECT_SIZE)
             except (FileNotFoundError, NotADirectoryError):  # inside: storage_errors would make it a StorageError
                 raise self._damage(IntegrityError, oid, "is missing") from None
             except CorruptObjectError as err:
@@ -318,12 +318,8 @@ class ObjectStore:
 
     def _damage(self, cls: type[IntegrityError], oid: str, problem: str, *, on_disk: bool = False) -> IntegrityError:
         """``cls("object <oid> <problem>")`` carrying the object's id, file and finding as fields."""
-        path = self.path(oid)
-        try:
-            rel = path.relative_to(self.root.parent).as_posix()
-        except ValueError:
-            rel = str(path)
-        return cls(f"object {oid} {problem}", object_id=oid, path=rel, damaged_on_disk=on_disk, problem=problem)
+        return cls(f"object {oid} {problem}", object_id=oid, path=layout.object_key(oid), damaged_on_disk=on_disk,
+                   problem=problem)
 
     def kind(self, oid: str) -> str:
         return self.get(oid)[0]
@@ -334,11 +330,12 @@ class ObjectStore:
         For scans over every object (gc looking for unreachable commits) that would
         otherwise decompress and parse every manifest; read with :meth:`get` to trust it.
         """
-        path = self.path(oid)
         try:
-            _fs.check_inside(self.root.parent, path)
-            with open(_fs.open_regular(path), "rb") as f:  # never a FIFO, a device or a link
-                start = f.read(_PEEK_BYTES)  # holds the whole first zstd block (at most 128 KiB)
+            reader = self.backend.open_reader(layout.object_key(oid))  # never a FIFO, a device or a link
+            try:
+                start = reader.read(0, _PEEK_BYTES)  # holds the whole first zstd block (at most 128 KiB)
+            finally:
+                reader.close()
             head = codec.decompress_prefix(start, 16)
         except (OSError, CorruptObjectError):
             return None
@@ -355,17 +352,16 @@ class ObjectStore:
         """Ids of stored objects starting with a hex ``prefix`` of at least 4 characters."""
         if len(prefix) < 4:
             return []
-        folder = self.root / prefix[:2]
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return []
-        rest = prefix[2:]
-        return sorted(prefix[:2] + n for n in names if n.startswith(rest) and len(n) == 62)
+        start = layout.object_key(prefix)
+        with _fs.storage_errors("listing objects"):
+            keys = list(self.backend.list(layout.object_folder(prefix)))
+        return sorted(layout.join(*k.split("/")[1:]).replace("/", "") for k in keys
+                      if k.startswith(start) and len(k.rsplit("/", 1)[-1]) == 62)
 
     def __iter__(self) -> Iterator[str]:
-        for folder in sorted(self.root.iterdir()):
-            if len(folder.name) == 2 and folder.is_dir():
-                for name in sorted(os.listdir(folder)):
-                    if len(name) == 62:
-                        yield folder.name + name
+        with _fs.storage_errors("listing objects"):
+            keys = list(self.backend.list(layout.OBJECTS))
+        for key in keys:
+            parts = key.split("/")
+            if len(parts) == 3 and len(parts[1]) == 2 and len(parts[2]) == 62:
+                yield parts[1] + parts[2]

@@ -1,7 +1,8 @@
 """Pack files: append-only, self-describing containers of stored chunks.
 
-A pack is written under ``tmp/``, sealed (footer, fsync, rename into ``packs/``,
-fsync of the directory) and never modified afterwards. Each entry carries its own
+A pack is written through the storage backend's streamed writer (locally: under
+``tmp/``, sealed by footer, fsync, rename into ``packs/``, fsync of the directory) and
+never modified afterwards; it is read by ranges through the backend's reader. Each entry carries its own
 header (chunk id, codec, lengths), so the LMDB index can always be rebuilt from the
 packs alone, and the footer lets a reader tell a complete pack from a torn one.
 Layout (all integers little-endian) is specified in docs/format.md.
@@ -11,17 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
 import struct
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import blake3
 
-from . import _fs, scratch
+from . import _fs, layout, scratch
+from .backends import Backend, LocalBackend, RangeReader
+from .backends.local import LocalRangeReader
 from .codec import CODEC_NAMES, USES_BASE
 from .errors import CorruptObjectError
 
@@ -87,28 +89,30 @@ def with_delta_bases(chunk_ids: Iterable[bytes], entries: Mapping[bytes, PackEnt
     return needed
 
 
-class PackWriter:
-    """Accumulates chunks in a temp file; ``seal()`` makes it a durable pack."""
+def _as_backend(store: Backend | Path) -> Backend:
+    """A backend, or (the old form) the local store holding the ``packs/`` folder ``store``."""
+    return LocalBackend(Path(store).parent) if isinstance(store, (str, Path)) else store
 
-    def __init__(self, tmp_dir: Path, packs_dir: Path) -> None:
+
+class PackWriter:
+    """Streams chunks into the backend's writer; ``seal()`` makes it a durable pack.
+
+    Built from a backend, or (the old form) from the local ``tmp/`` and ``packs/`` folders.
+    """
+
+    def __init__(self, backend: Backend | Path, packs_dir: Path | None = None) -> None:
         self.name = uuid.uuid4().hex
-        self._packs_dir = packs_dir
-        for folder in (tmp_dir, packs_dir):
-            if not folder.is_dir():  # a copy of the store that dropped empty folders (git keeps none)
-                folder.mkdir(exist_ok=True)
-                _fs.fsync_dir(folder.parent)
-        self._tmp_path = tmp_dir / _fs.temp_name(f"pack-{self.name}-")
-        self._fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._writeback = _fs.EarlyWriteback(self._fd)
+        self.backend = _as_backend(packs_dir if packs_dir is not None else backend)
+        self.key = layout.pack_key(self.name)
+        self._out = self.backend.open_writer(self.key)
         self._headers = blake3.blake3()
         self.entries: list[PackEntry] = []
         self.size = 0
         self._write(_PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
 
     def _write(self, data: bytes | memoryview) -> None:
-        _fs.write_all(self._fd, data)
+        self._out.write(data)
         self.size += len(data)
-        self._writeback.wrote(self.size)
 
     def add(
         self, chunk_id: bytes, codec: int, raw_len: int, payload: bytes | memoryview, base: bytes | None = None
@@ -128,26 +132,17 @@ class PackWriter:
         return entry
 
     def seal(self) -> Path:
-        """Write the footer, fsync, and move the pack into ``packs/`` durably."""
+        """Write the footer and commit the pack durably (locally: fsync, rename into
+        ``packs/``, fsync of the folder). Returns its file (local) or its key."""
         end = self.size
         self._write(_FOOTER.pack(len(self.entries), end, self._headers.digest(), _FOOTER_MAGIC))
-        self._writeback.finish()
-        _fs.fsync_file(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        final = self._packs_dir / f"{self.name}.pack"
-        _fs.durable_rename(self._tmp_path, final)
-        return final
+        self._out.commit()
+        local = self.backend.local_root()
+        return Path(self.key) if local is None else local / self.key
 
     def abort(self) -> None:
         """Drop an unsealed pack (the commit that wrote it failed)."""
-        with contextlib.suppress(Exception):
-            self._writeback.finish()  # the pack is dropped: its flush errors no longer matter
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp_path)
+        self._out.abort()
 
 
 def _entry_damage(entry: PackEntry, what: str) -> CorruptObjectError:
@@ -165,34 +160,45 @@ def _entry_start(entry: PackEntry, prefix: int) -> int:
 
 
 class PackFiles:
-    """Reads chunk payloads from sealed packs, keeping file descriptors open."""
+    """Reads chunk payloads from sealed packs through the backend, keeping readers open.
 
-    def __init__(self, packs_dir: Path) -> None:
-        self._dir = packs_dir
-        self._fds: dict[str, int] = {}
+    Built from a backend, or (the old form) from a local ``packs/`` folder.
+    """
+
+    def __init__(self, backend: Backend | Path) -> None:
+        self.backend = _as_backend(backend)
+        self._readers: dict[str, RangeReader] = {}
+        self._guard = threading.Lock()
 
     def path(self, pack: str) -> Path:
-        return self._dir / f"{pack}.pack"
+        """The file of a pack in a local store (tests damage it)."""
+        local = self.backend.local_root()
+        assert local is not None, "a pack file exists only in a local store"
+        return local / layout.pack_key(pack)
 
-    def _fd(self, pack: str) -> int:
-        fd = self._fds.get(pack)
-        if fd is None:
+    def exists(self, pack: str) -> bool:
+        return self.backend.size(layout.pack_key(pack)) is not None
+
+    def _fd(self, pack: str) -> RangeReader:
+        reader = self._readers.get(pack)
+        if reader is None:
             try:
-                fd = _fs.open_regular(self.path(pack))
+                reader = self.backend.open_reader(layout.pack_key(pack))
             except FileNotFoundError:
                 raise CorruptObjectError(f"pack {pack} is missing", pack=pack) from None
             # Another thread may have opened it meanwhile; keep one, close the other.
-            existing = self._fds.setdefault(pack, fd)
-            if existing != fd:
-                os.close(fd)
-                fd = existing
-        return fd
+            with self._guard:
+                existing = self._readers.setdefault(pack, reader)
+            if existing is not reader:
+                reader.close()
+                reader = existing
+        return reader
 
     def read_payload(self, entry: PackEntry) -> memoryview:
         """Read one payload, checking the entry header in front of it names the chunk."""
         prefix = _prefix_size(entry.base)
         want = prefix + entry.stored_len
-        data = _fs.pread(self._fd(entry.pack), want, _entry_start(entry, prefix))
+        data = self._fd(entry.pack).read(_entry_start(entry, prefix), want)
         if len(data) != want:
             raise _entry_damage(entry, f"is truncated at offset {entry.offset}")
         self._check_header(entry, data)
@@ -203,7 +209,7 @@ class PackFiles:
         prefix = _prefix_size(entry.base)
         want = prefix + entry.stored_len
         buf = memoryview(scratch.buffer("pack-read", want))
-        got = _fs.preadv(self._fd(entry.pack), [buf], _entry_start(entry, prefix))
+        got = self._fd(entry.pack).readinto([buf], _entry_start(entry, prefix))
         if got != want:
             raise _entry_damage(entry, f"is truncated at offset {entry.offset}")
         self._check_header(entry, buf)
@@ -214,7 +220,7 @@ class PackFiles:
         if entry.base is not None:
             raise _entry_damage(entry, f"entry at offset {entry.offset}: a raw chunk has no base")
         header = bytearray(ENTRY_HEADER_SIZE)
-        got = _fs.preadv(self._fd(entry.pack), [header, out], _entry_start(entry, ENTRY_HEADER_SIZE))
+        got = self._fd(entry.pack).readinto([header, out], _entry_start(entry, ENTRY_HEADER_SIZE))
         if got != ENTRY_HEADER_SIZE + len(out) or len(out) != entry.stored_len:
             raise _entry_damage(entry, f"is truncated at offset {entry.offset}")
         self._check_header(entry, header)
@@ -234,15 +240,56 @@ class PackFiles:
             raise _entry_damage(entry, f"entry at offset {entry.offset} does not match the index")
 
     def forget(self, pack: str) -> None:
-        """Close the descriptor of a pack that gc is about to delete."""
-        fd = self._fds.pop(pack, None)
-        if fd is not None:
-            os.close(fd)
+        """Close the reader of a pack that gc is about to delete."""
+        with self._guard:
+            reader = self._readers.pop(pack, None)
+        if reader is not None:
+            reader.close()
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._guard:
+            readers, self._readers = list(self._readers.values()), {}
+        for reader in readers:
+            reader.close()
+
+
+def pack_names(backend: Backend) -> list[str]:
+    """The names of the sealed packs, sorted (``packs/<name>.pack`` keys)."""
+    return [layout.pack_name(k) for k in backend.list(layout.PACKS)
+            if k.endswith(layout.PACK_SUFFIX) and k.count("/") == 1]
+
+
+def iter_backend_pack(backend: Backend, pack: str, *, strict: bool = True) -> Iterator[PackEntry]:
+    """:func:`iter_pack_entries` of the pack ``pack`` in ``backend``."""
+    if isinstance(backend, LocalBackend):  # header walks stay outside the fault tests' read seam
+        yield from iter_pack_entries(backend.path(layout.pack_key(pack)), strict=strict)
+        return
+    try:
+        reader = backend.open_reader(layout.pack_key(pack))
+    except CorruptObjectError:
+        if not strict:
+            return  # nothing in it can be salvaged
+        raise
+    try:
+        yield from _walk(reader, pack, strict)
+    finally:
+        reader.close()
+
+
+class _Cursor:
+    """A file-like view (seek, read) of a range reader, for the header walk."""
+
+    def __init__(self, reader: RangeReader) -> None:
+        self._reader = reader
+        self._pos = 0
+
+    def seek(self, pos: int) -> None:
+        self._pos = pos
+
+    def read(self, size: int) -> bytes:
+        data = self._reader.read(self._pos, size)
+        self._pos += len(data)
+        return data
 
 
 def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]:
@@ -261,32 +308,39 @@ def iter_pack_entries(path: Path, *, strict: bool = True) -> Iterator[PackEntry]
         if not strict:
             return  # nothing in it can be salvaged
         raise
-    size = os.fstat(fd).st_size
-    with open(fd, "rb") as f:
-        head = f.read(_PACK_HEADER.size)
-        header_ok = len(head) == _PACK_HEADER.size and _PACK_HEADER.unpack(head) == (PACK_MAGIC, PACK_VERSION, 0)
-        if not header_ok and strict:
-            raise CorruptObjectError(f"pack {pack} has no valid header", pack=pack, damaged_on_disk=True)
-        end = size
-        count = digest = None
-        if size >= _PACK_HEADER.size + _FOOTER.size:
-            f.seek(size - _FOOTER.size)
-            count, footer_end, digest, magic = _FOOTER.unpack(f.read(_FOOTER.size))
-            if magic == _FOOTER_MAGIC and footer_end == size - _FOOTER.size:
-                end = footer_end
-            else:
-                count = digest = None
-        if not strict:
-            entries = _salvage_entries(f, pack, end)
+    reader = LocalRangeReader(fd, str(path), seam=False)
+    try:
+        yield from _walk(reader, pack, strict)
+    finally:
+        reader.close()
+
+
+def _walk(reader: RangeReader, pack: str, strict: bool) -> list[PackEntry]:
+    """The entries of an open pack (see :func:`iter_pack_entries`)."""
+    size = reader.size
+    f = _Cursor(reader)
+    head = f.read(_PACK_HEADER.size)
+    header_ok = len(head) == _PACK_HEADER.size and _PACK_HEADER.unpack(head) == (PACK_MAGIC, PACK_VERSION, 0)
+    if not header_ok and strict:
+        raise CorruptObjectError(f"pack {pack} has no valid header", pack=pack, damaged_on_disk=True)
+    end = size
+    count = digest = None
+    if size >= _PACK_HEADER.size + _FOOTER.size:
+        f.seek(size - _FOOTER.size)
+        count, footer_end, digest, magic = _FOOTER.unpack(f.read(_FOOTER.size))
+        if magic == _FOOTER_MAGIC and footer_end == size - _FOOTER.size:
+            end = footer_end
         else:
-            if count is None or digest is None:  # both None or both set
-                raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)", pack=pack,
-                                         damaged_on_disk=True)
-            entries = _strict_entries(f, pack, end, count, digest)
-    yield from entries
+            count = digest = None
+    if not strict:
+        return _salvage_entries(reader, pack, end)
+    if count is None or digest is None:  # both None or both set
+        raise CorruptObjectError(f"pack {pack} has no valid footer (torn write?)", pack=pack,
+                                 damaged_on_disk=True)
+    return _strict_entries(f, pack, end, count, digest)
 
 
-def _strict_entries(f: BinaryIO, pack: str, end: int, count: int, digest: bytes) -> list[PackEntry]:
+def _strict_entries(f: _Cursor, pack: str, end: int, count: int, digest: bytes) -> list[PackEntry]:
     """The entries of an intact pack, walked header to header; any flaw raises."""
     pos = _PACK_HEADER.size
     headers = blake3.blake3()
@@ -316,7 +370,7 @@ def _strict_entries(f: BinaryIO, pack: str, end: int, count: int, digest: bytes)
     return entries
 
 
-def _entry_at(data: mmap.mmap, pack: str, pos: int, end: int) -> PackEntry | None:
+def _entry_at(data: mmap.mmap | bytes, pack: str, pos: int, end: int) -> PackEntry | None:
     """The entry whose header starts at ``pos``, if that header is well-formed, else None.
 
     Well-formed: the magic ``CE``, no unknown flag bits, a known codec that names a base
@@ -335,7 +389,7 @@ def _entry_at(data: mmap.mmap, pack: str, pos: int, end: int) -> PackEntry | Non
     return PackEntry(bytes(chunk_id), pack, offset, stored_len, raw_len, codec, base)
 
 
-def _salvage_entries(f: BinaryIO, pack: str, end: int) -> list[PackEntry]:
+def _salvage_entries(reader: RangeReader, pack: str, end: int) -> list[PackEntry]:
     """Every well-formed entry header of a damaged pack, in offset order (the resync rule).
 
     The walk follows entry to entry while headers are well-formed (:func:`_entry_at`);
@@ -350,7 +404,11 @@ def _salvage_entries(f: BinaryIO, pack: str, end: int) -> list[PackEntry]:
     if end <= _PACK_HEADER.size:
         return []
     entries: list[PackEntry] = []
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    fileno = getattr(reader, "fileno", None)
+    # A local pack is mapped; elsewhere a damaged pack is read whole (repair is rare).
+    mapped = mmap.mmap(fileno(), 0, access=mmap.ACCESS_READ) if fileno else None
+    with mapped if mapped is not None else contextlib.nullcontext():
+        data = mapped if mapped is not None else reader.read(0, reader.size)
         pos = _PACK_HEADER.size
         while pos < end:
             entry = _entry_at(data, pack, pos, end)

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _fs
+from . import _fs, layout
 from .errors import CkptvcsError
 from .objects import canonical_json, json_depth_exceeds
 
 __all__ = ["RECORDS_DIRNAME", "KINDS", "MAX_READ_BYTES", "RecordLog", "append", "read"]
 
-RECORDS_DIRNAME = "records"
+RECORDS_DIRNAME = layout.RECORDS
 KINDS = ("gc", "restore")
 """The record files ckptvcs writes: ``records/gc.jsonl``, ``records/restore.jsonl``."""
 

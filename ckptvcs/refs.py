@@ -6,6 +6,12 @@ file, re-reads the current value under it, and proceeds only if that value is th
 the caller expected (``set_if_equals``): a writer that lost the race gets
 RefConflictError and nothing is overwritten. The rename of the lock file over the ref
 is the single commit point of every operation.
+
+Every read and write goes through the storage backend (``ckptvcs.backends``): a ref
+update is the backend's ``compare_and_swap`` (locally the lock file and rename above; on
+an object store a conditional put), a reflog line is its ``append``. Only the hygiene of
+folders (empty ref folders, a deleted ref's log in the way of a new one) is local-only:
+keys on an object store have no folders to clash.
 """
 
 from __future__ import annotations
@@ -13,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from . import _fs
+from . import _fs, layout
+from .backends import Backend, ConcurrentUpdate, LocalBackend
 from .errors import CorruptObjectError, InvalidRefNameError, RefConflictError
 
 __all__ = ["Refs", "ReflogEntry", "check_ref_name", "is_valid_ref", "ZERO_ID", "HEAD"]
@@ -97,50 +103,69 @@ def _one_line(text: str) -> str:
 
 
 class Refs:
-    """Ref files under a repository root."""
+    """The refs of one repository, stored through a backend (a directory path: local)."""
 
-    def __init__(self, root: Path, lock_timeout: float = 30.0) -> None:
-        self.root = root
+    def __init__(self, backend: Backend | Path, lock_timeout: float = 30.0) -> None:
+        self.backend: Backend = LocalBackend(backend) if isinstance(backend, Path) else backend
+        self.root = self.backend.local_root()  # None: not a local directory
         self.lock_timeout = lock_timeout
 
-    def _path(self, ref: str) -> Path:
-        """The file of ``ref``: ``HEAD`` or ``refs/<valid name>``, never anything outside the root."""
+    @property
+    def lock_timeout(self) -> float:
+        """How long an update waits for a ref lock held by a live process (local backends)."""
+        return float(getattr(self.backend, "cas_timeout", self._lock_timeout))
+
+    @lock_timeout.setter
+    def lock_timeout(self, value: float) -> None:
+        self._lock_timeout = value
+        if hasattr(self.backend, "cas_timeout"):
+            self.backend.cas_timeout = value
+
+    def _key(self, ref: str) -> str:
+        """The key of ``ref``: ``HEAD`` or ``refs/<valid name>``, never anything outside the store."""
         if not is_valid_ref(ref):
             raise InvalidRefNameError(f"invalid ref {ref[:200]!r}: a ref is HEAD or refs/<name> by the ref-name rules")
-        return self.root / ref
+        return layout.ref_key(ref)
 
-    def _rel(self, path: Path) -> str:
-        """``path`` relative to the repository root (for error fields)."""
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return str(path)
+    def _path(self, ref: str) -> Path:
+        """The file of ``ref`` in a local store."""
+        assert self.root is not None, "a ref file exists only in a local store"
+        return self.root / self._key(ref)
 
     # -- reading ---------------------------------------------------------------
 
     def read_raw(self, ref: str) -> str | None:
         """The stored value: a hex id, ``ref: <target>`` for a symbolic ref, or None."""
-        path = self._path(ref)
+        return self._parse(ref, self._read_bytes(ref))
+
+    def _read_bytes(self, ref: str) -> bytes | None:
+        """The stored bytes of ``ref`` (None: absent, or a folder of refs such as refs/heads/a/...)."""
+        key = self._key(ref)
         with _fs.storage_errors(f"reading {ref}"):
             try:
-                _fs.check_inside(self.root, path)
-                if stat.S_ISDIR(os.lstat(path).st_mode):
-                    return None  # a folder of refs (refs/heads/a/...) is no ref
-                data = _fs.read_record(path, _MAX_REF_FILE)
+                if self.backend.size(key) is None:
+                    return None
+                return self.backend.get(key, max_size=_MAX_REF_FILE)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
             except CorruptObjectError as err:
-                raise CorruptObjectError(f"ref {ref} is damaged: {err}", path=self._rel(path)) from None
+                raise CorruptObjectError(f"ref {ref} is damaged: {err}", path=key) from None
+
+    def _parse(self, ref: str, data: bytes | None) -> str | None:
+        """A ref's value from its stored bytes; damage raises CorruptObjectError naming it."""
+        if data is None:
+            return None
+        path = self._key(ref)
         try:
             value = data.decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise CorruptObjectError(f"ref {ref} is damaged: it is not UTF-8 text", path=self._rel(path)) from None
+            raise CorruptObjectError(f"ref {ref} is damaged: it is not UTF-8 text", path=path) from None
         if _HEX_ID.match(value):
             return value
         if value.startswith(_SYMREF_PREFIX) and is_valid_ref(value[len(_SYMREF_PREFIX):]):
             if value[len(_SYMREF_PREFIX):] != HEAD:
                 return value
-        raise CorruptObjectError(f"ref {ref} is damaged: {value[:80]!r}", path=self._rel(path))
+        raise CorruptObjectError(f"ref {ref} is damaged: {value[:80]!r}", path=path)
 
     def symbolic_target(self, ref: str) -> str | None:
         value = self.read_raw(ref)
@@ -159,15 +184,14 @@ class Refs:
 
     def names(self, namespace: str) -> list[str]:
         """Short names of the refs under ``refs/<namespace>/`` (``heads`` or ``tags``)."""
-        base = self.root / "refs" / namespace
+        base = layout.join(layout.REFS, namespace)
         found = []
-        for dirpath, _, files in os.walk(base):
-            for f in files:
-                if f.endswith(".lock") or f.endswith(".tmp"):
+        with _fs.storage_errors(f"listing {base}"):
+            for key in self.backend.list(base):
+                if key.endswith((".lock", ".tmp")):
                     continue
-                name = os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/")
-                if is_valid_ref(f"refs/{namespace}/{name}"):  # a stray file with an invalid name is no ref
-                    found.append(name)
+                if is_valid_ref(key):  # a stray file with an invalid name is no ref
+                    found.append(key[len(base) + 1:])
         return sorted(found)
 
     # -- compare-and-swap updates ------------------------------------------------
@@ -181,40 +205,52 @@ class Refs:
         current value differs. The reflog records the move after it is durable (unless
         ``log`` is False: the caller logs it itself).
         """
-        path = self._path(ref)
         with _fs.storage_errors(f"updating {ref}"):
-            _fs.check_inside(self.root, path)
-            _fs.make_dirs(path.parent)
-            _fs.check_inside(self.root, path)  # no link slipped in while the folders were made
-            with _fs.RefLock(path, self.lock_timeout) as lock:
-                current = self.read_raw(ref)
-                if current != expected:
-                    raise RefConflictError(
-                        f"{ref} moved from {_short(expected)} to {_short(current)} while this operation ran; "
-                        "nothing was overwritten, retry on top of the new value"
-                    )
-                lock.commit((new + "\n").encode())
+            current = self._swap(ref, expected, (new + "\n").encode())
+            if current != expected:
+                raise RefConflictError(
+                    f"{ref} moved from {_short(expected)} to {_short(current)} while this operation ran; "
+                    "nothing was overwritten, retry on top of the new value"
+                )
             if log:
                 self.log_move(ref, current, new, who=who, message=message)
 
+    def _swap(self, ref: str, expected: str | None, new: bytes | None) -> str | None:
+        """Store ``new`` (None: delete) if ``ref`` holds ``expected``; returns the value found.
+
+        The backend compares stored bytes, the caller values: a lost swap whose new bytes
+        still parse to ``expected`` (rewritten in another spelling) is retried on them.
+        """
+        key = self._key(ref)
+        raw = self._read_bytes(ref)
+        for _ in range(8):
+            current = self._parse(ref, raw)
+            if current != expected:
+                return current
+            try:
+                self.backend.compare_and_swap(key, raw, new)
+            except ConcurrentUpdate as lost:
+                raw = lost.current
+                continue
+            return current
+        return self._parse(ref, raw)
+
     def remove_if_equals(self, ref: str, expected: str, *, who: str, message: str) -> None:
         """Delete ``ref`` only if it holds ``expected``."""
-        path = self._path(ref)
-        _fs.check_inside(self.root, path)
-        with _fs.storage_errors(f"deleting {ref}"), _fs.RefLock(path, self.lock_timeout):
-            current = self.read_raw(ref)
+        with _fs.storage_errors(f"deleting {ref}"):
+            current = self._swap(ref, expected, None)
             if current != expected:
                 raise RefConflictError(f"{ref} moved while it was being deleted; nothing was deleted")
-            os.unlink(path)
-            _fs.fsync_dir(path.parent)
         self.log_move(ref, current, None, who=who, message=message)
-        self.prune_empty_folders(path.parent)
+        if self.root is not None:
+            self.prune_empty_folders(self._path(ref).parent)
 
     def prune_empty_folders(self, folder: Path) -> None:
         """Remove ``folder`` and its parents while empty, up to ``refs/<namespace>`` (as git does
         after deleting ``a/b``): an empty ``refs/heads/a/`` would otherwise block a branch ``a``.
-        A folder another writer just filled (its ref or lock file) stays."""
-        stop = {self.root / "refs", self.root / "refs" / "heads", self.root / "refs" / "tags", self.root}
+        A folder another writer just filled (its ref or lock file) stays. Local stores only."""
+        assert self.root is not None
+        stop = {self.root / layout.REFS, self.root / layout.HEADS, self.root / layout.TAGS, self.root}
         while folder not in stop and self.root in folder.parents:
             try:
                 os.rmdir(folder)
@@ -225,11 +261,11 @@ class Refs:
 
     # -- reflog ------------------------------------------------------------------
 
-    def _log_path(self, ref: str) -> Path:
-        """The reflog file of ``ref``, or of a deleted ref's log set aside (``deleted/...``)."""
+    def _log_key(self, ref: str) -> str:
+        """The reflog key of ``ref``, or of a deleted ref's log set aside (``deleted/...``)."""
         if not _DELETED_LOG.match(ref):
-            self._path(ref)  # validates the name
-        return self.root / "logs" / ref
+            self._key(ref)  # validates the name
+        return layout.reflog_key(ref)
 
     def log_move(self, ref: str, old: str | None, new: str | None, *, who: str, message: str) -> None:
         """Append a durable reflog line for a move of ``ref`` (no-op if nothing moved)."""
@@ -239,12 +275,8 @@ class Refs:
         if as_id(old) == as_id(new):
             return  # symbolic moves of HEAD are logged by the branch they point at
         line = f"{as_id(old)} {as_id(new)} {time.time_ns()} {_one_line(who)}\t{_one_line(message)}\n"
-        path = self._log_path(ref)
         with _fs.storage_errors(f"appending to the reflog of {ref}"):
-            _fs.check_inside(self.root, path)
-            _fs.make_dirs(path.parent)
-            _fs.check_inside(self.root, path)
-            _fs.append_durably(path, line.encode())
+            self.backend.append(self._log_key(ref), line.encode())
 
     def reflog(self, ref: str, *, strict: bool = False) -> Iterator[ReflogEntry]:
         """Entries newest first; a torn last line (crash mid-append) is skipped.
@@ -252,15 +284,14 @@ class Refs:
         Other lines that do not parse are skipped too, unless ``strict`` (gc, whose reflog
         grace must not silently lose an entry): then they raise CorruptObjectError.
         """
-        path = self._log_path(ref)
+        path = self._log_key(ref)
         with _fs.storage_errors(f"reading the reflog of {ref}"):
             try:
-                _fs.check_inside(self.root, path)
-                data = _fs.read_record(path)
+                data = self.backend.get(path)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return
             except CorruptObjectError as err:
-                raise CorruptObjectError(f"reflog of {ref} is damaged: {err}", path=self._rel(path)) from None
+                raise CorruptObjectError(f"reflog of {ref} is damaged: {err}", path=path) from None
         lines = data.decode("utf-8", errors="replace").split("\n")
         if strict:
             bad = [n for n, line in enumerate(lines[:-1], 1) if not REFLOG_LINE.match(line)]
@@ -268,7 +299,7 @@ class Refs:
                 raise CorruptObjectError(
                     f"reflog of {ref} is damaged: line {bad[0]} of {len(lines) - 1} does not parse"
                     + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
-                    path=self._rel(path),
+                    path=path,
                 )
         for line in reversed(lines):
             head, sep, message = line.partition("\t")
@@ -287,14 +318,17 @@ class Refs:
         A deleted ref keeps its reflog (gc's grace needs it), so a new ref ``a/b`` may find
         the log file of a deleted ``a`` where its log directory must go, or ``a`` a folder
         of ``a/...`` logs. They move, whole, to ``logs/deleted/<time ns>-<quoted ref>``.
+        Local stores only: object-store keys have no folders to clash.
         """
-        logs = self.root / "logs"
-        path = self._log_path(ref)
+        if self.root is None:
+            return
+        logs = self.root / layout.LOGS
+        path = self.root / self._log_key(ref)
         blockers = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
         blockers += [logs / part for part in Path(ref).parents if part != Path(".") and (logs / part).is_file()]
         if not blockers:
             return
-        aside = logs / "deleted"
+        aside = self.root / layout.DELETED_LOGS
         with _fs.storage_errors(f"setting aside the reflogs of deleted refs in the way of {ref}"):
             _fs.make_dirs(aside)
             for log in blockers:
@@ -309,11 +343,10 @@ class Refs:
 
     def logged_refs(self) -> list[str]:
         """Every ref with a reflog, deleted refs included (their log outlives them)."""
-        base = self.root / "logs"
         found = []
-        for dirpath, _, files in os.walk(base):
-            for f in files:
-                name = os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/")
+        with _fs.storage_errors("listing the reflogs"):
+            for key in self.backend.list(layout.LOGS):
+                name = key[len(layout.LOGS) + 1:]
                 if is_valid_ref(name) or _DELETED_LOG.match(name):  # stray files are no reflog
                     found.append(name)
         return sorted(found)

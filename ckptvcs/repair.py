@@ -25,15 +25,15 @@ from typing import Protocol
 
 import numpy as np
 
-from . import _fs, codec
+from . import _fs, codec, layout
+from .backends import Backend
 from .errors import CorruptObjectError
 from .index import REBUILT_SUFFIX, ChunkIndex, open_environment, write_entries
-from .pack import PackEntry, PackFiles, iter_pack_entries
+from .pack import PackEntry, PackFiles, iter_backend_pack, pack_names
 from .store import MAX_CHAIN_LENGTH, chunk_hash
 
 __all__ = ["RepairReport", "rebuild_index", "RepairStore"]
 
-_PACK_SUFFIX = ".pack"
 
 
 class RepairStore(Protocol):
@@ -43,6 +43,12 @@ class RepairStore(Protocol):
 
     @property
     def chunk_size(self) -> int: ...
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def index_dir(self) -> Path: ...
 
     @property
     def index(self) -> ChunkIndex: ...
@@ -84,9 +90,9 @@ class _Unknown(Exception):
 class _Salvage:
     """Checks the entries salvaged from damaged packs before they are indexed."""
 
-    def __init__(self, packs_dir: Path, intact: dict[bytes, PackEntry], salvaged: list[PackEntry],
+    def __init__(self, backend: Backend, intact: dict[bytes, PackEntry], salvaged: list[PackEntry],
                  chunk_size: int) -> None:
-        self.packs = PackFiles(packs_dir)
+        self.packs = PackFiles(backend)
         self.intact = intact
         self.chunk_size = chunk_size
         self.candidates: dict[bytes, list[PackEntry]] = {}
@@ -150,19 +156,18 @@ class _Salvage:
             self.packs.close()
 
 
-def _pack_entries(packs_dir: Path, report: RepairReport, progress: Callable[[int, int], None] | None,
+def _pack_entries(backend: Backend, report: RepairReport, progress: Callable[[int, int], None] | None,
                   chunk_size: int) -> Iterator[PackEntry]:
     """Entries of the intact packs, then the verified entries salvaged from damaged ones."""
-    names = sorted(n for n in os.listdir(packs_dir) if n.endswith(_PACK_SUFFIX)) if packs_dir.is_dir() else []
+    names = pack_names(backend)
     intact: dict[bytes, PackEntry] = {}
     salvaged: list[PackEntry] = []
     for done, name in enumerate(names, 1):
-        path = packs_dir / name
         try:
-            entries = list(iter_pack_entries(path))
+            entries = list(iter_backend_pack(backend, name))
         except CorruptObjectError:
-            report.damaged_packs.append(name[: -len(_PACK_SUFFIX)])
-            salvaged += iter_pack_entries(path, strict=False)
+            report.damaged_packs.append(name)
+            salvaged += iter_backend_pack(backend, name, strict=False)
             entries = []
         report.packs += 1
         for entry in entries:
@@ -171,7 +176,7 @@ def _pack_entries(packs_dir: Path, report: RepairReport, progress: Callable[[int
         if progress is not None:
             progress(done, len(names))
     if salvaged:
-        yield from _Salvage(packs_dir, intact, salvaged, chunk_size).entries(report)
+        yield from _Salvage(backend, intact, salvaged, chunk_size).entries(report)
 
 
 def _decodable(entries: Iterable[PackEntry], report: RepairReport) -> list[PackEntry]:
@@ -205,19 +210,19 @@ def _decodable(entries: Iterable[PackEntry], report: RepairReport) -> list[PackE
 def rebuild_index(root: Path, store: RepairStore, progress: Callable[[int, int], None] | None = None) -> RepairReport:
     """Rebuild ``root/index`` from ``root/packs``. The caller holds the exclusive repo lock."""
     report = RepairReport()
-    index_dir = root / "index"
+    index_dir = store.index_dir
     try:
         report.previous_chunks = len(store.index)
     except Exception:  # StorageError, or lmdb's errors for a damaged file: rebuilding is the cure
         report.previous_chunks = None
-    for leftover in [*root.glob("index.rebuild-*"), *root.glob("index.old-*")]:
+    for leftover in [*root.glob(layout.INDEX_REBUILD_PREFIX + "*"), *root.glob(layout.INDEX_OLD_PREFIX + "*")]:
         _fs.remove_tree(leftover)  # an earlier repair that was interrupted while building or swapping
-    work = root / _fs.temp_name("index.rebuild-")
+    work = root / _fs.temp_name(layout.INDEX_REBUILD_PREFIX)
     with _fs.storage_errors("rebuilding the chunk index"):
         work.mkdir()
         env = open_environment(work)
         try:
-            entries = _pack_entries(root / "packs", report, progress, store.chunk_size)
+            entries = _pack_entries(store.backend, report, progress, store.chunk_size)
             report.chunks = write_entries(env, _decodable(entries, report))
             env.sync(True)
         finally:
@@ -235,7 +240,7 @@ def rebuild_index(root: Path, store: RepairStore, progress: Callable[[int, int],
         _fs.durable_rename(work, rebuilt)  # complete and durable: from here on, it wins
         store.close_index()
         if index_dir.exists():
-            parked = root / _fs.temp_name("index.old-")
+            parked = root / _fs.temp_name(layout.INDEX_OLD_PREFIX)
             _fs.exchange_directories(rebuilt, index_dir, parked)
             _fs.remove_tree(parked)
         else:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, catalog, components, delta, history, provenance, records, revisions, trust
+from . import _fs, catalog, components, delta, history, layout, provenance, records, revisions, trust
 from . import verify as verification
 from ._lazy import LazyModule
 from ._validate import check_chunk_size as _check_chunk_size
@@ -36,6 +36,7 @@ from ._validate import check_keyframe_interval as _check_keyframe_interval
 from ._validate import refuse_url as _refuse_url
 from ._validate import require_str as _require_str
 from .audit import AuditCheck, AuditEvent, AuditLog
+from .backends import Backend, LocalBackend
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
     CkptvcsError,
@@ -85,14 +86,13 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1 << 20
 STORE_DIRNAME = ".ckptvcs"
 DEFAULT_BRANCH = "main"
-FSCK_RECORD = "last-fsck.json"
+FSCK_RECORD = layout.FSCK_RECORD
 GITIGNORE = b"# created by ckptvcs: git ignores this whole repository\n*\n"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _MAX_RECORD_SIZE = 1 << 20  # config.json and pruned records: small JSON files
 # The store's own entries: none may be a symbolic link (docs/format.md, "Symbolic links").
-_LAYOUT = ("config.json", "HEAD", "lock", "lock.gate", "objects", "packs", "tmp", "index", "refs", "logs", "pruned",
-           "staged", "records", "audit", "verified", "keys")
-STAGED_DIRNAME = "staged"
+_LAYOUT = layout.TOP_LEVEL
+STAGED_DIRNAME = layout.STAGED
 DEFAULT_STAGED_EXPIRE = "1.day"
 
 
@@ -166,7 +166,7 @@ class RepoStats:
 
 def _locate_store(path: Path) -> Path | None:
     for candidate in (path, path / STORE_DIRNAME):
-        if (candidate / "config.json").is_file():
+        if (candidate / layout.CONFIG).is_file():
             return candidate
     return None
 
@@ -177,9 +177,9 @@ def _discover_store(folder: Path) -> Path | None:
     A bare ``config.json`` is common (model and run configs), so ``folder`` itself
     counts only when it also has a repository's ``objects/`` and ``refs/``.
     """
-    if (folder / "config.json").is_file() and (folder / "objects").is_dir() and (folder / "refs").is_dir():
+    if (folder / layout.CONFIG).is_file() and (folder / layout.OBJECTS).is_dir() and (folder / layout.REFS).is_dir():
         return folder
-    if (folder / STORE_DIRNAME / "config.json").is_file():
+    if (folder / STORE_DIRNAME / layout.CONFIG).is_file():
         return folder / STORE_DIRNAME
     return None
 
@@ -203,20 +203,25 @@ class Repo:
     the repository there (LMDB cannot reopen, in a forked child, what the parent holds).
     """
 
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+    def __init__(self, root: Path, config: dict[str, Any], backend: Backend | None = None) -> None:
+        # ``root``: the store's directory; with a backend that has no local files, the
+        # local cache directory that holds the chunk index (derived, rebuilt from the packs).
         self.root = root
+        self.backend: Backend = backend if backend is not None else LocalBackend(root)
+        self._cache_dir = root if self.backend.local_root() is None else None
         self.config = config
         self.chunk_size: int = config["chunk_size"]
         self._pid = os.getpid()
-        self.objects = ObjectStore(root / "objects")
-        self.refs = Refs(root)
+        self.objects = ObjectStore(self.backend)
+        self.refs = Refs(self.backend)
         self.chunks = ChunkStore(
             root,
+            backend=self.backend,
             chunk_size=self.chunk_size,
             verify_encoding=config.get("verify_encoding", True),
             keyframe_interval=config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL),
         )
-        self._lock = _fs.RepoLock(root / "lock")
+        self._lock = _StoreLock(self.backend)
         self._rebuild_missing_index()
         try:
             self.chunks.index  # noqa: B018 (read for its effect) open now: a forked child is refused here, at open
@@ -228,12 +233,17 @@ class Repo:
     @classmethod
     def init(
         cls,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
         reflog_expire: str = DEFAULT_REFLOG_EXPIRE,
+        *,
+        backend: Backend | None = None,
     ) -> Repo:
         """Create a repository at ``path`` atomically: a crash leaves none or a whole one.
+
+        ``backend`` stores it elsewhere than a local directory (``ckptvcs.backends``; a
+        local backend's directory stands for ``path``, which may then be None).
 
         ``path`` must not exist or be an empty directory. ``chunk_size`` (bytes, a
         multiple of 16 between 4 KiB and 256 MiB) is fixed for the repository's life.
@@ -249,30 +259,26 @@ class Repo:
         if not isinstance(reflog_expire, str):
             raise UsageError(f"reflog_expire must be a string such as '30.days', got {reflog_expire!r}")
         parse_expiry(reflog_expire)
-        target = Path(path).absolute()
+        if backend is not None and backend.local_root() is None:
+            return cls._init_remote(backend, chunk_size, keyframe_interval, reflog_expire)
+        local = backend.local_root() if backend is not None else None
+        if local is None and path is None:
+            raise UsageError("Repo.init needs a path or a backend")
+        target = Path(local if local is not None else path).absolute()  # type: ignore[arg-type]
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise RepositoryExistsError(f"{target} already exists and is not an empty directory")
-        config = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "chunk_size": chunk_size,
-            "keyframe_interval": keyframe_interval,
-            "reflog_expire": reflog_expire,
-            "hash": "blake3",
-            "id": uuid.uuid4().hex,
-            "created": provenance.utc_now(),
-        }
+        config = _new_config(chunk_size, keyframe_interval, reflog_expire)
         staging = target.parent / _fs.temp_name(f".{target.name}.init-")
         with _fs.storage_errors(f"creating repository {target}"):
             _fs.make_dirs(target.parent)
             try:
                 staging.mkdir()
-                for sub in ("objects", "packs", "tmp", "index", "refs/heads", "refs/tags", "logs"):
+                for sub in layout.INIT_FOLDERS:
                     (staging / sub).mkdir(parents=True)
                 _fs.atomic_write(staging / HEAD, f"ref: refs/heads/{DEFAULT_BRANCH}\n".encode())
                 # Like a virtualenv: an enclosing git checkout never lists the store.
-                _fs.atomic_write(staging / ".gitignore", GITIGNORE)
-                _fs.atomic_write(staging / "config.json", json.dumps(config, indent=2).encode() + b"\n")
+                _fs.atomic_write(staging / layout.GITIGNORE, GITIGNORE)
+                _fs.atomic_write(staging / layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n")
                 for dirpath, _, _ in os.walk(staging, topdown=False):
                     _fs.fsync_dir(dirpath)
                 # An existing target is an empty directory (checked above): rename
@@ -281,22 +287,45 @@ class Repo:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        return cls(target, config)
+        return cls(target, config, backend)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Repo:
-        """Open the repository at ``path`` (or at ``path/.ckptvcs``).
+    def _init_remote(cls, backend: Backend, chunk_size: int, keyframe_interval: int, reflog_expire: str) -> Repo:
+        """``init`` in a backend without local files: HEAD first, config.json last (what
+        makes the keys a repository), each an atomic put."""
+        if backend.size(layout.CONFIG) is not None:
+            raise RepositoryExistsError(f"{backend.describe()} already holds a repository")
+        config = _new_config(chunk_size, keyframe_interval, reflog_expire)
+        with _fs.storage_errors(f"creating repository {backend.describe()}"):
+            backend.put(layout.HEAD, f"ref: refs/heads/{DEFAULT_BRANCH}\n".encode())
+            backend.put(layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n", if_absent=True)
+        return cls(_index_cache_dir(), config, backend)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None = None, *, backend: Backend | None = None) -> Repo:
+        """Open the repository at ``path`` (or at ``path/.ckptvcs``), or the one ``backend`` holds.
 
         A repository whose chunk index is missing (deleted, or not copied: it is derived
-        data) gets it rebuilt from the packs here, under the exclusive lock.
+        data; always, in a backend without local files) gets it rebuilt from the packs
+        here, under the exclusive lock.
         """
-        _refuse_url(path)
-        root = _locate_store(Path(path).absolute())
-        if root is None:
-            raise NotARepositoryError(f"{path} is not a ckptvcs repository (no config.json); create one with init")
-        _check_layout(root)
+        root: Path | str
+        if backend is not None and backend.local_root() is None:
+            root = backend.describe()
+            if backend.size(layout.CONFIG) is None:
+                raise NotARepositoryError(f"{root} is not a ckptvcs repository (no config.json); create one with init")
+        else:
+            path = backend.local_root() if backend is not None else path
+            assert path is not None, "Repo.open needs a path or a backend"
+            _refuse_url(path)
+            found = _locate_store(Path(path).absolute())
+            if found is None:
+                raise NotARepositoryError(f"{path} is not a ckptvcs repository (no config.json); create one with init")
+            _check_layout(found)
+            root = found
+            backend = backend if backend is not None else LocalBackend(found)
         try:
-            config = json.loads(_fs.read_record(root / "config.json", _MAX_RECORD_SIZE))
+            config = json.loads(backend.get(layout.CONFIG, max_size=_MAX_RECORD_SIZE))
         except (OSError, ValueError, RecursionError) as err:
             raise CorruptObjectError(f"{root}/config.json is unreadable: {str(err)[:200]}") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
@@ -320,7 +349,9 @@ class Repo:
             parse_expiry(config.get("staged_expire", DEFAULT_STAGED_EXPIRE))
         except InvalidInputError as err:
             raise CorruptObjectError(f"{root}/config.json: {err}") from None
-        return cls(root, config)
+        if isinstance(root, str):
+            return cls(_index_cache_dir(), config, backend)
+        return cls(root, config, backend)
 
     @classmethod
     def discover(cls, start: str | os.PathLike[str] | None = None) -> Repo:
@@ -359,11 +390,11 @@ class Repo:
             ) from None
 
     def _index_missing(self) -> bool:
-        index = self.root / "index"
-        if (index / "data.mdb").exists() or (self.root / "index.rebuilt").is_dir():
+        index = self.root / layout.INDEX
+        if (index / "data.mdb").exists() or (self.root / layout.INDEX_REBUILT).is_dir():
             return False  # present, or a rebuilt one waiting to be swapped in (index.py)
         try:
-            return any(name.endswith(".pack") for name in os.listdir(self.root / "packs"))
+            return any(key.endswith(layout.PACK_SUFFIX) for key in self.backend.list(layout.PACKS))
         except OSError:
             return False
 
@@ -371,6 +402,8 @@ class Repo:
         """Release threads and file handles. The handle is unusable afterwards."""
         if os.getpid() == self._pid:
             self.chunks.close()
+            if self._cache_dir is not None:
+                shutil.rmtree(self._cache_dir, ignore_errors=True)  # a derived index, rebuilt on open
 
     def __enter__(self) -> Repo:
         return self
@@ -379,7 +412,7 @@ class Repo:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Repo({str(self.root)!r})"
+        return f"Repo({self.backend.describe()!r})"
 
     def _check_process(self) -> None:
         if os.getpid() != self._pid:
@@ -1061,6 +1094,14 @@ class Repo:
 
     def _check_ref_path_free(self, ref: str) -> None:
         """A new ref may not sit where another ref's name needs a directory, or inside one."""
+        if self.backend.local_root() is None:
+            if any(True for _ in self.backend.list(ref)):
+                raise RefExistsError(f"cannot create {ref}: refs named {ref}/... exist")
+            parts = ref.split("/")
+            for n in range(len(parts) - 1, 1, -1):
+                if self.backend.size("/".join(parts[:n])) is not None:
+                    raise RefExistsError(f"cannot create {ref}: ref {'/'.join(parts[:n])} exists")
+            return
         path = self.root / ref
         if path.is_dir():
             self.refs.prune_empty_folders(path)  # left empty by an older ckptvcs deleting {ref}/...
@@ -1073,8 +1114,10 @@ class Repo:
 
     # -- pruning and garbage collection ----------------------------------------------
 
-    def _pruned_dir(self) -> Path:
-        return self.root / "pruned"
+    def _record_path(self, key: str) -> str:
+        """How messages name a record: its file in a local store, else its key."""
+        local = self.backend.local_root()
+        return key if local is None else str(local / key)
 
     def pruned(self) -> dict[str, dict[str, Any]]:
         """Commit id → pruned record (``rule``, ``reason``, ``time``, ``who``) of every pruned commit.
@@ -1092,11 +1135,8 @@ class Repo:
 
     def _pruned_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """``(commit id → record, commit id → why its record is damaged)``."""
-        folder = self._pruned_dir()
-        try:
-            names = sorted(os.listdir(folder))
-        except FileNotFoundError:
-            return {}, {}
+        with _fs.storage_errors("listing pruned records"):
+            names = [key.rsplit("/", 1)[-1] for key in self.backend.list(layout.PRUNED) if key.count("/") == 1]
         records: dict[str, dict[str, Any]] = {}
         damaged: dict[str, str] = {}
         for name in names:
@@ -1109,16 +1149,16 @@ class Repo:
 
     def is_pruned(self, commit_id: str) -> bool:
         """Whether a retention rule released this commit's tensor data."""
-        return _HEX_ID.match(commit_id) is not None and (self._pruned_dir() / commit_id).is_file()
+        return _HEX_ID.match(commit_id) is not None and self.backend.size(layout.pruned_key(commit_id)) is not None
 
     def pruned_record(self, commit_id: str) -> dict[str, Any] | None:
         """The pruned record of a commit, or None when it was not pruned."""
         return self._read_pruned(commit_id) if self.is_pruned(commit_id) else None
 
     def _read_pruned(self, commit_id: str) -> dict[str, Any]:
-        path = self._pruned_dir() / commit_id
+        path = self._record_path(layout.pruned_key(commit_id))
         try:
-            record = json.loads(_fs.read_record(path, _MAX_RECORD_SIZE))
+            record = json.loads(self.backend.get(layout.pruned_key(commit_id), max_size=_MAX_RECORD_SIZE))
         except (OSError, ValueError, RecursionError) as err:
             raise CorruptObjectError(f"pruned record {path} is unreadable: {str(err)[:200]}") from None
         if (
@@ -1154,12 +1194,8 @@ class Repo:
         self._store_pruned_record(commit_id, {**record, "collected": now} if collected else record)
 
     def _store_pruned_record(self, commit_id: str, record: dict[str, Any]) -> None:
-        folder = self._pruned_dir()
         with _fs.storage_errors(f"recording that commit {commit_id[:12]} was pruned"):
-            if not folder.is_dir():
-                folder.mkdir(exist_ok=True)
-                _fs.fsync_dir(self.root)
-            _fs.atomic_write(folder / commit_id, canonical_json(record) + b"\n")
+            self.backend.put(layout.pruned_key(commit_id), canonical_json(record) + b"\n")
 
     def _record_collected(self, commit_ids: Iterable[str], reason: str) -> None:
         """gc calls this before it deletes any chunk: each commit's data is then known gone."""
@@ -1209,26 +1245,15 @@ class Repo:
 
     def _write_staged_record(self, staged: Staged) -> None:
         """Record a stage durably (temp, fsync, rename, fsync dir): gc keeps its data for the grace."""
-        folder = self.root / STAGED_DIRNAME
         record = {"manifest": staged.manifest, "parent": staged.parent, "time": staged.time,
                   "who": provenance.default_author()}
         with _fs.storage_errors(f"recording staged state {staged.manifest[:12]}"):
-            if not folder.is_dir():
-                folder.mkdir(exist_ok=True)
-                _fs.fsync_dir(self.root)
-            _fs.atomic_write(folder / staged.manifest, canonical_json(record) + b"\n")
+            self.backend.put(layout.staged_key(staged.manifest), canonical_json(record) + b"\n")
 
     def _remove_staged_records(self, manifest_ids: Iterable[str]) -> None:
         """Drop staged records (published, or expired and reclaimed by gc)."""
-        folder = self.root / STAGED_DIRNAME
-        removed = False
         with _fs.storage_errors("removing staged records"):
-            for manifest_id in manifest_ids:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(folder / manifest_id)
-                    removed = True
-            if removed:
-                _fs.fsync_dir(folder)
+            self.backend.delete_many([layout.staged_key(m) for m in manifest_ids])
 
     def _remove_staged_record(self, manifest_id: str) -> None:
         """After a publish: the record is no longer needed (the ref keeps the data). A failure
@@ -1238,18 +1263,15 @@ class Repo:
 
     def _staged_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """``(manifest id → staged record, name → why its record does not read)``."""
-        folder = self.root / STAGED_DIRNAME
-        try:
-            names = sorted(os.listdir(folder))
-        except FileNotFoundError:
-            return {}, {}
+        with _fs.storage_errors("listing staged records"):
+            names = [key.rsplit("/", 1)[-1] for key in self.backend.list(layout.STAGED) if key.count("/") == 1]
         records: dict[str, dict[str, Any]] = {}
         damaged: dict[str, str] = {}
         for name in names:
             if not _HEX_ID.match(name):
                 continue  # an interrupted atomic_write's temp file
             try:
-                record = json.loads(_fs.read_record(folder / name, _MAX_RECORD_SIZE))
+                record = json.loads(self.backend.get(layout.staged_key(name), max_size=_MAX_RECORD_SIZE))
                 if not isinstance(record, dict) or record.get("manifest") != name:
                     raise ValueError("not a staged record of this manifest")
                 _staged_time(record)
@@ -1274,10 +1296,13 @@ class Repo:
         now = time.time()
         keep: list[str] = []
         expired: list[str] = []
+        local = self.backend.local_root()
         for name in [*records, *damaged]:
             try:
-                made = _staged_time(records[name]) if name in records else os.lstat(
-                    self.root / STAGED_DIRNAME / name).st_mtime
+                if name in records:
+                    made = _staged_time(records[name])
+                else:  # no time to read: the file's, or (no files) expired now
+                    made = 0.0 if local is None else os.lstat(local / layout.staged_key(name)).st_mtime
             except OSError:
                 made = now
             (keep if now - made < expire else expired).append(name)
@@ -1461,8 +1486,8 @@ class Repo:
             unique += entry.raw_len
             stored += entry.stored_len
 
-        def folder_size(folder: Path) -> int:
-            return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        def folder_size(prefix: str) -> int:
+            return sum(self.backend.size(key) or 0 for key in self.backend.list(prefix))
 
         return RepoStats(
             commits=len(commits),
@@ -1472,8 +1497,8 @@ class Repo:
             logical_bytes=sum(int(c.stats.get("logical_bytes", 0)) for c in commits),
             unique_bytes=unique,
             stored_bytes=stored,
-            pack_bytes=folder_size(self.root / "packs"),
-            object_bytes=folder_size(self.root / "objects"),
+            pack_bytes=folder_size(layout.PACKS),
+            object_bytes=folder_size(layout.OBJECTS),
         )
 
     # -- recovery readiness, release trust, audit (docs/audit.md) -------------------------
@@ -1585,13 +1610,13 @@ class Repo:
             "summary": report.summary(),
         }
         with contextlib.suppress(OSError, CkptvcsError):
-            _fs.atomic_write(self.root / FSCK_RECORD, canonical_json(record) + b"\n")
+            self.backend.put(FSCK_RECORD, canonical_json(record) + b"\n")
 
     def last_fsck(self) -> dict[str, Any] | None:
         """The record of the last fsck (``time``, ``ok``, ``read_data``, ``errors``, ``garbage``,
         ``summary``), or None when fsck never ran here (or its record is unreadable)."""
         try:
-            record = json.loads(_fs.read_record(self.root / FSCK_RECORD, _MAX_RECORD_SIZE))
+            record = json.loads(self.backend.get(FSCK_RECORD, max_size=_MAX_RECORD_SIZE))
         except (OSError, ValueError, RecursionError, CkptvcsError):
             return None
         return record if isinstance(record, dict) and isinstance(record.get("ok"), bool) else None
@@ -1605,6 +1630,39 @@ class Repo:
         self._check_process()
         with self._lock.hold(exclusive=True):
             return rebuild_index(self.root, self.chunks, progress)
+
+
+def _new_config(chunk_size: int, keyframe_interval: int, reflog_expire: str) -> dict[str, Any]:
+    """The config.json of a new repository."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "chunk_size": chunk_size,
+        "keyframe_interval": keyframe_interval,
+        "reflog_expire": reflog_expire,
+        "hash": "blake3",
+        "id": uuid.uuid4().hex,
+        "created": provenance.utc_now(),
+    }
+
+
+def _index_cache_dir() -> Path:
+    """A private local directory for the chunk index of a store without local files."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="ckptvcs-index-"))
+
+
+class _StoreLock:
+    """The repository's reader/writer lock (``lock``) through the backend: a flock locally."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def hold(self, *, exclusive: bool, timeout: float = 60.0) -> contextlib.AbstractContextManager[None]:
+        if not self._backend.capabilities.advisory_locks:
+            return contextlib.nullcontext()  # object stores: conditional puts and grace periods instead
+        return self._backend.lock(layout.LOCK, exclusive=exclusive, timeout=timeout)
 
 
 def _rename_into_place(staging: Path, target: Path) -> None:
@@ -1641,7 +1699,7 @@ def _check_layout(root: Path) -> None:
                 f"{root / name} is a symbolic link; ckptvcs never follows links inside a repository "
                 "(replace it with what it points to)"
             )
-        want_dir = name not in ("config.json", "HEAD", "lock", "lock.gate")
+        want_dir = name not in layout.FILES
         if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
             kind = "folder" if want_dir else "regular file"
             raise CorruptObjectError(f"{root / name} is not a {kind}; the repository is damaged")

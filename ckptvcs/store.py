@@ -27,7 +27,8 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from . import _fs, codec, planes, scratch
+from . import _fs, codec, layout, planes, scratch
+from .backends import Backend, LocalBackend
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError
 from .index import ChunkIndex
 from .pack import PackEntry, PackFiles, PackWriter
@@ -142,25 +143,34 @@ def _copy_repeats(repeats: list[tuple[int, int]], ranges: list[tuple[int, int]],
 
 
 class ChunkStore:
-    """Chunks stored in ``packs/``, located through the LMDB index in ``index/``."""
+    """Chunks stored in ``packs/``, located through the LMDB index in ``index/``.
+
+    Packs go through ``backend`` (default: the local directory ``root``). The index is
+    local, derived data: it lives in ``index_dir`` (default ``root/index``), which for a
+    backend without local files is a cache directory rebuilt from the packs.
+    """
 
     def __init__(
         self,
         root: Path,
         *,
         chunk_size: int,
+        backend: Backend | None = None,
+        index_dir: Path | None = None,
         verify_encoding: bool = True,
         workers: int | None = None,
         keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
     ):
         self.root = root
+        self.backend: Backend = backend if backend is not None else LocalBackend(root)
+        self.index_dir = index_dir if index_dir is not None else root / layout.INDEX
         self.chunk_size = chunk_size
         self.verify_encoding = verify_encoding
         # A delta chain holds at most keyframe_interval - 1 deltas: every K-th version
         # of a chunk (at the latest) is a keyframe. 1 disables deltas.
         self.keyframe_interval = keyframe_interval
         self._index: ChunkIndex | None = None
-        self.packs = PackFiles(root / "packs")
+        self.packs = PackFiles(self.backend)
         self._workers = workers or max(1, min(8, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
 
@@ -169,7 +179,7 @@ class ChunkStore:
         """The LMDB chunk index, opened on first use (so ``repair index`` can run when
         the old one does not open at all)."""
         if self._index is None:
-            self._index = ChunkIndex(self.root / "index")
+            self._index = ChunkIndex(self.index_dir)
         return self._index
 
     def close_index(self) -> None:
@@ -285,7 +295,7 @@ class ChunkStore:
             # gc in another process may have moved the chunk (or, for a delta, its base:
             # each level retries on its own) to a new pack and deleted the old one after
             # we looked it up: look again, once.
-            if self.packs.path(entry.pack).exists():
+            if self.packs.exists(entry.pack):
                 raise
             moved = self.index.get(entry.chunk_id)
             if moved is None or moved == entry:
@@ -520,7 +530,7 @@ class WriteSession:
             return
         if self._writer is None:
             with _fs.storage_errors("creating a pack"):
-                self._writer = PackWriter(self._store.root / "tmp", self._store.root / "packs")
+                self._writer = PackWriter(self._store.backend)
         with _fs.storage_errors(f"writing pack {self._writer.name}"):
             self._writer.add(enc.chunk_id, enc.codec, enc.raw_len, enc.payload, base=enc.base)
         self._written.add(enc.chunk_id)

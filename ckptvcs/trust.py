@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import _fs, signing
+from . import _fs, layout, signing
 from .errors import (
     BadSignatureError,
     CkptvcsError,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["KEYS_DIR", "PROTECTED_KEY", "protected_patterns", "protection_of", "guard", "set_protection",
            "trusted_keys", "trust_key", "verify_tag"]
 
-KEYS_DIR = "keys"
+KEYS_DIR = layout.KEYS
 PROTECTED_KEY = "protected_refs"  # config.json: a list of patterns over full ref names
 _MAX_CONFIG = 1 << 20
 _KEY_FILE = re.compile(r"^[0-9a-f]{64}\.pub$")

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _fs
+from . import _fs, layout
 from .errors import CorruptObjectError, UsageError, VerifyFailedError
 from .objects import canonical_json
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["verify_commit", "VERIFIED_DIR", "RECORD_VERSION", "run_child", "write_record", "read_record", "read_records",
            "check_spec"]
 
-VERIFIED_DIR = "verified"
+VERIFIED_DIR = layout.VERIFIED
 RECORD_VERSION = 1
 _MAX_RECORD = 1 << 20
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")

@@ -235,14 +235,14 @@ def test_missing_delta_base_is_named(damaged: Damaged, monkeypatch: pytest.Monke
             yield dataclasses.replace(entry, base=base)
 
     monkeypatch.setattr(type(index), "__iter__", with_base)
-    real_walk = ckptvcs.fsck.iter_pack_entries
+    real_walk = ckptvcs.fsck.iter_backend_pack
 
-    def walk_with_base(path, **kwargs):  # type: ignore[no-untyped-def]
-        for entry in real_walk(path, **kwargs):  # the pack's entry header names the same base
+    def walk_with_base(backend, pack, **kwargs):  # type: ignore[no-untyped-def]
+        for entry in real_walk(backend, pack, **kwargs):  # the pack's entry header names the same base
             base = absent if entry.chunk_id == damaged.entry.chunk_id else None
             yield dataclasses.replace(entry, base=base)
 
-    monkeypatch.setattr(ckptvcs.fsck, "iter_pack_entries", walk_with_base)
+    monkeypatch.setattr(ckptvcs.fsck, "iter_backend_pack", walk_with_base)
     [finding] = damaged.repo.fsck().errors
     assert finding.kind == "missing" and finding.objects == (absent.hex(), damaged.chunk)
     assert finding.commits == (damaged.target,)

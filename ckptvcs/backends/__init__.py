@@ -1,5 +1,23 @@
-"""Storage backends: the only code that touches durable storage (see ``base.Backend``)."""
+"""Storage backends: the only code that touches durable storage (see ``base.Backend``).
 
-from ckptvcs.backends.base import Backend, Capabilities, ConcurrentUpdate, KeyMissing, ObjectWriter, RangeReader
+``LocalBackend`` (a directory: fsync, rename, lock files, flock), ``MemoryBackend`` (a
+dict, for tests) and ``FaultyBackend`` (a wrapper that injects faults) implement it.
+"""
 
-__all__ = ["Backend", "Capabilities", "ConcurrentUpdate", "KeyMissing", "ObjectWriter", "RangeReader"]
+from ckptvcs.backends.base import (
+    Backend,
+    Capabilities,
+    ConcurrentUpdate,
+    KeyMissing,
+    ObjectWriter,
+    RangeReader,
+    check_key,
+)
+from ckptvcs.backends.faults import Fault, FaultyBackend
+from ckptvcs.backends.local import LocalBackend
+from ckptvcs.backends.memory import MemoryBackend
+
+__all__ = [
+    "Backend", "Capabilities", "ConcurrentUpdate", "KeyMissing", "ObjectWriter", "RangeReader", "check_key",
+    "LocalBackend", "MemoryBackend", "FaultyBackend", "Fault",
+]

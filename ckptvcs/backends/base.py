@@ -23,18 +23,42 @@ implement it without a second seam:
 Errors: a missing key raises :class:`KeyMissing` (a ``FileNotFoundError``, so existing
 ``except FileNotFoundError`` paths keep working); a lost compare-and-swap raises
 :class:`ConcurrentUpdate`; every other failure raises an ``OSError`` with an errno (ENOSPC,
-EIO, EACCES...) that the layers above turn into one clear ``StorageError`` line. A backend
-never returns partial data: a short read is an error.
+EIO, EACCES...) that the layers above turn into one clear ``StorageError`` line. A key that
+holds something no reader may trust (locally: a symbolic link, a FIFO, a device; anywhere:
+an object larger than a read's ``max_size``) raises ``ckptvcs.errors.CorruptObjectError``
+naming the key, never its content. A backend never returns data it did not read: a ranged
+read returns fewer bytes than asked only where the object ends, and callers check the count
+(a truncated pack is damage that fsck names, not an I/O error).
+
+Keys are checked by :func:`check_key` before any I/O: relative, ``/``-separated, no empty,
+``.`` or ``..`` component, no backslash or NUL. A bad key is a programming error
+(ValueError): the layers above build keys from validated names (``ckptvcs.layout``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a valid key (see the module docstring), else ValueError."""
+    if not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"invalid storage key {key!r}: a key is a relative POSIX path")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid storage key {key!r}: empty, '.' or '..' component")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A ``list`` prefix: "" (everything) or a folder key, returned without a trailing ``/``."""
+    if prefix == "":
+        return prefix
+    return check_key(prefix.removesuffix("/"))
 
 
 @dataclass(frozen=True)
@@ -90,11 +114,12 @@ class RangeReader(Protocol):
     def size(self) -> int: ...
 
     def read(self, offset: int, size: int) -> bytes:
-        """Exactly ``size`` bytes at ``offset``; a short read raises OSError(EIO)."""
+        """``size`` bytes at ``offset``, fewer only where the object ends (callers check)."""
         ...
 
     def readinto(self, buffers: list[bytearray | memoryview], offset: int) -> int:
-        """Fill the buffers in order from ``offset`` (one preadv locally); returns bytes read."""
+        """Fill the buffers in order from ``offset`` (one preadv locally, no copy); returns
+        the bytes read, fewer than the buffers hold only where the object ends."""
         ...
 
     def close(self) -> None: ...
@@ -130,7 +155,7 @@ class Backend(Protocol):
 
     # Reads
     def get(self, key: str, *, max_size: int | None = None) -> bytes:
-        """The whole object. Larger than ``max_size``: OSError(EFBIG), nothing read."""
+        """The whole object. Larger than ``max_size``: CorruptObjectError naming the key."""
         ...
 
     def open_reader(self, key: str) -> RangeReader: ...
@@ -154,6 +179,11 @@ class Backend(Protocol):
 
     def delete(self, key: str) -> bool:
         """Remove the key durably; False when it did not exist."""
+        ...
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove several keys durably (locally: one folder fsync at the end, not one per
+        key); returns how many existed. gc deletes packs with it."""
         ...
 
     def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
