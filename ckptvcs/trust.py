@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _fs, layout, signing
+from .backends import ConcurrentUpdate
 from .errors import (
     BadSignatureError,
     CkptvcsError,
@@ -55,9 +56,20 @@ def check_pattern(pattern: str) -> str:
 
 def _config_on_disk(repo: Repo) -> dict[str, Any]:
     """config.json as it is now (another process may have changed the protections since open)."""
+    return _parse_config(_read_config(repo))
+
+
+def _read_config(repo: Repo) -> bytes:
     try:
-        config = json.loads(_fs.read_record(repo.root / "config.json", _MAX_CONFIG))
-    except (OSError, ValueError, RecursionError, CorruptObjectError) as err:
+        return repo.backend.get(layout.CONFIG, max_size=_MAX_CONFIG)
+    except (OSError, CorruptObjectError) as err:
+        raise CorruptObjectError(f"config.json is unreadable: {str(err)[:200]}", path="config.json") from None
+
+
+def _parse_config(raw: bytes) -> dict[str, Any]:
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as err:
         raise CorruptObjectError(f"config.json is unreadable: {str(err)[:200]}", path="config.json") from None
     if not isinstance(config, dict):
         raise CorruptObjectError("config.json is not a JSON object", path="config.json")
@@ -96,18 +108,23 @@ def guard(repo: Repo, ref: str, action: str, override: bool) -> str | None:
 def set_protection(repo: Repo, pattern: str, protect: bool) -> list[str]:
     """Add (``protect``) or remove a pattern in config.json atomically; returns the new list."""
     check_pattern(pattern)
-    path = repo.root / "config.json"
-    with _fs.storage_errors("updating config.json"), _fs.RefLock(path) as lock:
-        config = _config_on_disk(repo)
-        patterns = [p for p in config.get(PROTECTED_KEY, []) if isinstance(p, str)]
-        if protect and pattern not in patterns:
-            patterns.append(pattern)
-        elif not protect:
-            if pattern not in patterns:
-                raise UsageError(f"{pattern} is not protected (protected: {', '.join(patterns) or 'nothing'})")
-            patterns.remove(pattern)
-        config[PROTECTED_KEY] = patterns
-        lock.commit(json.dumps(config, indent=2).encode() + b"\n")
+    with _fs.storage_errors("updating config.json"):
+        while True:  # compare-and-swap: a concurrent change of config.json makes us re-read it
+            raw = _read_config(repo)
+            config = _parse_config(raw)
+            patterns = [p for p in config.get(PROTECTED_KEY, []) if isinstance(p, str)]
+            if protect and pattern not in patterns:
+                patterns.append(pattern)
+            elif not protect:
+                if pattern not in patterns:
+                    raise UsageError(f"{pattern} is not protected (protected: {', '.join(patterns) or 'nothing'})")
+                patterns.remove(pattern)
+            config[PROTECTED_KEY] = patterns
+            try:
+                repo.backend.compare_and_swap(layout.CONFIG, raw, json.dumps(config, indent=2).encode() + b"\n")
+                break
+            except ConcurrentUpdate:
+                continue
     repo.config[PROTECTED_KEY] = patterns
     repo.audit("protect" if protect else "unprotect", pattern=pattern)
     return patterns

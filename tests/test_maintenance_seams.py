@@ -37,8 +37,8 @@ class _Only:
         return getattr(self._target, name)
 
 
-FSCK_MEMBERS = ("root", "chunk_size", "refs", "objects", "chunks", "_pruned_records", "_staged_records")
-GC_MEMBERS = ("root", "objects", "chunks", "live_commits", "pruned", "_record_collected", "_mark_collected",
+FSCK_MEMBERS = ("root", "backend", "chunk_size", "refs", "objects", "chunks", "_pruned_records", "_staged_records")
+GC_MEMBERS = ("root", "backend", "objects", "chunks", "live_commits", "pruned", "_record_collected", "_mark_collected",
               "_remove_staged_records")
 
 
@@ -88,6 +88,6 @@ def test_repair_uses_only_its_protocol(repo: Repo) -> None:
     _history(repo)
     before = sorted(repo.chunks.index, key=lambda e: e.chunk_id)
     with repo._lock.hold(exclusive=True):
-        report = rebuild_index(repo.root, _Only(repo.chunks, ("chunk_size", "index", "close_index")))
+        report = rebuild_index(repo.root, _Only(repo.chunks, ("chunk_size", "backend", "index_dir", "index", "close_index")))
     assert report.chunks == len(before) == report.previous_chunks
     assert sorted(repo.chunks.index, key=lambda e: e.chunk_id) == before
