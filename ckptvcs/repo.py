@@ -1370,10 +1370,22 @@ class Repo:
         if not skip_damaged:
             self._refuse_if_damaged("find the commit of every ref", records=False)
         tips = list(self.branches().values()) + [t.object for t in self.tags().values()]
+        tips += self._remote_tracking_tips()
         _, head = self.refs.follow(HEAD)
         if head:
             tips.append(head)
         return list(dict.fromkeys(tips))
+
+    def _remote_tracking_tips(self) -> list[str]:
+        """Commits of the remote-tracking refs (``refs/remotes/<remote>/<branch>``, written by
+        fetch and push): gc keeps them like branches, so a fetched history is never half collected."""
+        tips = []
+        for name in self.refs.names("remotes"):
+            with contextlib.suppress(CorruptObjectError, ValueError):
+                value = self.refs.read_raw(f"refs/remotes/{name}")
+                if value is not None and _HEX_ID.match(value):
+                    tips.append(value)
+        return tips
 
     def all_commits(self) -> list[Commit]:
         """Every commit reachable from a branch, tag or HEAD, newest first."""
