@@ -131,6 +131,9 @@ class RemoteStore:
 
     def initialize(self, config: dict[str, object], default_branch: str) -> dict[str, object]:
         """Create config.json (and HEAD) if absent; returns the config now in force."""
+        found = self.config()
+        if found is not None:
+            return found
         body = json.dumps({"format": REMOTE_FORMAT, "version": REMOTE_VERSION, **config}, sort_keys=True).encode()
         try:
             self.backend.put("config.json", body, if_absent=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptvcs import _fs
-from ckptvcs.backends.base import ConcurrentUpdate
+from ckptvcs.backends.base import Backend, ConcurrentUpdate
 from ckptvcs.errors import (
     CorruptObjectError,
     IntegrityError,
@@ -74,6 +74,7 @@ class FetchReport:
 
     remote: str
     updated: dict[str, tuple[str | None, str]] = field(default_factory=dict)
+    remote_refs: dict[str, str] = field(default_factory=dict)
     packs_received: list[str] = field(default_factory=list)
     objects_received: int = 0
     bytes_received: int = 0
@@ -97,8 +98,10 @@ class _Counter:
             self._progress(done, self.total)
 
 
-def connect(repo: Repo | None, remote: str, endpoint_url: str | None = None) -> tuple[RemoteStore, str | None]:
-    """``(RemoteStore, remote name or None)`` for a configured remote name or a URL."""
+def connect(repo: Repo | None, remote: str | Backend, endpoint_url: str | None = None) -> tuple[RemoteStore, str | None]:
+    """``(RemoteStore, remote name or None)`` for a configured remote name, a URL or a Backend."""
+    if not isinstance(remote, str):
+        return RemoteStore(remote), None
     if repo is not None and "://" not in remote and "/" not in remote and remote not in (".", ".."):
         cfg = get_remote(repo, remote)
         return RemoteStore(open_backend(cfg.url, endpoint_url or cfg.endpoint_url)), cfg.name
@@ -181,7 +184,7 @@ def _push_refs(repo: Repo, refs: Iterable[str] | None) -> dict[str, str]:
 
 def push(
     repo: Repo,
-    remote: str,
+    remote: str | Backend,
     refs: Iterable[str] | None = None,
     *,
     force: bool = False,
@@ -200,9 +203,8 @@ def push(
     repo._check_process()
     store, name = connect(repo, remote, endpoint_url)
     wanted = _push_refs(repo, refs)
-    store.initialize({"chunk_size": repo.chunk_size, "keyframe_interval": repo.chunks.keyframe_interval,
-                      "id": repo.config.get("id")}, default_branch=(repo.head()[0] or "main"))
-    config = store.config() or {}
+    config = store.initialize({"chunk_size": repo.chunk_size, "keyframe_interval": repo.chunks.keyframe_interval,
+                               "id": repo.config.get("id")}, default_branch=(repo.head()[0] or "main"))
     if config.get("chunk_size") != repo.chunk_size:
         raise UsageError(f"{store.describe()} holds chunks of {config.get('chunk_size')} bytes, this repository "
                          f"{repo.chunk_size}: a remote serves repositories of one chunk size (clone it instead)")
@@ -360,7 +362,7 @@ def _update_tracking(repo: Repo, name: str, ref: str, new: str | None) -> None:
 
 def fetch(
     repo: Repo,
-    remote: str = "origin",
+    remote: str | Backend = "origin",
     *,
     endpoint_url: str | None = None,
     progress: Progress | None = None,
@@ -381,7 +383,7 @@ def fetch(
         raise UsageError(f"{store.describe()} holds chunks of {config.get('chunk_size')} bytes, this repository "
                          f"{repo.chunk_size}: clone it instead")
     report = FetchReport(store.describe())
-    remote_refs = store.refs()
+    remote_refs = report.remote_refs = store.refs()
     scratch = ObjectStore(repo.root / "tmp" / _fs.temp_name("fetch-objects-"))
     try:
         with repo._lock.hold(exclusive=False):
@@ -591,7 +593,7 @@ def pull(repo: Repo, remote: str = "origin", branch: str | None = None, **kwargs
     return report, theirs
 
 
-def clone(url: str, path: str | os.PathLike[str], *, endpoint_url: str | None = None, name: str = "origin",
+def clone(url: str | Backend, path: str | os.PathLike[str], *, endpoint_url: str | None = None, name: str = "origin",
           progress: Progress | None = None, workers: int = DEFAULT_WORKERS) -> Repo:
     """Create a repository at ``path`` from the remote at ``url``; check out the remote's HEAD branch.
 
@@ -600,7 +602,7 @@ def clone(url: str, path: str | os.PathLike[str], *, endpoint_url: str | None = 
     """
     from ckptvcs.repo import Repo
 
-    store = RemoteStore(open_backend(url, endpoint_url))
+    store = RemoteStore(open_backend(url, endpoint_url) if isinstance(url, str) else url)
     config = store.config()
     if config is None:
         raise UsageError(f"{store.describe()} holds no ckptvcs remote (nothing was pushed there yet)")
@@ -611,16 +613,16 @@ def clone(url: str, path: str | os.PathLike[str], *, endpoint_url: str | None = 
     existed = target.exists()
     repo = Repo.init(target, chunk_size=chunk_size, keyframe_interval=interval)
     try:
-        add_remote(repo, name, url, endpoint_url)
-        fetch(repo, name, progress=progress, workers=workers)
+        if isinstance(url, str):
+            add_remote(repo, name, url, endpoint_url)
+        fetched = fetch(repo, name if isinstance(url, str) else url, progress=progress, workers=workers)
         branch = store.head_branch() or "main"
-        theirs = repo.refs.read_raw(f"refs/remotes/{name}/{branch}")
-        if theirs is None:
-            tracked = repo.refs.names(f"remotes/{name}")
-            branch = tracked[0] if tracked else branch
-            theirs = repo.refs.read_raw(f"refs/remotes/{name}/{branch}") if tracked else None
+        heads = {ref.removeprefix("refs/heads/"): v for ref, v in fetched.remote_refs.items() if ref.startswith("refs/heads/")}
+        if branch not in heads and heads:
+            branch = sorted(heads)[0]
+        theirs = heads.get(branch)
         if theirs is not None:
-            repo.refs.set_if_equals(f"refs/heads/{branch}", None, theirs, who=_WHO, message=f"clone from {url}")
+            repo.refs.set_if_equals(f"refs/heads/{branch}", None, theirs, who=_WHO, message=f"clone from {store.describe()}")
         current = repo.refs.read_raw(HEAD)
         if current != f"ref: refs/heads/{branch}":
             repo.refs.set_if_equals(HEAD, current, f"ref: refs/heads/{branch}", who=_WHO, message="clone", log=False)
