@@ -44,7 +44,8 @@ S3_CAPABILITIES = Capabilities(
 EMULATED_CAPABILITIES = Capabilities(
     atomic_rename=False, fsync=False, conditional_put=False, advisory_locks=False, local_path=False, appends=False
 )
-_SPOOL_IN_MEMORY = 8 << 20  # an open_writer object larger than this is spooled to a temporary file
+_SPOOL_IN_MEMORY = 8 << 20
+_SINGLE_PUT = 64 << 20  # larger S3 objects go up as a multipart upload of parts this size (visible at completion)  # an open_writer object larger than this is spooled to a temporary file
 _PROCESS_LOCK = threading.RLock()
 
 
@@ -123,8 +124,9 @@ class _Writer:
             raise OSError(errno.EBADF, "writer already committed or aborted", self._key)
         spool, self._spool = self._spool, None
         try:
+            size = spool.tell()
             spool.seek(0)
-            self._backend._upload(self._key, spool)
+            self._backend._upload(self._key, spool, size)
         finally:
             spool.close()
 
@@ -188,12 +190,16 @@ class FsspecBackend:
         with self._errors(key):
             return bytes(self.fs.cat_file(self._path(key), start=start, end=end))
 
-    def _upload(self, key: str, stream: Any) -> None:
+    def _upload(self, key: str, stream: Any, size: int) -> None:
         with self._errors(key):
             path = self._path(key)
+            if self._s3 and size <= _SINGLE_PUT:
+                bucket, name = self._s3_location(key)
+                self.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=stream.read())
+                return
             if not self._s3 and "/" in path:
                 self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(path, "wb") as f:
+            with self.fs.open(path, "wb", **({"block_size": _SINGLE_PUT} if self._s3 else {})) as f:
                 while block := stream.read(8 << 20):
                     f.write(block)
 
@@ -263,7 +269,7 @@ class FsspecBackend:
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         if not if_absent:
-            self._upload(key, io.BytesIO(data))
+            self._upload(key, io.BytesIO(data), len(data))
             return True
         if self._s3:
             bucket, path = self._s3_location(key)
@@ -280,7 +286,7 @@ class FsspecBackend:
         with self._emulation_lock():
             if self.size(key) is not None:
                 return False
-            self._upload(key, io.BytesIO(data))
+            self._upload(key, io.BytesIO(data), len(data))
             return True
 
     def open_writer(self, key: str) -> _Writer:
@@ -309,7 +315,7 @@ class FsspecBackend:
                 if current is not None:
                     self.delete(key)
             else:
-                self._upload(key, io.BytesIO(new))
+                self._upload(key, io.BytesIO(new), len(new))
 
     def _get_or_none(self, key: str) -> bytes | None:
         try:
