@@ -355,6 +355,8 @@ def test_pull_fast_forwards_and_refuses_diverged(origin: Repo, memory_url: str, 
 
 
 def test_remote_config(origin: Repo, memory_url: str) -> None:
+    with pytest.raises(RemoteNotFoundError, match="no remote named 'origin'"):
+        push(origin, "origin")
     add_remote(origin, "origin", memory_url, endpoint_url="http://127.0.0.1:1")
     with pytest.raises(RefExistsError):
         add_remote(origin, "origin", memory_url)
@@ -375,3 +377,34 @@ def test_fetched_history_survives_gc(origin: Repo, memory_url: str, tmp_path: Pa
         fetch(other, "origin")
         other.gc()
         _assert_state(other.load("refs/remotes/origin/main"), _state(1))
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_remote_push_clone_fetch_pull(origin: Repo, s3_url: str, s3_server: S3Server, tmp_path: Path) -> None:
+    """The installed command against the S3 server: torch-free, one-line errors with exit codes."""
+    from test_cli import assert_one_line_error, ok, run
+    from test_cli_git_habits import audited
+
+    env = s3_server.env()
+    store = str(origin.root)
+    c1 = origin.commit(_state(1), "one")
+    ok("--repo", store, "remote", "add", "origin", s3_url, "--endpoint-url", s3_server.endpoint_url, cwd=tmp_path)
+    assert ok("--repo", store, "remote", "-v", cwd=tmp_path).split() == [
+        "origin", s3_url, "(endpoint", f"{s3_server.endpoint_url})"]
+    result, torch_imported = audited("--repo", store, "push", cwd=tmp_path, env=env)
+    assert result.returncode == 0 and not torch_imported, result.stderr
+    assert f"refs/heads/main: (none) -> {c1[:12]}" in result.stdout
+    result, torch_imported = audited("clone", s3_url, str(tmp_path / "copy"), cwd=tmp_path, env=env)
+    assert result.returncode == 0 and not torch_imported, result.stderr
+    assert f"main at {c1[:12]}" in result.stdout
+    copy = str(tmp_path / "copy")
+    c2 = origin.commit(_state(2), "two")
+    push(origin, "origin")
+    assert f"Fast-forwarded main to {c2[:12]}" in ok("--repo", copy, "pull", cwd=tmp_path, env=env)
+    with Repo.open(copy) as cloned:
+        cloned.commit(_state(3), "diverging")
+    origin.commit(_state(4), "three")
+    push(origin, "origin")
+    assert_one_line_error(run("--repo", copy, "push", cwd=tmp_path, env=env), 7, "non-fast-forward")

@@ -44,8 +44,8 @@ S3_CAPABILITIES = Capabilities(
 EMULATED_CAPABILITIES = Capabilities(
     atomic_rename=False, fsync=False, conditional_put=False, advisory_locks=False, local_path=False, appends=False
 )
-_SPOOL_IN_MEMORY = 8 << 20
-_SINGLE_PUT = 64 << 20  # larger S3 objects go up as a multipart upload of parts this size (visible at completion)  # an open_writer object larger than this is spooled to a temporary file
+_SPOOL_IN_MEMORY = 8 << 20  # an open_writer object larger than this is spooled to a temporary file
+_SINGLE_PUT = 64 << 20  # larger S3 objects go up as a multipart upload of parts this size (visible at completion)
 _PROCESS_LOCK = threading.RLock()
 
 

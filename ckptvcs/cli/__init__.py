@@ -8,6 +8,7 @@ registers its commands on the group when imported:
 - ``history``: log, best, show, diff
 - ``refnames``: branch, tag, reflog
 - ``maintenance``: stats, gc, fsck, repair, status, prune
+- ``remote``: remote, push, fetch, pull, clone
 
 Start-up is kept light: torch is imported only by commands that read or write tensor values.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from . import data, history, maintenance, refnames  # noqa: F401  (each registers its commands)
+from . import data, history, maintenance, refnames, remote  # noqa: F401  (each registers its commands)
 from ._app import cli
 
 __all__ = ["main", "cli"]

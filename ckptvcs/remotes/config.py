@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from ckptvcs import _fs
 from ckptvcs.backends.base import Backend
-from ckptvcs.errors import RefExistsError, RemoteNotFoundError, UsageError
+from ckptvcs.errors import CorruptObjectError, RefExistsError, RemoteNotFoundError, UsageError
 
 if TYPE_CHECKING:
     from ckptvcs.repo import Repo
 
 __all__ = ["Remote", "list_remotes", "add_remote", "remove_remote", "get_remote", "open_backend", "RemoteNotFoundError"]
 
+_MAX_CONFIG = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -53,8 +54,18 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _read_config(repo: Repo) -> dict[str, Any]:
+    """config.json as it is on disk now (another process may have added a remote since open)."""
+    with _fs.storage_errors("reading config.json"):
+        config = json.loads(_fs.read_record(repo.root / "config.json", _MAX_CONFIG))
+    if not isinstance(config, dict):
+        raise CorruptObjectError(f"{repo.root}/config.json is not a JSON object")
+    return config
+
+
 def list_remotes(repo: Repo) -> dict[str, Remote]:
-    raw = repo.config.get("remotes") or {}
+    """The configured remotes, by name (read from config.json each time)."""
+    raw = _read_config(repo).get("remotes") or {}
     found = {}
     if isinstance(raw, dict):
         for name, value in raw.items():
@@ -76,7 +87,7 @@ def _write_remotes(repo: Repo, remotes: dict[str, Remote]) -> None:
     """Rewrite config.json with ``remotes`` (atomic: temp, fsync, rename, fsync dir)."""
     path = repo.root / "config.json"
     with _fs.storage_errors("updating config.json"):
-        config = json.loads(path.read_bytes())
+        config = _read_config(repo)
         if remotes:
             config["remotes"] = {name: r.to_json() for name, r in sorted(remotes.items())}
         else:

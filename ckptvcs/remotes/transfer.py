@@ -91,11 +91,10 @@ class _Counter:
         self._lock = threading.Lock()
 
     def add(self, n: int) -> None:
-        with self._lock:
+        with self._lock:  # one thread at a time reports (a progress bar is not thread-safe)
             self.done += n
-            done = self.done
-        if self._progress is not None:
-            self._progress(done, self.total)
+            if self._progress is not None:
+                self._progress(self.done, self.total)
 
 
 def connect(repo: Repo | None, remote: str | Backend, endpoint_url: str | None = None) -> tuple[RemoteStore, str | None]:
