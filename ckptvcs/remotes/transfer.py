@@ -223,7 +223,7 @@ def push(
         have_all = set(_walk(_local_parents(repo), have, set()))
         tips = [c for c in (_peel_local(repo, new) for _, new in moves.values()) if c is not None]
         commits = _walk(_local_parents(repo), tips, have_all)
-        _send_data(repo, store, commits, [new for _, new in moves.values()], report, progress, workers)
+        _send_data(repo, store, commits, have_all, [new for _, new in moves.values()], report, progress, workers)
         for ref, (old, new) in moves.items():
             try:
                 store.swap_ref(ref, old, new)  # the commit point
@@ -259,15 +259,25 @@ def _check_fast_forward(repo: Repo, store: RemoteStore, ref: str, old: str, new:
             ref=ref, current=old, proposed=new)
 
 
-def _send_data(repo: Repo, store: RemoteStore, commits: list[str], tag_ids: list[str], report: PushReport,
-               progress: Progress | None, workers: int) -> None:
-    """Packs, then objects, for ``commits`` (and the tag objects among ``tag_ids``)."""
+def _send_data(repo: Repo, store: RemoteStore, commits: list[str], have: set[str], tag_ids: list[str],
+               report: PushReport, progress: Progress | None, workers: int) -> None:
+    """Packs, then objects, for ``commits`` (and the tag objects among ``tag_ids``).
+
+    ``have``: commits the remote's refs reach, so the remote holds their chunks (invariant 1):
+    those chunks are not sent again even when a local gc has moved them to a new pack.
+    """
     objects: list[str] = []
     needed: set[bytes] = set()
     for commit_id in commits:
         commit = repo.objects.read_commit(commit_id)
         objects += [commit.manifest, commit_id]
         needed.update(_manifest_chunks(repo.objects.get(commit.manifest, "manifest")[1]))
+    for commit_id in have:
+        if not needed:
+            break
+        with contextlib.suppress(CorruptObjectError, IntegrityError):  # unreadable here: just send the chunks
+            needed.difference_update(_manifest_chunks(repo.objects.get(repo.objects.read_commit(commit_id).manifest,
+                                                                       "manifest")[1]))
     objects += [t for t in tag_ids if repo.objects.has(t) and repo.objects.kind(t) == "tag"]
     index = repo.chunks.index
     entries: dict[bytes, PackEntry] = {}
