@@ -188,6 +188,11 @@ def find_store(start: str | os.PathLike[str] | None = None) -> Path | None:
     return None
 
 
+# Factories that give a Repo opened on a lazy clone its chunk source (``Repo.chunk_source``);
+# ckptvcs.remotes registers one when imported (it sits above this layer).
+CHUNK_SOURCE_FACTORIES: list[Callable[[Repo], Callable[[list[bytes]], None] | None]] = []
+
+
 class Repo:
     """A ckptvcs repository (a directory holding config, objects, packs, index, refs).
 
@@ -211,6 +216,11 @@ class Repo:
             keyframe_interval=config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL),
         )
         self._lock = _fs.RepoLock(root / "lock")
+        # Where chunks missing locally come from (a lazy clone: ckptvcs.remotes.lazy); None: nowhere.
+        self.chunk_source: Callable[[list[bytes]], None] | None = None
+        if config.get("lazy_remote") is not None:
+            for factory in CHUNK_SOURCE_FACTORIES:
+                self.chunk_source = self.chunk_source or factory(self)
         self._rebuild_missing_index()
         try:
             self.chunks.index  # noqa: B018 (read for its effect) open now: a forked child is refused here, at open
@@ -709,6 +719,9 @@ class Repo:
         self._check_not_pruned(commit_id)
         kinds = blob_kinds(node)
         names = {body.get("blob"): name for name, _, body in iter_tensors(node, path)}
+        if self.chunk_source is not None:  # a lazy clone: fetch (verified) the chunks this load needs first
+            self.chunk_source([bytes.fromhex(c) for i in kinds if isinstance(i, int) and not isinstance(i, bool)
+                               and 0 <= i < len(manifest.blobs) for c in manifest.blobs[i]["chunks"]])
         buffers: dict[int, Any] = {}
         futures: list[Future] = []
         try:

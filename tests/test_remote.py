@@ -399,6 +399,9 @@ def test_cli_remote_push_clone_fetch_pull(origin: Repo, s3_url: str, s3_server: 
     result, torch_imported = audited("clone", s3_url, str(tmp_path / "copy"), cwd=tmp_path, env=env)
     assert result.returncode == 0 and not torch_imported, result.stderr
     assert f"main at {c1[:12]}" in result.stdout
+    ok("clone", "--lazy", s3_url, str(tmp_path / "lazy"), cwd=tmp_path, env=env)
+    with Repo.open(tmp_path / "lazy") as lazy:
+        _assert_state(lazy.load(), _state(1))
     copy = str(tmp_path / "copy")
     c2 = origin.commit(_state(2), "two")
     push(origin, "origin")
@@ -408,3 +411,42 @@ def test_cli_remote_push_clone_fetch_pull(origin: Repo, s3_url: str, s3_server: 
     origin.commit(_state(4), "three")
     push(origin, "origin")
     assert_one_line_error(run("--repo", copy, "push", cwd=tmp_path, env=env), 7, "non-fast-forward")
+
+
+# -- lazy clones -----------------------------------------------------------------------------
+
+
+def test_lazy_clone_loads_one_key_by_ranged_reads_s3(origin: Repo, s3_url: str, tmp_path: Path) -> None:
+    """A lazy clone fetches history only; load(keys=["model"]) fetches just the model's chunks, verified."""
+    s1, s2 = _state(1, n=20000), _state(2, n=20000)
+    origin.commit(s1, "one")
+    c2 = origin.commit(s2, "two")
+    push(origin, s3_url)
+    remote_bytes = sum(_open(s3_url).size(k) or 0 for k in _open(s3_url).list("packs") if k.endswith(".pack"))
+    with clone(s3_url, tmp_path / "lazy", lazy=True) as lazy:
+        assert lazy.head() == ("main", c2) and len(lazy.chunks.index) == 0
+        assert [c.message for c in lazy.log()] == ["two", "one"]  # history is local
+    with Repo.open(tmp_path / "lazy") as lazy:  # a fresh open still knows where chunks come from
+        model = lazy.load(keys=["model"])
+        assert_tensor_identical(model["model"]["w"], s2["model"]["w"])
+        assert_tensor_identical(model["model"]["b"], s2["model"]["b"])
+        model_chunks = len(lazy.chunks.index)
+        local_bytes = sum(p.stat().st_size for p in (lazy.root / "packs").iterdir())
+        assert 0 < local_bytes < remote_bytes / 2  # the optimizer state stayed on the remote
+        _assert_state(lazy.load(), s2)  # the rest arrives on demand
+        assert len(lazy.chunks.index) > model_chunks
+        _assert_state(lazy.load("HEAD~1"), s1)
+
+
+def test_lazy_clone_refuses_a_corrupted_chunk(origin: Repo, memory_url: str, tmp_path: Path) -> None:
+    origin.commit(_state(1), "one")
+    push(origin, memory_url)
+    remote = _open(memory_url)
+    pack_key = next(k for k in remote.list("packs") if k.endswith(".pack"))
+    bad = bytearray(remote.get(pack_key))
+    bad[200] ^= 0x40
+    remote.put(pack_key, bytes(bad))
+    with clone(memory_url, tmp_path / "lazy", lazy=True) as lazy:
+        with pytest.raises(IntegrityError, match="fetched from remote pack"):
+            lazy.load()
+        assert len(lazy.chunks.index) == 0  # nothing unverified stays indexed

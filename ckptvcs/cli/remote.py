@@ -95,10 +95,11 @@ def pull_cmd(ctx: click.Context, name: str) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--endpoint-url", help="S3-compatible server; default $AWS_ENDPOINT_URL or AWS.")
 @click.option("-o", "--origin", "name", default="origin", show_default=True, help="Name of the remote.")
-def clone_cmd(url: str, directory: str, endpoint_url: str | None, name: str) -> None:
+@click.option("--lazy", is_flag=True, help="History only; each load fetches just the chunks it reads (verified, kept).")
+def clone_cmd(url: str, directory: str, endpoint_url: str | None, name: str, lazy: bool) -> None:
     """Create repository DIRECTORY from the remote at URL and check out its default branch."""
     with _progress("cloning") as progress:
-        repo = clone(url, directory, endpoint_url=endpoint_url, name=name, progress=progress)
+        repo = clone(url, directory, endpoint_url=endpoint_url, name=name, progress=progress, lazy=lazy)
     with repo:
         branch, head = repo.head()
         click.echo(f"Cloned {url} into {repo.root} ({branch} at {_short(head)})")

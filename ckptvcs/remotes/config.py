@@ -96,6 +96,20 @@ def _write_remotes(repo: Repo, remotes: dict[str, Remote]) -> None:
     repo.config = config
 
 
+def set_lazy_remote(repo: Repo, name: str) -> None:
+    """Mark the repository a lazy clone of remote ``name``: loads fetch the chunks they lack."""
+    from ckptvcs.remotes.lazy import LazyChunkSource
+
+    get_remote(repo, name)
+    path = repo.root / "config.json"
+    with _fs.storage_errors("updating config.json"):
+        config = _read_config(repo)
+        config["lazy_remote"] = name
+        _fs.atomic_write(path, json.dumps(config, indent=2).encode() + b"\n")
+    repo.config = config
+    repo.chunk_source = LazyChunkSource(repo, name)
+
+
 def add_remote(repo: Repo, name: str, url: str, endpoint_url: str | None = None) -> Remote:
     """Configure remote ``name`` at ``url``; an existing name raises RefExistsError."""
     _check_name(name)

@@ -41,7 +41,7 @@ from ckptvcs.errors import (
 from ckptvcs.objects import ObjectStore
 from ckptvcs.pack import PackEntry, iter_pack_entries, with_delta_bases
 from ckptvcs.refs import HEAD, is_valid_ref
-from ckptvcs.remotes.config import add_remote, get_remote, open_backend
+from ckptvcs.remotes.config import add_remote, get_remote, open_backend, set_lazy_remote
 from ckptvcs.remotes.layout import RemoteStore, encode_pack_index, index_key, object_key, pack_key
 
 if TYPE_CHECKING:
@@ -376,8 +376,12 @@ def fetch(
     endpoint_url: str | None = None,
     progress: Progress | None = None,
     workers: int = DEFAULT_WORKERS,
+    lazy: bool = False,
 ) -> FetchReport:
     """Download what the local repository lacks of the remote's branches and tags.
+
+    ``lazy``: objects only (history and manifests); chunks come later, when a load needs
+    them (a lazy clone, ckptvcs.remotes.lazy).
 
     Every chunk and object is verified against its BLAKE3 id on arrival; then
     ``refs/remotes/<name>/<branch>`` move to the remote's branches (for a configured remote)
@@ -402,7 +406,7 @@ def fetch(
             for kind, body in objects.values():
                 if kind == "manifest":
                     needed.update(_manifest_chunks(body))
-            missing = repo.chunks.index.missing(needed)
+            missing = set() if lazy else repo.chunks.index.missing(needed)
             if missing:
                 _fetch_chunks(repo, store, missing, report, progress, workers)
             for oid, (kind, body) in objects.items():  # chunks are durable and verified: now the objects
@@ -603,12 +607,16 @@ def pull(repo: Repo, remote: str = "origin", branch: str | None = None, **kwargs
 
 
 def clone(url: str | Backend, path: str | os.PathLike[str], *, endpoint_url: str | None = None, name: str = "origin",
-          progress: Progress | None = None, workers: int = DEFAULT_WORKERS) -> Repo:
+          progress: Progress | None = None, workers: int = DEFAULT_WORKERS, lazy: bool = False) -> Repo:
     """Create a repository at ``path`` from the remote at ``url``; check out the remote's HEAD branch.
 
     The new repository takes the remote's chunk size, has ``url`` as remote ``name``, and
     a local branch for the remote's default branch. A failed clone leaves no repository.
+    ``lazy``: fetch history and manifests only; each load then fetches just the chunks it
+    reads, by ranged reads, verified, and keeps them (a lazy clone needs a URL, not a Backend).
     """
+    if lazy and not isinstance(url, str):
+        raise UsageError("a lazy clone needs a remote URL (it fetches chunks again later)")
     from ckptvcs.repo import Repo
 
     store = RemoteStore(open_backend(url, endpoint_url) if isinstance(url, str) else url)
@@ -624,7 +632,9 @@ def clone(url: str | Backend, path: str | os.PathLike[str], *, endpoint_url: str
     try:
         if isinstance(url, str):
             add_remote(repo, name, url, endpoint_url)
-        fetched = fetch(repo, name if isinstance(url, str) else url, progress=progress, workers=workers)
+        if lazy:
+            set_lazy_remote(repo, name)
+        fetched = fetch(repo, name if isinstance(url, str) else url, progress=progress, workers=workers, lazy=lazy)
         branch = store.head_branch() or "main"
         heads = {ref.removeprefix("refs/heads/"): v for ref, v in fetched.remote_refs.items() if ref.startswith("refs/heads/")}
         if branch not in heads and heads:
