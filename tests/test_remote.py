@@ -450,3 +450,30 @@ def test_lazy_clone_refuses_a_corrupted_chunk(origin: Repo, memory_url: str, tmp
         with pytest.raises(IntegrityError, match="fetched from remote pack"):
             lazy.load()
         assert len(lazy.chunks.index) == 0  # nothing unverified stays indexed
+
+
+# -- fsck --remote ---------------------------------------------------------------------------
+
+
+def test_fsck_remote_structure_and_data(origin: Repo, memory_url: str) -> None:
+    from ckptvcs.remotes.check import check_remote
+
+    origin.commit(_state(1), "one")
+    c2 = origin.commit(_state(2), "two")
+    add_remote(origin, "origin", memory_url)
+    push(origin, "origin")
+    healthy = check_remote(origin, "origin", read_data=True)
+    assert healthy.ok and healthy.commits == 2 and healthy.chunks > 0, healthy.findings
+    remote = _open(memory_url)
+    pack_key = next(k for k in remote.list("packs") if k.endswith(".pack"))
+    good = remote.get(pack_key)
+    bad = bytearray(good)
+    bad[200] ^= 0x40
+    remote.put(pack_key, bytes(bad))
+    assert check_remote(origin, "origin").ok  # the structure is intact
+    damaged = check_remote(origin, "origin", read_data=True)
+    assert not damaged.ok and "remote pack" in damaged.findings[0]
+    remote.put(pack_key, good)
+    remote.delete(f"objects/{c2[:2]}/{c2[2:]}")
+    missing = check_remote(origin, "origin")
+    assert not missing.ok and c2 in missing.findings[0] and "missing" in missing.findings[0]

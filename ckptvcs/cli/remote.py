@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
+from ..errors import RepositoryDamagedError
 from ..remotes import add_remote, clone, fetch, list_remotes, pull, push, remove_remote
+from ..remotes.check import check_remote
+from ..repo import Repo
 from ._app import _human, _progress, _repo, cli
 
 
@@ -103,3 +108,16 @@ def clone_cmd(url: str, directory: str, endpoint_url: str | None, name: str, laz
     with repo:
         branch, head = repo.head()
         click.echo(f"Cloned {url} into {repo.root} ({branch} at {_short(head)})")
+
+
+def fsck_remote(repo: Repo, name: str, read_data: bool, as_json: bool) -> None:
+    """``fsck --remote NAME``: one line per finding, a summary, exit 10 on damage."""
+    report = check_remote(repo, name, read_data=read_data)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "summary": report.summary(), "findings": report.findings}, indent=2))
+    else:
+        for finding in report.findings:
+            click.echo(click.style(finding, fg="red"))
+        click.echo(report.summary())
+    if not report.ok:
+        raise RepositoryDamagedError(f"fsck found {len(report.findings)} problem(s) on remote {name}")
