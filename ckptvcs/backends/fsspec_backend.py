@@ -47,6 +47,7 @@ EMULATED_CAPABILITIES = Capabilities(
 _SPOOL_IN_MEMORY = 8 << 20  # an open_writer object larger than this is spooled to a temporary file
 _SINGLE_PUT = 64 << 20  # larger S3 objects go up as a multipart upload of parts this size (visible at completion)
 _PROCESS_LOCK = threading.RLock()
+_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3")
 
 
 def _is_s3(fs: Any) -> bool:
@@ -183,6 +184,11 @@ class FsspecBackend:
             if _error_code(err) in ("NoSuchKey", "404"):
                 raise KeyMissing(key) from None
             if err.errno is None:
+                raise OSError(errno.EIO, f"{self.describe()}: {err}", key) from err
+            raise
+        except Exception as err:
+            # botocore's connection errors (server down, DNS, timeouts) are no OSError: make them one.
+            if type(err).__module__.split(".")[0] in _CLIENT_MODULES:
                 raise OSError(errno.EIO, f"{self.describe()}: {err}", key) from err
             raise
 
