@@ -190,6 +190,9 @@ def find_store(start: str | os.PathLike[str] | None = None) -> Path | None:
 
 # Factories that give a Repo opened on a lazy clone its chunk source (``Repo.chunk_source``);
 # ckptvcs.remotes registers one when imported (it sits above this layer).
+# The pruned-record rule of a commit whose data lives only on a remote (ckptvcs.remotes.tiers):
+# with a chunk source its loads fetch it back, verified.
+ARCHIVED_RULE = "archived"
 CHUNK_SOURCE_FACTORIES: list[Callable[[Repo], Callable[[list[bytes]], None] | None]] = []
 
 
@@ -1151,8 +1154,8 @@ class Repo:
 
     def _check_not_pruned(self, commit_id: str) -> None:
         record = self.pruned_record(commit_id)
-        if record is not None:
-            raise self._released_error(commit_id, record)
+        if record is not None and not (record.get("rule") == ARCHIVED_RULE and self.chunk_source is not None):
+            raise self._released_error(commit_id, record)  # an archived commit loads from its remote instead
 
     @staticmethod
     def _released_error(commit_id: str, record: dict[str, Any], doing: str = "") -> CommitPrunedError:

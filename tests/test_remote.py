@@ -511,3 +511,29 @@ def test_server_killed_mid_push_then_retry(origin: Repo, tmp_path: Path) -> None
         assert not [k for k in retry.writes if k.startswith("packs/")]
         with clone(backend, tmp_path / "after") as after:
             _assert_state(after.load(), s2)
+
+
+# -- tiers ---------------------------------------------------------------------------------
+
+
+def test_archive_keeps_last_n_local_and_loads_the_rest_back(origin: Repo, memory_url: str) -> None:
+    from ckptvcs.remotes import archive
+
+    states = [_state(i, n=20000) for i in range(4)]
+    ids = [origin.commit(s, f"step {i}") for i, s in enumerate(states)]
+    origin.tag("release", ids[0])
+    add_remote(origin, "origin", memory_url)
+    not_pushed = archive(origin, "origin", keep_last=1, dry_run=True)
+    assert not_pushed.archived == [] and set(not_pushed.not_on_remote) == {ids[1], ids[2]}
+    push(origin, "origin")
+    before = sum(p.stat().st_size for p in (origin.root / "packs").iterdir())
+    report = archive(origin, "origin", keep_last=1)
+    assert set(report.archived) == {ids[1], ids[2]}  # ids[3] is the newest, ids[0] tagged
+    assert report.bytes_compared > 0 and report.gc is not None and report.gc.bytes_reclaimed > 0
+    after = sum(p.stat().st_size for p in (origin.root / "packs").iterdir())
+    assert after < before
+    with Repo.open(origin.root) as again:  # a fresh handle loads archived commits from the remote
+        assert again.show(ids[1]).pruned["rule"] == "archived"
+        for commit_id, state in zip(ids, states):
+            _assert_state(again.load(commit_id), state)
+        assert again.fsck().ok

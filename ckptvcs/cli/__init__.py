@@ -8,7 +8,7 @@ registers its commands on the group when imported:
 - ``history``: log, best, show, diff
 - ``refnames``: branch, tag, reflog
 - ``maintenance``: stats, gc, fsck, repair, status, prune
-- ``remote``: remote, push, fetch, pull, clone
+- ``remote``: remote, push, fetch, pull, clone, archive (and fsck --remote)
 
 Start-up is kept light: torch is imported only by commands that read or write tensor values.
 """

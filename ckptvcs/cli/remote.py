@@ -7,7 +7,7 @@ import json
 import click
 
 from ..errors import RepositoryDamagedError
-from ..remotes import add_remote, clone, fetch, list_remotes, pull, push, remove_remote
+from ..remotes import add_remote, archive, clone, fetch, list_remotes, pull, push, remove_remote
 from ..remotes.check import check_remote
 from ..repo import Repo
 from ._app import _human, _progress, _repo, cli
@@ -121,3 +121,20 @@ def fsck_remote(repo: Repo, name: str, read_data: bool, as_json: bool) -> None:
         click.echo(report.summary())
     if not report.ok:
         raise RepositoryDamagedError(f"fsck found {len(report.findings)} problem(s) on remote {name}")
+
+
+@cli.command("archive")
+@click.argument("name", default="origin")
+@click.option("--keep-last", type=click.IntRange(min=1), required=True,
+              help="Keep the data of the newest N commits local (and every tag and branch tip).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be archived.")
+@click.pass_context
+def archive_cmd(ctx: click.Context, name: str, keep_last: int, dry_run: bool) -> None:
+    """Release the local data of older commits that remote NAME holds (verified); loads fetch it back."""
+    report = archive(_repo(ctx), name, keep_last=keep_last, dry_run=dry_run)
+    verb = "would archive" if dry_run else "archived"
+    click.echo(f"{verb} {len(report.archived)} commit(s) to {report.remote}; kept {len(report.kept)} local"
+               + (f"; {len(report.not_on_remote)} older commit(s) not on the remote (push them first)"
+                  if report.not_on_remote else ""))
+    if report.gc is not None:
+        click.echo(f"freed {_human(report.gc.bytes_reclaimed)} locally")
