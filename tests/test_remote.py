@@ -379,7 +379,7 @@ def test_fetched_history_survives_gc(origin: Repo, memory_url: str, tmp_path: Pa
     with Repo.init(tmp_path / "other", chunk_size=4096) as other:
         add_remote(other, "origin", memory_url)
         fetch(other, "origin")
-        other.gc()
+        other.gc(prune_unreachable_after="now")  # no reflog grace: only refs keep data
         _assert_state(other.load("refs/remotes/origin/main"), _state(1))
 
 
