@@ -537,3 +537,32 @@ def test_archive_keeps_last_n_local_and_loads_the_rest_back(origin: Repo, memory
         for commit_id, state in zip(ids, states):
             _assert_state(again.load(commit_id), state)
         assert again.fsck().ok
+
+
+def test_interrupted_fetch_resumes_without_downloading_again(origin: Repo, memory_url: str, tmp_path: Path) -> None:
+    origin.commit(_state(1), "one")
+    push(origin, memory_url)
+    origin.commit(_state(2), "two")
+    push(origin, memory_url)  # two packs on the remote
+
+    class Reads(Spy):
+        def __init__(self, inner: Any, fail_pack: int | None) -> None:
+            super().__init__(inner)
+            self.packs_read: list[str] = []
+            self.fail_pack = fail_pack
+
+        def open_reader(self, key: str) -> Any:
+            self.packs_read.append(key)
+            if self.fail_pack is not None and len(self.packs_read) == self.fail_pack:
+                raise OSError(104, "injected: connection reset", key)
+            return self.inner.open_reader(key)
+
+    with Repo.init(tmp_path / "other", chunk_size=4096) as other:
+        first = Reads(_open(memory_url), fail_pack=2)
+        with pytest.raises(StorageError, match="connection reset"):
+            fetch(other, first, workers=1)
+        assert len(other.chunks.index) == 0  # nothing placed: the fetch was all or nothing
+        second = Reads(_open(memory_url), fail_pack=None)
+        fetch(other, second, workers=1)
+        assert second.packs_read == [first.packs_read[1]]  # only the pack that had not arrived
+        _assert_state(other.load(next(iter(fetch(other, second).remote_refs.values()))), _state(2))

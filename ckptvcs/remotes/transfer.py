@@ -483,7 +483,7 @@ def _fetch_chunks(repo: Repo, store: RemoteStore, missing: set[bytes], report: F
         downloaded = _parallel(workers, lambda p: _download_pack(store, p, indexes[p], tmp, counter), packs)
         for pack, (path, entries) in zip(packs, downloaded):
             final = repo.root / "packs" / f"{pack}.pack"
-            _fs.durable_rename(path, final)
+            _fs.durable_rename(path, final)  # a whole, checked pack: the same bytes as any copy already there
             placed.append(final)
             fresh = [e for e in entries if repo.chunks.index.get(e.chunk_id) is None]
             fresh = list({e.chunk_id: e for e in reversed(fresh)}.values())
@@ -515,22 +515,14 @@ def _download_pack(store: RemoteStore, pack: str, index: tuple[int, list[PackEnt
                    counter: _Counter) -> tuple[Path, list[PackEntry]]:
     """Download one pack into ``tmp`` by ranged reads; check its frame and entries against the index."""
     size, expected = index
+    done = tmp / f"fetched-{pack}.pack"  # a whole download an interrupted fetch left: reused, checked again
     path = tmp / _fs.temp_name(f"fetch-{pack}-")
     try:
-        reader = store.backend.open_reader(pack_key(pack))
-        try:
-            if reader.size != size:
-                raise CorruptObjectError(f"{store.describe()}: pack {pack} has {reader.size} bytes, its index says "
-                                         f"{size}", pack=pack, damaged_on_disk=True)
-            with open(path, "wb") as f:
-                for offset in range(0, size, _BLOCK):
-                    block = reader.read(offset, min(_BLOCK, size - offset))
-                    f.write(block)
-                    counter.add(len(block))
-                f.flush()
-                _fs.fsync_file(f.fileno())
-        finally:
-            reader.close()
+        if done.is_file() and done.stat().st_size == size:
+            os.replace(done, path)
+            counter.add(size)
+        else:
+            _download_to(store, pack, size, path, counter)
         try:
             entries = list(iter_pack_entries(path))
         except CorruptObjectError as err:
@@ -540,7 +532,8 @@ def _download_pack(store: RemoteStore, pack: str, index: tuple[int, list[PackEnt
         if named != expected:
             raise CorruptObjectError(f"{store.describe()}: pack {pack} does not match its index {index_key(pack)}",
                                      pack=pack, damaged_on_disk=True)
-        return path, named
+        os.replace(path, done)
+        return done, named
     except OSError as err:
         with contextlib.suppress(OSError):
             path.unlink()
@@ -549,6 +542,23 @@ def _download_pack(store: RemoteStore, pack: str, index: tuple[int, list[PackEnt
         with contextlib.suppress(OSError):
             path.unlink()
         raise
+
+
+def _download_to(store: RemoteStore, pack: str, size: int, path: Path, counter: _Counter) -> None:
+    reader = store.backend.open_reader(pack_key(pack))
+    try:
+        if reader.size != size:
+            raise CorruptObjectError(f"{store.describe()}: pack {pack} has {reader.size} bytes, its index says "
+                                     f"{size}", pack=pack, damaged_on_disk=True)
+        with open(path, "wb") as f:
+            for offset in range(0, size, _BLOCK):
+                block = reader.read(offset, min(_BLOCK, size - offset))
+                f.write(block)
+                counter.add(len(block))
+            f.flush()
+            _fs.fsync_file(f.fileno())
+    finally:
+        reader.close()
 
 
 def _move_refs(repo: Repo, name: str | None, remote_refs: dict[str, str], report: FetchReport) -> None:
