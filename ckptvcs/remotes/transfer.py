@@ -223,7 +223,8 @@ def push(
         have_all = set(_walk(_local_parents(repo), have, set()))
         tips = [c for c in (_peel_local(repo, new) for _, new in moves.values()) if c is not None]
         commits = _walk(_local_parents(repo), tips, have_all)
-        _send_data(repo, store, commits, have_all, [new for _, new in moves.values()], report, progress, workers)
+        with repo._lock.hold(exclusive=False):  # no gc rewrites or deletes a pack while it is read for upload
+            _send_data(repo, store, commits, have_all, [new for _, new in moves.values()], report, progress, workers)
         for ref, (old, new) in moves.items():
             try:
                 store.swap_ref(ref, old, new)  # the commit point
