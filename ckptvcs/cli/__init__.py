@@ -10,6 +10,7 @@ registers its commands on the group when imported:
 - ``maintenance``: stats, gc, fsck, repair, status, prune
 - ``report``: report (HTML page or JSON summary)
 - ``trust``: verify, verify-tag, keygen, trust, protect, unprotect, audit (docs/audit.md)
+- ``remote``: remote, push, fetch, pull, clone, archive (and fsck --remote)
 
 Start-up is kept light: torch is imported only by commands that read or write tensor values.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from . import data, history, maintenance, refnames, report, trust  # noqa: F401  (each registers its commands)
+from . import data, history, maintenance, refnames, remote, report, trust  # noqa: F401  (each registers its commands)
 from ._app import cli
 
 __all__ = ["main", "cli"]

@@ -78,14 +78,20 @@ def gc(ctx: click.Context, dry_run: bool, expire: str | None, as_json: bool) -> 
 @cli.command()
 @click.option("--read-data", is_flag=True, help="Also read every chunk back and verify it against its BLAKE3 id.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("--remote", "remote_name", metavar="NAME", help="Check remote NAME instead (docs/remotes.md).")
 @click.pass_context
-def fsck(ctx: click.Context, read_data: bool, as_json: bool) -> None:
+def fsck(ctx: click.Context, read_data: bool, as_json: bool, remote_name: str | None) -> None:
     """Check the repository: refs, commits, manifests, index and packs (and data with --read-data).
 
     Prints one line per finding. Garbage (left by interrupted commits, removed by gc)
     is listed but is not an error; any damage makes the exit code non-zero.
     """
     repo = _repo(ctx)
+    if remote_name is not None:
+        from .remote import fsck_remote
+
+        fsck_remote(repo, remote_name, read_data, as_json)
+        return
     with _phase_progress() as progress:
         report = repo.fsck(read_data=read_data, progress=progress)
     if as_json:

@@ -1,0 +1,259 @@
+"""What a remote holds, key by key, on any Backend (docs/remotes.md, "Layout").
+
+```
+config.json            {"format": "ckptvcs-remote", "version": 1, "chunk_size", "keyframe_interval", "id"}
+HEAD                   "ref: refs/heads/<branch>\\n": the branch a clone checks out
+refs/heads/<name>      "<commit id>\\n"       moved only by compare-and-swap: the commit point
+refs/tags/<name>       "<tag object id>\\n"
+objects/<xx>/<rest>    an object's stored bytes, exactly as in a local repository
+packs/<name>.pack      a sealed pack, byte for byte as in the repository that pushed it
+packs/<name>.idx       the pack's index: where each chunk of the pack sits (below)
+```
+
+A pack index lets a reader find a chunk by reading one small object per pack instead of
+listing or reading packs. Layout, little-endian:
+``"CKPTIDX1" | u32 version (1) | u32 entry count | u64 pack size`` then one 82-byte record
+per entry ``32-byte chunk id | u64 payload offset | u32 stored_len | u32 raw_len | u8 codec |
+u8 flags (bit 0: has base) | 32-byte base id (zeros without)`` and a 32-byte BLAKE3 of all
+that precedes it. Everything read from a remote is untrusted: sizes are bounded before
+reading, names checked, and every chunk and object is verified against its id on arrival.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable
+
+import blake3
+
+from ckptvcs.backends.base import Backend, ConcurrentUpdate, KeyMissing
+from ckptvcs.errors import CorruptObjectError, StorageError
+from ckptvcs.pack import PackEntry
+from ckptvcs.refs import is_valid_ref
+
+__all__ = ["RemoteStore", "encode_pack_index", "decode_pack_index", "REMOTE_FORMAT"]
+
+REMOTE_FORMAT = "ckptvcs-remote"
+REMOTE_VERSION = 1
+_IDX_HEADER = struct.Struct("<8sIIQ")
+_IDX_MAGIC = b"CKPTIDX1"
+_IDX_RECORD = struct.Struct("<32sQIIBB32s")
+_NO_BASE = bytes(32)
+_PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
+_HEX_ID = re.compile(r"^[0-9a-f]{64}$")
+_MAX_SMALL = 1 << 20  # config, refs, HEAD
+_MAX_OBJECT = 1 << 30  # an object's stored bytes (the local reader's bound too)
+_MAX_IDX_ENTRIES = 1 << 26
+
+
+def encode_pack_index(pack_size: int, entries: Iterable[PackEntry]) -> bytes:
+    """The ``packs/<name>.idx`` bytes for a pack of ``pack_size`` bytes holding ``entries``."""
+    records = [
+        _IDX_RECORD.pack(e.chunk_id, e.offset, e.stored_len, e.raw_len, e.codec, 1 if e.base is not None else 0,
+                         e.base if e.base is not None else _NO_BASE)
+        for e in entries
+    ]
+    body = _IDX_HEADER.pack(_IDX_MAGIC, REMOTE_VERSION, len(records), pack_size) + b"".join(records)
+    return body + blake3.blake3(body).digest()
+
+
+def decode_pack_index(pack: str, data: bytes) -> tuple[int, list[PackEntry]]:
+    """``(pack size, entries)`` of a pack index; anything malformed is CorruptObjectError."""
+    def bad(why: str) -> CorruptObjectError:
+        return CorruptObjectError(f"remote pack index {pack}.idx {why}", pack=pack, damaged_on_disk=True, problem=why)
+
+    if len(data) < _IDX_HEADER.size + 32:
+        raise bad("is truncated")
+    body, digest = data[:-32], data[-32:]
+    if blake3.blake3(body).digest() != digest:
+        raise bad("fails its BLAKE3 check")
+    magic, version, count, pack_size = _IDX_HEADER.unpack_from(body)
+    if magic != _IDX_MAGIC or version != REMOTE_VERSION:
+        raise bad("has an unknown magic or version")
+    if count > _MAX_IDX_ENTRIES or len(body) != _IDX_HEADER.size + count * _IDX_RECORD.size:
+        raise bad("has a wrong length for its entry count")
+    entries = []
+    for i in range(count):
+        chunk_id, offset, stored_len, raw_len, codec, flags, base = _IDX_RECORD.unpack_from(
+            body, _IDX_HEADER.size + i * _IDX_RECORD.size)
+        if flags & ~1 or offset + stored_len > pack_size:
+            raise bad(f"entry {i} is invalid")
+        entries.append(PackEntry(chunk_id, pack, offset, stored_len, raw_len, codec, base if flags & 1 else None))
+    return pack_size, entries
+
+
+def pack_key(name: str) -> str:
+    return f"packs/{name}.pack"
+
+
+def index_key(name: str) -> str:
+    return f"packs/{name}.idx"
+
+
+def object_key(oid: str) -> str:
+    return f"objects/{oid[:2]}/{oid[2:]}"
+
+
+class RemoteStore:
+    """A remote repository on a Backend: config, refs, objects and packs by key."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def describe(self) -> str:
+        return self.backend.describe()
+
+    def _storage(self, what: str, err: OSError) -> StorageError:
+        return StorageError(f"{self.describe()}: {what} failed: {err}")
+
+    # -- config and HEAD ---------------------------------------------------------------
+
+    def config(self) -> dict[str, object] | None:
+        """The remote's config.json, or None when the location holds no remote yet."""
+        try:
+            data = self.backend.get("config.json", max_size=_MAX_SMALL)
+        except KeyMissing:
+            return None
+        except OSError as err:
+            raise self._storage("reading config.json", err) from None
+        try:
+            config = json.loads(data)
+        except ValueError:
+            config = None
+        if not isinstance(config, dict) or config.get("format") != REMOTE_FORMAT:
+            raise CorruptObjectError(f"{self.describe()} is not a ckptvcs remote (config.json has another format)")
+        if not isinstance(config.get("version"), int) or config["version"] > REMOTE_VERSION:
+            raise CorruptObjectError(f"{self.describe()} uses remote format {config.get('version')!r}, newer than "
+                                     "this ckptvcs supports; upgrade ckptvcs")
+        return config
+
+    def initialize(self, config: dict[str, object], default_branch: str) -> dict[str, object]:
+        """Create config.json (and HEAD) if absent; returns the config now in force."""
+        found = self.config()
+        if found is not None:
+            return found
+        body = json.dumps({"format": REMOTE_FORMAT, "version": REMOTE_VERSION, **config}, sort_keys=True).encode()
+        try:
+            self.backend.put("config.json", body, if_absent=True)
+            self.backend.put("HEAD", f"ref: refs/heads/{default_branch}\n".encode(), if_absent=True)
+        except OSError as err:
+            raise self._storage("creating the remote", err) from None
+        found = self.config()
+        assert found is not None
+        return found
+
+    def head_branch(self) -> str | None:
+        """The branch the remote's HEAD names (what a clone checks out), or None."""
+        try:
+            value = self.backend.get("HEAD", max_size=_MAX_SMALL).decode("utf-8", "replace").strip()
+        except KeyMissing:
+            return None
+        except OSError as err:
+            raise self._storage("reading HEAD", err) from None
+        ref = value.removeprefix("ref: ")
+        if value.startswith("ref: ") and ref.startswith("refs/heads/") and is_valid_ref(ref):
+            return ref.removeprefix("refs/heads/")
+        return None
+
+    # -- refs --------------------------------------------------------------------------
+
+    def refs(self) -> dict[str, str]:
+        """Every branch and tag on the remote: ``refs/...`` → hex id. A damaged one raises."""
+        try:
+            keys = list(self.backend.list("refs"))
+        except OSError as err:
+            raise self._storage("listing refs", err) from None
+        found = {}
+        for key in keys:
+            if not is_valid_ref(key) or not key.startswith(("refs/heads/", "refs/tags/")):
+                continue
+            value = self.read_ref(key)
+            if value is not None:
+                found[key] = value
+        return found
+
+    def read_ref(self, ref: str) -> str | None:
+        try:
+            data = self.backend.get(ref, max_size=_MAX_SMALL)
+        except KeyMissing:
+            return None
+        except OSError as err:
+            raise self._storage(f"reading {ref}", err) from None
+        value = data.decode("utf-8", "replace").strip()
+        if not _HEX_ID.match(value):
+            raise CorruptObjectError(f"{self.describe()}: {ref} is damaged (not a 64-hex id)", path=ref)
+        return value
+
+    def swap_ref(self, ref: str, old: str | None, new: str | None) -> None:
+        """Move ``ref`` from ``old`` to ``new`` (None: absent) by compare-and-swap.
+
+        Raises :class:`ConcurrentUpdate` when the remote ref holds something else."""
+        try:
+            self.backend.compare_and_swap(
+                ref, None if old is None else f"{old}\n".encode(), None if new is None else f"{new}\n".encode())
+        except ConcurrentUpdate:
+            raise
+        except OSError as err:
+            raise self._storage(f"updating {ref}", err) from None
+
+    # -- objects -----------------------------------------------------------------------
+
+    def has_object(self, oid: str) -> bool:
+        try:
+            return self.backend.size(object_key(oid)) is not None
+        except OSError as err:
+            raise self._storage(f"looking up object {oid}", err) from None
+
+    def put_object(self, oid: str, stored: bytes) -> bool:
+        try:
+            return self.backend.put(object_key(oid), stored, if_absent=True)
+        except OSError as err:
+            raise self._storage(f"uploading object {oid}", err) from None
+
+    def get_object(self, oid: str) -> bytes:
+        """An object's stored bytes, unverified (the caller verifies before using them)."""
+        try:
+            return self.backend.get(object_key(oid), max_size=_MAX_OBJECT)
+        except KeyMissing:
+            raise CorruptObjectError(f"{self.describe()}: object {oid} is missing on the remote", object_id=oid,
+                                     path=object_key(oid)) from None
+        except OSError as err:
+            raise self._storage(f"downloading object {oid}", err) from None
+
+    # -- packs -------------------------------------------------------------------------
+
+    def pack_names(self) -> set[str]:
+        """Names of the remote's complete packs: those whose index exists (written last)."""
+        try:
+            keys = list(self.backend.list("packs"))
+        except OSError as err:
+            raise self._storage("listing packs", err) from None
+        names = set()
+        for key in keys:
+            name = key.removeprefix("packs/").removesuffix(".idx")
+            if key.endswith(".idx") and _PACK_NAME.match(name):
+                names.add(name)
+        return names
+
+    def pack_size(self, name: str) -> int | None:
+        try:
+            return self.backend.size(pack_key(name))
+        except OSError as err:
+            raise self._storage(f"looking up pack {name}", err) from None
+
+    def pack_index(self, name: str) -> tuple[int, list[PackEntry]]:
+        try:
+            data = self.backend.get(index_key(name), max_size=_IDX_HEADER.size + 32 + _MAX_IDX_ENTRIES * _IDX_RECORD.size)
+        except KeyMissing:
+            raise CorruptObjectError(f"{self.describe()}: pack index {name}.idx is missing", pack=name) from None
+        except OSError as err:
+            raise self._storage(f"downloading pack index {name}", err) from None
+        return decode_pack_index(name, data)
+
+    def put_pack_index(self, name: str, data: bytes) -> bool:
+        try:
+            return self.backend.put(index_key(name), data, if_absent=True)
+        except OSError as err:
+            raise self._storage(f"uploading pack index {name}", err) from None

@@ -1,0 +1,131 @@
+"""Tiers: keep the last N checkpoints (and every tag and ref tip) local, the rest only on a remote.
+
+``archive(repo, "origin", keep_last=N)`` releases the local data of older commits once the
+remote holds it, verified: each such commit must be reachable from the remote's refs (so
+the remote's push protocol guarantees it complete), every chunk it needs (delta bases
+included) must be listed by a remote pack index, and every one of those chunks that is
+still local is read back from the remote by ranged reads and compared byte for byte with
+the local entry (which the local store verifies against its id). A chunk whose remote
+copy differs, or is encoded differently, keeps its commits local. Then the repository
+becomes a lazy clone of that remote (loads fetch what they lack, verified), each archived
+commit gets a pruned record with rule ``archived``, and gc releases their data. Loading an
+archived commit fetches its chunks back transparently; history, log and diff --stat stay
+local (objects are never archived).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ckptvcs.errors import StorageError, UsageError
+from ckptvcs.gc import GcReport
+from ckptvcs.pack import PackEntry
+from ckptvcs.remotes.config import get_remote, open_backend, set_lazy_remote
+from ckptvcs.remotes.layout import RemoteStore, pack_key
+from ckptvcs.remotes.lazy import _end, _ranges, _start, locate_chunks
+from ckptvcs.remotes.transfer import _local_parents, _manifest_chunks, _peel_local, _walk
+from ckptvcs.repo import ARCHIVED_RULE
+
+if TYPE_CHECKING:
+    from ckptvcs.repo import Repo
+
+__all__ = ["ArchiveReport", "archive"]
+
+
+@dataclass
+class ArchiveReport:
+    """``archived``: commits whose local data was released; ``kept``: kept local by the
+    policy; ``not_on_remote``: older commits the remote does not hold (push first);
+    ``bytes_compared``: remote bytes read to verify; ``gc``: the local gc that released them."""
+
+    remote: str
+    archived: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    not_on_remote: list[str] = field(default_factory=list)
+    bytes_compared: int = 0
+    gc: GcReport | None = None
+
+
+def archive(repo: Repo, remote: str = "origin", *, keep_last: int, dry_run: bool = False) -> ArchiveReport:
+    """Release the local data of commits older than the last ``keep_last`` that ``remote`` holds, verified."""
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise UsageError(f"keep_last must be a positive integer, got {keep_last!r}")
+    cfg = get_remote(repo, remote)
+    store = RemoteStore(open_backend(cfg.url, cfg.endpoint_url))
+    report = ArchiveReport(store.describe())
+    commits = [c.id for c in repo.all_commits()]  # newest first
+    protected = set(repo._all_tips()) | {t.object for t in repo.tags().values()}
+    report.kept = [c for c in commits if c in protected or c in commits[:keep_last]]
+    older = [c for c in commits if c not in report.kept and repo.pruned_record(c) is None]
+    if not older:
+        return report
+    held = {_peel_local(repo, v) for v in store.refs().values()}
+    on_remote = set(_walk(_local_parents(repo), [c for c in held if c is not None], set()))
+    report.not_on_remote = [c for c in older if c not in on_remote]
+    candidates = [c for c in older if c in on_remote]
+    located = locate_chunks(store)
+    needs = {c: _chunks_with_bases(repo, c, located) for c in candidates}
+    unverified = _unverified_chunks(repo, store, set().union(*needs.values()) if needs else set(), located, report)
+    for commit_id in candidates:
+        if needs[commit_id] & unverified:
+            report.not_on_remote.append(commit_id)
+        else:
+            report.archived.append(commit_id)
+    if dry_run or not report.archived:
+        return report
+    if repo.config.get("lazy_remote") != cfg.name:
+        set_lazy_remote(repo, cfg.name)
+    for commit_id in report.archived:
+        repo.prune(commit_id, ARCHIVED_RULE, f"archived to remote {cfg.name} ({cfg.url})")
+    report.gc = repo.gc(only=report.archived)
+    return report
+
+
+def _chunks_with_bases(repo: Repo, commit_id: str, located: dict[bytes, PackEntry]) -> set[bytes]:
+    manifest = repo.objects.read_commit(commit_id).manifest
+    chunks = set(_manifest_chunks(repo.objects.get(manifest, "manifest")[1]))
+    frontier = list(chunks)
+    while frontier:
+        entry = located.get(frontier.pop())
+        if entry is not None and entry.base is not None and entry.base not in chunks:
+            chunks.add(entry.base)
+            frontier.append(entry.base)
+    return chunks
+
+
+def _unverified_chunks(repo: Repo, store: RemoteStore, chunks: set[bytes], located: dict[bytes, PackEntry],
+                       report: ArchiveReport) -> set[bytes]:
+    """The chunks among ``chunks`` whose remote copy is absent or not byte-identical to the local one."""
+    bad = {c for c in chunks if c not in located}
+    compare: list[PackEntry] = []
+    for chunk_id in chunks - bad:
+        local = repo.chunks.index.get(chunk_id)
+        remote = located[chunk_id]
+        if local is None:
+            continue  # not local any more: nothing to release, nothing to compare
+        if (local.codec, local.base, local.stored_len, local.raw_len) != (remote.codec, remote.base, remote.stored_len,
+                                                                            remote.raw_len):
+            bad.add(chunk_id)
+        else:
+            compare.append(remote)
+    for run in _ranges(sorted(compare, key=lambda e: (e.pack, e.offset))):
+        start, end = _start(run[0]), _end(run[-1])
+        try:
+            reader = store.backend.open_reader(pack_key(run[0].pack))
+            try:
+                data = reader.read(start, end - start)
+            finally:
+                reader.close()
+        except OSError as err:
+            raise StorageError(f"{store.describe()}: reading pack {run[0].pack} failed: {err}") from None
+        report.bytes_compared += len(data)
+        for entry in run:
+            local = repo.chunks.index.get(entry.chunk_id)
+            assert local is not None
+            theirs = data[entry.offset - start : entry.offset - start + entry.stored_len]
+            if bytes(repo.chunks.packs.read_payload(local)) != theirs:
+                bad.add(entry.chunk_id)
+            else:  # and the bytes themselves are right (decoded, BLAKE3 against the id)
+                repo.chunks.read_chunk(entry.chunk_id, describe=lambda: "a chunk about to be archived")
+    return bad
