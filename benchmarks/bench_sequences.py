@@ -209,8 +209,9 @@ def run_sequence(sequence: str, files: list[Path], work: Path, repeats: int, pee
     folder = work / "runs" / sequence
     folder.mkdir(parents=True, exist_ok=True)
     print(f"  {sequence}: ckptvcs vs torch.save", file=sys.stderr)
-    result: dict[str, Any] = {"checkpoints": len(files), "state_bytes": bench_core.state_nbytes(
-        torch.load(files[0], weights_only=True)), "torch_save_bytes": sum(f.stat().st_size for f in files)}
+    first = unique_tensors(torch.load(files[0], weights_only=True)).values()
+    result: dict[str, Any] = {"checkpoints": len(files), "state_bytes": sum(t.numel() * t.element_size() for t in first),
+                              "torch_save_bytes": sum(f.stat().st_size for f in files)}
     result["commit"] = commits_vs_save(files, folder)
     result["load"] = loads_vs_torch(files, folder, result["commit"]["commits"], repeats)
     print(f"  {sequence}: per-tensor estimate", file=sys.stderr)
