@@ -10,10 +10,11 @@ before each save, as in training) and reports:
 * the commit against ``torch.save`` + fsync of the same state, as A/B pairs (save,
   commit, save, commit ...), the ratio taken pair by pair (median and quartiles), with
   ``code_version`` captured as a default commit does (``--no-code-version`` to skip);
-* ``--profile``: where a commit's time goes: the fsync, rename, open and write calls
-  a commit makes, counted by wrapping ``os`` in this process (every durable write of
-  ckptvcs goes through ``os.fsync``), the time spent in them, and cProfile's top
-  functions by cumulative time;
+* ``--profile``: where a commit's time goes: wall time per stage of the commit path
+  (STAGES, timed by wrapping those functions), the fsync, open, mkdir and stat calls
+  a commit makes, counted and timed by wrapping ``os`` in this process (every durable
+  write of ckptvcs goes through ``os.fsync``), then cProfile's top functions (which
+  inflate call-heavy Python code: trust the stage timers for shares);
 * ``--strace``: the same loop under ``strace -c -f`` (when installed), for the
   system-call totals the kernel sees.
 
@@ -47,6 +48,54 @@ import ckptvcs  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRACED = ("fsync", "replace", "rename", "open", "write", "mkdir", "unlink", "stat", "listdir", "scandir")
+
+
+# label -> (module, class or None, attribute): the commit path's stages, timed by wrapping
+# them (wall time, nested stages counted in their parents too). cProfile is printed as
+# well, but it inflates call-heavy Python code several times over.
+STAGES = {
+    "state walk (encode_state)": ("ckptvcs.repo", None, "encode_state"),
+    "delta bases (Repo._delta_bases)": ("ckptvcs.repo", "Repo", "_delta_bases"),
+    "chunks: hash, encode, pack writes (WriteSession.put_blobs)": ("ckptvcs.store", "WriteSession", "put_blobs"),
+    "chunks: seal pack, index txn (WriteSession.finish)": ("ckptvcs.store", "WriteSession", "finish"),
+    "objects: manifest + commit (ObjectStore.put)": ("ckptvcs.objects", "ObjectStore", "put"),
+    "  of which JSON depth checks": ("ckptvcs.objects", None, "json_depth_exceeds"),
+    "ref compare-and-swap + its reflog (Refs.set_if_equals)": ("ckptvcs.refs", "Refs", "set_if_equals"),
+    "HEAD reflog (Refs.log_move)": ("ckptvcs.refs", "Refs", "log_move"),
+    "code version (provenance.code_version)": ("ckptvcs.provenance", None, "code_version"),
+    "environment (provenance.environment)": ("ckptvcs.provenance", None, "environment"),
+}
+
+
+class StageTimer:
+    """Wall time spent in each of STAGES while active."""
+
+    def __init__(self) -> None:
+        self.seconds: Counter[str] = Counter()
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> StageTimer:
+        import importlib
+
+        for label, (module_name, owner_name, attr) in STAGES.items():
+            module = importlib.import_module(module_name)
+            owner = getattr(module, owner_name) if owner_name else module
+            original = owner.__dict__[attr] if owner_name else getattr(owner, attr)
+
+            def wrapper(*args: Any, __f: Any = original, __label: str = label, **kw: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return __f(*args, **kw)
+                finally:
+                    self.seconds[__label] += time.perf_counter() - start
+
+            self._saved.append((owner, attr, original))
+            setattr(owner, attr, wrapper)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
 
 
 def tiny_state(size_mb: float = 1.3) -> tuple[dict[str, Any], list[str]]:
@@ -120,17 +169,25 @@ def profile(state: dict[str, Any], names: list[str], work: Path, commits: int, t
     repo = ckptvcs.Repo.init(work / "repo")
     repo.commit(state, step=0)  # warm: imports, environment, code version
     every = list(range(len(names)))
-    prof = cProfile.Profile()
-    with SyscallCounter() as counter:
-        start = time.perf_counter()
+    spent = 0.0
+    with SyscallCounter() as counter, StageTimer() as stages:
         for i in range(1, commits + 1):
             bench_core.perturb(state, names, every, seed=i)
-            prof.enable()
+            start = time.perf_counter()
             repo.commit(state, step=i)
-            prof.disable()
-        wall = time.perf_counter() - start
+            spent += time.perf_counter() - start
+    print(f"\n{commits} commits, {spent / commits * 1000:.1f} ms each (wall; stage wrappers on, no profiler)")
+    print("wall time per commit by stage (stages nest):")
+    for label in STAGES:
+        sec = stages.seconds[label]
+        print(f"  {label:58s} {sec / commits * 1000:7.2f} ms  {100 * sec / spent:5.1f}%")
+    prof = cProfile.Profile()
+    for i in range(commits + 1, 2 * commits + 1):
+        bench_core.perturb(state, names, every, seed=i)
+        prof.enable()
+        repo.commit(state, step=i)
+        prof.disable()
     repo.close()
-    print(f"\n{commits} commits, {wall / commits * 1000:.1f} ms each (wall, including the perturbation)")
     print("os calls per commit (count, ms):")
     for name in TRACED:
         if counter.calls[name]:

@@ -95,3 +95,20 @@ def test_a_commit_on_another_parent_reads_that_parent(tmp_path: Path) -> None:
     assert repo.log(on_side)[1].id == first
     np.testing.assert_array_equal(repo.load(on_side)["extra"][0], _state(2)["extra"][0])
     repo.close()
+
+
+def test_tensor_paths_with_every_kind_of_key() -> None:
+    """Delta pairing names tensors by key path: plain keys (str, int, bool, None) take a
+    fast path, the others (float, tuple, bytes) are decoded; both must name the same paths
+    as before."""
+    from ckptvcs.delta import _first_paths
+    from ckptvcs.state import encode_state, iter_tensors
+
+    t = torch.zeros(3)
+    state = {"a": {0: t + 1, True: t + 2, None: t + 3, 1.5: t + 4, ("x", 2): t + 5, b"k": t + 6}, 7: [t + 7]}
+    root = encode_state(state).root
+    paths = [path for path, _, _ in iter_tensors(root)]
+    assert paths == ["a/0", "a/True", "a/None", "a/1.5", "a/('x', 2)", "a/b'k'", "7/0"]
+    assert sorted(_first_paths(root).values()) == sorted(paths)
+    again = [path for path, _, _ in iter_tensors(encode_state(state).root)]
+    assert again == paths
