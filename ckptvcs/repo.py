@@ -235,6 +235,10 @@ class Repo:
         if config.get("lazy_remote") is not None:
             for factory in CHUNK_SOURCE_FACTORIES:
                 self.chunk_source = self.chunk_source or factory(self)
+        # (commit id, its manifest) of the last commit this Repo published: the next
+        # commit's delta bases come from it without reading the object back.
+        self._recent_manifest: tuple[str, Manifest] | None = None
+        self._staged_manifest: Manifest | None = None
         self._rebuild_missing_index()
         try:
             self.chunks.index  # noqa: B018 (read for its effect) open now: a forked child is refused here, at open
@@ -666,13 +670,15 @@ class Repo:
         except BaseException:
             session.abort()
             raise
-        manifest_id = self.objects.put("manifest", {
+        body = {
             "root": encoded.root,
             "blobs": [
                 {"nbytes": len(blob.data), "dtype": blob.dtype, "chunks": [c.hex() for c in chunks]}
                 for blob, chunks in zip(encoded.blobs, chunk_lists)
             ],
-        })
+        }
+        manifest_id = self.objects.put("manifest", body)
+        self._staged_manifest = Manifest(manifest_id, body["root"], body["blobs"])
         return Staged(
             manifest=manifest_id,
             parent=parent,
@@ -701,6 +707,9 @@ class Repo:
         commit_id = self.objects.put("commit", commit.to_json())
         summary = f"commit: {commit.message.splitlines()[0] if commit.message else '(no message)'}"
         self.refs.set_if_equals(target, expected, commit_id, who=who, message=summary)
+        staged_manifest = self._staged_manifest
+        if staged_manifest is not None and staged_manifest.id == staged.manifest:
+            self._recent_manifest = (commit_id, staged_manifest)
         if target != HEAD and self.refs.symbolic_target(HEAD) == target:
             self.refs.log_move(HEAD, expected, commit_id, who=who, message=summary)
         return commit_id
@@ -729,8 +738,9 @@ class Repo:
         """Per blob, the parent commit's chunk ids to try XOR deltas against (None: no parent)."""
         if parent is None or self.chunks.keyframe_interval <= 1:
             return None
+        recent = self._recent_manifest
         try:
-            manifest = self.manifest(parent)
+            manifest = recent[1] if recent is not None and recent[0] == parent else self.manifest(parent)
         except (CorruptObjectError, RevisionNotFoundError):
             return None  # a damaged parent is no base; the new commit stands on its own
         return delta.parent_bases(manifest.root, manifest.blobs, encoded.root, [b.dtype for b in encoded.blobs])

@@ -368,8 +368,9 @@ def _children(node: Any) -> Iterator[tuple[Any, Any]]:
         return
     tag, body = _single(node)
     if tag in ("dict", "odict"):
-        for pair in _dict_items(tag, body):
-            yield _decode_plain(pair[0]), pair[1]
+        for key, child in _dict_items(tag, body):
+            # A plain key (str, int, bool, None) decodes to itself: skip building a decoder.
+            yield (key if key is None or isinstance(key, (bool, int, str)) else _decode_plain(key)), child
     elif tag in ("list", "tuple"):
         if not isinstance(body, list):
             raise _corrupt(f"{tag} body is not a list")
