@@ -5,7 +5,7 @@ One line turns it on::
     trainer = Trainer(model=model, args=args, ..., callbacks=[CkptvcsCallback("ckpts")])
     trainer.train(resume_from_checkpoint=resume_path("ckpts"))      # "latest", or any revision
 
-Design (docs/integrations_hf.md says the same for users):
+Design (docs/integrations.md says the same for users):
 
 - **A callback, not a Trainer subclass.** The Trainer has no pluggable checkpoint I/O, but
   ``on_save`` fires right after each complete ``checkpoint-N`` save, with the live model,
