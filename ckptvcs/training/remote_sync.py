@@ -76,13 +76,15 @@ class RemoteSync:
         self.error: BaseException | None = None
         self.pushed: str | None = None  # the commit the remote branch was last seen at after a push
         self.archived: list[str] = []
+        self._archived: set[str] = set()
 
     # -- called by the manager (the loop's thread or its async-save thread) -------------------
 
     def archive_later(self, commit_ids: list[str]) -> None:
         """Commits the keep policy drops locally: archived after the next successful push."""
-        with self._lock:
-            self._to_archive = list(dict.fromkeys(self._to_archive + commit_ids))
+        with self._lock:  # the manager passes its whole drop list each save: skip what is archived already
+            fresh = [c for c in commit_ids if c not in self._archived]
+            self._to_archive = list(dict.fromkeys(self._to_archive + fresh))
 
     def submit(self) -> None:
         """Queue a push of the branch (a push already waiting to start covers this one)."""
@@ -148,6 +150,7 @@ class RemoteSync:
             if to_archive:
                 done = archive_commits(repo, self.name, to_archive)
                 self.archived += done.archived
+                self._archived.update(done.archived)
                 if done.archived and self._repo.chunk_source is None:  # the loop's handle loads them back
                     self._repo.chunk_source = LazyChunkSource(self._repo, self.name)
                 self.archive_later(done.not_on_remote)
