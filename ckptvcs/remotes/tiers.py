@@ -147,13 +147,14 @@ def _unverified_chunks(repo: Repo, store: RemoteStore, chunks: set[bytes], locat
 
 # -- what lives where ------------------------------------------------------------------------
 
-TIERS = ("local_only", "local_and_remote", "remote_only", "not_fetched", "pruned", "missing")
+TIERS = ("local_only", "local_and_remote", "remote_only", "not_fetched", "pruned")
 """``local_only``: every chunk local, on no remote this repository knows of;
 ``local_and_remote``: every chunk local, and reachable from a remote-tracking ref
 (``refs/remotes/<name>/...``: pushed or fetched); ``remote_only``: archived (its data
 only on the remote); ``not_fetched``: a lazy clone's commit with chunks not fetched yet;
-``pruned``: data released with no remote copy (history only); ``missing``: chunks gone
-from a repository that is no lazy clone (damage: run ``ckptvcs fsck``)."""
+``pruned``: data released with no remote copy (history only). Manifests are read only in a
+lazy clone (to find what is not fetched); elsewhere a kept commit's chunks are local by the
+store's invariants (``ckptvcs fsck`` checks that), so this costs what ``log`` costs."""
 
 
 @dataclass
@@ -182,13 +183,13 @@ class TierSummary:
             return f"no remotes configured; all {len(self.commits)} commit(s) live in this repository"
         words = {"local_only": "local only", "local_and_remote": "local + remote",
                  "remote_only": "only on the remote (archived)", "not_fetched": "not fetched yet (lazy)",
-                 "pruned": "pruned (no copy)", "missing": "with missing chunks (run fsck)"}
+                 "pruned": "pruned (no copy)"}
         parts = [f"{n} {words[t]}" for t, n in self.counts.items() if n]
         return f"{', '.join(parts) or 'no commits'}; remotes: {', '.join(sorted(self.remotes))}"
 
 
 def where(repo: Repo) -> TierSummary:
-    """Which tier holds each commit of ``repo`` (reads refs, commits and manifests; no tensor data)."""
+    """Which tier holds each commit of ``repo`` (reads refs and commits, and a lazy clone's manifests)."""
     from ckptvcs.remotes.config import list_remotes
 
     summary = TierSummary({n: r.url for n, r in list_remotes(repo).items()})
@@ -205,14 +206,14 @@ def where(repo: Repo) -> TierSummary:
         for commit_id in _walk(parents, tips, set()):
             summary.on_remote.setdefault(commit_id, []).append(name)
     index = repo.chunks.index
+    pruned = repo.pruned()
     for commit in repo.all_commits():
-        record = repo.pruned_record(commit.id)
+        record = pruned.get(commit.id)
         if record is not None:
             summary.commits[commit.id] = "remote_only" if record.get("rule") == ARCHIVED_RULE else "pruned"
             continue
-        chunks = set(_manifest_chunks(repo.objects.get(commit.manifest, "manifest")[1]))
-        if index.missing(chunks):
-            summary.commits[commit.id] = "not_fetched" if summary.lazy_remote else "missing"
+        if summary.lazy_remote and index.missing(set(_manifest_chunks(repo.objects.get(commit.manifest, "manifest")[1]))):
+            summary.commits[commit.id] = "not_fetched"
         else:
             summary.commits[commit.id] = "local_and_remote" if commit.id in summary.on_remote else "local_only"
     return summary
