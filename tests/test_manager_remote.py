@@ -334,9 +334,11 @@ def test_where_splits_commits_by_tier_and_the_cli_shows_it(store: Repo, tmp_path
     assert status["tiers"]["counts"]["local_and_remote"] == 1 and status["tiers"]["remotes"] == {"origin": str(remote)}
     assert "tiers:   1 local only" in ok("--repo", str(store.root), "status", cwd=tmp_path)
 
-    from ckptvcs.report import build_summary
+    from ckptvcs.report import build_summary, render_html
 
-    assert build_summary(store)["remotes"]["counts"]["remote_only"] == 2
+    summary = build_summary(store)
+    assert summary["remotes"]["counts"]["remote_only"] == 2
+    assert "Storage tiers: 1 local only, 1 local + remote, 2 only on the remote (archived)" in render_html(summary)
 
 
 def test_local_gc_keeps_what_remote_tracking_refs_need_and_never_touches_the_remote(store: Repo, tmp_path: Path) -> None:
