@@ -707,7 +707,7 @@ class CheckpointManager:
 
 
 def _remote_sync(repo: Repo, remote: str, branch: str | None) -> Any:
-    """The background pusher (imported only when a remote is asked for: remotes load fsspec)."""
+    """The background pusher, imported only when a remote is asked for (the remotes package stays unloaded otherwise)."""
     from .remote_sync import RemoteSync
 
     return RemoteSync(repo, remote, branch)
