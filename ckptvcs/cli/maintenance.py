@@ -24,10 +24,14 @@ from ._app import (
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool) -> None:
-    """Logical vs stored size, dedup and compression ratios, commit and chunk counts."""
-    s = _repo(ctx).stats()
+    """Logical vs stored size, dedup and compression ratios, commit and chunk counts, and which
+    tier holds each commit (local only, local + remote, only on the remote, not fetched)."""
+    repo = _repo(ctx)
+    s = repo.stats()
+    tiers = _tiers(repo)
     if as_json:
-        click.echo(json.dumps({**s.__dict__, "dedup_ratio": s.dedup_ratio, "compression_ratio": s.compression_ratio}, indent=2))
+        click.echo(json.dumps({**s.__dict__, "dedup_ratio": s.dedup_ratio, "compression_ratio": s.compression_ratio,
+                               "tiers": tiers.as_dict()}, indent=2))
         return
     rows = [
         ("commits", str(s.commits)),
@@ -40,6 +44,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         ("dedup ratio", f"{s.dedup_ratio:.2f}x"),
         ("compression ratio", f"{s.compression_ratio:.2f}x"),
         ("overall", f"{s.logical_bytes / max(1, s.pack_bytes + s.object_bytes):.2f}x"),
+        ("tiers", tiers.line()),
     ]
     for label, value in rows:
         click.echo(f"{label:<18} {value}")
@@ -142,6 +147,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     from .trust import last_verification, verification_line
 
     verified = last_verification(repo, head_id) if head_id else None
+    tiers = _tiers(repo)
     if as_json:
         click.echo(json.dumps({
             "branch": branch_name, "head": head_id,
@@ -152,11 +158,20 @@ def status(ctx: click.Context, as_json: bool) -> None:
                    "dead_chunks": report.dead_chunks},
             "fsck": checked,
             "verified": verified,
+            "tiers": {k: v for k, v in tiers.as_dict().items() if k != "commits"},
         }, indent=2))
         return
     for line in _status_lines(branch_name, head, report, checked):
         click.echo(line)
+    click.echo(f"tiers:   {tiers.line()}")
     click.echo(f"verify:  {verification_line(verified) or 'HEAD never verified; run `ckptvcs verify`'}")
+
+
+def _tiers(repo: Any) -> Any:
+    """Which tier holds each commit (ckptvcs.remotes.tiers.where)."""
+    from ..remotes import where
+
+    return where(repo)
 
 
 def _status_lines(branch_name: str | None, head: Commit | None, report: Any, checked: dict | None) -> list[str]:

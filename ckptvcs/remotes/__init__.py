@@ -7,7 +7,7 @@ Library first: ``push(repo, "origin")``, ``fetch(repo, "origin")``, ``pull(repo,
 from ckptvcs.remotes import lazy as _lazy
 from ckptvcs.remotes.config import Remote, add_remote, get_remote, list_remotes, open_backend, remove_remote
 from ckptvcs.remotes.layout import RemoteStore
-from ckptvcs.remotes.tiers import ArchiveReport, archive
+from ckptvcs.remotes.tiers import ArchiveReport, TierSummary, archive, archive_commits, where
 from ckptvcs.remotes.transfer import FetchReport, PushReport, clone, connect, fetch, pull, push
 from ckptvcs.repo import CHUNK_SOURCE_FACTORIES
 
@@ -16,5 +16,6 @@ if _lazy._factory not in CHUNK_SOURCE_FACTORIES:  # a Repo opened on a lazy clon
 
 __all__ = [
     "Remote", "add_remote", "get_remote", "list_remotes", "remove_remote", "open_backend", "RemoteStore",
-    "PushReport", "FetchReport", "push", "fetch", "pull", "clone", "connect", "archive", "ArchiveReport",
+    "PushReport", "FetchReport", "push", "fetch", "pull", "clone", "connect", "archive", "archive_commits", "ArchiveReport",
+    "TierSummary", "where",
 ]

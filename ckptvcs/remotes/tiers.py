@@ -16,7 +16,7 @@ local (objects are never archived).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckptvcs.errors import StorageError, UsageError
 from ckptvcs.gc import GcReport
@@ -30,7 +30,7 @@ from ckptvcs.repo import ARCHIVED_RULE
 if TYPE_CHECKING:
     from ckptvcs.repo import Repo
 
-__all__ = ["ArchiveReport", "archive"]
+__all__ = ["ArchiveReport", "archive", "archive_commits", "TierSummary", "TIERS", "where"]
 
 
 @dataclass
@@ -51,13 +51,27 @@ def archive(repo: Repo, remote: str = "origin", *, keep_last: int, dry_run: bool
     """Release the local data of commits older than the last ``keep_last`` that ``remote`` holds, verified."""
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise UsageError(f"keep_last must be a positive integer, got {keep_last!r}")
+    commits = [c.id for c in repo.all_commits()]  # newest first
+    protected = set(repo._all_tips()) | {t.object for t in repo.tags().values()}
+    kept = [c for c in commits if c in protected or c in commits[:keep_last]]
+    report = archive_commits(repo, remote, [c for c in commits if c not in kept], dry_run=dry_run)
+    report.kept = kept + report.kept
+    return report
+
+
+def archive_commits(repo: Repo, remote: str, commits: list[str], *, dry_run: bool = False) -> ArchiveReport:
+    """Release the local data of ``commits`` that ``remote`` holds, verified (as :func:`archive`).
+
+    For a caller with its own policy (the training manager's keep policy). Every ref tip
+    and tagged commit among ``commits`` is kept (``kept``), as are commits already pruned
+    or archived (left out); the remote's copy is checked exactly as :func:`archive` does.
+    """
     cfg = get_remote(repo, remote)
     store = RemoteStore(open_backend(cfg.url, cfg.endpoint_url))
     report = ArchiveReport(store.describe())
-    commits = [c.id for c in repo.all_commits()]  # newest first
     protected = set(repo._all_tips()) | {t.object for t in repo.tags().values()}
-    report.kept = [c for c in commits if c in protected or c in commits[:keep_last]]
-    older = [c for c in commits if c not in report.kept and repo.pruned_record(c) is None]
+    report.kept = [c for c in commits if c in protected]
+    older = [c for c in dict.fromkeys(commits) if c not in protected and repo.pruned_record(c) is None]
     if not older:
         return report
     held = {_peel_local(repo, v) for v in store.refs().values()}
@@ -129,3 +143,77 @@ def _unverified_chunks(repo: Repo, store: RemoteStore, chunks: set[bytes], locat
             else:  # and the bytes themselves are right (decoded, BLAKE3 against the id)
                 repo.chunks.read_chunk(entry.chunk_id, describe=lambda: "a chunk about to be archived")
     return bad
+
+
+# -- what lives where ------------------------------------------------------------------------
+
+TIERS = ("local_only", "local_and_remote", "remote_only", "not_fetched", "pruned")
+"""``local_only``: every chunk local, on no remote this repository knows of;
+``local_and_remote``: every chunk local, and reachable from a remote-tracking ref
+(``refs/remotes/<name>/...``: pushed or fetched); ``remote_only``: archived (its data
+only on the remote); ``not_fetched``: a lazy clone's commit with chunks not fetched yet;
+``pruned``: data released with no remote copy (history only). Manifests are read only in a
+lazy clone (to find what is not fetched); elsewhere a kept commit's chunks are local by the
+store's invariants (``ckptvcs fsck`` checks that), so this costs what ``log`` costs."""
+
+
+@dataclass
+class TierSummary:
+    """Which tier holds each commit (:data:`TIERS`), with counts and the remotes."""
+
+    remotes: dict[str, str] = field(default_factory=dict)  # name → URL
+    lazy_remote: str | None = None
+    commits: dict[str, str] = field(default_factory=dict)  # commit id → tier
+    on_remote: dict[str, list[str]] = field(default_factory=dict)  # commit id → remotes whose refs reach it
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(TIERS, 0)
+        for tier in self.commits.values():
+            counts[tier] += 1
+        return counts
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"remotes": dict(self.remotes), "lazy_remote": self.lazy_remote, "counts": self.counts,
+                "commits": dict(self.commits)}
+
+    def line(self) -> str:
+        """One line in words: ``3 local only, 2 local + remote, 4 only on the remote (archived)...``."""
+        if not self.remotes:
+            return f"no remotes configured; all {len(self.commits)} commit(s) live in this repository"
+        words = {"local_only": "local only", "local_and_remote": "local + remote",
+                 "remote_only": "only on the remote (archived)", "not_fetched": "not fetched yet (lazy)",
+                 "pruned": "pruned (no copy)"}
+        parts = [f"{n} {words[t]}" for t, n in self.counts.items() if n]
+        return f"{', '.join(parts) or 'no commits'}; remotes: {', '.join(sorted(self.remotes))}"
+
+
+def where(repo: Repo) -> TierSummary:
+    """Which tier holds each commit of ``repo`` (reads refs and commits, and a lazy clone's manifests)."""
+    from ckptvcs.remotes.config import list_remotes
+
+    summary = TierSummary({n: r.url for n, r in list_remotes(repo).items()})
+    lazy = repo.config.get("lazy_remote")
+    summary.lazy_remote = lazy if isinstance(lazy, str) else None
+    parents = _local_parents(repo)
+    for name in summary.remotes:
+        tips = []
+        for branch in repo.refs.names(f"remotes/{name}"):
+            value = repo.refs.read_raw(f"refs/remotes/{name}/{branch}")
+            tip = _peel_local(repo, value) if value else None
+            if tip is not None:
+                tips.append(tip)
+        for commit_id in _walk(parents, tips, set()):
+            summary.on_remote.setdefault(commit_id, []).append(name)
+    index = repo.chunks.index
+    pruned = repo.pruned()
+    for commit in repo.all_commits():
+        record = pruned.get(commit.id)
+        if record is not None:
+            summary.commits[commit.id] = "remote_only" if record.get("rule") == ARCHIVED_RULE else "pruned"
+            continue
+        if summary.lazy_remote and index.missing(set(_manifest_chunks(repo.objects.get(commit.manifest, "manifest")[1]))):
+            summary.commits[commit.id] = "not_fetched"
+        else:
+            summary.commits[commit.id] = "local_and_remote" if commit.id in summary.on_remote else "local_only"
+    return summary

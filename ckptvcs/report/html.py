@@ -357,7 +357,8 @@ def _health(summary: dict[str, Any]) -> str:
     branches = _table("Branches", ["branch", "tip", "commits (first-parent)"],
                       [(n, _code(_short(b["tip"])), b["commits"]) for n, b in summary["branches"].items()],
                       numeric=(2,))
-    tiers = '<p class="muted">Storage tiers: no remotes configured; every checkpoint lives in this repository.</p>'
+    remotes = summary.get("remotes") or {}
+    tiers = f'<p class="muted">Storage tiers: {escape(str(remotes.get("line") or "no remotes configured"))}.</p>'
     return _section("health", "Health", fsck_html + ver_html + tiers
                     + _table("Verified restores, newest first", ["commit", "time", "result", "restore s", "error"],
                              ver_rows)

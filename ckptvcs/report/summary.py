@@ -118,10 +118,21 @@ def _build(repo: Repo, attention: list[dict[str, str]]) -> dict[str, Any]:
         "restores": restores,
         "verifications": {"records": sorted(verified.values(), key=lambda r: str(r.get("time", "")))},
         "fsck": repo.last_fsck(),
-        "remotes": None,  # no remote storage tiers yet: everything is in this repository
+        "remotes": _tiers(repo),
     }
     _health(summary, attention)
     return summary
+
+
+def _tiers(repo: Repo) -> dict[str, Any]:
+    """Which tier holds what (ckptvcs.remotes.tiers.where): remotes, counts per tier, one line in words."""
+    from ..remotes import where
+
+    try:
+        tiers = where(repo)
+    except CkptvcsError as err:  # a damaged ref or manifest: the rest of the report still renders
+        return {"remotes": {}, "lazy_remote": None, "counts": {}, "line": f"unknown ({err})"}
+    return {"remotes": tiers.remotes, "lazy_remote": tiers.lazy_remote, "counts": tiers.counts, "line": tiers.line()}
 
 
 def _first_parent_chains(branches: dict[str, str], by_id: dict[str, Commit], head: str | None) -> dict[str, list[str]]:

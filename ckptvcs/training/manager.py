@@ -83,6 +83,13 @@ class CheckpointManager:
     the trigger keywords (``every_steps``, ``every_seconds``, ``best_metric``) and the keep
     keywords (``keep_last``, ``keep_best``, ``keep_every_steps``, ``max_age``) are shorthands
     for them, and passing a policy with a shorthand of its family raises PolicyConflictError.
+
+    ``remote=`` (a configured remote name, or a URL, added as ``origin``) pushes the branch
+    after each save on one background worker (ckptvcs.training.remote_sync); the keep policy
+    then archives what it drops (data only on the remote, verified) instead of pruning it.
+    A failed push warns at the next call, sets :attr:`remote_error` and is retried by the
+    next save's push; ``wait()`` drains the pushes, ``close()`` retries a failed last push
+    once and raises its error if it fails again (docs/remotes.md).
     """
 
     gc_lock_timeout: float = 10.0
@@ -112,6 +119,7 @@ class CheckpointManager:
         clock: Callable[[], float] = time.monotonic,
         save_policy: SavePolicy | None = None,
         keep_policy: KeepPolicy | None = None,
+        remote: str | None = None,
     ) -> None:
         if not isinstance(state, Mapping) or not state:
             raise InvalidInputError("state must be a non-empty dict of name -> object, tensor or value")
@@ -160,6 +168,8 @@ class CheckpointManager:
         if branch is None:
             branch = self.repo.head()[0]  # None: HEAD is detached, commit there
         self.branch = branch
+        # remote=: each save is pushed in the background, and the keep policy archives instead of pruning.
+        self._remote = _remote_sync(self.repo, remote, branch) if remote is not None else None
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.best_metric = best_metric
@@ -244,6 +254,8 @@ class CheckpointManager:
         background save, and record the loop's progress. Returns the validated step."""
         self._check_open()
         self._raise_background_error(wait=False)
+        if self._remote is not None:
+            self._remote.report()
         step = _step_number(step)
         self._check_step_order(step)
         self._current_step = step
@@ -275,7 +287,7 @@ class CheckpointManager:
 
     def _head_saved_at(self, step: int) -> str | None:
         """The branch head when it is the commit this manager last saved or restored, at ``step``."""
-        self.wait()
+        self._raise_background_error(wait=True)  # the save only: a background push is not waited for
         if self.last_commit is None or self._last_saved_step != step:
             return None
         return self.last_commit if self._branch_head() == self.last_commit else None
@@ -369,8 +381,18 @@ class CheckpointManager:
         })
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is durable; raise its error if it failed."""
+        """Block until the save in flight (if any) is durable; raise its error if it failed.
+
+        With ``remote=``, also until every queued background push has run (a failed push
+        is not raised here: see :attr:`remote_error`)."""
         self._raise_background_error(wait=True)
+        if self._remote is not None:
+            self._remote.drain()
+
+    @property
+    def remote_error(self) -> BaseException | None:
+        """With ``remote=``: the error of the last background push, or None once a push succeeded."""
+        return None if self._remote is None else self._remote.error
 
     def close(self) -> None:
         """Flush the save in flight, remove signal handlers, release resources. Idempotent."""
@@ -380,10 +402,14 @@ class CheckpointManager:
             if self._preemption.pending is not None and self._current_step is not None:
                 self._preemption_save(self._current_step, None)
             self.wait()
+            if self._remote is not None:
+                self._remote.finish()  # a last push failed: retried once, raised if it fails again
         finally:
             self._closed = True
             self._preemption.uninstall()
             self._saver.close()
+            if self._remote is not None:
+                self._remote.close()
             if self._owns_repo:
                 self.repo.close()
 
@@ -509,6 +535,8 @@ class CheckpointManager:
         if not self._retention_blocked():
             self._apply_retention()
             self._maybe_collect_garbage()
+        if self._remote is not None:
+            self._remote.submit()
         return commit_id
 
     def _retention_blocked(self) -> bool:
@@ -607,6 +635,9 @@ class CheckpointManager:
         others = self._other_branches_history()
         records = [r for r in self._history() if r.id not in others]
         decisions = prune_decisions(records, self.keep_policy, self._protected(), time.time())
+        if self._remote is not None:  # two tiers: archived after the push (remote copy verified), never lost
+            self._remote.archive_later([d.id for d in decisions])
+            return
         dropped = set()
         for decision in decisions:
             try:
@@ -668,11 +699,18 @@ class CheckpointManager:
             if step != self._last_saved_step:
                 result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)  # type: ignore[arg-type]
                 if isinstance(result, Future):
-                    self.wait()
+                    self._raise_background_error(wait=True)  # the save, not a push: the signal is waiting
             else:
-                self.wait()
+                self._raise_background_error(wait=True)
         finally:
             self._preemption.let_act(signum)
+
+
+def _remote_sync(repo: Repo, remote: str, branch: str | None) -> Any:
+    """The background pusher, imported only when a remote is asked for (the remotes package stays unloaded otherwise)."""
+    from .remote_sync import RemoteSync
+
+    return RemoteSync(repo, remote, branch)
 
 
 def _done(value: Any) -> Future[Any]:
