@@ -79,9 +79,9 @@ def main() -> None:
     mesh = init_device_mesh("cpu", (world,))
     model, opt = build(mesh, rank)
     result: dict[str, Any] = {"tmp": os.environ.get("TMPDIR"), "cwd": os.getcwd()}
-    if scenario == "train":  # ARGS: total steps, the step after which every rank is SIGKILLed (0: none)
-        total, kill_after = int(args[0]), int(args[1])
-        mgr = DistributedCheckpointManager(repo, model, opt, every_steps=2, keep_last=2)
+    if scenario == "train":  # ARGS: total steps, the step after which every rank is SIGKILLed (0: none), every
+        total, kill_after, every = int(args[0]), int(args[1]), int(args[2])
+        mgr = DistributedCheckpointManager(repo, model, opt, every_steps=every, keep_last=2)
         start = mgr.restore()  # None on a fresh run
         result["resumed_at"] = start
         losses: dict[int, float] = {}

@@ -65,32 +65,40 @@ def run_job(tmp: Path, name: str, scenario: str, repo: str, *args: str, env: dic
     return results
 
 
-def test_killed_and_resumed_run_gives_identical_losses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("total, kill_after, every", [
+    (8, 5, 2),
+    pytest.param(20, 13, 3, marks=pytest.mark.slow),
+])
+def test_killed_and_resumed_run_gives_identical_losses(tmp_path: Path, total: int, kill_after: int, every: int) -> None:
     repo_path = tmp_path / "repo"
     ckptvcs.Repo.init(repo_path).close()
-    killed = run_job(tmp_path, "killed", "train", str(repo_path), "8", "5")
+    killed = run_job(tmp_path, "killed", "train", str(repo_path), str(total), str(kill_after), str(every))
     for r in killed:
         assert r["returncode"] == -9 and r.get("resumed_at") is None, r["log"]
+    saved_at = list(range(every, total + 1, every))
+    last = max(s for s in saved_at if s <= kill_after)
     with ckptvcs.Repo.open(repo_path) as repo:
-        assert repo.show().step == 4
+        assert repo.show().step == last
         kept = [c.step for c in repo.log() if not repo.is_pruned(c.id)]
-        assert kept == [4, 2]  # saves at 2 and 4; keep_last=2
-    resumed = run_job(tmp_path, "resumed", "train", str(repo_path), "8", "0")
+        assert kept == [last, last - every]  # keep_last=2: the coordinator pruned the older ones
+    resumed = run_job(tmp_path, "resumed", "train", str(repo_path), str(total), "0", str(every))
     for rank in range(2):
         r = resumed[rank]
-        assert r.get("resumed_at") == 4, r["log"]
-        reference = r["reference"]  # uninterrupted steps 1..8 in the same processes
+        assert r.get("resumed_at") == last, r["log"]
+        reference = r["reference"]  # uninterrupted steps 1..total in the same processes
         assert killed[rank]["losses"] == {k: reference[k] for k in killed[rank]["losses"]}
-        assert r["losses"] == {str(s): reference[str(s)] for s in range(5, 9)}  # bit-exact: == on floats
+        # bit-exact: == on the floats, every rank (its own data and dropout from its restored RNG)
+        assert r["losses"] == {str(s): reference[str(s)] for s in range(last + 1, total + 1)}
     with ckptvcs.Repo.open(repo_path) as repo:
         log = repo.log()
-        assert [c.step for c in log] == [8, 6, 4, 2]
-        # the coordinator pruned step 2; step 4, the commit this run resumed from, stays protected
-        assert [c.step for c in log if not repo.is_pruned(c.id)] == [8, 6, 4]
-        assert log[0].metrics["loss"] == resumed[0]["losses"]["8"]
+        assert [c.step for c in log] == saved_at[::-1]
+        # the newest two are kept; so is the commit this run resumed from (protected, like CheckpointManager's)
+        expected = sorted({saved_at[-1], saved_at[-2], last}, reverse=True)
+        assert [c.step for c in log if not repo.is_pruned(c.id)] == expected
+        assert log[0].metrics["loss"] == resumed[0]["losses"][str(saved_at[-1])]
         report = repo.fsck(read_data=True)
         assert report.ok, report.errors
-        assert all("rng" not in k or k.startswith("ckptvcs.rng.") for k in load_consolidated(repo))
+        assert {k for k in load_consolidated(repo) if "rng" in k} == {"ckptvcs.rng.0", "ckptvcs.rng.1"}
 
 
 def test_manager_refuses_an_open_repo(tmp_path: Path) -> None:
