@@ -62,6 +62,7 @@ from torch.futures import Future
 from ckptvcs import InvalidInputError, Repo, Staged, UnsupportedValueError, UsageError
 from ckptvcs.backends import Backend
 from ckptvcs.errors import CorruptObjectError
+from ckptvcs.refs import Refs
 
 __all__ = ["METADATA_KEY", "RepoLoadPlanner", "RepoReader", "RepoWriter", "is_dcp_commit", "load_consolidated"]
 
@@ -130,6 +131,19 @@ class _RepoHandle:
             return
         with Repo.open(self._path) as repo:
             yield repo
+
+    def branch_head(self, branch: str | None) -> str | None:
+        """The commit a commit onto ``branch`` (or HEAD) would have as parent. On object
+        storage from the refs alone: opening the repository there builds a chunk index."""
+        if self._url is None:
+            with self.open() as repo:
+                return _branch_head(repo, branch)
+        refs = Refs(self._backend if self._backend is not None else _url_backend(self._url, self._options))
+        if branch is not None:
+            value = refs.read_raw(f"refs/heads/{branch}")
+            if value is not None:
+                return value
+        return refs.follow("HEAD")[1]  # a new branch starts at HEAD
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_repo": None, "_backend": None}
@@ -220,8 +234,7 @@ class RepoWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator: every rank stages against the same parent, the branch head now."""
-        with self._handle.open() as repo:
-            self._parent = _branch_head(repo, self._commit_args["branch"])
+        self._parent = self._handle.branch_head(self._commit_args["branch"])
         return [dataclasses.replace(plan, storage_data={"parent": self._parent}) for plan in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
