@@ -30,7 +30,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch.distributed.checkpoint import (
@@ -60,7 +60,9 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from ckptvcs import InvalidInputError, Repo, Staged, UnsupportedValueError, UsageError
+from ckptvcs.backends import Backend
 from ckptvcs.errors import CorruptObjectError
+from ckptvcs.refs import Refs
 
 __all__ = ["METADATA_KEY", "RepoLoadPlanner", "RepoReader", "RepoWriter", "is_dcp_commit", "load_consolidated"]
 
@@ -75,28 +77,82 @@ def item_key(index: MetadataIndex, tensor: bool) -> str:
     return f"{index.fqn}@{','.join(str(int(o)) for o in (index.offset or ()))}"
 
 
-class _RepoHandle:
-    """A repository given as a Repo or a path. A path is opened for each step and closed
-    after it (DCP's async process mode and spawned ranks carry the writer to other
-    processes, and a writer per save must not leave repositories open); a Repo object
-    is used as is, in the process that opened it."""
+RepoTarget = Union[Repo, str, "os.PathLike[str]", Backend]
 
-    def __init__(self, repo_or_path: Repo | str | os.PathLike[str]) -> None:
-        if not isinstance(repo_or_path, (Repo, str, os.PathLike)):
-            raise InvalidInputError(f"expected a Repo or a path, got {type(repo_or_path).__name__}")
-        self._path = str(repo_or_path.root if isinstance(repo_or_path, Repo) else repo_or_path)
-        self._repo = repo_or_path if isinstance(repo_or_path, Repo) else None
+
+def _is_url(value: Any) -> bool:
+    return isinstance(value, str) and "://" in value and not value.startswith("file://")
+
+
+class _RepoHandle:
+    """A repository given as a Repo, a path, a URL (``s3://bucket/prefix``) or a Backend.
+
+    A path or URL is opened for each step and closed after it (DCP's async process mode
+    and spawned ranks carry the writer to other processes, and a writer per save must not
+    leave repositories open). On a backend without local files each open builds this
+    process's own chunk index in a temporary directory from the packs then on the remote,
+    so one host sees the packs every other host staged before it (the index refresh this
+    code path needs). A Repo or a Backend object is used as is, in the process that made it.
+    """
+
+    def __init__(self, target: RepoTarget, storage_options: dict[str, Any] | None = None) -> None:
+        self._repo = target if isinstance(target, Repo) else None
+        self._backend = target if isinstance(target, Backend) else None
+        self._url: str | None = None
+        self._path: str | None = None
+        self._options = dict(storage_options or {})
+        if self._repo is not None and self._repo.backend.local_root() is None:
+            raise InvalidInputError(
+                "pass the URL or the Backend of a repository on object storage, not an open Repo: each step opens "
+                "it afresh, so its chunk index holds the packs the other hosts staged"
+            )
+        if self._repo is not None:
+            self._path = str(self._repo.root)
+        elif self._backend is not None:
+            self._url = self._backend.describe()
+        elif _is_url(target):
+            self._url = str(target)
+        elif isinstance(target, (str, os.PathLike)):
+            self._path = str(target)
+        else:
+            raise InvalidInputError(f"expected a Repo, a path, a URL or a Backend, got {type(target).__name__}")
+        if self._options and self._url is None:
+            raise InvalidInputError("storage_options apply to a URL (s3://...) only")
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Repo]:
         if self._repo is not None:
             yield self._repo
             return
+        if self._url is not None:
+            backend = self._backend if self._backend is not None else _url_backend(self._url, self._options)
+            with Repo.open(backend=backend) as repo:
+                yield repo
+            return
         with Repo.open(self._path) as repo:
             yield repo
 
+    def branch_head(self, branch: str | None) -> str | None:
+        """The commit a commit onto ``branch`` (or HEAD) would have as parent. On object
+        storage from the refs alone: opening the repository there builds a chunk index."""
+        if self._url is None:
+            with self.open() as repo:
+                return _branch_head(repo, branch)
+        refs = Refs(self._backend if self._backend is not None else _url_backend(self._url, self._options))
+        if branch is not None:
+            value = refs.read_raw(f"refs/heads/{branch}")
+            if value is not None:
+                return value
+        return refs.follow("HEAD")[1]  # a new branch starts at HEAD
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"_path": self._path, "_repo": None}
+        return {**self.__dict__, "_repo": None, "_backend": None}
+
+
+def _url_backend(url: str, storage_options: dict[str, Any]) -> Backend:
+    from ckptvcs.backends.fsspec_backend import FsspecBackend  # fsspec/s3fs only for a URL
+
+    return FsspecBackend(url, **storage_options)
 
 
 def _done(value: Any) -> Future:
@@ -133,7 +189,7 @@ class RepoWriter(StorageWriter):
 
     def __init__(
         self,
-        repo_or_path: Repo | str | os.PathLike[str],
+        repo_or_path: RepoTarget,
         message: str = "",
         step: int | None = None,
         branch: str | None = None,
@@ -144,9 +200,10 @@ class RepoWriter(StorageWriter):
         data_version: str | None = None,
         code_version: Any = True,
         author: str | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self._handle = _RepoHandle(repo_or_path)
+        self._handle = _RepoHandle(repo_or_path, storage_options)
         self._commit_args: dict[str, Any] = {
             "message": message, "step": step, "branch": branch, "metrics": metrics, "epoch": epoch,
             "config": config, "data_version": data_version, "code_version": code_version, "author": author,
@@ -177,8 +234,7 @@ class RepoWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator: every rank stages against the same parent, the branch head now."""
-        with self._handle.open() as repo:
-            self._parent = _branch_head(repo, self._commit_args["branch"])
+        self._parent = self._handle.branch_head(self._commit_args["branch"])
         return [dataclasses.replace(plan, storage_data={"parent": self._parent}) for plan in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
@@ -392,9 +448,11 @@ class RepoReader(StorageReader):
     are handed to the planner as objects, never unpickled.
     """
 
-    def __init__(self, repo_or_path: Repo | str | os.PathLike[str], rev: str = "HEAD") -> None:
+    def __init__(
+        self, repo_or_path: RepoTarget, rev: str = "HEAD", *, storage_options: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
-        self._handle = _RepoHandle(repo_or_path)
+        self._handle = _RepoHandle(repo_or_path, storage_options)
         self.rev = rev
         self.commit_id: str | None = None
         self._storage: tuple[str, dict[MetadataIndex, str]] | None = None
@@ -460,14 +518,16 @@ class RepoReader(StorageReader):
         return False
 
 
-def load_consolidated(repo_or_path: Repo | str | os.PathLike[str], rev: str = "HEAD") -> dict[str, Any]:
+def load_consolidated(
+    repo_or_path: RepoTarget, rev: str = "HEAD", *, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A sharded commit as one state dict of full tensors, in one process, no process group.
 
     What DCP's ``format_utils`` do for its own files: every tensor assembled from its
     shards, the non-tensor values, nested back as saved (the planner's flattening
     undone). ``repo.load(rev)`` instead returns the stored shards as they are.
     """
-    with _RepoHandle(repo_or_path).open() as repo:
+    with _RepoHandle(repo_or_path, storage_options).open() as repo:
         return _consolidate(repo, repo.resolve(rev))
 
 
