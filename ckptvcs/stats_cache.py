@@ -53,23 +53,24 @@ def _checksum(body: dict[str, Any]) -> str:
     return blake3.blake3(canonical_json(body)).hexdigest()
 
 
-def load(backend: Backend) -> tuple[Entries, dict[str, int]]:
-    """``(commit entries, key sizes)`` from the cache; both empty when it is absent,
-    unreadable or fails its checksum."""
+def load(backend: Backend) -> tuple[Entries, dict[str, int], list[str]]:
+    """``(commit entries, key sizes, the tips they were walked from)`` from the cache; all
+    empty when it is absent, unreadable or fails its checksum."""
     try:
         record = json.loads(backend.get(KEY, max_size=_MAX_SIZE))
-        body = {"commits": record["commits"], "sizes": record["sizes"]}
+        body = {"commits": record["commits"], "sizes": record["sizes"], "tips": record["tips"]}
         if record.get("version") != VERSION or record.get("checksum") != _checksum(body):
-            return {}, {}
+            return {}, {}, []
         commits = {str(oid): (int(v[0]), tuple(str(p) for p in v[1])) for oid, v in body["commits"].items()}
-        return commits, {str(key): int(size) for key, size in body["sizes"].items()}
+        return commits, {str(key): int(size) for key, size in body["sizes"].items()}, [str(t) for t in body["tips"]]
     except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError, IndexError, CkptvcsError):
-        return {}, {}
+        return {}, {}, []
 
 
-def save(backend: Backend, entries: Entries, sizes: dict[str, int]) -> None:
+def save(backend: Backend, entries: Entries, sizes: dict[str, int], tips: list[str]) -> None:
     """Replace the cache (best effort: a failure only costs the next call its reads)."""
-    body = {"commits": {oid: [size, list(parents)] for oid, (size, parents) in entries.items()}, "sizes": sizes}
+    body = {"commits": {oid: [size, list(parents)] for oid, (size, parents) in entries.items()}, "sizes": sizes,
+            "tips": tips}
     record = {"version": VERSION, "checksum": _checksum(body), **body}
     with contextlib.suppress(OSError, CkptvcsError):
         backend.put(KEY, canonical_json(record) + b"\n")
@@ -85,7 +86,8 @@ def summarize(backend: Backend, read_commit: Callable[[str], Commit], tips: Iter
     one content). The cache is rewritten, holding exactly what is reachable and listed
     now, when that differs from what it held.
     """
-    cached, cached_sizes = load(backend)
+    cached, cached_sizes, cached_tips = load(backend)
+    tips = sorted(set(tips))
     fresh: Entries = {}
 
     def parents(oid: str) -> tuple[str, ...]:
@@ -95,7 +97,8 @@ def summarize(backend: Backend, read_commit: Callable[[str], Commit], tips: Iter
             entry = fresh[oid] = (int(commit.stats.get("logical_bytes", 0)), tuple(commit.parents))
         return entry[1]
 
-    seen = reachable(parents, tips)
+    # The cache holds exactly the commits reachable from its tips: same tips, same set.
+    seen = set(cached) if cached and tips == cached_tips else reachable(parents, tips)
     entries = {**cached, **fresh}
     folder_bytes = {}
     sizes: dict[str, int] = {}
@@ -108,7 +111,7 @@ def summarize(backend: Backend, read_commit: Callable[[str], Commit], tips: Iter
             sizes[key] = size
             total += size
         folder_bytes[prefix] = total
-    if fresh or len(cached) != len(seen) or sizes != cached_sizes:
-        save(backend, {oid: entries[oid] for oid in sorted(seen)}, sizes)
+    if fresh or len(cached) != len(seen) or sizes != cached_sizes or tips != cached_tips:
+        save(backend, {oid: entries[oid] for oid in sorted(seen)}, sizes, tips)
     return Summary(len(seen), sum(entries[oid][0] for oid in seen), folder_bytes[layout.PACKS],
                    folder_bytes[layout.OBJECTS])
