@@ -19,7 +19,6 @@ import contextlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import blake3
 
@@ -49,18 +48,17 @@ class Summary:
     object_bytes: int
 
 
-def _checksum(body: dict[str, Any]) -> str:
-    return blake3.blake3(canonical_json(body)).hexdigest()
-
-
 def load(backend: Backend) -> tuple[Entries, dict[str, int], list[str]]:
     """``(commit entries, key sizes, the tips they were walked from)`` from the cache; all
     empty when it is absent, unreadable or fails its checksum."""
     try:
-        record = json.loads(backend.get(KEY, max_size=_MAX_SIZE))
-        body = {"commits": record["commits"], "sizes": record["sizes"], "tips": record["tips"]}
-        if record.get("version") != VERSION or record.get("checksum") != _checksum(body):
+        data = backend.get(KEY, max_size=_MAX_SIZE)
+        header_line, _, rest = data.partition(b"\n")
+        header = json.loads(header_line)
+        body_bytes = rest.removesuffix(b"\n")
+        if header.get("version") != VERSION or header.get("checksum") != blake3.blake3(body_bytes).hexdigest():
             return {}, {}, []
+        body = json.loads(body_bytes)
         commits = {str(oid): (int(v[0]), tuple(str(p) for p in v[1])) for oid, v in body["commits"].items()}
         return commits, {str(key): int(size) for key, size in body["sizes"].items()}, [str(t) for t in body["tips"]]
     except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError, IndexError, CkptvcsError):
@@ -69,11 +67,11 @@ def load(backend: Backend) -> tuple[Entries, dict[str, int], list[str]]:
 
 def save(backend: Backend, entries: Entries, sizes: dict[str, int], tips: list[str]) -> None:
     """Replace the cache (best effort: a failure only costs the next call its reads)."""
-    body = {"commits": {oid: [size, list(parents)] for oid, (size, parents) in entries.items()}, "sizes": sizes,
-            "tips": tips}
-    record = {"version": VERSION, "checksum": _checksum(body), **body}
+    body = canonical_json({"commits": {oid: [size, list(parents)] for oid, (size, parents) in entries.items()},
+                           "sizes": sizes, "tips": tips})
+    header = canonical_json({"version": VERSION, "checksum": blake3.blake3(body).hexdigest()})
     with contextlib.suppress(OSError, CkptvcsError):
-        backend.put(KEY, canonical_json(record) + b"\n")
+        backend.put(KEY, header + b"\n" + body + b"\n")
 
 
 def summarize(backend: Backend, read_commit: Callable[[str], Commit], tips: Iterable[str]) -> Summary:
