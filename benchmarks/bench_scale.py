@@ -10,8 +10,10 @@ writes) and times each operation on both, alternating (small, large, small, larg
 so the ratio large/small is taken pair by pair on a machine whose speed drifts:
 
 * library: ``Repo.log(n=20)``; ``status`` as the CLI computes it (``head``, ``show``,
-  ``gc(dry_run=True)``, ``last_fsck``); ``checkout`` of the branch (HEAD re-pointed,
-  reflog appended); ``stats()``; and ``commit`` of a tiny state on top;
+  ``last_fsck``; with ``--gc`` also ``gc(dry_run=True)``); ``checkout`` of the branch
+  (HEAD re-pointed, reflog appended); ``stats()`` (its cache warm from the previous
+  call, as in use) and ``stats()`` with its cache deleted first (a first run); and
+  ``commit`` of a tiny state on top;
 * the same commands through the CLI in a subprocess (start-up included):
   ``log -n 20``, ``status``, ``checkout main``, ``stats``.
 
@@ -41,18 +43,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_catalog  # noqa: E402
 
-from ckptvcs import Repo  # noqa: E402
+from ckptvcs import Repo, layout  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def status(repo: Repo) -> None:
-    """What `ckptvcs status` computes."""
+def status(repo: Repo, with_gc: bool = False) -> None:
+    """What `ckptvcs status` computes (with ``with_gc``: `ckptvcs status --gc`)."""
     _, head_id = repo.head()
     if head_id:
         repo.show(head_id)
-    repo.gc(dry_run=True)
+    if with_gc:
+        repo.gc(dry_run=True)
     repo.last_fsck()
+
+
+def stats_uncached(repo: Repo) -> None:
+    """stats() without its cache (the first run on a repository, or after the cache was lost)."""
+    (repo.root / layout.STATS_CACHE).unlink(missing_ok=True)
+    repo.stats()
 
 
 def operations(repo: Repo) -> dict[str, Callable[[], Any]]:
@@ -60,8 +69,10 @@ def operations(repo: Repo) -> dict[str, Callable[[], Any]]:
     return {
         "log -n 20": lambda: repo.log(n=20),
         "status": lambda: status(repo),
+        "status --gc": lambda: status(repo, with_gc=True),
         "checkout": lambda: repo.checkout("main"),
         "stats": repo.stats,
+        "stats (cache dropped)": lambda: stats_uncached(repo),
         "commit (tiny)": lambda: repo.commit(state, code_version=None),
     }
 

@@ -33,7 +33,7 @@ import numpy as np
 import zstandard
 
 from . import planes, scratch
-from .errors import CorruptObjectError
+from .errors import CorruptObjectError, StateChangedError
 
 __all__ = [
     "RAW", "ZSTD", "PLANES", "XOR_PLANES", "CODEC_NAMES", "USES_BASE", "Encoded",
@@ -162,19 +162,41 @@ def encode(
             parts = _plane_parts(data, layout, "split")
             candidates.append((PLANES, parts, sum(len(p) for p in parts), None))
     limit = len(raw) * (1 - _MIN_SAVING)
+    rejected = False
     for kind, parts, total, base_ref in sorted(candidates, key=lambda c: c[2]):
         if total > limit:
             break
         candidate = Encoded(kind, parts[0] if len(parts) == 1 else _join(parts, total, allocate), base_ref)
         if not verify or _decodes_to(candidate, chunk_id, len(raw), base_data):
             return candidate
+        rejected = True
         warnings.warn(
             f"{CODEC_NAMES[candidate.codec]} encoding of chunk {chunk_id.hex()} does not decode to its input; "
             "not stored (this is a bug in ckptvcs or its compression library)",
             EncodingRejectedWarning,
             stacklevel=2,
         )
+    if rejected:
+        return _raw_fallback(raw, chunk_id)
     return Encoded(RAW, raw)
+
+
+def _raw_fallback(raw: memoryview, chunk_id: bytes) -> Encoded:
+    """The chunk stored as it is, after every candidate failed verification.
+
+    A candidate also fails when ``raw`` (a view of live tensor memory) changed after it
+    was hashed; storing ``raw`` then would put other bytes under ``chunk_id``. So the
+    fallback stores a snapshot, and only when the snapshot still hashes to the id;
+    otherwise the commit fails (StateChangedError) and nothing is stored.
+    """
+    snapshot = bytes(raw)
+    if blake3.blake3(snapshot).digest() != chunk_id:
+        raise StateChangedError(
+            f"a tensor changed while it was being committed (chunk {chunk_id.hex()[:16]} no longer has the bytes "
+            "it was hashed from); nothing was stored: commit again once the state is not being modified",
+            chunk_id.hex(),
+        )
+    return Encoded(RAW, snapshot)
 
 
 def _join(parts: list[Any], total: int, allocate: Callable[[int], memoryview] | None) -> bytes | memoryview:

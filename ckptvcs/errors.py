@@ -47,6 +47,7 @@ __all__ = [
     "AuditLogDamagedError",
     "NonFastForwardError",
     "RemoteNotFoundError",
+    "StateChangedError",
 ]
 
 
@@ -176,6 +177,20 @@ class UsageError(InvalidInputError):
 
 class RemoteNotFoundError(UsageError):
     """No remote of that name is configured (``ckptvcs remote -v`` lists them)."""
+
+
+class StateChangedError(UsageError):
+    """A tensor's bytes changed while a commit was reading them (the caller modified the
+    state during ``commit``: e.g. a trainer thread stepping the optimizer meanwhile).
+
+    Nothing was stored under a wrong id; the commit did not happen. ``chunk_id`` is the
+    hex id the chunk's bytes had when they were first read. Commit again once the state
+    is no longer being modified (or commit a copy, as the async saver does).
+    """
+
+    def __init__(self, message: str, chunk_id: str) -> None:
+        super().__init__(message)
+        self.chunk_id = chunk_id
 
 
 class StepOrderError(InvalidInputError):

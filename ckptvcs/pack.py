@@ -94,6 +94,10 @@ def _as_backend(store: Backend | Path) -> Backend:
     return LocalBackend(Path(store).parent) if isinstance(store, (str, Path)) else store
 
 
+# PackWriter gathers writes below this size into one backend write.
+_GATHER_BYTES = 256 * 1024
+
+
 class PackWriter:
     """Streams chunks into the backend's writer; ``seal()`` makes it a durable pack.
 
@@ -108,11 +112,25 @@ class PackWriter:
         self._headers = blake3.blake3()
         self.entries: list[PackEntry] = []
         self.size = 0
+        self._small = bytearray()  # small writes, gathered into one backend write
         self._write(_PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
 
     def _write(self, data: bytes | memoryview) -> None:
-        self._out.write(data)
+        # Entry headers and small payloads are gathered (a tiny state's chunks would
+        # otherwise cost two write calls each); large payloads go straight through.
+        if len(data) < _GATHER_BYTES:
+            self._small += data
+            if len(self._small) >= _GATHER_BYTES:
+                self._flush()
+        else:
+            self._flush()
+            self._out.write(data)
         self.size += len(data)
+
+    def _flush(self) -> None:
+        if self._small:
+            self._out.write(memoryview(self._small))
+            self._small = bytearray()
 
     def add(
         self, chunk_id: bytes, codec: int, raw_len: int, payload: bytes | memoryview, base: bytes | None = None
@@ -136,6 +154,7 @@ class PackWriter:
         ``packs/``, fsync of the folder). Returns its file (local) or its key."""
         end = self.size
         self._write(_FOOTER.pack(len(self.entries), end, self._headers.digest(), _FOOTER_MAGIC))
+        self._flush()
         self._out.commit()
         local = self.backend.local_root()
         return Path(self.key) if local is None else local / self.key

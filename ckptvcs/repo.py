@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, catalog, components, delta, history, layout, provenance, records, revisions, trust
+from . import _fs, catalog, components, delta, history, layout, provenance, records, revisions, stats_cache, trust
 from . import verify as verification
 from ._lazy import LazyModule
 from ._validate import check_chunk_size as _check_chunk_size
@@ -1517,26 +1517,24 @@ class Repo:
     def stats(self) -> RepoStats:
         """Logical against stored sizes, for `ckptvcs stats`."""
         self._check_process()
-        commits = self.all_commits()
+        # What the commit and file walks found before is kept in a derived cache
+        # (stats_cache.py): only new commits are read and only new files sized.
+        summary = stats_cache.summarize(self.backend, self.objects.read_commit, self._all_tips(skip_damaged=True))
         chunks = unique = stored = 0
         for entry in self.chunks.index:
             chunks += 1
             unique += entry.raw_len
             stored += entry.stored_len
-
-        def folder_size(prefix: str) -> int:
-            return sum(self.backend.size(key) or 0 for key in self.backend.list(prefix))
-
         return RepoStats(
-            commits=len(commits),
+            commits=summary.commits,
             branches=len(self.refs.names("heads")),
             tags=len(self.refs.names("tags")),
             chunks=chunks,
-            logical_bytes=sum(int(c.stats.get("logical_bytes", 0)) for c in commits),
+            logical_bytes=summary.logical_bytes,
             unique_bytes=unique,
             stored_bytes=stored,
-            pack_bytes=folder_size(layout.PACKS),
-            object_bytes=folder_size(layout.OBJECTS),
+            pack_bytes=summary.pack_bytes,
+            object_bytes=summary.object_bytes,
         )
 
     # -- recovery readiness, release trust, audit (docs/audit.md) -------------------------

@@ -92,6 +92,10 @@ class _Encoded:
     buffer: bytearray | None = None  # the recycled buffer holding the payload, if any
 
 
+# Payloads below this size get their own small buffer instead of a recycled chunk-sized one.
+_SMALL_PAYLOAD = 64 * 1024
+
+
 def _copy_when_done(
     futures: dict[int, Future[int]], repeats: list[tuple[int, int]], ranges: list[tuple[int, int]], out: memoryview
 ) -> Future[int]:
@@ -466,6 +470,8 @@ class WriteSession:
         taken: list[bytearray] = []
 
         def allocate(n: int) -> memoryview:
+            if n < _SMALL_PAYLOAD:  # a fresh chunk-sized buffer would cost more than the encoding
+                return memoryview(bytearray(n))
             try:
                 buf = self._spare.get_nowait()
             except queue.Empty:

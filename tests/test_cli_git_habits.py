@@ -208,7 +208,7 @@ def test_prune_keeps_the_history_record_and_releases_the_data(tmp_path: Path) ->
         repo.commit(weights(1), message="new", step=2)
     assert_one_line_error(run("prune", "HEAD", cwd=tmp_path), 16, "tip")
     assert f"Pruned {old[:12]}" in ok("prune", "HEAD~1", "--reason", "diverged", cwd=tmp_path)
-    assert "would reclaim" in ok("status", cwd=tmp_path)
+    assert "would reclaim" in ok("status", "--gc", cwd=tmp_path)
     ok("gc", cwd=tmp_path)
     log = ok("log", cwd=tmp_path)
     assert "old" in log and "Step:   1" in log and "diverged" in log
@@ -230,10 +230,14 @@ def test_status_reports_head_gc_and_the_last_fsck(tmp_path: Path) -> None:
         assert repo.fsck().ok and repo.last_fsck()["ok"] is True
     out = ok("status", cwd=tmp_path)
     assert "step 7" in out and "loss=0.5" in out and "second" in out
+    assert "not checked" in out and "status --gc" in out and "fsck:    clean" in out
+    out = ok("status", "--gc", cwd=tmp_path)
     assert "would reclaim" in out and "1 pruned commit" in out and "fsck:    clean" in out
     status = json.loads(ok("status", "--json", cwd=tmp_path))
     assert status["branch"] == "main" and status["step"] == 7 and status["metrics"] == {"loss": 0.5}
-    assert status["gc"]["reclaimable_bytes"] > 0 and status["fsck"]["ok"] is True
+    assert status["gc"] is None and status["fsck"]["ok"] is True
+    status = json.loads(ok("status", "--json", "--gc", cwd=tmp_path))
+    assert status["gc"]["reclaimable_bytes"] > 0
     for pack in (tmp_path / ".ckptvcs" / "packs").glob("*.pack"):
         pack.unlink()  # damage: fsck fails, and status says so afterwards
     assert run("fsck", cwd=tmp_path).returncode != 0
