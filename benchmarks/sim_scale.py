@@ -123,7 +123,30 @@ def simulate(endpoint: dict[str, Any], bucket: str, ranks: int, saves: int, chun
                 "publish": _row(coord["publish"]),
                 "coord_open_s": coord["open_s"], "combine_s": coord["combine_s"], "publish_s": coord["publish_s"],
             })
+            rows[-1]["model_gets"] = predict(rows)
     return rows
+
+
+KEYFRAME_INTERVAL = 4  # store.DEFAULT_KEYFRAME_INTERVAL: saves 1-3 of a chain are deltas
+
+
+def predict(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The model's GET counts for the last of ``rows`` (one run's saves so far), docs/scale.md.
+
+    Walking a pack's headers costs 2 GETs (header, footer) plus 1 per entry and 1 more per
+    delta entry (its base id); an open walks every pack of the history and reads config.json.
+    """
+    def walk(upto: list[dict[str, Any]]) -> int:
+        return 1 + sum(r["chunks"] * (1 + _is_delta(r)) + 2 * r["rank_stage"]["put_by_top"].get("packs", 0)
+                       for r in upto)
+    last, n = rows[-1], rows[-1]["ranks"]
+    staged_gets = (last["chunks"] * _is_delta(last) + 4 * n) if last["save"] else 0
+    return {"coord_open": walk(rows), "rank_open": n * walk(rows[:-1]) if len(rows) > 1 else n,
+            "rank_stage": staged_gets, "combine": 2 * n}
+
+
+def _is_delta(row: dict[str, Any]) -> int:
+    return int(row["save"] % KEYFRAME_INTERVAL != 0)
 
 
 def _print(row: dict[str, Any]) -> None:
@@ -134,7 +157,9 @@ def _print(row: dict[str, Any]) -> None:
           f"({row['manifest_bytes_per_chunk']:.1f} B/chunk)  ranks {row['ranks_s']:.1f}s "
           f"coord open {row['coord_open_s']:.2f}s combine {row['combine_s']:.2f}s publish {row['publish_s']:.2f}s")
     for phase in ("rank_open", "rank_stage", "coord_open", "combine", "publish"):
-        print(f"    {phase:11s} {req(phase)}  in={row[phase]['bytes_in']} out={row[phase]['bytes_out']}")
+        model = row["model_gets"].get(phase)
+        vs = f"  GETs/model={row[phase]['requests'].get('GET', 0) / model:.3f}" if model else ""
+        print(f"    {phase:11s} {req(phase)}  in={row[phase]['bytes_in']} out={row[phase]['bytes_out']}{vs}")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
