@@ -1388,7 +1388,7 @@ class Repo:
 
     def _record_gc(self, report: GcReport, seconds: float, *, restricted: bool) -> None:
         """Append what this gc did to ``records/gc.jsonl`` (for the report; docs/format.md section 16)."""
-        records.append(self.root, "gc", {
+        records.append(self.backend, "gc", {
             "time": provenance.utc_now(),
             "seconds": round(seconds, 6),
             "restricted": restricted,
@@ -1409,12 +1409,12 @@ class Repo:
         """The operational records of ``kind`` (``gc``, ``restore``), oldest first; see
         :mod:`ckptvcs.records`. Damaged lines are counted, never raised."""
         self._check_process()
-        return records.read(self.root, kind)
+        return records.read(self.backend, kind)
 
     def add_record(self, kind: str, record: dict[str, Any]) -> bool:
         """Append ``record`` to ``records/<kind>.jsonl`` durably; False (a warning) when it cannot be written."""
         self._check_process()
-        return records.append(self.root, kind, {"time": provenance.utc_now(), **record})
+        return records.append(self.backend, kind, {"time": provenance.utc_now(), **record})
 
     @property
     def reflog_expire(self) -> float:
@@ -1560,12 +1560,12 @@ class Repo:
 
     def last_verification(self, rev: str = "HEAD") -> dict[str, Any] | None:
         """The record of the last :meth:`verify` of a commit, or None (a damaged record raises CorruptObjectError)."""
-        return verification.read_record(self.root, self.resolve(rev))
+        return verification.read_record(self.backend, self.resolve(rev))
 
     def verifications(self) -> dict[str, dict[str, Any]]:
         """Commit id → last verification record, for every verified commit (damaged records are left out with a
         RuntimeWarning)."""
-        records, damaged = verification.read_records(self.root)
+        records, damaged = verification.read_records(self.backend)
         for why in damaged.values():
             warnings.warn(why, RuntimeWarning, stacklevel=2)
         return records
@@ -1606,15 +1606,15 @@ class Repo:
 
     def audit(self, event: str, **data: Any) -> AuditEvent:
         """Append an event to the audit log (``audit/log.jsonl``), by ``$CKPTVCS_AUTHOR`` or user@host."""
-        return AuditLog(self.root).append(event, provenance.default_author(), data)
+        return AuditLog(self.backend).append(event, provenance.default_author(), data)
 
     def audit_events(self) -> list[AuditEvent]:
         """The audit log's events, oldest first (:meth:`check_audit` says whether the chain holds)."""
-        return list(AuditLog(self.root).events())
+        return list(AuditLog(self.backend).events())
 
     def check_audit(self) -> AuditCheck:
         """Walk the audit log's hash chain; ``.ok``, ``.problems``, ``.events``, ``.head``."""
-        return AuditLog(self.root).check()
+        return AuditLog(self.backend).check()
 
     # -- integrity ---------------------------------------------------------------------
 
