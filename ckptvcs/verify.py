@@ -115,7 +115,7 @@ def run_child(root: Path, commit_id: str, check: str | None, timeout: float | No
         except OSError as err:
             return _failed(f"cannot start {sys.executable}: {err.strerror}", "OSError", started)
         try:
-            result = json.loads(result_path.read_bytes())
+            result: dict[str, Any] = json.loads(result_path.read_bytes())
         except (OSError, ValueError):
             tail = proc.stderr.decode("utf-8", "replace").strip()[-_TAIL:]
             last = tail.splitlines()[-1] if tail else "no output"

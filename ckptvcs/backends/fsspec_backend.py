@@ -400,4 +400,4 @@ def _read_body(fs: Any, body: Any) -> bytes:
     async def read() -> bytes:
         return bytes(await body.read())
 
-    return sync(fs.loop, read)
+    return bytes(sync(fs.loop, read))
