@@ -715,8 +715,9 @@ class Repo:
 
     def _check_staged_data(self, staged: Staged) -> None:
         """Refuse to publish a staged state whose manifest, parent or chunks are gone
-        (gc reclaimed them after the staged grace): index look-ups only."""
-        self.chunks.index.refresh()
+        (gc reclaimed them after the staged grace): index look-ups only, after picking up
+        the packs other handles on a store without local files wrote (their stages)."""
+        self.chunks.refresh_index()
         try:
             manifest = Manifest.parse(staged.manifest, self.objects.get(staged.manifest, "manifest")[1])
         except IntegrityError:

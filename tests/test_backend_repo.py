@@ -186,3 +186,17 @@ def test_audit_log_without_advisory_locks_chains_by_compare_and_swap() -> None:
     assert event.seq == 3
     verdict = log.check()
     assert verdict.ok and verdict.events == 4, verdict.problems
+
+
+def test_two_handles_on_one_memory_store_see_each_others_packs() -> None:
+    """Each handle on a store without local files keeps its own index; a read or a publish
+    picks up the packs the other handle wrote (the multi-host DCP writer relies on it)."""
+    backend = MemoryBackend()
+    with Repo.init(None, chunk_size=4096, backend=backend) as first, Repo.open(backend=backend) as second:
+        base = first.commit(_state(0), "by the first handle", code_version=None)
+        assert torch.equal(second.load(base)["w"], _state(0)["w"])  # the second handle never indexed it
+        staged = second.stage(_state(1))  # a rank stages through its own handle...
+        cid = first.publish(staged, "published by the coordinator", code_version=None)  # ...the coordinator publishes it
+        assert torch.equal(first.load(cid)["w"], _state(1)["w"])
+        assert second.resolve("HEAD") == cid and first.fsck(read_data=True).ok
+        assert second.chunks.refresh_index() == 0  # nothing new: a listing, no pack read again
