@@ -177,6 +177,8 @@ def read_records(where: Backend | str | os.PathLike[str]) -> tuple[dict[str, dic
         names = [key.rsplit("/", 1)[-1] for key in backend.list(VERIFIED_DIR)]
     except (FileNotFoundError, NotADirectoryError):
         return {}, {}
+    except CorruptObjectError as err:  # verified/ is a link or a special file: nothing in it is read
+        return {}, {VERIFIED_DIR: f"{VERIFIED_DIR}/ is unreadable: {str(err)[:200]}"}
     records: dict[str, dict[str, Any]] = {}
     damaged: dict[str, str] = {}
     for name in names:

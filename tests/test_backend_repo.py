@@ -4,6 +4,7 @@ injected with FaultyBackend (ckptvcs/backends/faults.py) instead of monkeypatche
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,15 @@ def test_two_handles_on_one_memory_store_see_each_others_packs() -> None:
         assert torch.equal(first.load(cid)["w"], _state(1)["w"])
         assert second.resolve("HEAD") == cid and first.fsck(read_data=True).ok
         assert second.chunks.refresh_index() == 0  # nothing new: a listing, no pack read again
+
+
+def test_a_linked_verified_folder_is_reported_not_followed(tmp_path: Path) -> None:
+    """verified/ read through LocalBackend: a link in its place is named, never followed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with Repo.init(tmp_path / "r", chunk_size=4096) as repo:
+        cid = repo.commit(_state(0), code_version=None)
+        (outside / cid).write_text(json.dumps({"ok": True, "commit": cid}))
+        (tmp_path / "r" / "verified").symlink_to(outside)
+        with pytest.warns(RuntimeWarning, match="verified/ is unreadable"):
+            assert repo.verifications() == {}
