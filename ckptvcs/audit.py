@@ -5,8 +5,10 @@
 the BLAKE3 (hex) of the previous line's bytes (its newline excluded; 64 zeros for the
 first line). Editing, inserting or removing a line breaks the chain at the next line;
 ``audit/head.json`` (``{"seq", "hash"}`` of the last line, rewritten atomically after
-each append) exposes a truncated tail. Each line is appended with one ``write`` and an
-fsync (the reflog's helper), under ``audit/lock``, so concurrent writers chain in turn.
+each append) exposes a truncated tail. Each line is appended through the repository's
+backend (locally one ``write`` and an fsync) under its advisory lock ``audit/lock``, so
+concurrent writers chain in turn; a backend without locks (an object store) replaces
+the log by compare-and-swap instead, with the same effect.
 
 A crash mid-append leaves a torn last line: the next append starts on a new line and
 names the fragment's BLAKE3 in ``torn``, so the check can tell a crash from an edit.
@@ -17,18 +19,18 @@ an external copy of the head closes that gap.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 
 from . import _fs, layout
+from .backends import Backend, ConcurrentUpdate, backend_of
 from .errors import AuditLogDamagedError, CorruptObjectError, LockTimeoutError
 
 __all__ = ["AuditLog", "AuditEvent", "AuditCheck", "AUDIT_DIR", "ZERO_HASH"]
@@ -92,113 +94,101 @@ def _encode(record: dict[str, Any]) -> bytes:
 
 
 class AuditLog:
-    """The audit log of the repository at ``root``."""
+    """The audit log of a repository: ``where`` is its backend (or, as before the seam, its root)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.dir = root / AUDIT_DIR
-        self.path = self.dir / LOG_NAME
-        self.head_path = self.dir / HEAD_NAME
+    def __init__(self, where: Backend | str | os.PathLike[str]) -> None:
+        self.backend = backend_of(where)
+        self.key = layout.join(AUDIT_DIR, LOG_NAME)
+        self.head_key = layout.join(AUDIT_DIR, HEAD_NAME)
+        self.lock_key = layout.join(AUDIT_DIR, LOCK_NAME)
 
     # -- writing ---------------------------------------------------------------------
 
     def append(self, event: str, who: str, data: dict[str, Any]) -> AuditEvent:
         """Append one event durably and chain it to the last line; returns it.
 
+        Where the backend has advisory locks, under ``audit/lock`` with a native append;
+        elsewhere (object stores) the new log replaces the old by compare-and-swap, so
+        of two concurrent writers one re-reads the tail and chains after the other.
+
         Raises AuditLogDamagedError when the last complete line does not parse (the
         chain cannot continue from it: ``ckptvcs audit --check`` says where).
         """
         with _fs.storage_errors("appending to the audit log"):
-            _fs.check_inside(self.root, self.dir)
-            if not self.dir.is_dir():
-                self.dir.mkdir(exist_ok=True)
-                _fs.fsync_dir(self.root)
-            with self._locked():
-                seq, prev, torn = self._tail()
-                record: dict[str, Any] = {"seq": seq, "time": _utc_now(), "who": who, "event": event,
-                                          "data": data, "prev": prev}
-                if torn:
-                    record["torn"] = torn
-                line = _encode(record)
-                if len(line) > MAX_LINE:
-                    record["data"] = {"truncated": True, "summary": json.dumps(data)[: MAX_LINE // 2]}
-                    line = _encode(record)
-                _fs.append_durably(self.path, (b"\n" if self._ends_torn() else b"") + line + b"\n")
-                digest = _line_hash(line)
-                _fs.atomic_write(self.head_path, _encode({"seq": seq, "hash": digest}) + b"\n")
-        return AuditEvent(seq, record["time"], who, event, record["data"], prev, digest)
-
-    def _ends_torn(self) -> bool:
-        """Whether the log's last byte is not a newline (a crash mid-append)."""
-        try:
-            fd = _fs.open_regular(self.path)
-        except FileNotFoundError:
-            return False
-        with open(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return False
-            f.seek(size - 1)
-            return f.read(1) != b"\n"
-
-    def _locked(self) -> Any:
-        log = self
-
-        class _Lock:
-            def __enter__(self) -> None:
-                self.fd = os.open(log.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-                if not _fs.flock_within(self.fd, fcntl.LOCK_EX, _LOCK_TIMEOUT):
-                    os.close(self.fd)
-                    raise LockTimeoutError(f"another process held the audit log's lock for {_LOCK_TIMEOUT:.0f} s")
-
-            def __exit__(self, *exc: object) -> None:
-                os.close(self.fd)  # closing drops the flock
-
-        return _Lock()
-
-    def _tail(self) -> tuple[int, str, list[str] | None]:
-        """``(next seq, hash of the last event line, hashes of the torn lines after it or None)``.
-
-        Torn lines are what crashes mid-append left after the last event: the fragments
-        of lines that never completed (each later append started on a new line).
-        """
-        try:
-            fd = _fs.open_regular(self.path)
-        except FileNotFoundError:
-            return 0, ZERO_HASH, None
-        with open(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            window = 4 * (MAX_LINE + 1)
-            while True:
-                start = max(0, size - window)
-                f.seek(start)
-                lines = f.read(size - start).split(b"\n")
-                if start > 0:
-                    lines = lines[1:]  # the first piece may be the end of an earlier line
-                torn: list[bytes] = []
-                while lines and _parse(lines[-1]) is None:
-                    piece = lines.pop()
-                    if piece or not lines:  # the empty piece after the final newline is no line
-                        torn.insert(0, piece)
-                torn = [t for t in torn if t]
-                if lines or start == 0 or window >= MAX_LOG:
+            if self.backend.capabilities.advisory_locks:
+                with self._locked():
+                    record, line, torn_end = self._next(event, who, data, self._reader_tail())
+                    self.backend.append(self.key, (b"\n" if torn_end else b"") + line + b"\n")
+                    digest = self._write_head(record, line)
+            else:
+                while True:
+                    try:
+                        current: bytes | None = self.backend.get(self.key, max_size=MAX_LOG)
+                    except FileNotFoundError:
+                        current = None
+                    old = current or b""
+                    torn_end = old[-1:] not in (b"", b"\n")
+                    record, line, torn_end = self._next(event, who, data, (_BytesReader(old), torn_end))
+                    new = old + (b"\n" if torn_end else b"") + line + b"\n"
+                    try:
+                        self.backend.compare_and_swap(self.key, current, new)
+                    except ConcurrentUpdate:
+                        continue  # another writer appended: chain after its line
+                    digest = self._write_head(record, line)
                     break
-                window *= 4
-        hashes = [_line_hash(t) for t in torn] or None
-        if not lines:
-            if start > 0:
-                raise AuditLogDamagedError("no event line in the audit log's last part; run `ckptvcs audit --check`",
-                                           path=f"{AUDIT_DIR}/{LOG_NAME}")
-            return 0, ZERO_HASH, hashes
-        last = _parse(lines[-1])
-        assert last is not None
-        return last.seq + 1, last.hash, hashes
+        return AuditEvent(record["seq"], record["time"], who, event, record["data"], record["prev"], digest)
+
+    def _write_head(self, record: dict[str, Any], line: bytes) -> str:
+        digest = _line_hash(line)
+        self.backend.put(self.head_key, _encode({"seq": record["seq"], "hash": digest}) + b"\n")
+        return digest
+
+    def _next(self, event: str, who: str, data: dict[str, Any],
+              tail: tuple[_Reader | None, bool]) -> tuple[dict[str, Any], bytes, bool]:
+        """The next event's record and line after the log that ``tail`` reads (a reader, None
+        when there is no log, and whether the log's last byte is not a newline)."""
+        reader, torn_end = tail
+        try:
+            seq, prev, torn = _tail(reader)
+        finally:
+            if reader is not None:
+                reader.close()
+        record: dict[str, Any] = {"seq": seq, "time": _utc_now(), "who": who, "event": event, "data": data,
+                                  "prev": prev}
+        if torn:
+            record["torn"] = torn
+        line = _encode(record)
+        if len(line) > MAX_LINE:
+            record["data"] = {"truncated": True, "summary": json.dumps(data)[: MAX_LINE // 2]}
+            line = _encode(record)
+        return record, line, torn_end
+
+    def _reader_tail(self) -> tuple[_Reader | None, bool]:
+        """A reader of the log (None: no log yet) and whether its last byte is not a newline."""
+        try:
+            reader = self.backend.open_reader(self.key)
+        except FileNotFoundError:
+            return None, False
+        size = reader.size
+        return reader, size > 0 and reader.read(size - 1, 1) != b"\n"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            lock = self.backend.lock(self.lock_key, exclusive=True, timeout=_LOCK_TIMEOUT)
+            lock.__enter__()
+        except LockTimeoutError:
+            raise LockTimeoutError(f"another process held the audit log's lock for {_LOCK_TIMEOUT:.0f} s") from None
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
 
     # -- reading ---------------------------------------------------------------------
 
     def _read(self) -> bytes:
         try:
-            return _fs.read_record(self.path, MAX_LOG)
+            return self.backend.get(self.key, max_size=MAX_LOG)
         except FileNotFoundError:
             return b""
         except CorruptObjectError as err:
@@ -258,7 +248,7 @@ class AuditLog:
 
     def _check_head(self, hashes: list[str]) -> list[str]:
         try:
-            head = json.loads(_fs.read_record(self.head_path, _MAX_HEAD))
+            head = json.loads(self.backend.get(self.head_key, max_size=_MAX_HEAD))
         except FileNotFoundError:
             if len(hashes) > 1:
                 return [f"{AUDIT_DIR}/{HEAD_NAME} is missing while the log holds {len(hashes)} events"]
@@ -276,6 +266,80 @@ class AuditLog:
         if seq < len(hashes) - 2:
             return [f"{AUDIT_DIR}/{HEAD_NAME} records event {seq} while the log ends at {len(hashes) - 1} (rewound)"]
         return []  # the head may lag one event: a crash between the append and its write
+
+
+class _Reader(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class _BytesReader:
+    """The log's bytes, read like a backend's reader (the compare-and-swap path holds them whole)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._data[offset : offset + size]
+
+    def close(self) -> None:
+        pass
+
+
+def _tail(reader: _Reader | None) -> tuple[int, str, list[str] | None]:
+    """``(next seq, hash of the last event line, hashes of the torn lines after it or None)``.
+
+    Torn lines are what crashes mid-append left after the last event: the fragments
+    of lines that never completed (each later append started on a new line).
+    """
+    if reader is None:
+        return 0, ZERO_HASH, None
+    size = reader.size
+    window = 4 * (MAX_LINE + 1)
+    while True:
+        start = max(0, size - window)
+        lines = _read_all(reader, start, size - start).split(b"\n")
+        if start > 0:
+            lines = lines[1:]  # the first piece may be the end of an earlier line
+        torn: list[bytes] = []
+        while lines and _parse(lines[-1]) is None:
+            piece = lines.pop()
+            if piece or not lines:  # the empty piece after the final newline is no line
+                torn.insert(0, piece)
+        torn = [t for t in torn if t]
+        if lines or start == 0 or window >= MAX_LOG:
+            break
+        window *= 4
+    hashes = [_line_hash(t) for t in torn] or None
+    if not lines:
+        if start > 0:
+            raise AuditLogDamagedError("no event line in the audit log's last part; run `ckptvcs audit --check`",
+                                       path=f"{AUDIT_DIR}/{LOG_NAME}")
+        return 0, ZERO_HASH, hashes
+    last = _parse(lines[-1])
+    assert last is not None
+    return last.seq + 1, last.hash, hashes
+
+
+def _read_all(reader: _Reader, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset``, read on until the object ends (a ranged read may return fewer)."""
+    parts = []
+    while size > 0:
+        block = reader.read(offset, size)
+        if not block:
+            break
+        parts.append(block)
+        offset += len(block)
+        size -= len(block)
+    return b"".join(parts)
 
 
 def _torn_of(line: bytes) -> list[str] | None:

@@ -459,7 +459,7 @@ class _Checker:
 
     def check_audit_log(self) -> None:
         """The audit log's hash chain (docs/audit.md): a break is damage, a torn last line garbage."""
-        verdict = AuditLog(self.repo.root).check()
+        verdict = AuditLog(self.repo.backend).check()
         rel = f"{AUDIT_DIR}/{LOG_NAME}"
         for problem in verdict.problems:
             self.add("corrupt", f"audit log {rel} is damaged: {problem}", objects=[rel])

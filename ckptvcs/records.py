@@ -1,14 +1,15 @@
 """Operational records: what gc, restores and verifications did, kept for the report.
 
 One JSON object per line in ``records/<kind>.jsonl`` (docs/format.md, "Operational
-records"): appended with a single ``write()`` and fsynced, never rewritten. They are
+records"): appended through the repository's backend (``Backend.append``: locally one
+``write()`` and an fsync), never rewritten. They are
 informational: nothing decides what to keep or delete by them, so a damaged line is
 skipped (and counted) rather than refused, and a record that cannot be written (a
 read-only store) is a warning, never a failed gc or restore.
 
 A repository is untrusted input: a reader looks at the last :data:`MAX_READ_BYTES`
-of a file only (the newest records), through :func:`ckptvcs._fs.open_regular` (a
-regular file, never a link or a FIFO), and caps the nesting of each line.
+of a file only (the newest records), by ranged reads of the backend (which opens a
+regular file only, never a link or a FIFO), and caps the nesting of each line.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from . import _fs, layout
+from . import layout
+from .backends import Backend, backend_of
 from .errors import CkptvcsError
 from .objects import canonical_json, json_depth_exceeds
 
@@ -49,41 +50,35 @@ class RecordLog:
     error: str | None = None  # the file itself could not be read (a link, a FIFO, an I/O error)
 
 
-def _path(root: Path, kind: str) -> Path:
+def _key(kind: str) -> str:
     if not _KIND.match(kind):
         raise ValueError(f"invalid record kind {kind!r}")
-    return root / RECORDS_DIRNAME / f"{kind}.jsonl"
+    return layout.join(RECORDS_DIRNAME, f"{kind}.jsonl")
 
 
-def append(root: str | os.PathLike[str], kind: str, record: dict[str, Any]) -> bool:
-    """Append ``record`` durably to ``records/<kind>.jsonl``; False (with a warning) when it cannot be written."""
-    base = Path(root)
-    path = _path(base, kind)
+def append(where: Backend | str | os.PathLike[str], kind: str, record: dict[str, Any]) -> bool:
+    """Append ``record`` durably to ``records/<kind>.jsonl`` (``where``: the repository's
+    backend, or its local root); False (with a warning) when it cannot be written."""
+    key = _key(kind)
     line = canonical_json(record) + b"\n"
     try:
-        folder = path.parent
-        _fs.check_inside(base, path)
-        if not folder.is_dir():
-            folder.mkdir(exist_ok=True)
-            _fs.fsync_dir(base)
-        _fs.append_durably(path, line)
+        backend_of(where).append(key, line)
     except (OSError, CkptvcsError) as err:
-        warnings.warn(f"could not record this {kind} in {RECORDS_DIRNAME}/{kind}.jsonl: {err}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"could not record this {kind} in {key}: {err}", RuntimeWarning, stacklevel=2)
         return False
     return True
 
 
-def read(root: str | os.PathLike[str], kind: str, limit: int = MAX_READ_BYTES) -> RecordLog:
+def read(where: Backend | str | os.PathLike[str], kind: str, limit: int = MAX_READ_BYTES) -> RecordLog:
     """The records of ``kind`` (none when the file does not exist); never raises for bad content."""
     log = RecordLog(kind)
-    path = _path(Path(root), kind)
+    key = _key(kind)
     try:
-        data, log.truncated = _read_tail(path, limit)
+        data, log.truncated = _read_tail(backend_of(where), key, limit)
     except FileNotFoundError:
         return log
     except (OSError, CkptvcsError) as err:
-        log.error = f"{RECORDS_DIRNAME}/{kind}.jsonl is unreadable: {str(err)[:200]}"
+        log.error = f"{key} is unreadable: {str(err)[:200]}"
         return log
     lines = data.split(b"\n")
     if log.truncated:
@@ -101,23 +96,23 @@ def read(root: str | os.PathLike[str], kind: str, limit: int = MAX_READ_BYTES) -
     return log
 
 
-def _read_tail(path: Path, limit: int) -> tuple[bytes, bool]:
-    _fs.check_inside(path.parent.parent, path)  # records/ itself must be a real folder, not a link
-    fd = _fs.open_regular(path)
+def _read_tail(backend: Backend, key: str, limit: int) -> tuple[bytes, bool]:
+    """The last ``limit`` bytes of ``key`` by ranged reads (the backend refuses links and FIFOs)."""
+    reader = backend.open_reader(key)
     try:
-        size = os.fstat(fd).st_size
+        size = reader.size
         start = max(0, size - limit)
         parts = []
         offset = start
         while offset < size:
-            block = os.pread(fd, min(1 << 20, size - offset), offset)
+            block = reader.read(offset, min(1 << 20, size - offset))
             if not block:
                 break
             parts.append(block)
             offset += len(block)
         return b"".join(parts), start > 0
     finally:
-        os.close(fd)
+        reader.close()
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:

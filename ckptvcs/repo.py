@@ -22,13 +22,12 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _fs, catalog, components, delta, history, layout, provenance, records, revisions, stats_cache, trust
+from . import _fs, catalog, commit_records, components, delta, history, layout, provenance, records, revisions, stats_cache, trust
 from . import verify as verification
 from ._lazy import LazyModule
 from ._validate import check_chunk_size as _check_chunk_size
@@ -716,8 +715,9 @@ class Repo:
 
     def _check_staged_data(self, staged: Staged) -> None:
         """Refuse to publish a staged state whose manifest, parent or chunks are gone
-        (gc reclaimed them after the staged grace): index look-ups only."""
-        self.chunks.index.refresh()
+        (gc reclaimed them after the staged grace): index look-ups only, after picking up
+        the packs other handles on a store without local files wrote (their stages)."""
+        self.chunks.refresh_index()
         try:
             manifest = Manifest.parse(staged.manifest, self.objects.get(staged.manifest, "manifest")[1])
         except IntegrityError:
@@ -1140,11 +1140,6 @@ class Repo:
 
     # -- pruning and garbage collection ----------------------------------------------
 
-    def _record_path(self, key: str) -> str:
-        """How messages name a record: its file in a local store, else its key."""
-        local = self.backend.local_root()
-        return key if local is None else str(local / key)
-
     def pruned(self) -> dict[str, dict[str, Any]]:
         """Commit id → pruned record (``rule``, ``reason``, ``time``, ``who``) of every pruned commit.
 
@@ -1161,39 +1156,18 @@ class Repo:
 
     def _pruned_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """``(commit id → record, commit id → why its record is damaged)``."""
-        with _fs.storage_errors("listing pruned records"):
-            names = [key.rsplit("/", 1)[-1] for key in self.backend.list(layout.PRUNED) if key.count("/") == 1]
-        records: dict[str, dict[str, Any]] = {}
-        damaged: dict[str, str] = {}
-        for name in names:
-            if _HEX_ID.match(name):
-                try:
-                    records[name] = self._read_pruned(name)
-                except CorruptObjectError as err:
-                    damaged[name] = str(err)
-        return records, damaged
+        return commit_records.pruned_records(self.backend)
 
     def is_pruned(self, commit_id: str) -> bool:
         """Whether a retention rule released this commit's tensor data."""
-        return _HEX_ID.match(commit_id) is not None and self.backend.size(layout.pruned_key(commit_id)) is not None
+        return commit_records.is_pruned(self.backend, commit_id)
 
     def pruned_record(self, commit_id: str) -> dict[str, Any] | None:
         """The pruned record of a commit, or None when it was not pruned."""
         return self._read_pruned(commit_id) if self.is_pruned(commit_id) else None
 
     def _read_pruned(self, commit_id: str) -> dict[str, Any]:
-        path = self._record_path(layout.pruned_key(commit_id))
-        try:
-            record = json.loads(self.backend.get(layout.pruned_key(commit_id), max_size=_MAX_RECORD_SIZE))
-        except (OSError, ValueError, RecursionError) as err:
-            raise CorruptObjectError(f"pruned record {path} is unreadable: {str(err)[:200]}") from None
-        if (
-            not isinstance(record, dict)
-            or not isinstance(record.get("rule"), str)
-            or record.get("commit", commit_id) != commit_id
-        ):
-            raise CorruptObjectError(f"pruned record {path} is malformed")
-        return record
+        return commit_records.read_pruned(self.backend, commit_id)
 
     def prune(self, rev: str, rule: str, reason: str = "") -> str:
         """Mark a commit pruned: its history stays, its tensor data is released at the next gc.
@@ -1220,8 +1194,7 @@ class Repo:
         self._store_pruned_record(commit_id, {**record, "collected": now} if collected else record)
 
     def _store_pruned_record(self, commit_id: str, record: dict[str, Any]) -> None:
-        with _fs.storage_errors(f"recording that commit {commit_id[:12]} was pruned"):
-            self.backend.put(layout.pruned_key(commit_id), canonical_json(record) + b"\n")
+        commit_records.store_pruned(self.backend, commit_id, record)
 
     def _record_collected(self, commit_ids: Iterable[str], reason: str) -> None:
         """gc calls this before it deletes any chunk: each commit's data is then known gone."""
@@ -1273,13 +1246,11 @@ class Repo:
         """Record a stage durably (temp, fsync, rename, fsync dir): gc keeps its data for the grace."""
         record = {"manifest": staged.manifest, "parent": staged.parent, "time": staged.time,
                   "who": provenance.default_author()}
-        with _fs.storage_errors(f"recording staged state {staged.manifest[:12]}"):
-            self.backend.put(layout.staged_key(staged.manifest), canonical_json(record) + b"\n")
+        commit_records.write_staged(self.backend, staged.manifest, record)
 
     def _remove_staged_records(self, manifest_ids: Iterable[str]) -> None:
         """Drop staged records (published, or expired and reclaimed by gc)."""
-        with _fs.storage_errors("removing staged records"):
-            self.backend.delete_many([layout.staged_key(m) for m in manifest_ids])
+        commit_records.remove_staged(self.backend, manifest_ids)
 
     def _remove_staged_record(self, manifest_id: str) -> None:
         """After a publish: the record is no longer needed (the ref keeps the data). A failure
@@ -1289,23 +1260,7 @@ class Repo:
 
     def _staged_records(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """``(manifest id → staged record, name → why its record does not read)``."""
-        with _fs.storage_errors("listing staged records"):
-            names = [key.rsplit("/", 1)[-1] for key in self.backend.list(layout.STAGED) if key.count("/") == 1]
-        records: dict[str, dict[str, Any]] = {}
-        damaged: dict[str, str] = {}
-        for name in names:
-            if not _HEX_ID.match(name):
-                continue  # an interrupted atomic_write's temp file
-            try:
-                record = json.loads(self.backend.get(layout.staged_key(name), max_size=_MAX_RECORD_SIZE))
-                if not isinstance(record, dict) or record.get("manifest") != name:
-                    raise ValueError("not a staged record of this manifest")
-                _staged_time(record)
-            except (OSError, ValueError, RecursionError, CkptvcsError) as err:
-                damaged[name] = f"staged record staged/{name} is unreadable: {str(err)[:200]}"
-                continue
-            records[name] = record
-        return records, damaged
+        return commit_records.staged_records(self.backend)
 
     @property
     def staged_expire(self) -> float:
@@ -1313,26 +1268,8 @@ class Repo:
         return parse_expiry(self.config.get("staged_expire", DEFAULT_STAGED_EXPIRE))
 
     def _staged_for_gc(self, expire: float) -> tuple[list[str], list[str]]:
-        """``(manifest ids whose staged data gc keeps, names of expired staged records)``.
-
-        A record that does not read expires by its file's modification time (a staged
-        state is garbage until published: an unreadable record must not keep it forever).
-        """
-        records, damaged = self._staged_records()
-        now = time.time()
-        keep: list[str] = []
-        expired: list[str] = []
-        local = self.backend.local_root()
-        for name in [*records, *damaged]:
-            try:
-                if name in records:
-                    made = _staged_time(records[name])
-                else:  # no time to read: the file's, or (no files) expired now
-                    made = 0.0 if local is None else os.lstat(local / layout.staged_key(name)).st_mtime
-            except OSError:
-                made = now
-            (keep if now - made < expire else expired).append(name)
-        return keep, expired
+        """``(manifest ids whose staged data gc keeps, names of expired staged records)``."""
+        return commit_records.staged_for_gc(self.backend, expire)
 
     def gc(
         self,
@@ -1388,7 +1325,7 @@ class Repo:
 
     def _record_gc(self, report: GcReport, seconds: float, *, restricted: bool) -> None:
         """Append what this gc did to ``records/gc.jsonl`` (for the report; docs/format.md section 16)."""
-        records.append(self.root, "gc", {
+        records.append(self.backend, "gc", {
             "time": provenance.utc_now(),
             "seconds": round(seconds, 6),
             "restricted": restricted,
@@ -1409,12 +1346,12 @@ class Repo:
         """The operational records of ``kind`` (``gc``, ``restore``), oldest first; see
         :mod:`ckptvcs.records`. Damaged lines are counted, never raised."""
         self._check_process()
-        return records.read(self.root, kind)
+        return records.read(self.backend, kind)
 
     def add_record(self, kind: str, record: dict[str, Any]) -> bool:
         """Append ``record`` to ``records/<kind>.jsonl`` durably; False (a warning) when it cannot be written."""
         self._check_process()
-        return records.append(self.root, kind, {"time": provenance.utc_now(), **record})
+        return records.append(self.backend, kind, {"time": provenance.utc_now(), **record})
 
     @property
     def reflog_expire(self) -> float:
@@ -1558,12 +1495,12 @@ class Repo:
 
     def last_verification(self, rev: str = "HEAD") -> dict[str, Any] | None:
         """The record of the last :meth:`verify` of a commit, or None (a damaged record raises CorruptObjectError)."""
-        return verification.read_record(self.root, self.resolve(rev))
+        return verification.read_record(self.backend, self.resolve(rev))
 
     def verifications(self) -> dict[str, dict[str, Any]]:
         """Commit id → last verification record, for every verified commit (damaged records are left out with a
         RuntimeWarning)."""
-        records, damaged = verification.read_records(self.root)
+        records, damaged = verification.read_records(self.backend)
         for why in damaged.values():
             warnings.warn(why, RuntimeWarning, stacklevel=2)
         return records
@@ -1604,15 +1541,15 @@ class Repo:
 
     def audit(self, event: str, **data: Any) -> AuditEvent:
         """Append an event to the audit log (``audit/log.jsonl``), by ``$CKPTVCS_AUTHOR`` or user@host."""
-        return AuditLog(self.root).append(event, provenance.default_author(), data)
+        return AuditLog(self.backend).append(event, provenance.default_author(), data)
 
     def audit_events(self) -> list[AuditEvent]:
         """The audit log's events, oldest first (:meth:`check_audit` says whether the chain holds)."""
-        return list(AuditLog(self.root).events())
+        return list(AuditLog(self.backend).events())
 
     def check_audit(self) -> AuditCheck:
         """Walk the audit log's hash chain; ``.ok``, ``.problems``, ``.events``, ``.head``."""
-        return AuditLog(self.root).check()
+        return AuditLog(self.backend).check()
 
     # -- integrity ---------------------------------------------------------------------
 
@@ -1749,10 +1686,3 @@ def _component_sizes(encoded: Any, stored: list[int]) -> tuple[tuple[str, int, i
     split = components.split(encoded.root, logical, stored)
     return tuple((name, sizes["logical_bytes"], sizes["new_stored_bytes"]) for name, sizes in split.items())
 
-
-def _staged_time(record: dict[str, Any]) -> float:
-    """A staged record's time, in seconds since the epoch; ValueError when malformed."""
-    when = datetime.fromisoformat(str(record.get("time", "")).replace("Z", "+00:00"))
-    if when.tzinfo is None:
-        raise ValueError(f"time {record.get('time')!r} has no time zone")
-    return when.timestamp()

@@ -31,7 +31,7 @@ from . import _fs, codec, layout, planes, scratch
 from .backends import Backend, LocalBackend
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError
 from .index import ChunkIndex
-from .pack import PackEntry, PackFiles, PackWriter
+from .pack import PackEntry, PackFiles, PackWriter, iter_backend_pack, pack_names
 
 __all__ = ["ChunkStore", "WriteSession", "WriteStats", "Progress", "chunk_hash"]
 
@@ -174,6 +174,7 @@ class ChunkStore:
         # of a chunk (at the latest) is a keyframe. 1 disables deltas.
         self.keyframe_interval = keyframe_interval
         self._index: ChunkIndex | None = None
+        self._seen_packs: set[str] | None = None  # packs indexed so far (stores without local files)
         self.packs = PackFiles(self.backend)
         self._workers = workers or max(1, min(8, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
@@ -186,11 +187,42 @@ class ChunkStore:
             self._index = ChunkIndex(self.index_dir)
         return self._index
 
+    def refresh_index(self) -> int:
+        """Reopen a swapped index (``ChunkIndex.refresh``) and, in a store without local
+        files, index the packs another handle wrote since this one last looked.
+
+        A local store has one index on disk that every writer adds to. A store without
+        local files (memory, S3) gives each Repo handle its own index, rebuilt from the
+        packs at open; two handles on one store (the ranks of a multi-host writer) learn
+        of each other's packs here: one listing of ``packs/``, then a header walk of each
+        pack not yet seen (a damaged one is left to fsck and ``repair index``). Chunks the
+        index already holds keep their rows. Returns how many chunks were added.
+        """
+        self.index.refresh()
+        if self.backend.capabilities.local_path:
+            return 0
+        if self._seen_packs is None:
+            self._seen_packs = {entry.pack for entry in self.index}
+        added = 0
+        for name in pack_names(self.backend):
+            if name in self._seen_packs:
+                continue
+            try:
+                entries = list(iter_backend_pack(self.backend, name))
+            except CorruptObjectError:
+                continue
+            missing = self.index.missing(e.chunk_id for e in entries)
+            self.index.add(e for e in entries if e.chunk_id in missing)
+            added += len(missing)
+            self._seen_packs.add(name)
+        return added
+
     def close_index(self) -> None:
         """Release the index (before ``repair index`` swaps it); reopened on next use."""
         if self._index is not None:
             self._index.close()
             self._index = None
+            self._seen_packs = None
 
     @property
     def pool(self) -> ThreadPoolExecutor:
@@ -241,9 +273,14 @@ class ChunkStore:
 
     def _locate(self, chunk_ids: Sequence[bytes], describe: Callable[[], str]) -> list[PackEntry]:
         found: dict[bytes, PackEntry] = {}
+        adopted = False
         for cid in chunk_ids:
             if cid not in found:  # one lookup per distinct chunk
                 entry = self.index.get(cid)
+                if entry is None and not adopted and not self.backend.capabilities.local_path:
+                    adopted = True  # another handle on this store may have written it: look once
+                    self.refresh_index()
+                    entry = self.index.get(cid)
                 if entry is None:
                     raise _damage(describe, f"chunk {cid.hex()}", "is missing from the store", chunk_id=cid)
                 found[cid] = entry

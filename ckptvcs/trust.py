@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
-import os
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from .errors import (
     CkptvcsError,
     CorruptObjectError,
     IntegrityError,
+    InvalidInputError,
     ProtectedRefError,
     RevisionNotFoundError,
     UsageError,
@@ -40,6 +40,7 @@ PROTECTED_KEY = "protected_refs"  # config.json: a list of patterns over full re
 _MAX_CONFIG = 1 << 20
 _KEY_FILE = re.compile(r"^[0-9a-f]{64}\.pub$")
 _MAX_KEYS = 1000
+_MAX_KEY_FILE = 16 << 10  # as signing reads a key file
 
 
 # -- protected refs ------------------------------------------------------------------------
@@ -138,14 +139,13 @@ def trusted_keys(repo: Repo, extra: Iterable[Any] | None = None) -> dict[str, Ed
     if extra is not None:
         keys = [signing.load_public_key(k) for k in extra]
         return {signing.key_id(k): k for k in keys}
-    folder = repo.root / KEYS_DIR
     try:
-        names = sorted(n for n in os.listdir(folder) if _KEY_FILE.match(n))[:_MAX_KEYS]
+        names = sorted(n for n in (k.rsplit("/", 1)[-1] for k in repo.backend.list(KEYS_DIR)) if _KEY_FILE.match(n))
     except (FileNotFoundError, NotADirectoryError):
         return {}
     found = {}
-    for name in names:
-        key = signing.load_public_key(str(folder / name))
+    for name in names[:_MAX_KEYS]:
+        key = signing.load_public_key(_read_key(repo, layout.join(KEYS_DIR, name)))
         if signing.key_id(key) == name[:-4]:  # a file whose name lies about its key trusts nothing
             found[name[:-4]] = key
     return found
@@ -159,15 +159,18 @@ def trust_key(repo: Repo, source: Any) -> str:
     except CkptvcsError:
         key = signing.load_private_key(source).public_key()
     kid = signing.key_id(key)
-    folder = repo.root / KEYS_DIR
     with _fs.storage_errors("adding a trusted key"):
-        _fs.check_inside(repo.root, folder)
-        if not folder.is_dir():
-            folder.mkdir(exist_ok=True)
-            _fs.fsync_dir(repo.root)
-        _fs.atomic_write(folder / f"{kid}.pub", signing.public_pem(key))
+        repo.backend.put(layout.join(KEYS_DIR, f"{kid}.pub"), signing.public_pem(key))
     repo.audit("key.trust", key=kid)
     return kid
+
+
+def _read_key(repo: Repo, key: str) -> bytes:
+    """A trusted key file's bytes (at most _MAX_KEY_FILE; the backend refuses links and FIFOs)."""
+    try:
+        return repo.backend.get(key, max_size=_MAX_KEY_FILE)
+    except (OSError, CorruptObjectError) as err:
+        raise InvalidInputError(f"cannot read the public key {key}: {err}") from None
 
 
 # -- verifying a tag -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _fs, layout
+from .backends import Backend, backend_of
 from .errors import CorruptObjectError, UsageError, VerifyFailedError
 from .objects import canonical_json
 
@@ -47,6 +48,9 @@ def verify_commit(repo: Repo, commit_id: str, check: str | None, timeout: float 
     Raises VerifyFailedError (after recording) when the restore or the check failed.
     """
     check = check_spec(check)
+    if repo.backend.local_root() is None:
+        raise UsageError(f"verify restores the commit in a fresh process, which opens the repository from a local "
+                         f"directory; {repo.backend.describe()} has none (verify a local clone instead)")
     when = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
     result = run_child(repo.root, commit_id, check, timeout)
     record = {
@@ -67,7 +71,7 @@ def verify_commit(repo: Repo, commit_id: str, check: str | None, timeout: float 
         "error_type": result.get("error_type"),
         "chunk_id": result.get("chunk_id"),
     }
-    write_record(repo.root, commit_id, record)
+    write_record(repo.backend, commit_id, record)
     repo.audit("verify", commit=commit_id, ok=record["ok"], check=check, error=record["error"],
                restore_seconds=record["restore_seconds"])
     if not record["ok"]:
@@ -111,7 +115,7 @@ def run_child(root: Path, commit_id: str, check: str | None, timeout: float | No
         except OSError as err:
             return _failed(f"cannot start {sys.executable}: {err.strerror}", "OSError", started)
         try:
-            result = json.loads(result_path.read_bytes())
+            result: dict[str, Any] = json.loads(result_path.read_bytes())
         except (OSError, ValueError):
             tail = proc.stderr.decode("utf-8", "replace").strip()[-_TAIL:]
             last = tail.splitlines()[-1] if tail else "no output"
@@ -144,48 +148,43 @@ def clean_metrics(value: Any) -> dict[str, float | str]:
     return metrics
 
 
-def write_record(root: Path, commit_id: str, record: dict[str, Any]) -> None:
-    """Store ``record`` as ``verified/<commit id>`` (temp, fsync, rename, fsync dir)."""
-    folder = root / VERIFIED_DIR
+def write_record(where: Backend | str | os.PathLike[str], commit_id: str, record: dict[str, Any]) -> None:
+    """Store ``record`` as ``verified/<commit id>`` through the backend (an atomic, durable put)."""
     with _fs.storage_errors(f"recording the verification of commit {commit_id[:12]}"):
-        _fs.check_inside(root, folder)
-        if not folder.is_dir():
-            folder.mkdir(exist_ok=True)
-            _fs.fsync_dir(root)
-        _fs.atomic_write(folder / commit_id, canonical_json(record) + b"\n")
+        backend_of(where).put(layout.join(VERIFIED_DIR, commit_id), canonical_json(record) + b"\n")
 
 
-def read_record(root: Path, commit_id: str) -> dict[str, Any] | None:
+def read_record(where: Backend | str | os.PathLike[str], commit_id: str) -> dict[str, Any] | None:
     """The last verification record of a commit, or None. A damaged record raises CorruptObjectError."""
     if not _HEX_ID.match(commit_id):
         return None
-    path = root / VERIFIED_DIR / commit_id
+    key = layout.join(VERIFIED_DIR, commit_id)
     try:
-        _fs.check_inside(root, path)
-        record = json.loads(_fs.read_record(path, _MAX_RECORD))
+        record = json.loads(backend_of(where).get(key, max_size=_MAX_RECORD))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError, RecursionError, CorruptObjectError) as err:
-        raise CorruptObjectError(f"verification record {VERIFIED_DIR}/{commit_id} is unreadable: {str(err)[:200]}",
-                                 path=f"{VERIFIED_DIR}/{commit_id}") from None
+        raise CorruptObjectError(f"verification record {key} is unreadable: {str(err)[:200]}", path=key) from None
     if not isinstance(record, dict) or not isinstance(record.get("ok"), bool) or record.get("commit") != commit_id:
-        raise CorruptObjectError(f"verification record {VERIFIED_DIR}/{commit_id} is malformed",
-                                 path=f"{VERIFIED_DIR}/{commit_id}")
+        raise CorruptObjectError(f"verification record {key} is malformed", path=key)
     return record
 
 
-def read_records(root: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def read_records(where: Backend | str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """``(commit id → last verification record, commit id → why its record is damaged)``."""
+    backend = backend_of(where)
     try:
-        names = sorted(os.listdir(root / VERIFIED_DIR))
+        names = [key.rsplit("/", 1)[-1] for key in backend.list(VERIFIED_DIR)]
     except (FileNotFoundError, NotADirectoryError):
         return {}, {}
+    except CorruptObjectError as err:  # verified/ is a link or a special file: nothing in it is read
+        return {}, {VERIFIED_DIR: f"{VERIFIED_DIR}/ is unreadable: {str(err)[:200]}"}
     records: dict[str, dict[str, Any]] = {}
     damaged: dict[str, str] = {}
     for name in names:
         if _HEX_ID.match(name):
             try:
-                record = read_record(root, name)
+                record = read_record(backend, name)
             except CorruptObjectError as err:
                 damaged[name] = str(err)
                 continue

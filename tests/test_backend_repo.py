@@ -4,6 +4,7 @@ injected with FaultyBackend (ckptvcs/backends/faults.py) instead of monkeypatche
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,82 @@ def test_every_failing_write_of_a_commit(tmp_path: Path, kind: str, err: int) ->
             break
         assert n > 3
         assert repo.fsck(read_data=True).ok
+
+
+def test_memory_backend_records_audit_verifications_and_keys(tmp_path: Path) -> None:
+    """The modules beside the seam (records, audit, verify, trust) write through the backend."""
+    from ckptvcs import signing
+    from ckptvcs import verify as verification
+    from ckptvcs.errors import UsageError
+
+    backend = MemoryBackend()
+    with Repo.init(None, chunk_size=4096, backend=backend) as repo:
+        first = repo.commit(_state(0), "first", code_version=None)
+        repo.gc(prune_unreachable_after=0)
+        assert len(repo.read_records("gc").records) == 1
+        assert repo.add_record("restore", {"commit": first, "load_seconds": 0.5})
+        assert repo.read_records("restore").records[0]["commit"] == first
+        # verify restores in a child process, which opens a local directory: refused, clearly
+        with pytest.raises(UsageError, match="local directory"):
+            repo.verify(first)
+        record = {"version": 1, "commit": first, "ok": True, "time": "2026-01-01T00:00:00Z"}
+        verification.write_record(repo.backend, first, record)
+        assert repo.last_verification(first) == record and repo.verifications() == {first: record}
+        _, public, kid = signing.generate_key(tmp_path / "k")
+        assert repo.trust_key(public) == kid and repo.trusted_keys() == [kid]
+        signed = repo.tag("v1", first, key=tmp_path / "k")
+        assert repo.verify_tag("v1")["commit"] == first and signed
+        events = [e.event for e in repo.audit_events()]
+        assert {"key.trust", "tag.create"} <= set(events) and events[-1] == "tag.verify"
+        assert repo.check_audit().ok and repo.check_audit().events == len(events)
+        assert repo.fsck().ok
+    keys = set(backend.list())
+    assert {"records/gc.jsonl", "records/restore.jsonl", f"verified/{first}", f"keys/{kid}.pub",
+            "audit/log.jsonl", "audit/head.json"} <= keys
+    with Repo.open(backend=backend) as again:  # another handle reads what the first wrote
+        assert again.trusted_keys() == [kid] and again.last_verification(first) == record
+        assert again.check_audit().events == len(events)
+
+
+def test_audit_log_without_advisory_locks_chains_by_compare_and_swap() -> None:
+    """A backend without locks (an object store) appends audit events by compare-and-swap."""
+    from dataclasses import replace
+
+    from ckptvcs.audit import AuditLog
+
+    backend = MemoryBackend()
+    backend.capabilities = replace(MemoryBackend.capabilities, advisory_locks=False)  # type: ignore[misc]
+    log = AuditLog(backend)
+    for i in range(3):
+        log.append("test.event", "w@h", {"i": i})
+    backend.append("audit/log.jsonl", b'{"torn')  # a crash mid-append on a backend that appends
+    event = log.append("test.event", "w@h", {"i": 3})
+    assert event.seq == 3
+    verdict = log.check()
+    assert verdict.ok and verdict.events == 4, verdict.problems
+
+
+def test_two_handles_on_one_memory_store_see_each_others_packs() -> None:
+    """Each handle on a store without local files keeps its own index; a read or a publish
+    picks up the packs the other handle wrote (the multi-host DCP writer relies on it)."""
+    backend = MemoryBackend()
+    with Repo.init(None, chunk_size=4096, backend=backend) as first, Repo.open(backend=backend) as second:
+        base = first.commit(_state(0), "by the first handle", code_version=None)
+        assert torch.equal(second.load(base)["w"], _state(0)["w"])  # the second handle never indexed it
+        staged = second.stage(_state(1))  # a rank stages through its own handle...
+        cid = first.publish(staged, "published by the coordinator", code_version=None)  # ...the coordinator publishes it
+        assert torch.equal(first.load(cid)["w"], _state(1)["w"])
+        assert second.resolve("HEAD") == cid and first.fsck(read_data=True).ok
+        assert second.chunks.refresh_index() == 0  # nothing new: a listing, no pack read again
+
+
+def test_a_linked_verified_folder_is_reported_not_followed(tmp_path: Path) -> None:
+    """verified/ read through LocalBackend: a link in its place is named, never followed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with Repo.init(tmp_path / "r", chunk_size=4096) as repo:
+        cid = repo.commit(_state(0), code_version=None)
+        (outside / cid).write_text(json.dumps({"ok": True, "commit": cid}))
+        (tmp_path / "r" / "verified").symlink_to(outside)
+        with pytest.warns(RuntimeWarning, match="verified/ is unreadable"):
+            assert repo.verifications() == {}

@@ -18,7 +18,14 @@ import torch
 from ckptvcs import Repo
 from ckptvcs.backends import ConcurrentUpdate, KeyMissing
 from ckptvcs.backends.fsspec_backend import FsspecBackend
-from ckptvcs.errors import IntegrityError, NonFastForwardError, RefExistsError, RemoteNotFoundError, StorageError
+from ckptvcs.errors import (
+    CorruptObjectError,
+    IntegrityError,
+    NonFastForwardError,
+    RefExistsError,
+    RemoteNotFoundError,
+    StorageError,
+)
 from ckptvcs.remotes import add_remote, clone, fetch, list_remotes, pull, push, remove_remote
 from helpers import assert_tensor_identical
 from s3server import S3Server, make_bucket, run_server, weed_binary
@@ -140,12 +147,11 @@ def test_fsspec_backend_contract(where: str, request: pytest.FixtureRequest, tmp
     assert b.get("a/b/k1") == b"hello" and b.size("a/b/k1") == 5 and b.size("nope") is None
     with pytest.raises(KeyMissing):
         b.get("nope")
-    with pytest.raises(OSError):
+    with pytest.raises(CorruptObjectError, match="a/b/k1"):  # as every backend (test_backend_contract.py)
         b.get("a/b/k1", max_size=2)
     reader = b.open_reader("a/b/k1")
     assert reader.read(1, 3) == b"ell" and reader.size == 5
-    with pytest.raises(OSError):
-        reader.read(3, 10)
+    assert reader.read(3, 10) == b"lo"  # short only where the object ends
     buf = bytearray(2)
     assert reader.readinto([buf], 0) == 2 and buf == b"he"
     b.compare_and_swap("refs/x", None, b"1")

@@ -34,7 +34,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ckptvcs.backends.base import Capabilities, ConcurrentUpdate, KeyMissing
+from ckptvcs.backends.base import Capabilities, ConcurrentUpdate, KeyMissing, check_key, check_prefix
+from ckptvcs.errors import CorruptObjectError
 
 __all__ = ["FsspecBackend", "S3_CAPABILITIES", "EMULATED_CAPABILITIES"]
 
@@ -65,12 +66,6 @@ def _error_code(err: BaseException) -> str | None:
     return None
 
 
-def _check_key(key: str) -> str:
-    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
-        raise OSError(errno.EINVAL, "invalid key", key)
-    return key
-
-
 class _RangeReader:
     """Ranged reads of one object (a pack on the remote): one GET with a Range per read."""
 
@@ -84,8 +79,11 @@ class _RangeReader:
         return self._size
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0 or offset + size > self._size:
-            raise OSError(errno.EIO, f"read of {size} bytes at {offset} past the end ({self._size})", self._key)
+        """``size`` bytes at ``offset``, fewer only where the object ends (the protocol's rule:
+        callers check the count); a short answer before the end is an I/O error."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"read of {size} bytes at {offset}")
+        size = max(0, min(size, self._size - offset))
         if size == 0:
             return b""
         data = self._backend._cat(self._key, offset, offset + size)
@@ -94,14 +92,16 @@ class _RangeReader:
         return bytes(data)
 
     def readinto(self, buffers: list[bytearray | memoryview], offset: int) -> int:
-        total = sum(len(b) for b in buffers)
-        data = self.read(offset, total)
+        views = [memoryview(buf).cast("B") for buf in buffers]
+        data = self.read(offset, sum(len(v) for v in views))
         pos = 0
-        for buf in buffers:
-            view = memoryview(buf).cast("B")
-            view[:] = data[pos : pos + len(view)]
-            pos += len(view)
-        return total
+        for view in views:
+            piece = data[pos : pos + len(view)]
+            view[: len(piece)] = piece
+            pos += len(piece)
+            if len(piece) < len(view):
+                break
+        return len(data)
 
     def close(self) -> None:
         pass
@@ -165,7 +165,7 @@ class FsspecBackend:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _path(self, key: str) -> str:
-        return f"{self.root}/{_check_key(key)}" if self.root else _check_key(key)
+        return f"{self.root}/{check_key(key)}" if self.root else check_key(key)
 
     def _s3_location(self, key: str) -> tuple[str, str]:
         bucket, path, _ = self.fs.split_path(self._path(key))
@@ -233,13 +233,18 @@ class FsspecBackend:
         return None
 
     def get(self, key: str, *, max_size: int | None = None) -> bytes:
-        if max_size is not None:
-            size = self.size(key)
-            if size is None:
-                raise KeyMissing(key)
-            if size > max_size:
-                raise OSError(errno.EFBIG, f"object of {size} bytes exceeds the limit of {max_size}", key)
-        return self._cat(key)
+        """The whole object; larger than ``max_size``: CorruptObjectError naming the key, as every
+        backend (checked before the read, and again on what came back: it may have changed)."""
+        if max_size is None:
+            return self._cat(key)
+        size = self.size(key)
+        if size is None:
+            raise KeyMissing(key)
+        data = self._cat(key) if size <= max_size else None
+        if data is None or len(data) > max_size:
+            held = size if data is None else len(data)
+            raise CorruptObjectError(f"{key} holds {held} bytes, more than the {max_size} its kind may hold")
+        return data
 
     def open_reader(self, key: str) -> _RangeReader:
         size = self.size(key)
@@ -258,7 +263,8 @@ class FsspecBackend:
         return int(info["size"])
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        prefix = check_prefix(prefix)
+        base = self._path(prefix) if prefix else self.root
         try:
             with self._errors(prefix or "."):
                 found = self.fs.find(base) if base else self.fs.find("")
@@ -269,7 +275,11 @@ class FsspecBackend:
         for path in found:
             path = path.lstrip("/") if not self.root.startswith("/") else path
             key = path[start:] if path.startswith(self.root) else path
-            if key and not key.rsplit("/", 1)[-1].startswith(".cas.lock"):
+            # Only keys under the prefix: a store may list the folder itself (SeaweedFS keeps
+            # an emptied folder as a marker object), which is no key.
+            if prefix and not key.startswith(prefix + "/"):
+                continue
+            if key and not key.endswith("/") and not key.rsplit("/", 1)[-1].startswith(".cas.lock"):
                 keys.append(key)
         return iter(sorted(keys))
 
@@ -296,7 +306,7 @@ class FsspecBackend:
             return True
 
     def open_writer(self, key: str) -> _Writer:
-        _check_key(key)
+        check_key(key)
         return _Writer(self, key)
 
     def delete(self, key: str) -> bool:
@@ -390,4 +400,4 @@ def _read_body(fs: Any, body: Any) -> bytes:
     async def read() -> bytes:
         return bytes(await body.read())
 
-    return sync(fs.loop, read)
+    return bytes(sync(fs.loop, read))

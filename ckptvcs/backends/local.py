@@ -268,7 +268,9 @@ class LocalBackend:
         _fs.append_durably(path, data)
 
     def lock(self, name: str, *, exclusive: bool, timeout: float) -> contextlib.AbstractContextManager[None]:
-        return _fs.RepoLock(self._path(name)).hold(exclusive=exclusive, timeout=timeout)
+        path = self._path(name)
+        self._prepare_parent(path)  # a lock in a folder not made yet (audit/lock)
+        return _fs.RepoLock(path).hold(exclusive=exclusive, timeout=timeout)
 
     # -- local extras (not in the protocol) ---------------------------------------------
 

@@ -15,10 +15,9 @@ import re
 import warnings
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from .. import _fs
+from ..backends import Backend
 from ..catalog import metric_value
 from ..components import COMPONENTS, blob_components
 from ..errors import CkptvcsError
@@ -80,7 +79,7 @@ def _build(repo: Repo, attention: list[dict[str, str]]) -> dict[str, Any]:
         best_of.setdefault(entry["commit"], []).append(metric)
     restores = _records(repo, "restore", attention)
     gcs = _records(repo, "gc", attention)
-    verified = _verified(repo.root, attention)
+    verified = _verified(repo.backend, attention)
     manifests = _manifest_chunks(repo, commits, attention)
     stored_len = {entry.chunk_id: entry.stored_len for entry in repo.chunks.index}
 
@@ -276,12 +275,10 @@ def _clean(record: dict[str, Any], schema: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _verified(root: Path, attention: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
+def _verified(backend: Backend, attention: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
     """The verification records ``verified/<commit id>`` (one per commit, the last run of ``ckptvcs verify``)."""
-    folder = root / VERIFIED_DIRNAME
     try:
-        _fs.check_inside(root, folder / "x")
-        names = sorted(os.listdir(folder))
+        names = [key.rsplit("/", 1)[-1] for key in backend.list(VERIFIED_DIRNAME)]
     except FileNotFoundError:
         return {}
     except (OSError, CkptvcsError) as err:
@@ -292,7 +289,7 @@ def _verified(root: Path, attention: list[dict[str, str]]) -> dict[str, dict[str
         if not _HEX_ID.match(name):
             continue
         try:
-            record = json.loads(_fs.read_record(folder / name, _MAX_RECORD))
+            record = json.loads(backend.get(f"{VERIFIED_DIRNAME}/{name}", max_size=_MAX_RECORD))
             if not isinstance(record, dict) or not isinstance(record.get("ok"), bool):
                 raise ValueError("not a verification record")
         except (OSError, ValueError, RecursionError, CkptvcsError) as err:
