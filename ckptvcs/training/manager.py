@@ -57,6 +57,7 @@ from .policies import (
 from .preemption import PreemptionWatcher
 from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time
 from .rng import capture_rng, restore_rng
+from .verify_worker import BackgroundVerifier
 
 __all__ = ["CheckpointManager", "MANAGER_KEY"]
 
@@ -112,6 +113,9 @@ class CheckpointManager:
         clock: Callable[[], float] = time.monotonic,
         save_policy: SavePolicy | None = None,
         keep_policy: KeepPolicy | None = None,
+        verify_every: int = 0,
+        verify_check: str | None = None,
+        verify_timeout: float | None = None,
     ) -> None:
         if not isinstance(state, Mapping) or not state:
             raise InvalidInputError("state must be a non-empty dict of name -> object, tensor or value")
@@ -188,6 +192,9 @@ class CheckpointManager:
         self._other_tips: frozenset[str] | None = None
         self._other_history: set[str] = set()
         self._saver = BackgroundSaver()
+        # verify_every=N: every N-th commit restored and checked in a fresh process, in the background.
+        self._verifier = (BackgroundVerifier(self.repo, verify_every, verify_check, verify_timeout)
+                          if verify_every else None)
         self._closed = False
         self._preemption = PreemptionWatcher(preemption_grace)
         self._on_signal = self._preemption.on_signal  # the handler installed for SIGTERM/SIGINT
@@ -244,6 +251,8 @@ class CheckpointManager:
         background save, and record the loop's progress. Returns the validated step."""
         self._check_open()
         self._raise_background_error(wait=False)
+        if self._verifier is not None:
+            self._verifier.warn_failures(stacklevel=4)
         step = _step_number(step)
         self._check_step_order(step)
         self._current_step = step
@@ -275,7 +284,7 @@ class CheckpointManager:
 
     def _head_saved_at(self, step: int) -> str | None:
         """The branch head when it is the commit this manager last saved or restored, at ``step``."""
-        self.wait()
+        self._raise_background_error(wait=True)  # the save only: never a verification
         if self.last_commit is None or self._last_saved_step != step:
             return None
         return self.last_commit if self._branch_head() == self.last_commit else None
@@ -311,7 +320,7 @@ class CheckpointManager:
         commit restored: the run continues from there, on top of the branch head).
         """
         self._check_open()
-        self.wait()
+        self._raise_background_error(wait=True)  # the save only: never a verification
         if rev == "latest":
             commit_id = self._branch_head()
             if commit_id is None:
@@ -369,8 +378,17 @@ class CheckpointManager:
         })
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is durable; raise its error if it failed."""
+        """Block until the save in flight (if any) is durable, and the background verifications
+        (``verify_every``) are done; raise the save's error if it failed."""
         self._raise_background_error(wait=True)
+        if self._verifier is not None:
+            self._verifier.drain()
+            self._verifier.warn_failures()
+
+    @property
+    def verifications(self) -> dict[str, dict[str, Any]]:
+        """Commit id -> outcome of each background verification finished in this run (``verify_every``)."""
+        return dict(self._verifier.results) if self._verifier is not None else {}
 
     def close(self) -> None:
         """Flush the save in flight, remove signal handlers, release resources. Idempotent."""
@@ -384,6 +402,8 @@ class CheckpointManager:
             self._closed = True
             self._preemption.uninstall()
             self._saver.close()
+            if self._verifier is not None:
+                self._verifier.close()
             if self._owns_repo:
                 self.repo.close()
 
@@ -506,6 +526,8 @@ class CheckpointManager:
         self.last_commit = commit_id
         if tag is not None:
             self._tag_once(tag, commit_id, options["message"])
+        if self._verifier is not None:
+            self._verifier.saved(commit_id)  # held from here: retention below cannot prune it
         if not self._retention_blocked():
             self._apply_retention()
             self._maybe_collect_garbage()
@@ -599,6 +621,8 @@ class CheckpointManager:
             protected.add(self.resumed_from)
         if self.last_commit is not None:
             protected.add(self.last_commit)
+        if self._verifier is not None:
+            protected |= self._verifier.holding()  # a verification in flight reads its data
         return protected
 
     def _apply_retention(self) -> None:
@@ -668,9 +692,9 @@ class CheckpointManager:
             if step != self._last_saved_step:
                 result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)  # type: ignore[arg-type]
                 if isinstance(result, Future):
-                    self.wait()
+                    self._raise_background_error(wait=True)  # the save only: never a verification
             else:
-                self.wait()
+                self._raise_background_error(wait=True)  # the save only: never a verification
         finally:
             self._preemption.let_act(signum)
 
