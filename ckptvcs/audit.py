@@ -29,9 +29,11 @@ from typing import Any
 import blake3
 
 from . import _fs, layout
-from .errors import AuditLogDamagedError, CorruptObjectError, LockTimeoutError
+from .errors import AuditLogDamagedError, CkptvcsError, CorruptObjectError, LockTimeoutError
+from .refs import ZERO_ID, Refs
 
-__all__ = ["AuditLog", "AuditEvent", "AuditCheck", "AUDIT_DIR", "ZERO_HASH"]
+__all__ = ["AuditLog", "AuditEvent", "AuditCheck", "AUDIT_DIR", "ZERO_HASH", "REF_EVENT", "REFS_LOG_NAME",
+           "check_audit"]
 
 AUDIT_DIR = layout.AUDIT
 LOG_NAME = "log.jsonl"
@@ -43,6 +45,9 @@ MAX_LOG = 256 << 20  # what a reader reads of a hostile log
 _MAX_HEAD = 4096
 _LOCK_TIMEOUT = 30.0
 _FIELDS = ("seq", "time", "who", "event", "data", "prev")
+REFS_LOG_NAME = "refs.jsonl"
+REF_EVENT = "ref.update"
+"""The event of a ref move: data ``{"ref", "old", "new", "why"}`` (ids; 64 zeros for none)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ class AuditCheck:
 
     events: int = 0
     head: str = ZERO_HASH
+    ref_events: int = 0  # of the ref log (check_audit)
+    ref_head: str = ZERO_HASH
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -94,11 +101,17 @@ def _encode(record: dict[str, Any]) -> bytes:
 class AuditLog:
     """The audit log of the repository at ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, name: str = LOG_NAME, head: str | None = HEAD_NAME) -> None:
         self.root = root
         self.dir = root / AUDIT_DIR
-        self.path = self.dir / LOG_NAME
-        self.head_path = self.dir / HEAD_NAME
+        self.path = self.dir / name
+        # None (the ref log): no head record; the refs themselves vouch for its tail (check(refs)).
+        self.head_path = self.dir / head if head is not None else None
+
+    @classmethod
+    def of_refs(cls, root: Path) -> AuditLog:
+        """The ref log, ``audit/refs.jsonl``: one ``ref.update`` event per ref move."""
+        return cls(root, REFS_LOG_NAME, None)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -125,7 +138,8 @@ class AuditLog:
                     line = _encode(record)
                 _fs.append_durably(self.path, (b"\n" if self._ends_torn() else b"") + line + b"\n")
                 digest = _line_hash(line)
-                _fs.atomic_write(self.head_path, _encode({"seq": seq, "hash": digest}) + b"\n")
+                if self.head_path is not None:
+                    _fs.atomic_write(self.head_path, _encode({"seq": seq, "hash": digest}) + b"\n")
         return AuditEvent(seq, record["time"], who, event, record["data"], prev, digest)
 
     def _ends_torn(self) -> bool:
@@ -211,9 +225,10 @@ class AuditLog:
             if event is not None:
                 yield event
 
-    def check(self) -> AuditCheck:
+    def check(self, refs: Refs | None = None) -> AuditCheck:
         """Walk the chain: every line parses, counts on, and names the previous line's hash;
-        the head record matches. Returns the verdict (never raises for damage)."""
+        the head record matches; with ``refs``, every ref holds what its last logged move
+        set. Returns the verdict (never raises for damage)."""
         result = AuditCheck()
         try:
             data = self._read()
@@ -224,6 +239,7 @@ class AuditLog:
         fragment = lines.pop()
         expected_seq, prev = 0, ZERO_HASH
         hashes: list[str] = []
+        last_moves: dict[str, AuditEvent] = {}
         pending: list[tuple[int, str]] = []  # lines that do not parse since the last event
         for number, line in enumerate(lines, 1):
             event = _parse(line)
@@ -248,15 +264,21 @@ class AuditLog:
                 return result
             prev = event.hash
             hashes.append(prev)
+            if event.event == REF_EVENT and isinstance(event.data.get("ref"), str):
+                last_moves[event.data["ref"]] = event
             expected_seq += 1
         if pending or fragment:
             result.notes.append("the last line is torn (a crash while appending); the next append skips it")
         result.events = expected_seq
         result.head = prev
-        result.problems += self._check_head(hashes)
+        if self.head_path is not None:
+            result.problems += self._check_head(hashes)
+        if refs is not None:
+            _check_refs(refs, last_moves, result)
         return result
 
     def _check_head(self, hashes: list[str]) -> list[str]:
+        assert self.head_path is not None
         try:
             head = json.loads(_fs.read_record(self.head_path, _MAX_HEAD))
         except FileNotFoundError:
@@ -276,6 +298,50 @@ class AuditLog:
         if seq < len(hashes) - 2:
             return [f"{AUDIT_DIR}/{HEAD_NAME} records event {seq} while the log ends at {len(hashes) - 1} (rewound)"]
         return []  # the head may lag one event: a crash between the append and its write
+
+
+def check_audit(root: Path, refs: Refs) -> AuditCheck:
+    """Both chains: the event log's verdict (``events``, ``head``) with the ref log's problems and
+    notes added (prefixed ``audit/refs.jsonl``), and ``ref_events`` counted."""
+    result = AuditLog(root).check()
+    moves = AuditLog.of_refs(root).check(refs)
+    where = f"{AUDIT_DIR}/{REFS_LOG_NAME}"
+    result.problems += [f"{where}: {p}" for p in moves.problems]
+    result.notes += [f"{where}: {n}" for n in moves.notes]
+    result.ref_events = moves.events
+    result.ref_head = moves.head
+    return result
+
+
+def _check_refs(refs: Refs, last_moves: dict[str, AuditEvent], result: AuditCheck) -> None:
+    """Each branch and tag with a logged move holds the id its last logged move set.
+
+    A ref changed outside ckptvcs, or a log whose last moves were cut off, fails here. A
+    ref whose reflog's last line is the one move the audit log lacks (and that starts where the
+    audit log left it) is a crash between the ref update and its audit line: a note. Refs with
+    no logged move (made before ckptvcs logged ref moves) are not checked.
+    """
+    for ref, event in sorted(last_moves.items()):
+        if not ref.startswith("refs/"):
+            continue  # HEAD follows a branch: its moves are logged, its value is the branch's
+        try:
+            current = refs.read_raw(ref) or ZERO_ID
+            if current == event.data.get("new"):
+                continue
+            last = next(refs.reflog(ref), None)
+        except (CkptvcsError, ValueError):
+            continue  # a damaged ref or reflog: fsck names it on its own
+        if last is not None and last.new == current and last.old == event.data.get("new"):
+            result.notes.append(f"{ref}: its last move ({last.old[:12]} -> {last.new[:12]}) is in its reflog but not "
+                                "in the audit log (a crash between the ref update and its audit line)")
+            continue
+        result.problems.append(
+            f"{ref} holds {_short(current)} but its last logged move (event {event.seq}) set {_short(event.data.get('new'))}:"
+            " the ref was changed outside ckptvcs, or the audit log's last moves were removed")
+
+
+def _short(value: Any) -> str:
+    return "nothing" if value == ZERO_ID else str(value)[:12]
 
 
 def _torn_of(line: bytes) -> list[str] | None:
