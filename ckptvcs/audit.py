@@ -18,10 +18,11 @@ an external copy of the head closes that gap.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,7 @@ class AuditLog:
             if event is not None:
                 yield event
 
-    def check(self, refs: Refs | None = None) -> AuditCheck:
+    def check(self, refs: Refs | None = None, parents: Callable[[str], Sequence[str]] | None = None) -> AuditCheck:
         """Walk the chain: every line parses, counts on, and names the previous line's hash;
         the head record matches; with ``refs``, every ref holds what its last logged move
         set. Returns the verdict (never raises for damage)."""
@@ -274,7 +275,7 @@ class AuditLog:
         if self.head_path is not None:
             result.problems += self._check_head(hashes)
         if refs is not None:
-            _check_refs(refs, last_moves, result)
+            _check_refs(refs, last_moves, result, parents)
         return result
 
     def _check_head(self, hashes: list[str]) -> list[str]:
@@ -300,11 +301,12 @@ class AuditLog:
         return []  # the head may lag one event: a crash between the append and its write
 
 
-def check_audit(root: Path, refs: Refs) -> AuditCheck:
+def check_audit(root: Path, refs: Refs, parents: Callable[[str], Sequence[str]] | None = None) -> AuditCheck:
     """Both chains: the event log's verdict (``events``, ``head``) with the ref log's problems and
-    notes added (prefixed ``audit/refs.jsonl``), and ``ref_events`` counted."""
+    notes added (prefixed ``audit/refs.jsonl``), and ``ref_events`` counted. ``parents(commit id)``
+    (the repository's commit reader) lets a commit whose logs failed to append pass as a note."""
     result = AuditLog(root).check()
-    moves = AuditLog.of_refs(root).check(refs)
+    moves = AuditLog.of_refs(root).check(refs, parents)
     where = f"{AUDIT_DIR}/{REFS_LOG_NAME}"
     result.problems += [f"{where}: {p}" for p in moves.problems]
     result.notes += [f"{where}: {n}" for n in moves.notes]
@@ -313,13 +315,16 @@ def check_audit(root: Path, refs: Refs) -> AuditCheck:
     return result
 
 
-def _check_refs(refs: Refs, last_moves: dict[str, AuditEvent], result: AuditCheck) -> None:
+def _check_refs(refs: Refs, last_moves: dict[str, AuditEvent], result: AuditCheck,
+                parents: Callable[[str], Sequence[str]] | None) -> None:
     """Each branch and tag with a logged move holds the id its last logged move set.
 
-    A ref changed outside ckptvcs, or a log whose last moves were cut off, fails here. A
-    ref whose reflog's last line is the one move the audit log lacks (and that starts where the
-    audit log left it) is a crash between the ref update and its audit line: a note. Refs with
-    no logged move (made before ckptvcs logged ref moves) are not checked.
+    A ref moved outside ckptvcs to a commit that does not lead back to the logged one (a
+    rewind, a jump elsewhere, a deletion) fails here. Moves missing at the end are a note, not
+    damage, when they are what crashes or failed writes after ref updates leave: the ref's
+    reflog, or where its lines are missing too the first parents of its commits, lead from
+    the ref's value back to the logged one. Refs with no logged move (made before ckptvcs
+    logged ref moves) are not checked.
     """
     for ref, event in sorted(last_moves.items()):
         if not ref.startswith("refs/"):
@@ -328,16 +333,43 @@ def _check_refs(refs: Refs, last_moves: dict[str, AuditEvent], result: AuditChec
             current = refs.read_raw(ref) or ZERO_ID
             if current == event.data.get("new"):
                 continue
-            last = next(refs.reflog(ref), None)
+            missing = _unlogged_moves(refs, ref, current, event.data.get("new"), parents)
         except (CkptvcsError, ValueError):
             continue  # a damaged ref or reflog: fsck names it on its own
-        if last is not None and last.new == current and last.old == event.data.get("new"):
-            result.notes.append(f"{ref}: its last move ({last.old[:12]} -> {last.new[:12]}) is in its reflog but not "
-                                "in the audit log (a crash between the ref update and its audit line)")
+        if missing:
+            result.notes.append(f"{ref}: its last {missing} move{'s' if missing > 1 else ''} (to {current[:12]}) "
+                                f"{'are' if missing > 1 else 'is'} in its reflog or history but not in the audit log "
+                                "(a crash or failed write between a ref update and its audit line)")
             continue
         result.problems.append(
             f"{ref} holds {_short(current)} but its last logged move (event {event.seq}) set {_short(event.data.get('new'))}:"
             " the ref was changed outside ckptvcs, or the audit log's last moves were removed")
+
+
+def _unlogged_moves(refs: Refs, ref: str, current: str, logged: Any,
+                    parents: Callable[[str], Sequence[str]] | None, limit: int = 1000) -> int:
+    """How many moves lead from ``logged`` to ``current`` (0: none found).
+
+    Steps back from ``current`` along the reflog (newest first), or, where the reflog line
+    is missing too (its write failed after the ref update), from a commit to its first
+    parent.
+    """
+    entries = list(itertools.islice(refs.reflog(ref), limit))
+    value, i = current, 0
+    for steps in range(limit):
+        if value == logged:
+            return steps
+        if i < len(entries) and entries[i].new == value:
+            value, i = entries[i].old, i + 1
+            continue
+        try:
+            first = parents(value)[:1] if parents is not None and value != ZERO_ID else ()
+        except (CkptvcsError, ValueError):
+            first = ()
+        if not first:
+            return 0
+        value = first[0]
+    return 0
 
 
 def _short(value: Any) -> str:

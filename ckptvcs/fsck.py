@@ -459,7 +459,7 @@ class _Checker:
 
     def check_audit_log(self) -> None:
         """The audit log's hash chain (docs/audit.md): a break is damage, a torn last line garbage."""
-        verdict = check_audit(self.repo.root, self.repo.refs)
+        verdict = check_audit(self.repo.root, self.repo.refs, lambda c: self.repo.objects.read_commit(c).parents)
         rel = f"{AUDIT_DIR}/{LOG_NAME}"
         for problem in verdict.problems:
             self.add("corrupt", f"audit log {rel} is damaged: {problem}", objects=[rel])

@@ -40,6 +40,7 @@ from .audit import check_audit as _check_audit_logs
 from .backends import Backend, LocalBackend
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
+    AuditLogDamagedError,
     CkptvcsError,
     CommitCollectedError,
     CommitPrunedError,
@@ -48,6 +49,7 @@ from .errors import (
     IntegrityError,
     InvalidInputError,
     KeyNotFoundError,
+    LockTimeoutError,
     NotARepositoryError,
     ProtectedCommitError,
     RefExistsError,
@@ -1615,10 +1617,18 @@ class Repo:
         """Chain a ref move into the ref log, ``audit/refs.jsonl`` (docs/audit.md "Ref changes").
 
         HEAD is logged only while detached: attached, its moves are its branch's (logged).
+        A failed write raises StorageError, as a failed reflog write does (a failed fsync is a
+        failure); the move itself is durable already. A log that cannot be continued (its last
+        part damaged, not a regular file, its lock held too long) is a warning instead, so a damaged log does not
+        stop every commit; ``audit --check`` and fsck name the ref whose move is missing.
         """
-        if ref == HEAD and (self.refs.read_raw(HEAD) or "").startswith("ref: "):
-            return
-        AuditLog.of_refs(self.root).append(REF_EVENT, who, {"ref": ref, "old": old, "new": new, "why": why})
+        try:
+            if ref == HEAD and (self.refs.read_raw(HEAD) or "").startswith("ref: "):
+                return
+            AuditLog.of_refs(self.root).append(REF_EVENT, who, {"ref": ref, "old": old, "new": new, "why": why})
+        except (AuditLogDamagedError, CorruptObjectError, LockTimeoutError) as err:
+            warnings.warn(f"{ref} moved to {new[:12]}, but its line in audit/refs.jsonl could not be written: {err}; "
+                          "run `ckptvcs audit --check`", RuntimeWarning, stacklevel=2)
 
     def ref_events(self) -> list[AuditEvent]:
         """Every logged ref move, oldest first: ``data`` holds ``ref``, ``old``, ``new``, ``why``."""
@@ -1631,7 +1641,7 @@ class Repo:
     def check_audit(self) -> AuditCheck:
         """Walk the audit log's and the ref log's hash chains, and check each ref against its last logged
         move; ``.ok``, ``.problems``, ``.events``, ``.head`` (of the event log), ``.ref_events``, ``.ref_head``."""
-        return _check_audit_logs(self.root, self.refs)
+        return _check_audit_logs(self.root, self.refs, lambda c: self.objects.read_commit(c).parents)
 
     # -- integrity ---------------------------------------------------------------------
 

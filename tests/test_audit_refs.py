@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from ckptvcs import Repo
+import ckptvcs._fs
+from ckptvcs import Repo, StorageError
 from ckptvcs.refs import ZERO_ID
 
 
@@ -91,15 +93,51 @@ def test_a_ref_changed_outside_ckptvcs_is_detected(repo: Repo) -> None:
     assert not repo.fsck().ok
 
 
-def test_removed_last_moves_are_detected_and_a_crash_is_not_damage(repo: Repo) -> None:
-    _history(repo)
-    repo.commit({"w": np.arange(12)}, "third")
+def test_moves_missing_from_the_log_are_notes_and_a_rewind_is_damage(repo: Repo) -> None:
+    first, second = _history(repo)
+    third = repo.commit({"w": np.arange(12)}, "third")
     path = repo.root / "audit" / "refs.jsonl"
     lines = _log(repo)
     path.write_bytes(b"".join(lines[:-1]))  # what a crash between the ref update and its log line leaves
     check = repo.check_audit()
-    assert check.ok and any("crash between the ref update" in n for n in check.notes)
+    assert check.ok and any("last 1 move (to " + third[:12] in n for n in check.notes)
     assert repo.fsck().ok
-    path.write_bytes(b"".join(lines[:1]))  # all but main's first move cut off: no crash leaves that
+    path.write_bytes(b"".join(lines[:1]))  # main's later moves gone: its reflog still leads there
     check = repo.check_audit()
-    assert not check.ok and "refs/heads/main" in check.problems[0]
+    assert check.ok and any("refs/heads/main: its last 2 moves" in n for n in check.notes)
+    path.write_bytes(b"".join(lines))
+    (repo.root / "refs" / "heads" / "main").write_text(second + "\n")  # rewound by hand
+    check = repo.check_audit()
+    assert not check.ok and "refs/heads/main holds " + second[:12] in check.problems[0]
+
+
+def test_a_failed_ref_log_write_fails_like_a_reflog_write_and_leaves_a_consistent_store(
+        repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = repo.commit({"w": np.arange(10)}, "first")
+
+    real = ckptvcs._fs.append_durably
+
+    def disk_full_for_the_ref_log(path: object, data: bytes) -> None:
+        if str(path).endswith("refs.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ckptvcs._fs, "append_durably", disk_full_for_the_ref_log)
+    with pytest.raises(StorageError, match="disk full while appending to the audit log"):
+        repo.commit({"w": np.arange(11)}, "second")
+    monkeypatch.undo()
+    second = repo.resolve("main")
+    assert second != first  # the ref update was the commit point: the commit stands
+    check = repo.check_audit()
+    assert check.ok and any("failed write between a ref update" in n for n in check.notes)
+
+
+def test_a_damaged_ref_log_does_not_stop_commits(repo: Repo) -> None:
+    repo.commit({"w": np.arange(10)}, "first")
+    path = repo.root / "audit" / "refs.jsonl"
+    path.unlink()
+    path.mkdir()  # not a regular file: the log cannot be continued
+    with pytest.warns(RuntimeWarning, match="could not be written"):
+        repo.commit({"w": np.arange(11)}, "second")
+    assert repo.resolve("main") == repo.log()[0].id
+    assert not repo.check_audit().ok

@@ -153,6 +153,8 @@ def audit(ctx: click.Context, as_json: bool, check_only: bool, max_count: int | 
             raise AuditLogDamagedError(f"the audit log is damaged: {verdict.problems[0]}", path="audit/log.jsonl")
         click.echo(f"audit log intact: {verdict.events} events, head {verdict.head}; "
                    f"{verdict.ref_events} ref moves, head {verdict.ref_head}")
+        for note in verdict.notes:
+            click.echo(f"note: {note}")
         return
     events = repo.audit_events()
     moves = [] if no_refs else repo.ref_events()
