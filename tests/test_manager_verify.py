@@ -136,3 +136,5 @@ def test_verify_every_is_validated(repo: Repo) -> None:
             _manager(repo, verify_every=bad)
     with pytest.raises(Exception, match="module:function"):
         _manager(repo, verify_every=1, verify_check="not a check")
+    with pytest.raises(InvalidInputError, match="need verify_every"):
+        _manager(repo, verify_check="checks:run")

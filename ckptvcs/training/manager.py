@@ -193,6 +193,8 @@ class CheckpointManager:
         self._other_history: set[str] = set()
         self._saver = BackgroundSaver()
         # verify_every=N: every N-th commit restored and checked in a fresh process, in the background.
+        if (verify_check is not None or verify_timeout is not None) and not verify_every:
+            raise InvalidInputError("verify_check and verify_timeout need verify_every=N (verify every N-th save)")
         self._verifier = (BackgroundVerifier(self.repo, verify_every, verify_check, verify_timeout)
                           if verify_every else None)
         self._closed = False
