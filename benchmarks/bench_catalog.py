@@ -20,10 +20,15 @@ each on the same manifest, chained by parent) and moves the branch once with
 ``refs.set_if_equals``. The records are the same objects ``Repo.commit`` writes; only
 the per-commit fsync cost of building the fixture is skipped.
 
+With ``--compare SRC`` (another checkout of ckptvcs, e.g. the main branch before a
+change) it also times ``find`` and ``best`` on the same repository with each source tree,
+in fresh interpreters taking turns, and prints the ratio (``before_s / after_s``).
+
 Run
 ---
     .venv/bin/python benchmarks/bench_catalog.py                  # 10,000 commits
     .venv/bin/python benchmarks/bench_catalog.py --commits 2000   # quick
+    .venv/bin/python benchmarks/bench_catalog.py --compare /work/main
 """
 
 from __future__ import annotations
@@ -72,9 +77,41 @@ def timed(fn: object, repeats: int = 3) -> float:
     return best
 
 
+_QUERY = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from ckptvcs import Repo
+repo = Repo.open(sys.argv[2])
+best = {}
+for name, query in (("find", lambda: repo.find("val_loss < 0.3", "data_version == 'v2'")),
+                    ("best", lambda: repo.best("val_loss", k=3))):
+    start = time.perf_counter()
+    query()
+    best[name] = time.perf_counter() - start
+print(best["find"], best["best"])
+"""
+
+
+def compare(repo_path: Path, before_src: Path, rounds: int = 3) -> dict[str, float]:
+    """Best-of-``rounds`` times of find and best with ``before_src`` and this checkout, taking turns."""
+    after_src = Path(__file__).resolve().parent.parent
+    times: dict[str, list[float]] = {"before_find": [], "before_best": [], "after_find": [], "after_best": []}
+    for _ in range(rounds):
+        for label, src in (("before", before_src), ("after", after_src)):
+            out = subprocess.run([sys.executable, "-c", _QUERY, str(src), str(repo_path)], check=True,
+                                 capture_output=True, text=True).stdout.split()
+            times[f"{label}_find"].append(float(out[0]))
+            times[f"{label}_best"].append(float(out[1]))
+    result = {k: round(min(v), 3) for k, v in times.items()}
+    result["find_ratio"] = round(result["before_find"] / result["after_find"], 2)
+    result["best_ratio"] = round(result["before_best"] / result["after_best"], 2)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=10_000)
+    parser.add_argument("--compare", type=Path, help="another ckptvcs source tree to time against")
     args = parser.parse_args()
     where = ["val_loss < 0.3", "data_version == 'v2'"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-catalog-"))
@@ -94,6 +131,8 @@ def main() -> None:
             "cli_log_where_s": round(timed(lambda: subprocess.run(argv, check=True, capture_output=True), 1), 3),
             "matches": len(repo.find(*where)),
         }
+        if args.compare is not None:
+            results["compare"] = compare(tmp / "repo", args.compare)
         print(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,10 +20,11 @@ an external copy of the head closes that gap.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,9 +32,11 @@ import blake3
 
 from . import _fs, layout
 from .backends import Backend, ConcurrentUpdate, backend_of
-from .errors import AuditLogDamagedError, CorruptObjectError, LockTimeoutError
+from .errors import AuditLogDamagedError, CkptvcsError, CorruptObjectError, LockTimeoutError
+from .refs import ZERO_ID, Refs
 
-__all__ = ["AuditLog", "AuditEvent", "AuditCheck", "AUDIT_DIR", "ZERO_HASH"]
+__all__ = ["AuditLog", "AuditEvent", "AuditCheck", "AUDIT_DIR", "ZERO_HASH", "REF_EVENT", "REFS_LOG_NAME",
+           "check_audit"]
 
 AUDIT_DIR = layout.AUDIT
 LOG_NAME = "log.jsonl"
@@ -45,6 +48,9 @@ MAX_LOG = 256 << 20  # what a reader reads of a hostile log
 _MAX_HEAD = 4096
 _LOCK_TIMEOUT = 30.0
 _FIELDS = ("seq", "time", "who", "event", "data", "prev")
+REFS_LOG_NAME = "refs.jsonl"
+REF_EVENT = "ref.update"
+"""The event of a ref move: data ``{"ref", "old", "new", "why"}`` (ids; 64 zeros for none)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class AuditCheck:
 
     events: int = 0
     head: str = ZERO_HASH
+    ref_events: int = 0  # of the ref log (check_audit)
+    ref_head: str = ZERO_HASH
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -96,11 +104,18 @@ def _encode(record: dict[str, Any]) -> bytes:
 class AuditLog:
     """The audit log of a repository: ``where`` is its backend (or, as before the seam, its root)."""
 
-    def __init__(self, where: Backend | str | os.PathLike[str]) -> None:
+    def __init__(self, where: Backend | str | os.PathLike[str], name: str = LOG_NAME,
+                 head: str | None = HEAD_NAME) -> None:
         self.backend = backend_of(where)
-        self.key = layout.join(AUDIT_DIR, LOG_NAME)
-        self.head_key = layout.join(AUDIT_DIR, HEAD_NAME)
+        self.key = layout.join(AUDIT_DIR, name)
+        # None (the ref log): no head record; the refs themselves vouch for its tail (check(refs)).
+        self.head_key = layout.join(AUDIT_DIR, head) if head is not None else None
         self.lock_key = layout.join(AUDIT_DIR, LOCK_NAME)
+
+    @classmethod
+    def of_refs(cls, where: Backend | str | os.PathLike[str]) -> AuditLog:
+        """The ref log, ``audit/refs.jsonl``: one ``ref.update`` event per ref move."""
+        return cls(where, REFS_LOG_NAME, None)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -140,7 +155,8 @@ class AuditLog:
 
     def _write_head(self, record: dict[str, Any], line: bytes) -> str:
         digest = _line_hash(line)
-        self.backend.put(self.head_key, _encode({"seq": record["seq"], "hash": digest}) + b"\n")
+        if self.head_key is not None:  # the ref log has no head record (see __init__)
+            self.backend.put(self.head_key, _encode({"seq": record["seq"], "hash": digest}) + b"\n")
         return digest
 
     def _next(self, event: str, who: str, data: dict[str, Any],
@@ -201,9 +217,10 @@ class AuditLog:
             if event is not None:
                 yield event
 
-    def check(self) -> AuditCheck:
+    def check(self, refs: Refs | None = None, parents: Callable[[str], Sequence[str]] | None = None) -> AuditCheck:
         """Walk the chain: every line parses, counts on, and names the previous line's hash;
-        the head record matches. Returns the verdict (never raises for damage)."""
+        the head record matches; with ``refs``, every ref holds what its last logged move
+        set. Returns the verdict (never raises for damage)."""
         result = AuditCheck()
         try:
             data = self._read()
@@ -214,6 +231,7 @@ class AuditLog:
         fragment = lines.pop()
         expected_seq, prev = 0, ZERO_HASH
         hashes: list[str] = []
+        last_moves: dict[str, AuditEvent] = {}
         pending: list[tuple[int, str]] = []  # lines that do not parse since the last event
         for number, line in enumerate(lines, 1):
             event = _parse(line)
@@ -238,15 +256,21 @@ class AuditLog:
                 return result
             prev = event.hash
             hashes.append(prev)
+            if event.event == REF_EVENT and isinstance(event.data.get("ref"), str):
+                last_moves[event.data["ref"]] = event
             expected_seq += 1
         if pending or fragment:
             result.notes.append("the last line is torn (a crash while appending); the next append skips it")
         result.events = expected_seq
         result.head = prev
-        result.problems += self._check_head(hashes)
+        if self.head_key is not None:
+            result.problems += self._check_head(hashes)
+        if refs is not None:
+            _check_refs(refs, last_moves, result, parents)
         return result
 
     def _check_head(self, hashes: list[str]) -> list[str]:
+        assert self.head_key is not None
         try:
             head = json.loads(self.backend.get(self.head_key, max_size=_MAX_HEAD))
         except FileNotFoundError:
@@ -340,6 +364,82 @@ def _read_all(reader: _Reader, offset: int, size: int) -> bytes:
         offset += len(block)
         size -= len(block)
     return b"".join(parts)
+
+
+def check_audit(where: Backend | str | os.PathLike[str], refs: Refs,
+                parents: Callable[[str], Sequence[str]] | None = None) -> AuditCheck:
+    """Both chains: the event log's verdict (``events``, ``head``) with the ref log's problems and
+    notes added (prefixed ``audit/refs.jsonl``), and ``ref_events`` counted. ``parents(commit id)``
+    (the repository's commit reader) lets a commit whose logs failed to append pass as a note."""
+    result = AuditLog(where).check()
+    moves = AuditLog.of_refs(where).check(refs, parents)
+    where = f"{AUDIT_DIR}/{REFS_LOG_NAME}"
+    result.problems += [f"{where}: {p}" for p in moves.problems]
+    result.notes += [f"{where}: {n}" for n in moves.notes]
+    result.ref_events = moves.events
+    result.ref_head = moves.head
+    return result
+
+
+def _check_refs(refs: Refs, last_moves: dict[str, AuditEvent], result: AuditCheck,
+                parents: Callable[[str], Sequence[str]] | None) -> None:
+    """Each branch and tag with a logged move holds the id its last logged move set.
+
+    A ref moved outside ckptvcs to a commit that does not lead back to the logged one (a
+    rewind, a jump elsewhere, a deletion) fails here. Moves missing at the end are a note, not
+    damage, when they are what crashes or failed writes after ref updates leave: the ref's
+    reflog, or where its lines are missing too the first parents of its commits, lead from
+    the ref's value back to the logged one. Refs with no logged move (made before ckptvcs
+    logged ref moves) are not checked.
+    """
+    for ref, event in sorted(last_moves.items()):
+        if not ref.startswith("refs/"):
+            continue  # HEAD follows a branch: its moves are logged, its value is the branch's
+        try:
+            current = refs.read_raw(ref) or ZERO_ID
+            if current == event.data.get("new"):
+                continue
+            missing = _unlogged_moves(refs, ref, current, event.data.get("new"), parents)
+        except (CkptvcsError, ValueError):
+            continue  # a damaged ref or reflog: fsck names it on its own
+        if missing:
+            result.notes.append(f"{ref}: its last {missing} move{'s' if missing > 1 else ''} (to {current[:12]}) "
+                                f"{'are' if missing > 1 else 'is'} in its reflog or history but not in the audit log "
+                                "(a crash or failed write between a ref update and its audit line)")
+            continue
+        result.problems.append(
+            f"{ref} holds {_short(current)} but its last logged move (event {event.seq}) set {_short(event.data.get('new'))}:"
+            " the ref was changed outside ckptvcs, or the audit log's last moves were removed")
+
+
+def _unlogged_moves(refs: Refs, ref: str, current: str, logged: Any,
+                    parents: Callable[[str], Sequence[str]] | None, limit: int = 1000) -> int:
+    """How many moves lead from ``logged`` to ``current`` (0: none found).
+
+    Steps back from ``current`` along the reflog (newest first), or, where the reflog line
+    is missing too (its write failed after the ref update), from a commit to its first
+    parent.
+    """
+    entries = list(itertools.islice(refs.reflog(ref), limit))
+    value, i = current, 0
+    for steps in range(limit):
+        if value == logged:
+            return steps
+        if i < len(entries) and entries[i].new == value:
+            value, i = entries[i].old, i + 1
+            continue
+        try:
+            first = parents(value)[:1] if parents is not None and value != ZERO_ID else ()
+        except (CkptvcsError, ValueError):
+            first = ()
+        if not first:
+            return 0
+        value = first[0]
+    return 0
+
+
+def _short(value: Any) -> str:
+    return "nothing" if value == ZERO_ID else str(value)[:12]
 
 
 def _torn_of(line: bytes) -> list[str] | None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import _fs, layout
-from .audit import AUDIT_DIR, LOG_NAME, AuditLog
+from .audit import AUDIT_DIR, LOG_NAME, check_audit
 from .backends import Backend
 from .codec import CODEC_NAMES, USES_BASE
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRefNameError, StorageError
@@ -459,7 +459,7 @@ class _Checker:
 
     def check_audit_log(self) -> None:
         """The audit log's hash chain (docs/audit.md): a break is damage, a torn last line garbage."""
-        verdict = AuditLog(self.repo.backend).check()
+        verdict = check_audit(self.repo.backend, self.repo.refs, lambda c: self.repo.objects.read_commit(c).parents)
         rel = f"{AUDIT_DIR}/{LOG_NAME}"
         for problem in verdict.problems:
             self.add("corrupt", f"audit log {rel} is damaged: {problem}", objects=[rel])

@@ -312,7 +312,9 @@ class ObjectStore:
             raise self._damage(CorruptObjectError, oid, f"does not parse: {err}") from None
         except RecursionError:
             raise self._damage(CorruptObjectError, oid, f"nests deeper than {MAX_JSON_DEPTH} levels") from None
-        if json_depth_exceeds(body):
+        # Nesting deeper than the limit needs more opening brackets than the limit: most objects
+        # (commits, tags) have far fewer, and counting bytes is much cheaper than walking the value.
+        if payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH and json_depth_exceeds(body):
             raise self._damage(CorruptObjectError, oid, f"nests deeper than {MAX_JSON_DEPTH} levels")
         return kind_name, body
 

@@ -20,7 +20,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -109,6 +109,9 @@ class Refs:
         self.backend: Backend = LocalBackend(backend) if isinstance(backend, Path) else backend
         self.root = self.backend.local_root()  # None: not a local directory
         self.lock_timeout = lock_timeout
+        # Called as on_move(ref, old id, new id, who, why) after each move's reflog line is durable
+        # (the Repo records it in the audit log); ZERO_ID stands for "no value".
+        self.on_move: Callable[[str, str, str, str, str], None] | None = None
 
     @property
     def lock_timeout(self) -> float:
@@ -277,6 +280,8 @@ class Refs:
         line = f"{as_id(old)} {as_id(new)} {time.time_ns()} {_one_line(who)}\t{_one_line(message)}\n"
         with _fs.storage_errors(f"appending to the reflog of {ref}"):
             self.backend.append(self._log_key(ref), line.encode())
+        if self.on_move is not None:
+            self.on_move(ref, as_id(old), as_id(new), _one_line(who), _one_line(message))
 
     def reflog(self, ref: str, *, strict: bool = False) -> Iterator[ReflogEntry]:
         """Entries newest first; a torn last line (crash mid-append) is skipped.

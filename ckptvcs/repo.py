@@ -34,10 +34,12 @@ from ._validate import check_chunk_size as _check_chunk_size
 from ._validate import check_keyframe_interval as _check_keyframe_interval
 from ._validate import refuse_url as _refuse_url
 from ._validate import require_str as _require_str
-from .audit import AuditCheck, AuditEvent, AuditLog
+from .audit import REF_EVENT, AuditCheck, AuditEvent, AuditLog
+from .audit import check_audit as _check_audit_logs
 from .backends import Backend, LocalBackend
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
+    AuditLogDamagedError,
     CkptvcsError,
     CommitCollectedError,
     CommitPrunedError,
@@ -46,6 +48,7 @@ from .errors import (
     IntegrityError,
     InvalidInputError,
     KeyNotFoundError,
+    LockTimeoutError,
     NotARepositoryError,
     ProtectedCommitError,
     RefExistsError,
@@ -221,6 +224,8 @@ class Repo:
         self._pid = os.getpid()
         self.objects = ObjectStore(self.backend)
         self.refs = Refs(self.backend)
+        if self.backend.local_root() is not None:  # the audit log is a local file (docs/audit.md)
+            self.refs.on_move = self._audit_ref_move
         self.chunks = ChunkStore(
             root,
             backend=self.backend,
@@ -1543,13 +1548,35 @@ class Repo:
         """Append an event to the audit log (``audit/log.jsonl``), by ``$CKPTVCS_AUTHOR`` or user@host."""
         return AuditLog(self.backend).append(event, provenance.default_author(), data)
 
+    def _audit_ref_move(self, ref: str, old: str, new: str, who: str, why: str) -> None:
+        """Chain a ref move into the ref log, ``audit/refs.jsonl`` (docs/audit.md "Ref changes").
+
+        HEAD is logged only while detached: attached, its moves are its branch's (logged).
+        A failed write raises StorageError, as a failed reflog write does (a failed fsync is a
+        failure); the move itself is durable already. A log that cannot be continued (its last
+        part damaged, not a regular file, its lock held too long) is a warning instead, so a damaged log does not
+        stop every commit; ``audit --check`` and fsck name the ref whose move is missing.
+        """
+        try:
+            if ref == HEAD and (self.refs.read_raw(HEAD) or "").startswith("ref: "):
+                return
+            AuditLog.of_refs(self.backend).append(REF_EVENT, who, {"ref": ref, "old": old, "new": new, "why": why})
+        except (AuditLogDamagedError, CorruptObjectError, LockTimeoutError) as err:
+            warnings.warn(f"{ref} moved to {new[:12]}, but its line in audit/refs.jsonl could not be written: {err}; "
+                          "run `ckptvcs audit --check`", RuntimeWarning, stacklevel=2)
+
+    def ref_events(self) -> list[AuditEvent]:
+        """Every logged ref move, oldest first: ``data`` holds ``ref``, ``old``, ``new``, ``why``."""
+        return list(AuditLog.of_refs(self.backend).events())
+
     def audit_events(self) -> list[AuditEvent]:
         """The audit log's events, oldest first (:meth:`check_audit` says whether the chain holds)."""
         return list(AuditLog(self.backend).events())
 
     def check_audit(self) -> AuditCheck:
-        """Walk the audit log's hash chain; ``.ok``, ``.problems``, ``.events``, ``.head``."""
-        return AuditLog(self.backend).check()
+        """Walk the audit log's and the ref log's hash chains, and check each ref against its last logged
+        move; ``.ok``, ``.problems``, ``.events``, ``.head`` (of the event log), ``.ref_events``, ``.ref_head``."""
+        return _check_audit_logs(self.backend, self.refs, lambda c: self.objects.read_commit(c).parents)
 
     # -- integrity ---------------------------------------------------------------------
 

@@ -141,27 +141,41 @@ def unprotect(ctx: click.Context, pattern: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the events and the chain's verdict as JSON.")
 @click.option("--check", "check_only", is_flag=True, help="Only check the hash chain (exit status 10 when broken).")
 @click.option("-n", "max_count", type=click.IntRange(min=0), help="Show only the last N events.")
+@click.option("--no-refs", is_flag=True, help="Leave out the ref moves (audit/refs.jsonl).")
 @click.pass_context
-def audit(ctx: click.Context, as_json: bool, check_only: bool, max_count: int | None) -> None:
-    """Print the audit log (tags, signatures, verifications, protections, overrides), oldest first."""
+def audit(ctx: click.Context, as_json: bool, check_only: bool, max_count: int | None, no_refs: bool) -> None:
+    """Print the audit log (tags, signatures, verifications, protections, overrides) and every ref move
+    (who, when, old, new, why; sequence numbers rN), oldest first."""
     repo = _repo(ctx)
     verdict = repo.check_audit()
     if check_only:
         if not verdict.ok:
             raise AuditLogDamagedError(f"the audit log is damaged: {verdict.problems[0]}", path="audit/log.jsonl")
-        click.echo(f"audit log intact: {verdict.events} events, head {verdict.head}")
+        click.echo(f"audit log intact: {verdict.events} events, head {verdict.head}; "
+                   f"{verdict.ref_events} ref moves, head {verdict.ref_head}")
+        for note in verdict.notes:
+            click.echo(f"note: {note}")
         return
     events = repo.audit_events()
+    moves = [] if no_refs else repo.ref_events()
     if max_count is not None:
         events = events[-max_count:] if max_count else []
+        moves = moves[-max_count:] if max_count else []
     if as_json:
-        click.echo(json.dumps({"events": [e.to_json() for e in events],
+        click.echo(json.dumps({"events": [e.to_json() for e in events], "ref_events": [e.to_json() for e in moves],
                                "check": {"ok": verdict.ok, "events": verdict.events, "head": verdict.head,
+                                         "ref_events": verdict.ref_events, "ref_head": verdict.ref_head,
                                          "problems": verdict.problems, "notes": verdict.notes}}, indent=2))
         return
-    for e in events:
-        details = " ".join(f"{k}={_short(v)}" for k, v in e.data.items() if v not in (None, False, ""))
-        click.echo(f"{e.seq:>5} {_local_time(e.time)} {e.who:<20} {e.event:<20} {details}")
+    merged = sorted([(e.time, 0, f"{e.seq:>5}", e) for e in events] + [(e.time, 1, f"{'r' + str(e.seq):>5}", e) for e in moves],
+                    key=lambda item: item[:2])
+    if max_count:
+        merged = merged[-max_count:]
+    for _, _, seq, e in merged:
+        order = {"ref": 0, "old": 1, "new": 2, "why": 3}  # a ref move reads ref, old, new, why
+        items = sorted(e.data.items(), key=lambda kv: order.get(kv[0], 4))
+        details = " ".join(f"{k}={_short(v)}" for k, v in items if v not in (None, False, ""))
+        click.echo(f"{seq} {_local_time(e.time)} {e.who:<20} {e.event:<20} {details}")
     if not verdict.ok:
         click.echo(f"warning: the audit log's hash chain is broken: {verdict.problems[0]}", err=True)
 

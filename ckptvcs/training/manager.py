@@ -57,6 +57,7 @@ from .policies import (
 from .preemption import PreemptionWatcher
 from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time
 from .rng import capture_rng, restore_rng
+from .verify_worker import BackgroundVerifier
 
 __all__ = ["CheckpointManager", "MANAGER_KEY"]
 
@@ -120,6 +121,9 @@ class CheckpointManager:
         save_policy: SavePolicy | None = None,
         keep_policy: KeepPolicy | None = None,
         remote: str | None = None,
+        verify_every: int = 0,
+        verify_check: str | None = None,
+        verify_timeout: float | None = None,
     ) -> None:
         if not isinstance(state, Mapping) or not state:
             raise InvalidInputError("state must be a non-empty dict of name -> object, tensor or value")
@@ -198,6 +202,11 @@ class CheckpointManager:
         self._other_tips: frozenset[str] | None = None
         self._other_history: set[str] = set()
         self._saver = BackgroundSaver()
+        # verify_every=N: every N-th commit restored and checked in a fresh process, in the background.
+        if (verify_check is not None or verify_timeout is not None) and not verify_every:
+            raise InvalidInputError("verify_check and verify_timeout need verify_every=N (verify every N-th save)")
+        self._verifier = (BackgroundVerifier(self.repo, verify_every, verify_check, verify_timeout)
+                          if verify_every else None)
         self._closed = False
         self._preemption = PreemptionWatcher(preemption_grace)
         self._on_signal = self._preemption.on_signal  # the handler installed for SIGTERM/SIGINT
@@ -256,6 +265,8 @@ class CheckpointManager:
         self._raise_background_error(wait=False)
         if self._remote is not None:
             self._remote.report()
+        if self._verifier is not None:
+            self._verifier.warn_failures(stacklevel=4)
         step = _step_number(step)
         self._check_step_order(step)
         self._current_step = step
@@ -287,7 +298,7 @@ class CheckpointManager:
 
     def _head_saved_at(self, step: int) -> str | None:
         """The branch head when it is the commit this manager last saved or restored, at ``step``."""
-        self._raise_background_error(wait=True)  # the save only: a background push is not waited for
+        self._raise_background_error(wait=True)  # the save only: neither a background push nor a verification
         if self.last_commit is None or self._last_saved_step != step:
             return None
         return self.last_commit if self._branch_head() == self.last_commit else None
@@ -323,7 +334,7 @@ class CheckpointManager:
         commit restored: the run continues from there, on top of the branch head).
         """
         self._check_open()
-        self.wait()
+        self._raise_background_error(wait=True)  # the save only: never a verification
         if rev == "latest":
             commit_id = self._branch_head()
             if commit_id is None:
@@ -381,11 +392,13 @@ class CheckpointManager:
         })
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is durable; raise its error if it failed.
-
-        With ``remote=``, also until every queued background push has run (a failed push
-        is not raised here: see :attr:`remote_error`)."""
+        """Block until the save in flight (if any) is durable, the background verifications
+        (``verify_every``) are done and, with ``remote=``, every queued background push has run;
+        raise the save's error if it failed (a failed push is not raised here: see :attr:`remote_error`)."""
         self._raise_background_error(wait=True)
+        if self._verifier is not None:
+            self._verifier.drain()
+            self._verifier.warn_failures()
         if self._remote is not None:
             self._remote.drain()
 
@@ -393,6 +406,11 @@ class CheckpointManager:
     def remote_error(self) -> BaseException | None:
         """With ``remote=``: the error of the last background push, or None once a push succeeded."""
         return None if self._remote is None else self._remote.error
+
+    @property
+    def verifications(self) -> dict[str, dict[str, Any]]:
+        """Commit id -> outcome of each background verification finished in this run (``verify_every``)."""
+        return dict(self._verifier.results) if self._verifier is not None else {}
 
     def close(self) -> None:
         """Flush the save in flight, remove signal handlers, release resources. Idempotent."""
@@ -408,6 +426,8 @@ class CheckpointManager:
             self._closed = True
             self._preemption.uninstall()
             self._saver.close()
+            if self._verifier is not None:
+                self._verifier.close()
             if self._remote is not None:
                 self._remote.close()
             if self._owns_repo:
@@ -532,6 +552,8 @@ class CheckpointManager:
         self.last_commit = commit_id
         if tag is not None:
             self._tag_once(tag, commit_id, options["message"])
+        if self._verifier is not None:
+            self._verifier.saved(commit_id)  # held from here: retention below cannot prune it
         if not self._retention_blocked():
             self._apply_retention()
             self._maybe_collect_garbage()
@@ -627,6 +649,8 @@ class CheckpointManager:
             protected.add(self.resumed_from)
         if self.last_commit is not None:
             protected.add(self.last_commit)
+        if self._verifier is not None:
+            protected |= self._verifier.holding()  # a verification in flight reads its data
         return protected
 
     def _apply_retention(self) -> None:
@@ -699,9 +723,9 @@ class CheckpointManager:
             if step != self._last_saved_step:
                 result = self._save(step, metrics, f"step {step} (preemption: {signal.Signals(signum).name})", None)  # type: ignore[arg-type]
                 if isinstance(result, Future):
-                    self._raise_background_error(wait=True)  # the save, not a push: the signal is waiting
+                    self._raise_background_error(wait=True)  # the save only: the signal is waiting
             else:
-                self._raise_background_error(wait=True)
+                self._raise_background_error(wait=True)  # the save only: never a push or a verification
         finally:
             self._preemption.let_act(signum)
 
