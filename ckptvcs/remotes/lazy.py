@@ -105,6 +105,20 @@ def _end(entry: PackEntry) -> int:
     return entry.offset + entry.stored_len
 
 
+def read_run(store: RemoteStore, run: list[PackEntry]) -> bytes:
+    """The bytes of a run of neighbouring entries of one remote pack (from :func:`_ranges`), in one
+    ranged read; a failed read is one StorageError line."""
+    start, end = _start(run[0]), _end(run[-1])
+    try:
+        reader = store.backend.open_reader(pack_key(run[0].pack))
+        try:
+            return reader.read(start, end - start)
+        finally:
+            reader.close()
+    except OSError as err:
+        raise StorageError(f"{store.describe()}: reading pack {run[0].pack} failed: {err}") from None
+
+
 def fetch_chunks(repo: Repo, store: RemoteStore, missing: set[bytes], located: dict[bytes, PackEntry],
                  progress: Callable[[int, int], None] | None = None) -> int:
     """Make ``missing`` chunks local from the remote by ranged reads; returns bytes read."""
@@ -116,15 +130,8 @@ def fetch_chunks(repo: Repo, store: RemoteStore, missing: set[bytes], located: d
         added: list[PackEntry] = []
         try:
             for run in _ranges(entries):
-                start, end = _start(run[0]), _end(run[-1])
-                try:
-                    reader = store.backend.open_reader(pack_key(run[0].pack))
-                    try:
-                        data = reader.read(start, end - start)
-                    finally:
-                        reader.close()
-                except OSError as err:
-                    raise StorageError(f"{store.describe()}: reading pack {run[0].pack} failed: {err}") from None
+                start = _start(run[0])
+                data = read_run(store, run)
                 received += len(data)
                 for entry in run:
                     header = data[_start(entry) - start : _start(entry) - start + ENTRY_HEADER_SIZE]

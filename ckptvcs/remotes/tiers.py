@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ckptvcs.errors import StorageError, UsageError
+from ckptvcs.errors import UsageError
 from ckptvcs.gc import GcReport
 from ckptvcs.pack import PackEntry
 from ckptvcs.remotes.config import get_remote, open_backend, set_lazy_remote
-from ckptvcs.remotes.layout import RemoteStore, pack_key
-from ckptvcs.remotes.lazy import _end, _ranges, _start, locate_chunks
+from ckptvcs.remotes.layout import RemoteStore
+from ckptvcs.remotes.lazy import _ranges, _start, locate_chunks, read_run
 from ckptvcs.remotes.transfer import _local_parents, _manifest_chunks, _peel_local, _walk
 from ckptvcs.repo import ARCHIVED_RULE
 
@@ -124,15 +124,8 @@ def _unverified_chunks(repo: Repo, store: RemoteStore, chunks: set[bytes], locat
         else:
             compare.append(remote)
     for run in _ranges(sorted(compare, key=lambda e: (e.pack, e.offset))):
-        start, end = _start(run[0]), _end(run[-1])
-        try:
-            reader = store.backend.open_reader(pack_key(run[0].pack))
-            try:
-                data = reader.read(start, end - start)
-            finally:
-                reader.close()
-        except OSError as err:
-            raise StorageError(f"{store.describe()}: reading pack {run[0].pack} failed: {err}") from None
+        start = _start(run[0])
+        data = read_run(store, run)
         report.bytes_compared += len(data)
         for entry in run:
             local = repo.chunks.index.get(entry.chunk_id)
