@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,3 +102,25 @@ def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
 def flip_payload_byte(repo, entry) -> None:
     """Damage the middle byte of a chunk's stored payload in its pack."""
     flip_byte(repo.chunks.packs.path(entry.pack), entry.offset + entry.stored_len // 2, 0xFF)
+
+
+def wait_for_ranks(procs: list[subprocess.Popen[str]], out: Path,
+                   timeout: float) -> list[tuple[dict[str, Any] | None, int | None, str]]:
+    """Wait for rank processes (``stdout`` piped), killing any still running after the wait.
+
+    Per rank: ``(out/rank<r>.json parsed, or None when the rank wrote none; exit code; the
+    tail of its output)``. ``timeout`` bounds each rank's wait: a hang fails, it never blocks CI.
+    """
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for rank, p in enumerate(procs):
+        path = out / f"rank{rank}.json"
+        results.append((json.loads(path.read_text()) if path.exists() else None, p.returncode, logs[rank][-3000:]))
+    return results

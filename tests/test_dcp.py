@@ -8,7 +8,6 @@ that nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import subprocess
@@ -33,6 +32,7 @@ from ckptvcs.integrations.dcp import (  # noqa: E402
     load_consolidated,
 )
 from dcp_workers import digest, full_tensors  # noqa: E402
+from helpers import wait_for_ranks  # noqa: E402
 
 WORKER = Path(__file__).with_name("dcp_workers.py")
 
@@ -52,20 +52,8 @@ def run_job(tmp: Path, scenario: str, world: int, repo: Path, *extra: str) -> li
         )
         for r in range(world)
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=JOB_TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = []
-    for r, p in enumerate(procs):
-        path = out / f"rank{r}.json"
-        results.append(json.loads(path.read_text()) if path.exists() else {"returncode": p.returncode,
-                                                                           "log": logs[r][-3000:]})
-    return results
+    return [result if result is not None else {"returncode": code, "log": log}
+            for result, code, log in wait_for_ranks(procs, out, JOB_TIMEOUT)]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ world size 2 and 1 bit-exactly; a rank killed before the commit leaves none.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import ckptvcs
 pytest.importorskip("torch.distributed.checkpoint")
 from ckptvcs.integrations.dcp import RepoWriter, load_consolidated  # noqa: E402
 from ckptvcs.integrations.dcp_manager import DistributedCheckpointManager  # noqa: E402
+from helpers import wait_for_ranks  # noqa: E402
 
 WORKER = Path(__file__).with_name("dcp_manager_workers.py")
 JOB_TIMEOUT = 300  # a whole job on a busy machine; a hang fails instead of blocking CI
@@ -49,20 +49,8 @@ def run_job(tmp: Path, name: str, scenario: str, repo: str, *args: str, env: dic
             [sys.executable, str(WORKER), scenario, str(rank), "2", str(tmp / f"{name}-store"), repo, str(out), *args],
             env=rank_env, cwd=home if hosts else None, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=JOB_TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = []
-    for rank, p in enumerate(procs):
-        path = out / f"rank{rank}.json"
-        result = json.loads(path.read_text()) if path.exists() else {}
-        results.append({**result, "returncode": p.returncode, "log": logs[rank][-3000:]})
-    return results
+    return [{**(result or {}), "returncode": code, "log": log}
+            for result, code, log in wait_for_ranks(procs, out, JOB_TIMEOUT)]
 
 
 @pytest.mark.parametrize("total, kill_after, every", [
