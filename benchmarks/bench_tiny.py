@@ -16,11 +16,18 @@ before each save, as in training) and reports:
   write of ckptvcs goes through ``os.fsync``), then cProfile's top functions (which
   inflate call-heavy Python code: trust the stage timers for shares);
 * ``--strace``: the same loop under ``strace -c -f`` (when installed), for the
-  system-call totals the kernel sees.
+  system-call totals the kernel sees (LMDB's own fdatasync included).
+
+The pairs also report, per commit, its process CPU time (``time.process_time`` around
+the commit: every thread of the process, so the encoding pool's work counts) and the
+fsyncs it made through ``ckptvcs._fs`` (LMDB's fdatasync is not among them: use
+``--strace``). CPU time and counts do not depend on the machine's load; the wall-clock
+ratio does, so quote the load average printed with it.
 
 Run
 ---
     .venv/bin/python benchmarks/bench_tiny.py --commits 50 --profile
+    .venv/bin/python benchmarks/bench_tiny.py --quick          # 10 pairs, no profile
 """
 
 from __future__ import annotations
@@ -144,14 +151,18 @@ def pairs(state: dict[str, Any], names: list[str], work: Path, commits: int, cod
     shutil.rmtree(work / "repo", ignore_errors=True)
     repo = ckptvcs.Repo.init(work / "repo")
     every = list(range(len(names)))
-    ratios, saves, mine = [], [], []
+    ratios, saves, mine, cpu = [], [], [], []
+    fsyncs = FsyncCounter()
     try:
         for i in range(commits):
             bench_core.perturb(state, names, every, seed=i)
             state["step"] = i
             save_s, _ = bench_core.timed_write(lambda: bench_core.torch_save_fsync(state, work / "t.pt"))
             kw: dict[str, Any] = {} if code_version else {"code_version": None}
-            commit_s, _ = bench_core.timed_write(lambda: repo.commit(state, step=i, **kw))
+            cpu_start = time.process_time()
+            with fsyncs:
+                commit_s, _ = bench_core.timed_write(lambda: repo.commit(state, step=i, **kw))
+            cpu.append(time.process_time() - cpu_start)
             saves.append(save_s)
             mine.append(commit_s)
             ratios.append(commit_s / save_s)
@@ -160,7 +171,36 @@ def pairs(state: dict[str, Any], names: list[str], work: Path, commits: int, cod
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), statistics.median(ratios), max(ratios)]
     return {"state_bytes": bench_core.state_nbytes(state), "commits": commits,
             "torch_save_median_s": statistics.median(saves), "commit_median_s": statistics.median(mine),
-            "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[-1]]}
+            "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[-1]],
+            "commit_cpu_median_s": statistics.median(cpu),
+            # the first commit creates folders (fan-out, logs): the steady count is the later ones'
+            "fsyncs_per_commit": statistics.median(fsyncs.per_use[1:] or fsyncs.per_use)}
+
+
+class FsyncCounter:
+    """Counts the fsyncs ckptvcs makes through its one durability seam (``_fs._fsync``)
+    while active; ``per_use`` holds one count per ``with`` block."""
+
+    def __init__(self) -> None:
+        self.per_use: list[int] = []
+
+    def __enter__(self) -> FsyncCounter:
+        import ckptvcs._fs as fs
+
+        self._real = real = fs._fsync
+        self.per_use.append(0)
+
+        def counting(fd: int) -> None:
+            self.per_use[-1] += 1
+            real(fd)
+
+        fs._fsync = counting
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ckptvcs._fs as fs
+
+        fs._fsync = self._real
 
 
 def profile(state: dict[str, Any], names: list[str], work: Path, commits: int, top: int) -> None:
@@ -216,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--strace", action="store_true")
     parser.add_argument("--top", type=int, default=35)
+    parser.add_argument("--quick", action="store_true", help="10 pairs (overrides --commits), for a smoke run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.commits = 10
     work = args.work_dir.absolute()
     work.mkdir(parents=True, exist_ok=True)
     state, names = tiny_state(args.size_mb)
@@ -224,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average {os.getloadavg()[0]:.1f}; state {result['state_bytes'] / 1e6:.2f} MB; "
           f"{result['commits']} pairs: torch.save+fsync median {result['torch_save_median_s'] * 1000:.1f} ms, "
           f"commit median {result['commit_median_s'] * 1000:.1f} ms; commit/save ratio median "
-          f"{result['ratio_median']:.2f}x (quartiles {result['ratio_quartiles'][0]:.2f}-{result['ratio_quartiles'][1]:.2f})")
+          f"{result['ratio_median']:.2f}x (quartiles {result['ratio_quartiles'][0]:.2f}-{result['ratio_quartiles'][1]:.2f}); "
+          f"commit CPU median {result['commit_cpu_median_s'] * 1000:.1f} ms, "
+          f"{result['fsyncs_per_commit']:.0f} fsyncs per commit (ckptvcs._fs; LMDB's not counted)")
     if args.profile:
         profile(state, names, work, args.commits, args.top)
     if args.strace:

@@ -23,7 +23,7 @@ from . import _fs
 from .errors import CorruptObjectError, ForkedRepoError, StorageError
 from .pack import PackEntry
 
-__all__ = ["ChunkIndex", "open_environment", "write_entries", "REBUILT_SUFFIX"]
+__all__ = ["ChunkIndex", "SessionLookups", "open_environment", "write_entries", "REBUILT_SUFFIX"]
 
 _VALUE = struct.Struct("<16sQIIB")  # pack id, payload offset, stored length, raw length, codec
 _BASE_ID_SIZE = 32  # a delta chunk's value is followed by its base chunk id
@@ -322,6 +322,59 @@ class ChunkIndex:
                 return txn.stat(self._db)["entries"]
 
         return self._run(op)
+
+
+class SessionLookups:
+    """The index look-ups of one write session through one read transaction.
+
+    A commit asks the index ~3 times per chunk (its dedup check, its delta base and that
+    base's chain, the base again when it is read), one LMDB read transaction each
+    before. This opens one read transaction on first use and keeps it, shared by the
+    session's pool threads under a lock, and remembers every entry found.
+
+    Sound only while the caller holds the repository lock shared, from before the first
+    look-up until its ref has moved: rows are removed only by gc and ``repair index``,
+    which hold it exclusively, so every entry found stays true for the whole session.
+    A row added meanwhile by another writer may be missed (the read transaction is a
+    snapshot): the chunk is then stored again, which is valid (the index keeps one of the
+    two copies). :meth:`reset` before this process writes the index (a write may grow
+    the map, which LMDB allows only with no read transaction open in the process).
+    """
+
+    def __init__(self, index: ChunkIndex) -> None:
+        self._index = index
+        self._lock = threading.Lock()
+        self._txn: Any = None
+        self._found: dict[bytes, PackEntry] = {}
+        self.transactions = 0  # read transactions begun (tests, benchmarks)
+
+    def get(self, chunk_id: bytes) -> PackEntry | None:
+        entry = self._found.get(chunk_id)
+        if entry is not None:
+            return entry
+        value = self._index._run(lambda: self._read(chunk_id))
+        if value is None:
+            return None
+        entry = self._index._decode(chunk_id, value)
+        self._found[chunk_id] = entry
+        return entry
+
+    def _read(self, chunk_id: bytes) -> bytes | None:
+        with self._lock:
+            if self._txn is None:
+                self._txn = self._index._env.begin(db=self._index._db)
+                self.transactions += 1
+            value = self._txn.get(chunk_id)
+            return None if value is None else bytes(value)
+
+    def reset(self) -> None:
+        """End the read transaction (the entries found stay remembered)."""
+        with self._lock:
+            txn, self._txn = self._txn, None
+        if txn is not None:
+            txn.abort()
+
+    close = reset
 
 
 def _write_failure(err: lmdb.Error, path: Path) -> str:

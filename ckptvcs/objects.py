@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,11 @@ from typing import Any
 import blake3
 
 from . import _fs, codec, layout
-from .backends import Backend, LocalBackend
+from .backends import Backend, LocalBackend, put_many
 from .errors import CorruptObjectError, IntegrityError, UnsupportedValueError
 
-__all__ = ["Commit", "Manifest", "Tag", "ObjectStore", "canonical_json", "encode_float", "decode_float", "KINDS"]
+__all__ = ["Commit", "Manifest", "Tag", "ObjectStore", "PreparedObject", "canonical_json", "encode_float", "decode_float",
+           "KINDS"]
 
 KINDS = ("commit", "manifest", "tag")
 _MAX_OBJECT_SIZE = 1 << 30  # bound on decompression of one object
@@ -241,6 +242,15 @@ def _signature(obj: dict[str, Any], oid: str) -> dict[str, str] | None:
     return dict(value)
 
 
+@dataclass(frozen=True)
+class PreparedObject:
+    """An object encoded for storage (:meth:`ObjectStore.prepare`): id, kind, stored bytes."""
+
+    oid: str
+    kind: str
+    stored: bytes
+
+
 def _readable(kind: str, body: Any, data: bytes) -> bytes:
     """``data`` compressed, refused (UnsupportedValueError) when a reader would refuse it."""
     if json_depth_exceeds(body):
@@ -281,6 +291,20 @@ class ObjectStore:
             if self.backend.size(key) is None:
                 self.backend.put(key, _readable(kind, body, data), if_absent=True)
         return oid
+
+    def prepare(self, kind: str, body: Any) -> PreparedObject:
+        """An object's id and stored bytes, checked as :meth:`put` checks them, not yet
+        written (for :meth:`put_prepared`)."""
+        assert kind in KINDS, kind
+        data = kind.encode() + b"\n" + canonical_json(body)
+        oid = blake3.blake3(data).hexdigest()
+        return PreparedObject(oid, kind, _readable(kind, body, data))
+
+    def put_prepared(self, objects: Sequence[PreparedObject]) -> None:
+        """Store prepared objects, all durable when this returns (one backend batch: locally
+        every file fsynced, then renamed, then each folder fsynced once)."""
+        with _fs.storage_errors("writing " + " and ".join(f"{o.kind} object {o.oid}" for o in objects)):
+            put_many(self.backend, [(layout.object_key(o.oid), o.stored) for o in objects])
 
     def has(self, oid: str) -> bool:
         return self.backend.size(layout.object_key(oid)) is not None

@@ -20,13 +20,13 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from . import _fs, layout
-from .backends import Backend, ConcurrentUpdate, LocalBackend
+from .backends import Backend, ConcurrentUpdate, LocalBackend, append_many
 from .errors import CorruptObjectError, InvalidRefNameError, RefConflictError
 
 __all__ = ["Refs", "ReflogEntry", "check_ref_name", "is_valid_ref", "ZERO_ID", "HEAD"]
@@ -272,16 +272,28 @@ class Refs:
 
     def log_move(self, ref: str, old: str | None, new: str | None, *, who: str, message: str) -> None:
         """Append a durable reflog line for a move of ``ref`` (no-op if nothing moved)."""
+        self.log_moves([(ref, old, new)], who=who, message=message)
+
+    def log_moves(self, moves: Sequence[tuple[str, str | None, str | None]], *, who: str, message: str) -> None:
+        """:meth:`log_move` for several refs moved by one operation (a branch and the HEAD
+        attached to it): their lines are made durable together (the backend's
+        ``append_many``: locally every line written, then every file fsynced), then
+        ``on_move`` is called for each, in order."""
         def as_id(value: str | None) -> str:
             return value if value and _HEX_ID.match(value) else ZERO_ID
 
-        if as_id(old) == as_id(new):
-            return  # symbolic moves of HEAD are logged by the branch they point at
-        line = f"{as_id(old)} {as_id(new)} {time.time_ns()} {_one_line(who)}\t{_one_line(message)}\n"
-        with _fs.storage_errors(f"appending to the reflog of {ref}"):
-            self.backend.append(self._log_key(ref), line.encode())
+        # Symbolic moves of HEAD (no id changes) are logged by the branch they point at.
+        moved = [(ref, as_id(old), as_id(new)) for ref, old, new in moves if as_id(old) != as_id(new)]
+        if not moved:
+            return
+        stamp = time.time_ns()
+        lines = [(self._log_key(ref), f"{old} {new} {stamp} {_one_line(who)}\t{_one_line(message)}\n".encode())
+                 for ref, old, new in moved]
+        with _fs.storage_errors(f"appending to the reflog of {' and '.join(ref for ref, _, _ in moved)}"):
+            append_many(self.backend, lines)
         if self.on_move is not None:
-            self.on_move(ref, as_id(old), as_id(new), _one_line(who), _one_line(message))
+            for ref, old, new in moved:
+                self.on_move(ref, old, new, _one_line(who), _one_line(message))
 
     def reflog(self, ref: str, *, strict: bool = False) -> Iterator[ReflogEntry]:
         """Entries newest first; a torn last line (crash mid-append) is skipped.

@@ -66,7 +66,7 @@ from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import COLLECTED_RULE, GcReport, collect_garbage
 from .hugepages import advise_huge_pages
 from .metadata import commit_body as _commit_body
-from .objects import Commit, Manifest, ObjectStore, Tag, canonical_json
+from .objects import Commit, Manifest, ObjectStore, PreparedObject, Tag, canonical_json
 from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name, is_valid_ref
 from .repair import RepairReport, rebuild_index
 from .signing import sign_tag
@@ -506,8 +506,8 @@ class Repo:
         target, expected, parent = self._commit_target(branch)
         who = author or provenance.default_author()
         with self._lock.hold(exclusive=False):
-            staged = self._stage_locked(encoded, parent, progress, started)
-            return self._publish_locked(staged, body, target, expected, who)
+            staged, manifest = self._stage_locked(encoded, parent, progress, started, write_manifest=False)
+            return self._publish_locked(staged, body, target, expected, who, manifest)
 
     def stage(
         self,
@@ -536,7 +536,7 @@ class Repo:
         else:
             parent_id = None if parent is None else self.resolve(_require_str(parent, "parent"))
         with self._lock.hold(exclusive=False):
-            staged = self._stage_locked(encoded, parent_id, progress, started)
+            staged, _ = self._stage_locked(encoded, parent_id, progress, started)
             self._write_staged_record(staged)  # before gc can run: the lock is still held
         return staged
 
@@ -654,11 +654,14 @@ class Repo:
                 fut.cancel()
         return memoryview(buf)[start - lo:stop - lo]
 
-    def _stage_locked(self, encoded: Any, parent: str | None, progress: Progress | None, started: float) -> Staged:
+    def _stage_locked(self, encoded: Any, parent: str | None, progress: Progress | None, started: float, *,
+                      write_manifest: bool = True) -> tuple[Staged, PreparedObject]:
         """State → chunks → manifest, under the caller's shared lock; no ref moves.
 
         The parent's delta bases are chosen first, from its manifest alone, and handed
-        to the store session with the blobs: encoding never comes back here.
+        to the store session with the blobs: encoding never comes back here. Without
+        ``write_manifest`` the manifest is returned unwritten, for the caller to store in
+        one batch with the commit object (``commit``: both durable before the ref moves).
         """
         bases = self._delta_bases(parent, encoded)
         self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
@@ -681,7 +684,10 @@ class Repo:
                 for blob, chunks in zip(encoded.blobs, chunk_lists)
             ],
         }
-        manifest_id = self.objects.put("manifest", body)
+        manifest = self.objects.prepare("manifest", body)
+        if write_manifest:
+            self.objects.put_prepared([manifest])
+        manifest_id = manifest.oid
         self._staged_manifest = Manifest(manifest_id, body["root"], body["blobs"])
         return Staged(
             manifest=manifest_id,
@@ -693,12 +699,19 @@ class Repo:
             time=provenance.utc_now(),
             save_seconds=time.perf_counter() - started,
             components=_component_sizes(encoded, stats.blob_new_stored_bytes),
-        )
+        ), manifest
 
     def _publish_locked(
-        self, staged: Staged, body: dict[str, Any], target: str, expected: str | None, who: str
+        self, staged: Staged, body: dict[str, Any], target: str, expected: str | None, who: str,
+        manifest: PreparedObject | None = None,
     ) -> str:
-        """Commit object → ref compare-and-swap (the commit point) → reflog, under the caller's lock."""
+        """Commit object → ref compare-and-swap (the commit point) → reflog, under the caller's lock.
+
+        ``manifest``: the staged manifest, not yet written; it is stored in one batch with
+        the commit object (docs/format.md section 8, step 5), both durable before the ref
+        moves. The reflog lines of the branch and of the HEAD attached to it are appended
+        together (one batch) after the move.
+        """
         commit = Commit(
             manifest=staged.manifest,
             parents=(staged.parent,) if staged.parent else (),
@@ -708,14 +721,18 @@ class Repo:
             stats=staged.stats,
             **body,
         )
-        commit_id = self.objects.put("commit", commit.to_json())
+        commit_object = self.objects.prepare("commit", commit.to_json())
+        self.objects.put_prepared([commit_object] if manifest is None else [manifest, commit_object])
+        commit_id = commit_object.oid
         summary = f"commit: {commit.message.splitlines()[0] if commit.message else '(no message)'}"
-        self.refs.set_if_equals(target, expected, commit_id, who=who, message=summary)
+        self.refs.set_if_equals(target, expected, commit_id, who=who, message=summary, log=False)
         staged_manifest = self._staged_manifest
         if staged_manifest is not None and staged_manifest.id == staged.manifest:
             self._recent_manifest = (commit_id, staged_manifest)
+        moves: list[tuple[str, str | None, str | None]] = [(target, expected, commit_id)]
         if target != HEAD and self.refs.symbolic_target(HEAD) == target:
-            self.refs.log_move(HEAD, expected, commit_id, who=who, message=summary)
+            moves.append((HEAD, expected, commit_id))
+        self.refs.log_moves(moves, who=who, message=summary)
         return commit_id
 
     def _check_staged_data(self, staged: Staged) -> None:

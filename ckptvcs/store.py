@@ -30,7 +30,7 @@ import numpy as np
 from . import _fs, codec, layout, planes, scratch
 from .backends import Backend, LocalBackend
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError
-from .index import ChunkIndex
+from .index import ChunkIndex, SessionLookups
 from .pack import PackEntry, PackFiles, PackWriter, iter_backend_pack, pack_names
 
 __all__ = ["ChunkStore", "WriteSession", "WriteStats", "Progress", "chunk_hash"]
@@ -178,6 +178,8 @@ class ChunkStore:
         self.packs = PackFiles(self.backend)
         self._workers = workers or max(1, min(8, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
+        # The write session whose task this thread runs (its index look-ups: SessionLookups).
+        self._session = threading.local()
 
     @property
     def index(self) -> ChunkIndex:
@@ -236,6 +238,12 @@ class ChunkStore:
             self._pool = None
         self.packs.close()
         self.close_index()
+
+    def _entry(self, chunk_id: bytes) -> PackEntry | None:
+        """The index entry of ``chunk_id``: through the write session this thread works for
+        (one read transaction per session), else straight from the index."""
+        lookups: SessionLookups | None = getattr(self._session, "lookups", None)
+        return (lookups or self.index).get(chunk_id)
 
     def split(self, nbytes: int) -> list[tuple[int, int]]:
         """``(start, end)`` byte ranges of the chunks of a blob of ``nbytes``."""
@@ -317,7 +325,7 @@ class ChunkStore:
         while chain[-1].base is not None:
             if len(chain) > MAX_CHAIN_LENGTH:
                 return False
-            base = self.index.get(chain[-1].base)
+            base = self._entry(chain[-1].base)
             if base is None or base.raw_len != len(out):
                 return False
             chain.append(base)
@@ -353,7 +361,7 @@ class ChunkStore:
             if depth >= MAX_CHAIN_LENGTH:
                 raise _damage(describe, f"chunk {entry.chunk_id.hex()}", f"has a delta chain longer than {MAX_CHAIN_LENGTH}",
                               entry=entry)
-            base_entry = self.index.get(entry.base)
+            base_entry = self._entry(entry.base)
             if base_entry is None:
                 raise _damage(describe, f"base chunk {entry.base.hex()} of chunk {entry.chunk_id.hex()}",
                               "is missing from the store", chunk_id=entry.base)
@@ -384,7 +392,7 @@ class ChunkStore:
         the thread's next ``read_chunk(..., reuse=True)`` (the commit pipeline reads a
         delta base and uses it at once).
         """
-        entry = self.index.get(chunk_id)
+        entry = self._entry(chunk_id)
         if entry is None:
             raise _damage(describe, f"chunk {chunk_id.hex()}", "is missing from the store", chunk_id=chunk_id)
         # The chain below uses the "base-N" slots, never this one.
@@ -401,13 +409,13 @@ class ChunkStore:
         so the chunk is stored again instead (its new row replaces the broken one).
         Index look-ups only; the packs are not read.
         """
-        entry = self.index.get(chunk_id)
+        entry = self._entry(chunk_id)
         for _ in range(MAX_CHAIN_LENGTH + 1):
             if entry is None:
                 return False
             if entry.base is None:
                 return True
-            base = self.index.get(entry.base)
+            base = self._entry(entry.base)
             if base is not None and base.raw_len != entry.raw_len:
                 return False
             entry = base
@@ -425,7 +433,7 @@ class ChunkStore:
         """
         length = 0
         while entry.base is not None and length <= MAX_CHAIN_LENGTH:
-            base = self.index.get(entry.base)
+            base = self._entry(entry.base)
             if base is None:
                 break
             entry, length = base, length + 1
@@ -447,6 +455,9 @@ class WriteSession:
         # Payload buffers go back here once written: fresh MiB-sized buffers cost page
         # faults on every use (see scratch.py), recycled ones do not.
         self._spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        # Every index look-up of this session, in one read transaction (the caller holds
+        # the repository lock shared for the whole session: see SessionLookups).
+        self._lookups = SessionLookups(store.index)
 
     def put_blobs(
         self,
@@ -500,6 +511,15 @@ class WriteSession:
         return result
 
     def _encode(self, raw: memoryview, layout: int = planes.BYTES, base_id: bytes | None = None) -> _Encoded:
+        """One chunk's pool task: hash, dedup check, delta base, encode (see put_blobs)."""
+        local = self._store._session
+        local.lookups = self._lookups
+        try:
+            return self._encode_chunk(raw, layout, base_id)
+        finally:
+            local.lookups = None
+
+    def _encode_chunk(self, raw: memoryview, layout: int, base_id: bytes | None) -> _Encoded:
         cid = chunk_hash(raw)
         if cid in self._written or self._store.has_complete_chain(cid):
             return _Encoded(cid, len(raw))
@@ -546,7 +566,7 @@ class WriteSession:
         store = self._store
         if base_id is None or base_id == chunk_id or store.keyframe_interval <= 1:
             return None, None
-        entry = store.index.get(base_id)
+        entry = store._entry(base_id)
         if entry is None or entry.raw_len != raw_len:
             return None, None
         length, keyframe = store.chain_end(entry)
@@ -594,16 +614,19 @@ class WriteSession:
         except BaseException:
             writer.abort()
             raise
+        self._lookups.reset()  # no read transaction of ours open while the index is written
         self._store.index.add(writer.entries)
         self.stats.packs.append(writer.name)
 
     def finish(self) -> WriteStats:
         """Seal and index the open pack; after this every chunk written is durable."""
         self._seal()
+        self._lookups.close()
         return self.stats
 
     def abort(self) -> None:
         """Drop the unsealed pack, if any (sealed ones stay as garbage for gc)."""
+        self._lookups.close()
         if self._writer is not None:
             self._writer.abort()
             self._writer = None

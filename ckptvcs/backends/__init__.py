@@ -15,7 +15,9 @@ from ckptvcs.backends.base import (
     KeyMissing,
     ObjectWriter,
     RangeReader,
+    append_many,
     check_key,
+    put_many,
 )
 from ckptvcs.backends.faults import Fault, FaultyBackend
 from ckptvcs.backends.local import LocalBackend
@@ -29,5 +31,5 @@ def backend_of(where: Backend | str | os.PathLike[str]) -> Backend:
 
 __all__ = [
     "Backend", "Capabilities", "ConcurrentUpdate", "KeyMissing", "ObjectWriter", "RangeReader", "check_key",
-    "LocalBackend", "MemoryBackend", "FaultyBackend", "Fault", "backend_of",
+    "put_many", "append_many", "LocalBackend", "MemoryBackend", "FaultyBackend", "Fault", "backend_of",
 ]

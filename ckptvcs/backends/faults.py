@@ -5,8 +5,9 @@ match: the N-th call of an operation on a key matching a glob raises ``OSError(e
 (ENOSPC, EIO, EROFS...), or its data comes back with bits flipped. Operations:
 
 ``get``, ``read`` (ranged reads: ``RangeReader.read`` and ``readinto``), ``open_reader``,
-``size``, ``list``, ``put``, ``write`` (``ObjectWriter.write``), ``commit``
-(``ObjectWriter.commit``), ``delete``, ``cas``, ``append``, ``lock``.
+``size``, ``list``, ``put`` (each item of a ``put_many`` too), ``write``
+(``ObjectWriter.write``), ``commit`` (``ObjectWriter.commit``), ``delete``, ``cas``,
+``append`` (each item of an ``append_many`` too), ``lock``.
 
 This replaces monkeypatching private names: a test states *what* fails (the second pack
 write, every read of one object) in the protocol's terms, and the same test runs on
@@ -15,15 +16,16 @@ every backend.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fnmatch
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import Backend, Capabilities, ObjectWriter, RangeReader
+from .base import Backend, Capabilities, ObjectWriter, RangeReader, append_many, put_many
 
 __all__ = ["FaultyBackend", "Fault", "OPERATIONS", "WRITES"]
 
@@ -144,6 +146,18 @@ class FaultyBackend:
         self._check("put", key)
         return self.wrapped.put(key, data, if_absent=if_absent)
 
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> builtins.list[bool]:
+        """A ``put`` fault on the i-th item fails the batch there: the items before it are
+        stored (as a batch, through the wrapped backend), the rest are not."""
+        items = list(items)
+        for i, (key, _) in enumerate(items):
+            try:
+                self._check("put", key)
+            except OSError:
+                put_many(self.wrapped, items[:i])
+                raise
+        return put_many(self.wrapped, items)
+
     def open_writer(self, key: str) -> ObjectWriter:
         return _FaultyWriter(self, key, self.wrapped.open_writer(key))
 
@@ -163,6 +177,17 @@ class FaultyBackend:
     def append(self, key: str, data: bytes) -> None:
         self._check("append", key)
         self.wrapped.append(key, data)
+
+    def append_many(self, appends: Sequence[tuple[str, bytes]]) -> None:
+        """An ``append`` fault on the i-th item fails there, after the items before it."""
+        appends = list(appends)
+        for i, (key, _) in enumerate(appends):
+            try:
+                self._check("append", key)
+            except OSError:
+                append_many(self.wrapped, appends[:i])
+                raise
+        append_many(self.wrapped, appends)
 
     def lock(self, name: str, *, exclusive: bool, timeout: float) -> contextlib.AbstractContextManager[None]:
         self._check("lock", name)

@@ -20,7 +20,7 @@ import contextlib
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .. import _fs
@@ -240,6 +240,42 @@ class LocalBackend:
         self._prepare_parent(path)
         return _fs.atomic_write(path, data, exclusive=if_absent)
 
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> builtins.list[bool]:
+        """``put(key, data, if_absent=True)`` for each item, made durable together.
+
+        Order: every new object's temp file (beside its key) is written and fsynced; then
+        each is renamed into place, in the order given; then each distinct folder is
+        fsynced once, the folder of an object found already stored included (its writer
+        may not have fsynced that folder yet). Folders created on the way have their own
+        entries fsynced in their parents first (``_fs.make_dirs``). When this returns,
+        every object is durable; a crash before leaves each object whole or absent.
+        """
+        written: builtins.list[bool] = []
+        folders: builtins.list[Path] = []
+        pending: builtins.list[tuple[Path, Path]] = []  # (temp file, final path), fsynced
+        try:
+            for key, data in items:
+                path = self._path(key)
+                folders.append(path.parent)
+                if os.path.lexists(path):
+                    written.append(False)
+                    continue
+                self._prepare_parent(path)
+                tmp = path.with_name(_fs.temp_name("." + path.name + "."))
+                _fs.write_synced(tmp, data)
+                pending.append((tmp, path))
+                written.append(True)
+            while pending:
+                tmp, path = pending[0]
+                _fs._replace(tmp, path)
+                pending.pop(0)
+        finally:
+            for tmp, _ in pending:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        _fs.fsync_dirs(folders)
+        return written
+
     def open_writer(self, key: str) -> LocalObjectWriter:
         return LocalObjectWriter(self, key)
 
@@ -295,6 +331,16 @@ class LocalBackend:
         path = self._path(key)
         self._prepare_parent(path)
         _fs.append_durably(path, data)
+
+    def append_many(self, appends: Sequence[tuple[str, bytes]]) -> None:
+        """``append`` of each ``(key, data)``, made durable together: every line is written,
+        then every file fsynced (``_fs.append_lines_durably``); durable when it returns."""
+        paths = []
+        for key, data in appends:
+            path = self._path(key)
+            self._prepare_parent(path)
+            paths.append((path, data))
+        _fs.append_lines_durably(paths)
 
     def lock(self, name: str, *, exclusive: bool, timeout: float) -> contextlib.AbstractContextManager[None]:
         path = self._path(name)
