@@ -20,10 +20,12 @@ import contextlib
 import os
 import re
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .. import _fs
+from ..errors import CorruptObjectError
 from .base import Capabilities, ConcurrentUpdate, KeyMissing, check_key, check_prefix
 
 __all__ = ["LocalBackend", "LocalRangeReader", "LocalObjectWriter"]
@@ -35,6 +37,12 @@ _MAX_CAS_VALUE = 1 << 20  # a compare-and-swap key holds a small value (a ref: a
 # Object and pack data is read through _fs's ``_pread`` seam (the fault tests fail it);
 # refs, reflogs and records are read outside it, as before the seam existed.
 _DATA_PREFIXES = ("objects/", "packs/")
+# A folder token is given only for a folder unchanged for this long (seconds, by this
+# machine's clock): a change within one tick of a coarse file system clock (FAT: 2 s, ext3
+# and many network file systems: 1 s) leaves the folder's times as they were, so a token
+# taken in the same tick could match a folder that changed after it was listed.
+TOKEN_MIN_AGE = 5.0
+_folder_stat = os.lstat  # the seam the coarse-clock tests replace
 
 
 def _is_folder(path: Path) -> bool:
@@ -230,6 +238,50 @@ class LocalBackend:
             folder = "" if rel == "." else rel + "/"
             found.extend(folder + f for f in files if not (f.endswith(_LOCK_SUFFIX) or _TEMPORARY.search(f)))
         return iter(sorted(found))
+
+    # -- folder tokens (backends.base.FolderTokens) ------------------------------------
+
+    def folder_token(self, prefix: str) -> str | None:
+        """The folder's device, inode, change and modification times and size: any entry
+        added, removed or renamed in it moves its mtime and ctime (and a program can set
+        mtime back, never ctime). None for a folder changed less than ``TOKEN_MIN_AGE``
+        seconds ago, absent, or not a folder (a link to one is never walked)."""
+        prefix = check_prefix(prefix)
+        path = self.root / prefix if prefix else self.root
+        try:
+            if prefix:
+                _fs.check_inside(self.root, path / "x")
+            info = _folder_stat(path)
+        except (OSError, CorruptObjectError):
+            return None
+        if not stat.S_ISDIR(info.st_mode):
+            return None
+        changed = max(info.st_mtime_ns, info.st_ctime_ns)
+        if time.time_ns() - changed < TOKEN_MIN_AGE * 1e9:
+            return None
+        return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_size}"
+
+    def list_folder(self, prefix: str) -> tuple[builtins.list[tuple[str, int]], builtins.list[str]]:
+        """What :meth:`list` finds directly inside the folder: its files with their sizes
+        (a link's own size, as :meth:`size` gives) and the folders it would walk into."""
+        prefix = check_prefix(prefix)
+        path = self.root / prefix if prefix else self.root
+        files: builtins.list[tuple[str, int]] = []
+        folders: builtins.list[str] = []
+        try:
+            if prefix:
+                _fs.check_inside(self.root, path / "x")
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir():  # as os.walk: a link to a folder is neither listed nor walked
+                        if not entry.is_symlink():
+                            folders.append(entry.name)
+                    elif not (entry.name.endswith(_LOCK_SUFFIX) or _TEMPORARY.search(entry.name)):
+                        with contextlib.suppress(FileNotFoundError):
+                            files.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+        except (FileNotFoundError, NotADirectoryError):
+            return [], []
+        return sorted(files), sorted(folders)
 
     # -- writes ----------------------------------------------------------------------
 
