@@ -93,8 +93,7 @@ def load_header(backend: Backend) -> Header | None:
             commits=_count(body["commits"]),
             logical_bytes=_count(body["logical_bytes"]),
             table=str(body["table"]),
-            folders={str(k): (str(v[0]), _count(v[1]), tuple(str(s) for s in v[2]))
-                     for k, v in body["folders"].items()},
+            folders=_folders(body["folders"], body["subfolders"]),
             sizes={str(k): _count(v) for k, v in body["sizes"].items()},
         )
     except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError, IndexError, CkptvcsError):
@@ -105,7 +104,8 @@ def save_header(backend: Backend, header: Header) -> None:
     """Replace the header (best effort: a failure only costs the next call its walks)."""
     body = canonical_json({
         "tips": header.tips, "commits": header.commits, "logical_bytes": header.logical_bytes,
-        "table": header.table, "folders": {k: [t, n, list(s)] for k, (t, n, s) in header.folders.items()},
+        "table": header.table, "folders": {k: [t, n] for k, (t, n, _) in header.folders.items()},
+        "subfolders": {k: list(s) for k, (_, _, s) in header.folders.items() if s},
         "sizes": header.sizes,
     })
     meta = canonical_json({"version": VERSION, "checksum": blake3.blake3(body).hexdigest()})
@@ -203,24 +203,27 @@ def _walk_commits(backend: Backend, read_commit: Callable[[str], Commit], old: H
 def _folder_bytes(backend: FolderTokens, prefix: str, old: Folders, new: Folders) -> int:
     """Bytes of every file under ``prefix``, listing only folders whose token changed.
 
-    The token is taken before the folder is listed, so a change made while it is listed
+    Each token is taken before its folder is listed, so a change made while it is listed
     moves the token away from the one remembered and the next call lists it again.
     """
     total = 0
-    stack = [prefix]
-    while stack:
-        folder = stack.pop()
-        token = backend.folder_token(folder)
-        node = old.get(folder)
-        if token is not None and node is not None and node[0] == token:
-            nbytes, subs = node[1], node[2]
-        else:
-            files, folders = backend.list_folder(folder)
-            nbytes, subs = sum(size for _, size in files), tuple(folders)
-        if token is not None:
-            new[folder] = (token, nbytes, subs)
-        total += nbytes
-        stack.extend(layout.join(folder, sub) for sub in subs)
+    parent, _, name = prefix.rpartition("/")
+    groups = [(parent, [name])]  # folders to visit, by parent: one batch of tokens each
+    while groups:
+        parent, names = groups.pop()
+        for name, token in zip(names, backend.folder_tokens(parent, names)):
+            folder = f"{parent}/{name}" if parent else name
+            node = old.get(folder)
+            if token is not None and node is not None and node[0] == token:
+                nbytes, subs = node[1], node[2]
+            else:
+                files, folders = backend.list_folder(folder)
+                nbytes, subs = sum(size for _, size in files), tuple(folders)
+            if token is not None:
+                new[folder] = (token, nbytes, subs)
+            total += nbytes
+            if subs:
+                groups.append((folder, list(subs)))
     return total
 
 
@@ -235,6 +238,20 @@ def _key_bytes(backend: Backend, prefix: str, old: dict[str, int], new: dict[str
         new[key] = size
         total += size
     return total
+
+
+def _folders(folders: dict[str, list[object]], subfolders: dict[str, list[str]]) -> Folders:
+    """The header's folder tree, checked for shape (a wrong type must not reach the sums)."""
+    out: Folders = {}
+    for key, (token, nbytes) in folders.items():
+        subs = subfolders.get(key, ())
+        if not isinstance(token, str) or type(nbytes) is not int or nbytes < 0:
+            raise ValueError("not a folder entry")
+        out[key] = (token, nbytes, tuple(subs))
+    for subs in subfolders.values():
+        if not all(isinstance(sub, str) for sub in subs):
+            raise ValueError("not a folder name")
+    return out
 
 
 def _count(value: object) -> int:

@@ -179,8 +179,8 @@ def test_a_change_in_the_same_clock_tick_is_not_missed(repo: Repo, monkeypatch: 
     was listed keeps its times; its token is not trusted until the tick is long past."""
     tick = 2_000_000_000
 
-    def coarse(path: str | os.PathLike[str]) -> SimpleNamespace:
-        info = os.lstat(path)
+    def coarse(path: str, *, dir_fd: int | None = None) -> SimpleNamespace:
+        info = os.lstat(path, dir_fd=dir_fd)
         return SimpleNamespace(st_mode=info.st_mode, st_dev=info.st_dev, st_ino=info.st_ino, st_size=info.st_size,
                                st_mtime_ns=info.st_mtime_ns // tick * tick, st_ctime_ns=info.st_ctime_ns // tick * tick)
 
@@ -190,20 +190,19 @@ def test_a_change_in_the_same_clock_tick_is_not_missed(repo: Repo, monkeypatch: 
     for i in range(3):  # each change lands within a tick of the previous listing
         repo.stage({"w": torch.full((2000,), float(i))})
         _exact(repo)
-    assert repo.backend.folder_token(layout.PACKS) is None  # type: ignore[attr-defined]
+    assert repo.backend.folder_tokens("", [layout.PACKS]) == [None]  # type: ignore[attr-defined]
 
 
 def test_folder_tokens_trusted_only_when_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = local.LocalBackend(tmp_path)
     (tmp_path / "objects" / "ab").mkdir(parents=True)
-    assert backend.folder_token("objects/ab") is None  # just changed
-    assert backend.folder_token("objects/none") is None
+    assert backend.folder_tokens("objects", ["ab", "none"]) == [None, None]  # just changed; absent
     monkeypatch.setattr(local, "TOKEN_MIN_AGE", -10.0)
-    token = backend.folder_token("objects/ab")
+    [token] = backend.folder_tokens("objects", ["ab"])
     assert token is not None
     (tmp_path / "objects" / "ab" / "f").write_bytes(b"abc")
     (tmp_path / "objects" / "ab" / "f.lock").write_bytes(b"abc")
-    assert backend.folder_token("objects/ab") != token  # ctime moved (a new tick: -10 s of margin)
+    assert backend.folder_tokens("objects", ["ab"]) != [token]  # ctime moved
     assert backend.list_folder("objects/ab") == ([("f", 3)], [])
     assert backend.list_folder("objects") == ([], ["ab"])
 

@@ -212,19 +212,20 @@ class FolderTokens(Protocol):
     (memory, fsspec) does not, and callers then list every time (:func:`folder_tokens_of`
     returns None): the safe default.
 
-    ``folder_token(prefix)``: a string that changes whenever an entry directly inside the
-    folder is added, removed, renamed or replaced, or None when the backend cannot promise
-    that for this folder now (absent, not a folder, or changed too recently for its clock
-    granularity to tell). Equal tokens mean the same direct entries, never the same bytes
-    inside each file: objects and packs are never rewritten in place (they are replaced by
-    a rename, which changes the token).
+    ``folder_tokens(parent, names)``: for each folder ``parent/name`` (``parent`` "" for
+    the top level), a string that changes whenever an entry directly inside it is added,
+    removed, renamed or replaced, or None when the backend cannot promise that for that
+    folder now (absent, not a folder, or changed too recently for its clock granularity
+    to tell). Equal tokens mean the same direct entries, never the same bytes inside each
+    file: objects and packs are never rewritten in place (they are replaced by a rename,
+    which changes the token). Batched: stats() asks for one token per fan-out folder.
 
     ``list_folder(prefix)``: ``(files, folders)`` directly inside the folder: ``(name,
     size)`` of every entry that ``list`` would name (temporaries and lock files left out),
     and the names of the sub-folders ``list`` walks into; both empty when it is absent.
     """
 
-    def folder_token(self, prefix: str) -> str | None: ...
+    def folder_tokens(self, parent: str, names: list[str]) -> list[str | None]: ...
 
     def list_folder(self, prefix: str) -> tuple[list[tuple[str, int]], list[str]]: ...
 

@@ -150,6 +150,7 @@ class LocalBackend:
         self.cas_timeout = cas_timeout
         self._root_text = str(self.root)
         self._checked_data_folders: set[str] = set()  # see _read_path
+        self._token_paths: dict[str, str] = {}  # see folder_tokens
 
     def describe(self) -> str:
         return str(self.root)
@@ -241,25 +242,46 @@ class LocalBackend:
 
     # -- folder tokens (backends.base.FolderTokens) ------------------------------------
 
-    def folder_token(self, prefix: str) -> str | None:
-        """The folder's device, inode, change and modification times and size: any entry
+    def folder_tokens(self, parent: str, names: builtins.list[str]) -> builtins.list[str | None]:
+        """Each folder's inode, modification and change times (ns, hex): any entry
         added, removed or renamed in it moves its mtime and ctime (and a program can set
         mtime back, never ctime). None for a folder changed less than ``TOKEN_MIN_AGE``
-        seconds ago, absent, or not a folder (a link to one is never walked)."""
-        prefix = check_prefix(prefix)
-        path = self.root / prefix if prefix else self.root
+        seconds ago, absent, or not a folder (a link to one is never walked).
+
+        One open of ``parent`` and an ``lstat`` relative to it per name (stats() asks for
+        257 tokens per call); the folders on the way to ``parent`` are checked once per
+        handle, and each folder itself is lstat'ed every time, so a link in its place
+        gives None (it is then listed, and refused)."""
+        path = self._token_paths.get(parent)
         try:
-            if prefix:
-                _fs.check_inside(self.root, path / "x")
-            info = _folder_stat(path)
+            if path is None:
+                checked = check_prefix(parent)
+                if checked:
+                    _fs.check_inside(self.root, self.root / checked / "x")
+                path = self._token_paths[parent] = os.path.join(self._root_text, checked) if checked else self._root_text
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         except (OSError, CorruptObjectError):
-            return None
-        if not stat.S_ISDIR(info.st_mode):
-            return None
-        changed = max(info.st_mtime_ns, info.st_ctime_ns)
-        if time.time_ns() - changed < TOKEN_MIN_AGE * 1e9:
-            return None
-        return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_size}"
+            return [None] * len(names)
+        oldest = time.time_ns() - int(TOKEN_MIN_AGE * 1e9)
+        tokens: builtins.list[str | None] = []
+        append, lstat, is_dir = tokens.append, _folder_stat, stat.S_ISDIR
+        try:
+            if "/" in "".join(names) or not {"", ".", ".."}.isdisjoint(names):
+                raise ValueError(f"invalid folder name among {names!r}")
+            for name in names:
+                try:
+                    info = lstat(name, dir_fd=fd)
+                except OSError:
+                    append(None)
+                    continue
+                mtime, ctime = info.st_mtime_ns, info.st_ctime_ns
+                if mtime > oldest or ctime > oldest or not is_dir(info.st_mode):
+                    append(None)
+                else:
+                    append(f"{info.st_ino:x}:{mtime:x}:{ctime:x}")
+        finally:
+            os.close(fd)
+        return tokens
 
     def list_folder(self, prefix: str) -> tuple[builtins.list[tuple[str, int]], builtins.list[str]]:
         """What :meth:`list` finds directly inside the folder: its files with their sizes
