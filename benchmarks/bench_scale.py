@@ -15,12 +15,18 @@ so the ratio large/small is taken pair by pair on a machine whose speed drifts:
   call, as in use) and ``stats()`` with its cache deleted first (a first run); and
   ``commit`` of a tiny state on top;
 * the same commands through the CLI in a subprocess (start-up included):
-  ``log -n 20``, ``status``, ``checkout main``, ``stats``.
+  ``log -n 20``, ``status``, ``checkout main``, ``stats``, ``log --where``, ``best``.
+
+Each row gives the wall-clock and the CPU time (``time.process_time`` plus the finished
+children's, so the CLI rows count their subprocess) and their large/small ratios,
+medians over the pairs.
 
 Run
 ---
     .venv/bin/python benchmarks/bench_scale.py                   # 10 vs 10,000 commits
     .venv/bin/python benchmarks/bench_scale.py --large 2000      # quicker
+    .venv/bin/python benchmarks/bench_scale.py --quick           # 2,000 commits, 3 pairs, no CLI
+    .venv/bin/python benchmarks/bench_scale.py --only stats --only find   # some rows only
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,6 +53,7 @@ import bench_catalog  # noqa: E402
 from ckptvcs import Repo, layout  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WHERE = ("val_loss < 0.3", "data_version == 'v2'")  # bench_catalog.py's query
 
 
 def status(repo: Repo, with_gc: bool = False) -> None:
@@ -86,6 +94,8 @@ def operations(repo: Repo) -> dict[str, Callable[[], Any]]:
         "stats": repo.stats,
         "stats (tips moved)": repo.stats,
         "stats (cache dropped)": lambda: stats_uncached(repo),
+        "find": lambda: repo.find(*WHERE),
+        "best": lambda: repo.best("val_loss", k=3),
         "commit (tiny)": lambda: repo.commit(state, code_version=None),
     }
 
@@ -93,15 +103,23 @@ def operations(repo: Repo) -> dict[str, Callable[[], Any]]:
 def cli_commands(root: Path) -> dict[str, list[str]]:
     exe = str(Path(sys.executable).with_name("ckptvcs"))
     base = [exe, "--repo", str(root)]
+    where = [a for w in WHERE for a in ("--where", w)]
     return {"cli log -n 20": [*base, "log", "-n", "20"], "cli status": [*base, "status"],
+            "cli log --where": [*base, "log", "--json", *where], "cli best": [*base, "best", "--metric", "val_loss"],
             "cli checkout": [*base, "checkout", "main"], "cli stats": [*base, "stats"]}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the CLI subprocesses)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def once(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
-    start, cpu = time.perf_counter(), time.process_time()
+    """(wall seconds, CPU seconds of this process and its children) of one call."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     fn()
-    return time.perf_counter() - start, time.process_time() - cpu
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def measure(small: Repo, large: Repo, small_root: Path, large_root: Path, repeats: int, cli: bool,
