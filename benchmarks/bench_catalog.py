@@ -84,27 +84,32 @@ from ckptvcs import Repo
 repo = Repo.open(sys.argv[2])
 best = {}
 for name, query in (("find", lambda: repo.find("val_loss < 0.3", "data_version == 'v2'")),
-                    ("best", lambda: repo.best("val_loss", k=3))):
-    start = time.perf_counter()
+                    ("best", lambda: repo.best("val_loss", k=3)),
+                    ("find1", lambda: repo.find("val_loss < 0.00101"))):
+    start, cpu = time.perf_counter(), time.process_time()
     query()
     best[name] = time.perf_counter() - start
-print(best["find"], best["best"])
+    best[name + "_cpu"] = time.process_time() - cpu
+print(*(best[k] for k in ("find", "best", "find1", "find_cpu", "best_cpu", "find1_cpu")))
 """
+_NAMES = ("find", "best", "find1", "find_cpu", "best_cpu", "find1_cpu")
 
 
 def compare(repo_path: Path, before_src: Path, rounds: int = 3) -> dict[str, float]:
-    """Best-of-``rounds`` times of find and best with ``before_src`` and this checkout, taking turns."""
+    """Best-of-``rounds`` times of find and best with ``before_src`` and this checkout, taking
+    turns, in fresh interpreters: wall and CPU (``_cpu``) seconds, and before/after ratios.
+    ``find1`` is a query matching a handful of commits (find must read every match)."""
     after_src = Path(__file__).resolve().parent.parent
-    times: dict[str, list[float]] = {"before_find": [], "before_best": [], "after_find": [], "after_best": []}
+    times: dict[str, list[float]] = {f"{label}_{name}": [] for label in ("before", "after") for name in _NAMES}
     for _ in range(rounds):
         for label, src in (("before", before_src), ("after", after_src)):
             out = subprocess.run([sys.executable, "-c", _QUERY, str(src), str(repo_path)], check=True,
                                  capture_output=True, text=True).stdout.split()
-            times[f"{label}_find"].append(float(out[0]))
-            times[f"{label}_best"].append(float(out[1]))
-    result = {k: round(min(v), 3) for k, v in times.items()}
-    result["find_ratio"] = round(result["before_find"] / result["after_find"], 2)
-    result["best_ratio"] = round(result["before_best"] / result["after_best"], 2)
+            for name, value in zip(_NAMES, out):
+                times[f"{label}_{name}"].append(float(value))
+    result = {k: round(min(v), 4) for k, v in times.items()}
+    for name in _NAMES:
+        result[f"{name}_ratio"] = round(result[f"before_{name}"] / max(result[f"after_{name}"], 1e-6), 2)
     return result
 
 
@@ -112,7 +117,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=10_000)
     parser.add_argument("--compare", type=Path, help="another ckptvcs source tree to time against")
+    parser.add_argument("--repo", type=Path, help="time this repository (e.g. bench_scale.py's) instead of building one")
     args = parser.parse_args()
+    if args.repo is not None and args.compare is not None:
+        print(json.dumps(compare(args.repo, args.compare), indent=2))
+        return
     where = ["val_loss < 0.3", "data_version == 'v2'"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-catalog-"))
     try:

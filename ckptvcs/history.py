@@ -20,7 +20,7 @@ def walk(load: Callable[[str], Commit], starts: Iterable[str], n: int | None = N
     """Commits reachable from ``starts`` (parents included), newest first by commit time, at
     most ``n``; ``hidden`` commits are neither listed nor walked past (a range's ``A``)."""
     seen: set[str] = set(hidden or ())
-    heap: list[tuple[tuple[int, ...], str, Commit]] = []
+    heap: list[tuple[bytes, str, Commit]] = []
 
     def push(oid: str) -> None:
         if oid not in seen:
@@ -54,6 +54,10 @@ def reachable(parents: Callable[[str], Sequence[str]], starts: Iterable[str],
     return seen
 
 
-def _desc(timestamp: str) -> tuple[int, ...]:
-    """A heap key that orders ISO timestamps newest first."""
-    return tuple(-ord(ch) for ch in timestamp)
+_INVERT = bytes(255 - b for b in range(256))
+
+
+def _desc(timestamp: str) -> bytes:
+    """A heap key that orders ISO timestamps newest first: each character's code point
+    inverted (UTF-32-BE, every byte flipped), so it sorts as the negated code points did."""
+    return timestamp.encode("utf-32-be", "surrogatepass").translate(_INVERT)

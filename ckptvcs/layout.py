@@ -10,7 +10,8 @@ from __future__ import annotations
 
 __all__ = [
     "CONFIG", "HEAD", "GITIGNORE", "LOCK", "LOCK_GATE", "OBJECTS", "PACKS", "TMP", "INDEX", "REFS", "HEADS", "TAGS",
-    "LOGS", "DELETED_LOGS", "PRUNED", "STAGED", "FSCK_RECORD", "STATS_CACHE", "INDEX_REBUILT", "INDEX_REBUILD_PREFIX",
+    "LOGS", "DELETED_LOGS", "PRUNED", "STAGED", "FSCK_RECORD", "STATS_CACHE",
+    "STATS_CACHE_COMMITS", "CATALOG_CACHE", "INDEX_REBUILT", "INDEX_REBUILD_PREFIX",
     "INDEX_OLD_PREFIX", "RECORDS", "AUDIT", "VERIFIED", "KEYS",
     "TOP_LEVEL", "FILES", "INIT_FOLDERS", "LOCK_SUFFIX", "TMP_SUFFIX", "PACK_SUFFIX",
     "object_key", "object_folder", "pack_key", "pack_name", "ref_key", "reflog_key", "pruned_key", "staged_key",
@@ -38,6 +39,8 @@ PRUNED = "pruned"
 STAGED = "staged"
 FSCK_RECORD = "last-fsck.json"
 STATS_CACHE = "stats-cache.json"  # derived, rebuildable: what stats() read before (stats_cache.py)
+STATS_CACHE_COMMITS = "stats-cache.commits"  # its binary table of reachable commits
+CATALOG_CACHE = "catalog-cache.jsonl"  # derived, rebuildable: commit summaries for find/best (catalog_cache.py)
 RECORDS = "records"  # operational records: gc.jsonl, restore.jsonl (records.py)
 AUDIT = "audit"  # the hash-chained audit log (audit.py)
 VERIFIED = "verified"  # the last verification of each commit (verify.py)

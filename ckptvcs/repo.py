@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -37,6 +37,10 @@ from ._validate import require_str as _require_str
 from .audit import REF_EVENT, AuditCheck, AuditEvent, AuditLog
 from .audit import check_audit as _check_audit_logs
 from .backends import Backend, LocalBackend
+from .catalog_cache import Summaries as CommitSummaries
+from .catalog_cache import Summary as CommitSummary
+from .catalog_cache import drop as drop_commit_summaries
+from .catalog_cache import summary_of
 from .diff import DiffEntry, DiffStat, diff_manifests, stat_manifests
 from .errors import (
     AuditLogDamagedError,
@@ -889,9 +893,45 @@ class Repo:
         any history is read.
         """
         conditions = catalog.parse_all(where)
+        candidates = self._catalog_candidates(conditions, rev, all_refs)
+        if candidates is not None:
+            checked = self._read_candidates(candidates if n is None else candidates[:n])
+            if checked is not None:
+                return checked
         commits = self.all_commits() if all_refs else self.log(rev)
         found = [c for c in commits if catalog.matches(c, conditions)]
         return found if n is None else found[:n]
+
+    def _catalog_candidates(self, conditions: list[catalog.Condition], rev: str,
+                            all_refs: bool) -> list[CommitSummary] | None:
+        """The summaries of the commits ``find`` would test that match ``conditions``, in
+        ``log``'s order, from the commit-summary cache (catalog_cache.py); None when a
+        condition needs what a summary lacks (``config.*``)."""
+        if any(c.path[0] == "config" for c in conditions):
+            return None
+        summaries = CommitSummaries(self.backend, self.objects.read_commit)
+        load = cast(Callable[[str], Commit], summaries.get)  # history.walk reads .time and .parents only
+        hidden: set[str] | None = None
+        if all_refs:
+            starts = self._all_tips(skip_damaged=True)
+        else:
+            span = revisions.split_range(rev)
+            if span is not None:
+                hidden = {c.id for c in history.walk(load, [self.resolve(span[0])])}
+            starts = [self.resolve(span[1] if span is not None else rev)]
+        order = cast(list[CommitSummary], history.walk(load, starts, hidden=hidden))
+        summaries.save()
+        return [s for s in order if catalog.matches(cast(Commit, s), conditions)]
+
+    def _read_candidates(self, candidates: list[CommitSummary]) -> list[Commit] | None:
+        """The commits of ``candidates`` read from their objects (with pruned records), or
+        None, after dropping the cache, when one disagrees with its summary."""
+        pruned = self.pruned()
+        commits = [self._with_pruned(self.objects.read_commit(s.id), pruned.get(s.id)) for s in candidates]
+        if any(summary_of(c).encode() != s.encode() for c, s in zip(commits, candidates)):
+            drop_commit_summaries(self.backend)
+            return None
+        return commits
 
     def best(
         self,
@@ -920,6 +960,19 @@ class Repo:
         rev = HEAD if branch is None else f"refs/heads/{check_ref_name(branch, 'branch')}"
         if branch is not None and self.refs.read_raw(rev) is None:
             raise RevisionNotFoundError(f"best: no branch named {branch!r}")
+        conditions = catalog.parse_all(where)
+        candidates = self._catalog_candidates(conditions, rev, False)
+        if candidates is not None:
+            pruned = set(self.pruned())
+            ranked = []
+            for summary in candidates:  # newest first; the stable sort keeps it
+                value = catalog.metric_value(cast(Commit, summary), metric)
+                if value is not None and (include_pruned or summary.id not in pruned):
+                    ranked.append((value if mode == "min" else -value, summary))
+            ranked.sort(key=lambda pair: pair[0])
+            checked = self._read_candidates([summary for _, summary in ranked[:k]])
+            if checked is not None:
+                return checked
         scored = []
         for commit in self.find(*where, rev=rev):  # newest first; the stable sort keeps it
             value = catalog.metric_value(commit, metric)

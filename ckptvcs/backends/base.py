@@ -236,3 +236,34 @@ def append_many(backend: Backend, appends: Sequence[tuple[str, bytes]]) -> None:
         return
     for key, data in appends:
         backend.append(key, data)
+@runtime_checkable
+class FolderTokens(Protocol):
+    """An optional extension of :class:`Backend`: cheap change tokens for folders.
+
+    ``Repo.stats()`` sums the bytes under ``objects/`` and ``packs/``; listing 10,000 keys
+    for that on every call is what made it linear in the history. A backend that can tell
+    cheaply whether a folder's entries changed offers these two methods; one that cannot
+    (memory, fsspec) does not, and callers then list every time (:func:`folder_tokens_of`
+    returns None): the safe default.
+
+    ``folder_tokens(parent, names)``: for each folder ``parent/name`` (``parent`` "" for
+    the top level), a string that changes whenever an entry directly inside it is added,
+    removed, renamed or replaced, or None when the backend cannot promise that for that
+    folder now (absent, not a folder, or changed too recently for its clock granularity
+    to tell). Equal tokens mean the same direct entries, never the same bytes inside each
+    file: objects and packs are never rewritten in place (they are replaced by a rename,
+    which changes the token). Batched: stats() asks for one token per fan-out folder.
+
+    ``list_folder(prefix)``: ``(files, folders)`` directly inside the folder: ``(name,
+    size)`` of every entry that ``list`` would name (temporaries and lock files left out),
+    and the names of the sub-folders ``list`` walks into; both empty when it is absent.
+    """
+
+    def folder_tokens(self, parent: str, names: list[str]) -> list[str | None]: ...
+
+    def list_folder(self, prefix: str) -> tuple[list[tuple[str, int]], list[str]]: ...
+
+
+def folder_tokens_of(backend: object) -> FolderTokens | None:
+    """``backend`` where it offers :class:`FolderTokens` (a wrapper forwarding to one does), else None."""
+    return backend if isinstance(backend, FolderTokens) else None

@@ -20,10 +20,12 @@ import contextlib
 import os
 import re
 import stat
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .. import _fs
+from ..errors import CorruptObjectError
 from .base import Capabilities, ConcurrentUpdate, KeyMissing, check_key, check_prefix
 
 __all__ = ["LocalBackend", "LocalRangeReader", "LocalObjectWriter"]
@@ -35,6 +37,12 @@ _MAX_CAS_VALUE = 1 << 20  # a compare-and-swap key holds a small value (a ref: a
 # Object and pack data is read through _fs's ``_pread`` seam (the fault tests fail it);
 # refs, reflogs and records are read outside it, as before the seam existed.
 _DATA_PREFIXES = ("objects/", "packs/")
+# A folder token is given only for a folder unchanged for this long (seconds, by this
+# machine's clock): a change within one tick of a coarse file system clock (FAT: 2 s, ext3
+# and many network file systems: 1 s) leaves the folder's times as they were, so a token
+# taken in the same tick could match a folder that changed after it was listed.
+TOKEN_MIN_AGE = 5.0
+_folder_stat = os.lstat  # the seam the coarse-clock tests replace
 
 
 def _is_folder(path: Path) -> bool:
@@ -142,6 +150,7 @@ class LocalBackend:
         self.cas_timeout = cas_timeout
         self._root_text = str(self.root)
         self._checked_data_folders: set[str] = set()  # see _read_path
+        self._token_paths: dict[str, str] = {}  # see folder_tokens
 
     def describe(self) -> str:
         return str(self.root)
@@ -230,6 +239,71 @@ class LocalBackend:
             folder = "" if rel == "." else rel + "/"
             found.extend(folder + f for f in files if not (f.endswith(_LOCK_SUFFIX) or _TEMPORARY.search(f)))
         return iter(sorted(found))
+
+    # -- folder tokens (backends.base.FolderTokens) ------------------------------------
+
+    def folder_tokens(self, parent: str, names: builtins.list[str]) -> builtins.list[str | None]:
+        """Each folder's inode, modification and change times (ns, hex): any entry
+        added, removed or renamed in it moves its mtime and ctime (and a program can set
+        mtime back, never ctime). None for a folder changed less than ``TOKEN_MIN_AGE``
+        seconds ago, absent, or not a folder (a link to one is never walked).
+
+        One open of ``parent`` and an ``lstat`` relative to it per name (stats() asks for
+        257 tokens per call); the folders on the way to ``parent`` are checked once per
+        handle, and each folder itself is lstat'ed every time, so a link in its place
+        gives None (it is then listed, and refused)."""
+        path = self._token_paths.get(parent)
+        try:
+            if path is None:
+                checked = check_prefix(parent)
+                if checked:
+                    _fs.check_inside(self.root, self.root / checked / "x")
+                path = self._token_paths[parent] = os.path.join(self._root_text, checked) if checked else self._root_text
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, CorruptObjectError):
+            return [None] * len(names)
+        oldest = time.time_ns() - int(TOKEN_MIN_AGE * 1e9)
+        tokens: builtins.list[str | None] = []
+        append, lstat, is_dir = tokens.append, _folder_stat, stat.S_ISDIR
+        try:
+            if "/" in "".join(names) or not {"", ".", ".."}.isdisjoint(names):
+                raise ValueError(f"invalid folder name among {names!r}")
+            for name in names:
+                try:
+                    info = lstat(name, dir_fd=fd)
+                except OSError:
+                    append(None)
+                    continue
+                mtime, ctime = info.st_mtime_ns, info.st_ctime_ns
+                if mtime > oldest or ctime > oldest or not is_dir(info.st_mode):
+                    append(None)
+                else:
+                    append(f"{info.st_ino:x}:{mtime:x}:{ctime:x}")
+        finally:
+            os.close(fd)
+        return tokens
+
+    def list_folder(self, prefix: str) -> tuple[builtins.list[tuple[str, int]], builtins.list[str]]:
+        """What :meth:`list` finds directly inside the folder: its files with their sizes
+        (a link's own size, as :meth:`size` gives) and the folders it would walk into."""
+        prefix = check_prefix(prefix)
+        path = self.root / prefix if prefix else self.root
+        files: builtins.list[tuple[str, int]] = []
+        folders: builtins.list[str] = []
+        try:
+            if prefix:
+                _fs.check_inside(self.root, path / "x")
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir():  # as os.walk: a link to a folder is neither listed nor walked
+                        if not entry.is_symlink():
+                            folders.append(entry.name)
+                    elif not (entry.name.endswith(_LOCK_SUFFIX) or _TEMPORARY.search(entry.name)):
+                        with contextlib.suppress(FileNotFoundError):
+                            files.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+        except (FileNotFoundError, NotADirectoryError):
+            return [], []
+        return sorted(files), sorted(folders)
 
     # -- writes ----------------------------------------------------------------------
 

@@ -15,9 +15,12 @@ local (objects are never archived).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from ckptvcs import history
+from ckptvcs.catalog_cache import Summaries
 from ckptvcs.errors import UsageError
 from ckptvcs.gc import GcReport
 from ckptvcs.pack import PackEntry
@@ -28,6 +31,7 @@ from ckptvcs.remotes.transfer import _local_parents, _manifest_chunks, _peel_loc
 from ckptvcs.repo import ARCHIVED_RULE
 
 if TYPE_CHECKING:
+    from ckptvcs.objects import Commit
     from ckptvcs.repo import Repo
 
 __all__ = ["ArchiveReport", "archive", "archive_commits", "TierSummary", "TIERS", "where"]
@@ -188,7 +192,13 @@ def where(repo: Repo) -> TierSummary:
     summary = TierSummary({n: r.url for n, r in list_remotes(repo).items()})
     lazy = repo.config.get("lazy_remote")
     summary.lazy_remote = lazy if isinstance(lazy, str) else None
-    parents = _local_parents(repo)
+    # Parents and the walk come from the commit-summary cache (catalog_cache.py): status and
+    # stats print this line, and reading every commit object made them linear in the history.
+    summaries = Summaries(repo.backend, repo.objects.read_commit)
+
+    def parents(oid: str) -> list[str]:
+        return list(summaries.get(oid).parents)
+
     for name in summary.remotes:
         tips = []
         for branch in repo.refs.names(f"remotes/{name}"):
@@ -200,12 +210,15 @@ def where(repo: Repo) -> TierSummary:
             summary.on_remote.setdefault(commit_id, []).append(name)
     index = repo.chunks.index
     pruned = repo.pruned()
-    for commit in repo.all_commits():
+    walked = history.walk(cast("Callable[[str], Commit]", summaries.get), repo._all_tips(skip_damaged=True))
+    summaries.save()
+    for commit in walked:  # newest first, as Repo.all_commits
         record = pruned.get(commit.id)
         if record is not None:
             summary.commits[commit.id] = "remote_only" if record.get("rule") == ARCHIVED_RULE else "pruned"
             continue
-        if summary.lazy_remote and index.missing(set(_manifest_chunks(repo.objects.get(commit.manifest, "manifest")[1]))):
+        manifest = repo.objects.read_commit(commit.id).manifest if summary.lazy_remote else ""
+        if summary.lazy_remote and index.missing(set(_manifest_chunks(repo.objects.get(manifest, "manifest")[1]))):
             summary.commits[commit.id] = "not_fetched"
         else:
             summary.commits[commit.id] = "local_and_remote" if commit.id in summary.on_remote else "local_only"
