@@ -90,9 +90,6 @@ class EncodedState:
     root: Any
     blobs: list[BlobSource] = field(default_factory=list)
     tensors: int = 0
-    # (key path, tensor as given) of every tensor, in encoding order: what a caller that
-    # tracks tensors across commits (ckptvcs.reuse hints) looks at.
-    tensor_paths: list[tuple[str, Any]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -276,7 +273,6 @@ class _Encoder:
         if data.is_conj() or data.is_neg():
             data = data.resolve_conj().resolve_neg()  # the lazy bit is not in storage
         self.state.tensors += 1
-        self.state.tensor_paths.append((path, t))
         if data.numel() == 0:
             empty = torch.empty(0, dtype=torch.uint8)
             node.update(stride=[1] * data.dim(), offset=0, blob=self._blob(BlobSource(memoryview(empty.numpy()), name, empty)))
