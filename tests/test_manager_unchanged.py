@@ -36,12 +36,14 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
-def run(fused: bool = False):  # type: ignore[no-untyped-def]
-    """A frozen 256 KiB layer and a trained one: the frozen one is what hints skip."""
+def run(fused: bool = False, frozen_in_optimizer: bool = False):  # type: ignore[no-untyped-def]
+    """A frozen 256 KiB layer and a trained one: the frozen one is what hints skip. With
+    ``frozen_in_optimizer`` the optimizer holds both (the frozen one never gets a gradient)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
     model[0].requires_grad_(False)
-    opt = torch.optim.AdamW(model[1].parameters(), lr=1e-2, fused=fused)
+    params = model.parameters() if frozen_in_optimizer else model[1].parameters()
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=fused)
     return model, opt
 
 
@@ -74,9 +76,11 @@ def store(tmp_path):  # type: ignore[no-untyped-def]
 FROZEN = 256 * 256 * 4
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_untouched_tensors_are_not_rehashed_and_every_commit_is_exact(store: Repo, hashed: list[int], fused: bool) -> None:
-    model, opt = run(fused)
+@pytest.mark.parametrize(("fused", "frozen_in_optimizer"), [(False, False), (True, True)])
+def test_untouched_tensors_are_not_rehashed_and_every_commit_is_exact(
+    store: Repo, hashed: list[int], fused: bool, frozen_in_optimizer: bool
+) -> None:
+    model, opt = run(fused, frozen_in_optimizer)
     with CheckpointManager(store, {"model": model, "opt": opt}, code_version=None) as mgr:
         totals = []
         for step in range(1, 5):

@@ -7,12 +7,13 @@ the same address and size), dtype, shape, stride and storage offset are all as t
 at the last successful commit holds the bytes it held then, unless something wrote its
 memory behind torch's back: through ``.data``, a numpy view, ``torch.from_numpy``
 or DLPack aliases, ``set_()`` on another tensor, or a custom kernel. Optimizer steps are
-watched separately (a step hook marks every parameter and state tensor of the optimizer
-as touched), because fused optimizer kernels (``AdamW(fused=True)`` on CPU in torch 2.13)
-update tensors without bumping their version counters. The commit then reuses the
-chunk ids of those tensors instead of hashing them, and its rotating check
-(ckptvcs.reuse) catches the writes behind torch's back within ``check_every`` saves;
-the first mismatch turns hints off for the rest of the run, with a warning.
+watched separately (a step hook marks every parameter that had a gradient, and its state
+tensors, as touched: torch's optimizers skip parameters whose ``grad`` is None), because
+fused optimizer kernels (``AdamW(fused=True)`` on CPU in torch 2.13) update tensors
+without bumping their version counters. The commit then reuses the chunk ids of the
+untouched tensors instead of hashing them, and its rotating check (ckptvcs.reuse)
+catches the writes behind torch's back within ``check_every`` saves; the first mismatch
+turns hints off for the rest of the run, with a warning.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..reuse import ReuseHint
 __all__ = ["UnchangedTracker"]
 
 Fingerprint = tuple[tuple[Any, ...], Any]
-Capture = tuple[dict[str, Fingerprint], dict[int, int]]  # fingerprints by key path, optimizer steps
+Capture = tuple[dict[str, Fingerprint], int]  # fingerprints by key path, optimizer steps seen
 
 # Tensors smaller than this are always hashed: reusing their ids would save nothing measurable.
 MIN_HINTED_BYTES = 64 << 10
@@ -77,24 +78,33 @@ class UnchangedTracker:
         self.commit: str | None = None
         self._prints: dict[str, Fingerprint] = {}
         self._round = 0
-        self._optimizers: list[torch.optim.Optimizer] = []
-        self._steps: dict[int, int] = {}  # id(optimizer) → steps taken so far
-        self._committed_steps: dict[int, int] = {}  # the same, at the capture of self.commit
+        # (device, storage address) of what optimizer steps updated → the number of the last
+        # step that did; steps up to self._committed_step happened before self.commit's capture.
+        self._touched: dict[tuple[str, int], int] = {}
+        self._step = 0
+        self._committed_step = 0
         self._hooks: list[Any] = []
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
-        """Treat everything ``optimizer`` holds as touched whenever it steps."""
+        """Whenever ``optimizer`` steps, treat the parameters it stepped (those with a gradient:
+        every torch optimizer skips the others) and their state tensors as touched."""
         def stepped(opt: torch.optim.Optimizer, *_: Any) -> None:
-            self._steps[id(opt)] = self._steps.get(id(opt), 0) + 1
+            self._step += 1
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    tensors = [p, *(v for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor))]
+                    for t in tensors:
+                        self._touched[(str(t.device), t.untyped_storage().data_ptr())] = self._step
 
-        self._optimizers.append(optimizer)
         self._hooks.append(optimizer.register_step_post_hook(stepped))
 
     def capture(self, captured: Any) -> tuple[ReuseHint | None, Capture]:
         """The hint for committing ``captured`` (None: hash everything), and what to hand back to
         :meth:`committed` once that commit succeeded. Call before any copy is taken."""
-        steps = dict(self._steps)
-        touched = self._touched_storages(steps)
+        steps = self._step
+        touched = {where for where, step in self._touched.items() if step > self._committed_step}
         prints: dict[str, Fingerprint] = {}
         repeated: set[str] = set()
         for path, tensor in _tensors(captured):
@@ -117,18 +127,6 @@ class UnchangedTracker:
         storage = old[1]()
         return storage is not None and storage is fp[1]()
 
-    def _touched_storages(self, steps: dict[int, int]) -> set[tuple[str, int]]:
-        """(device, storage address) of every tensor held by an optimizer that stepped since the
-        capture of the last commit."""
-        touched: set[tuple[str, int]] = set()
-        for opt in self._optimizers:
-            if steps.get(id(opt), 0) == self._committed_steps.get(id(opt), 0):
-                continue
-            tensors = [p for group in opt.param_groups for p in group["params"]]
-            tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-            touched.update((str(t.device), t.untyped_storage().data_ptr()) for t in tensors)
-        return touched
-
     def committed(self, commit_id: str, capture: Capture, hint: ReuseHint | None) -> None:
         """Record a successful commit; a mismatch the commit found turns hints off for this run."""
         outcome = hint.outcome if hint is not None else None
@@ -143,7 +141,8 @@ class UnchangedTracker:
                 stacklevel=4,
             )
         self.commit = commit_id
-        self._prints, self._committed_steps = capture
+        self._prints, self._committed_step = capture
+        self._touched = {where: step for where, step in self._touched.items() if step > self._committed_step}
         self._round += 1
 
     def forget(self) -> None:
