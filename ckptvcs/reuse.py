@@ -73,8 +73,25 @@ class ReuseHint:
     outcome: ReuseOutcome | None = field(default=None, compare=False)
 
 
-def _members(root: Any) -> tuple[dict[int, list[tuple[Any, ...]]], set[str]]:
-    """Blob → its tensors ``(path, dtype, shape, stride, offset)`` sorted, and the paths seen twice."""
+Members = tuple[dict[int, list[tuple[Any, ...]]], set[str]]
+_last_members: list[tuple[Any, Members]] = []  # (root, its members): the last tree walked
+
+
+def _members(root: Any) -> Members:
+    """Blob → its tensors ``(path, kind, dtype, shape, stride, offset)`` sorted, and the paths seen twice.
+
+    The last tree walked is remembered (by identity: manifest trees are never changed once
+    written): a commit's new tree is the next commit's old one.
+    """
+    for seen_root, members in _last_members:
+        if seen_root is root:
+            return members
+    result = _walk_members(root)
+    _last_members[:] = [(root, result)]
+    return result
+
+
+def _walk_members(root: Any) -> Members:
     groups: dict[int, list[tuple[Any, ...]]] = {}
     seen: set[str] = set()
     repeated: set[str] = set()
@@ -100,8 +117,9 @@ def plan_reuse(
     new_root: Any,
     new_blobs: Sequence[tuple[int, str]],
     chunk_count: Callable[[int], int],
-) -> list[list[bytes] | None]:
-    """Per blob of the new state: the hinted commit's chunk ids to reuse, or None (hash it).
+) -> tuple[list[list[bytes] | None], dict[int, str]]:
+    """Per blob of the new state: the hinted commit's chunk ids to reuse, or None (hash it);
+    and the name (first key path) of each reused blob.
 
     ``new_blobs`` holds each new blob's ``(nbytes, dtype)``; ``chunk_count(nbytes)`` is
     how many chunks a blob of that size has. A blob is reused only when it holds
@@ -110,11 +128,12 @@ def plan_reuse(
     members and layouts, size, dtype and chunk count. Index look-ups are the caller's.
     """
     unchanged = hint.unchanged if isinstance(hint.unchanged, (set, frozenset)) else set(hint.unchanged)
+    old_groups, old_repeated = _members(old_root)  # first: the remembered tree is usually this one
     new_groups, new_repeated = _members(new_root)
-    old_groups, old_repeated = _members(old_root)
     repeated = new_repeated | old_repeated
     old_by_path = {members[0][0]: blob for blob, members in old_groups.items()}
     plan: list[list[bytes] | None] = [None] * len(new_blobs)
+    names: dict[int, str] = {}
     for blob, members in new_groups.items():
         if not 0 <= blob < len(new_blobs):
             continue
@@ -133,28 +152,28 @@ def plan_reuse(
             plan[blob] = [bytes.fromhex(c) for c in chunks]
         except (TypeError, ValueError):
             continue
-    return plan
+        names[blob] = members[0][0]
+    return plan, names
 
 
-def checked_chunks(root: Any, plan: Sequence[list[bytes] | None], check_every: int, check_round: int) -> list[tuple[int, int]]:
+def checked_chunks(
+    names: dict[int, str], plan: Sequence[list[bytes] | None], check_every: int, check_round: int
+) -> list[tuple[int, int]]:
     """``(blob, chunk)`` positions of the reusable chunks to hash anyway this round.
 
-    Chunk ``j`` of a blob whose first tensor path is ``p`` is checked in the rounds
+    Chunk ``j`` of a blob named ``p`` (``names``: its first key path) is checked in the rounds
     where ``(h(p) + j) % check_every == check_round % check_every`` (``h`` a stable
     hash of the path): the choice does not depend on which other blobs are reused,
     so a chunk reused in ``check_every`` consecutive rounds is checked in one of them.
     """
     if check_every <= 1:
         return [(b, j) for b, ids in enumerate(plan) if ids is not None for j in range(len(ids))]
-    first: dict[int, str] = {}
-    for path, _kind, body in iter_tensors(root):
-        first.setdefault(body["blob"], path)
     phase = check_round % check_every
     picked = []
     for blob, ids in enumerate(plan):
         if ids is None:
             continue
-        start = int.from_bytes(blake3.blake3(first[blob].encode("utf-8", "surrogatepass")).digest(8), "little")
+        start = int.from_bytes(blake3.blake3(names[blob].encode("utf-8", "surrogatepass")).digest(8), "little")
         picked += [(blob, j) for j in range((phase - start) % check_every, len(ids), check_every)]
     return picked
 
@@ -179,13 +198,13 @@ def prepare(hint: ReuseHint, encoded: EncodedState, store: ChunkStore, source: M
         return None
     old_root, old_blobs = found
     sizes = [(len(b.data), b.dtype) for b in encoded.blobs]
-    plan = plan_reuse(hint, old_root, old_blobs, encoded.root, sizes, lambda n: len(store.split(n)))
+    plan, names = plan_reuse(hint, old_root, old_blobs, encoded.root, sizes, lambda n: len(store.split(n)))
     for blob, ids in enumerate(plan):
         if ids is not None and not all(store.has_complete_chain(c) for c in set(ids)):
             plan[blob] = None
     if not any(ids is not None for ids in plan):
         return None
-    checks = checked_chunks(encoded.root, plan, hint.check_every, hint.check_round)
+    checks = checked_chunks(names, plan, hint.check_every, hint.check_round)
     futures = []
     for blob, j in checks:
         data = encoded.blobs[blob].data
@@ -195,7 +214,7 @@ def prepare(hint: ReuseHint, encoded: EncodedState, store: ChunkStore, source: M
         outcome.checked_bytes += len(chunk)
     for (blob, j), fut in zip(checks, futures):
         if fut.result() != plan[blob][j]:  # type: ignore[index]  # checked_chunks only picks reused blobs
-            outcome.mismatch = _first_path(encoded.root, blob)
+            outcome.mismatch = names[blob]
             for other in futures:
                 other.cancel()
             return None
@@ -207,6 +226,3 @@ def prepare(hint: ReuseHint, encoded: EncodedState, store: ChunkStore, source: M
     outcome.reused_bytes -= outcome.checked_bytes
     return plan
 
-
-def _first_path(root: Any, blob: int) -> str:
-    return next((path for path, _kind, body in iter_tensors(root) if body["blob"] == blob), f"blob {blob}")

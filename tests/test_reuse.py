@@ -95,13 +95,13 @@ def test_a_sparse_unannounced_change_is_caught_within_check_every_commits(small_
 
 
 def test_the_rotation_checks_every_chunk_once_per_cycle() -> None:
-    root = {"dict": [["a", {"tensor": {"blob": 0}}], ["b", {"tensor": {"blob": 1}}], ["c", {"tensor": {"blob": 2}}]]}
+    names = {0: "a", 2: "c"}
     plan = [[b"x"] * 16, None, [b"y"] * 5]
     seen: list[tuple[int, int]] = []
     for rnd in range(7, 7 + 8):
-        seen += checked_chunks(root, plan, 8, rnd)
+        seen += checked_chunks(names, plan, 8, rnd)
     assert sorted(seen) == [(0, j) for j in range(16)] + [(2, j) for j in range(5)]
-    assert len(checked_chunks(root, plan, 1, 0)) == 21
+    assert len(checked_chunks(names, plan, 1, 0)) == 21
 
 
 def test_a_pruned_or_unknown_commit_is_not_reused(small_repo: Repo, hashed: list[int]) -> None:

@@ -461,6 +461,12 @@ class CheckpointManager:
         return self._wall_offset + (self._clock() - self._started)
 
     @property
+    def last_reuse(self) -> Any:
+        """A :class:`ckptvcs.ReuseOutcome`: how many chunks the last commit took from the previous
+        one without hashing them (``reuse_unchanged``), or None (hints off, or a first save)."""
+        return self._unchanged.last_outcome if self._unchanged is not None else None
+
+    @property
     def preempted(self) -> bool:
         """True once SIGTERM/SIGINT arrived and has not been handled yet."""
         return self._preemption.pending is not None

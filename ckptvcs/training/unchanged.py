@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..reuse import ReuseHint
+from ..reuse import ReuseHint, ReuseOutcome
 
 __all__ = ["UnchangedTracker"]
 
@@ -75,6 +75,7 @@ class UnchangedTracker:
     def __init__(self, check_every: int) -> None:
         self.check_every = check_every
         self.enabled = True
+        self.last_outcome: ReuseOutcome | None = None  # what the last commit did with its hint
         self.commit: str | None = None
         self._prints: dict[str, Fingerprint] = {}
         self._round = 0
@@ -130,6 +131,7 @@ class UnchangedTracker:
     def committed(self, commit_id: str, capture: Capture, hint: ReuseHint | None) -> None:
         """Record a successful commit; a mismatch the commit found turns hints off for this run."""
         outcome = hint.outcome if hint is not None else None
+        self.last_outcome = outcome
         if outcome is not None and outcome.mismatch is not None and self.enabled:
             self.enabled = False
             warnings.warn(
