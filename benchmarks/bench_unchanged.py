@@ -18,8 +18,9 @@ an order that rotates every round: ``CheckpointManager.save`` with hints (the de
 a second manager on another repository with ``reuse_unchanged=False``, and
 ``torch.save`` to a file + fsync. Reported: the wall-time ratios of each round (medians
 and best; alternating pairs in one run, so load on the machine hits both sides) and the
-process CPU time of each save (``time.process_time``, all threads: what does not depend
-on load). The first save of each manager (everything new) is an untimed warm-up.
+process CPU time of each save (``time.process_time``, all threads: what depends least
+on load). The first save of each manager (everything new) is an untimed warm-up. Two
+last saves with nothing trained before them give the fixed CPU cost of a save.
 
 Run
 ---
@@ -137,6 +138,14 @@ def main(argv: list[str] | None = None) -> None:
             cpu[side].append(c)
         outcome = managers["hints"].last_reuse
         reused.append(outcome.reused_bytes if outcome is not None else 0)
+    idle: dict[str, list[float]] = {s: [] for s in sides}  # nothing trained: the fixed cost of a save
+    for rnd in range(args.rounds + 1, args.rounds + 3):
+        for side in sides:
+            if side == "torch":
+                w, c = timed(lambda: torch_save(state, work / "state.pt"))
+            else:
+                w, c = timed(lambda: managers[side].save(rnd))  # noqa: B023 (called at once)
+            idle[side].append(c)
     committed = managers["hints"].repo.load(managers["hints"].last_commit, keys=["model"])["model"]
     if not all(torch.equal(committed[k], v) for k, v in model.state_dict().items()):
         raise SystemExit("the committed state differs from the live state")
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         "reused_bytes_median": statistics.median(reused), "wall_s": wall, "cpu_s": cpu,
         "wall_ratio": {s: {"median": statistics.median(r), "best": min(r), "samples": r} for s, r in ratios.items()},
         "cpu_ratio": {s: statistics.median(cpu[s]) / statistics.median(cpu["torch"]) for s in ("hints", "no_hints")},
+        "cpu_s_nothing_changed": idle,
     }
     print(machine_line(report["machine"]))
     print(f"load average {report['load_average'][0]:.1f}; state {total / MB:.0f} MB, {changing / MB:.1f} MB "
@@ -163,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
             r = report["wall_ratio"][side]
             line += f"{r['median']:>19.2f}x, {r['best']:.2f}x{report['cpu_ratio'][side]:>10.2f}x"
         print(line)
+    print("nothing changed since the last save, CPU: " + ", ".join(
+        f"{side} {min(idle[side]):.3f}s" for side in sides))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -86,6 +86,12 @@ class CheckpointManager:
     keywords (``keep_last``, ``keep_best``, ``keep_every_steps``, ``max_age``) are shorthands
     for them, and passing a policy with a shorthand of its family raises PolicyConflictError.
 
+    ``reuse_unchanged`` (default True) lets a commit take the chunk ids of tensors the loop did
+    not touch since this manager's last commit instead of hashing them (version counters,
+    storages and optimizer step hooks say which), re-hashing a rotating ``1/reuse_check_every``
+    of them at every save; a mismatch warns and turns it off for the run
+    (ckptvcs.training.unchanged, docs/training.md "Unchanged tensors").
+
     ``remote=`` (a configured remote name, or a URL, added as ``origin``) pushes the branch
     after each save on one background worker (ckptvcs.training.remote_sync); the keep policy
     then archives what it drops (data only on the remote, verified) instead of pruning it.
