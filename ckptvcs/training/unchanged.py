@@ -18,6 +18,7 @@ turns hints off for the rest of the run, with a warning.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -84,6 +85,7 @@ class UnchangedTracker:
         self._touched: dict[tuple[str, int], int] = {}
         self._step = 0
         self._committed_step = 0
+        self._lock = threading.Lock()  # the hook writes on the loop's thread, an async commit prunes on its own
         self._hooks: list[Any] = []
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
@@ -96,8 +98,9 @@ class UnchangedTracker:
                     if p.grad is None:
                         continue
                     tensors = [p, *(v for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor))]
-                    for t in tensors:
-                        self._touched[(str(t.device), t.untyped_storage().data_ptr())] = self._step
+                    with self._lock:
+                        for t in tensors:
+                            self._touched[(str(t.device), t.untyped_storage().data_ptr())] = self._step
 
         self._hooks.append(optimizer.register_step_post_hook(stepped))
 
@@ -105,7 +108,10 @@ class UnchangedTracker:
         """The hint for committing ``captured`` (None: hash everything), and what to hand back to
         :meth:`committed` once that commit succeeded. Call before any copy is taken."""
         steps = self._step
-        touched = {where for where, step in self._touched.items() if step > self._committed_step}
+        if not self.enabled:
+            return None, ({}, steps)
+        with self._lock:
+            touched = {where for where, step in self._touched.items() if step > self._committed_step}
         prints: dict[str, Fingerprint] = {}
         repeated: set[str] = set()
         for path, tensor in _tensors(captured):
@@ -116,7 +122,7 @@ class UnchangedTracker:
                 prints[path] = fp
         for path in repeated:
             prints.pop(path, None)
-        if not self.enabled or self.commit is None:
+        if self.commit is None:
             return None, (prints, steps)
         unchanged = {path for path, fp in prints.items() if (fp[0][1], fp[0][2]) not in touched and self._same(path, fp)}
         return ReuseHint(self.commit, frozenset(unchanged), self.check_every, self._round), (prints, steps)
@@ -144,7 +150,8 @@ class UnchangedTracker:
             )
         self.commit = commit_id
         self._prints, self._committed_step = capture
-        self._touched = {where: step for where, step in self._touched.items() if step > self._committed_step}
+        with self._lock:
+            self._touched = {where: step for where, step in self._touched.items() if step > self._committed_step}
         self._round += 1
 
     def forget(self) -> None:
