@@ -580,9 +580,9 @@ class CheckpointManager:
             if self._unchanged is not None:
                 self._unchanged.forget()
             raise
+        self.last_commit = commit_id
         if hint is not None and self._unchanged is not None:
             self._unchanged.committed(commit_id, hint[1], hint[0])
-        self.last_commit = commit_id
         if tag is not None:
             self._tag_once(tag, commit_id, options["message"])
         if self._verifier is not None:

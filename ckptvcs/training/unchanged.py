@@ -138,6 +138,11 @@ class UnchangedTracker:
         """Record a successful commit; a mismatch the commit found turns hints off for this run."""
         outcome = hint.outcome if hint is not None else None
         self.last_outcome = outcome
+        self.commit = commit_id
+        self._prints, self._committed_step = capture
+        with self._lock:
+            self._touched = {where: step for where, step in self._touched.items() if step > self._committed_step}
+        self._round += 1
         if outcome is not None and outcome.mismatch is not None and self.enabled:
             self.enabled = False
             warnings.warn(
@@ -148,11 +153,6 @@ class UnchangedTracker:
                 RuntimeWarning,
                 stacklevel=4,
             )
-        self.commit = commit_id
-        self._prints, self._committed_step = capture
-        with self._lock:
-            self._touched = {where: step for where, step in self._touched.items() if step > self._committed_step}
-        self._round += 1
 
     def forget(self) -> None:
         """After a failed save or a restore: the next commit hashes everything."""
