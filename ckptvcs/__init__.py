@@ -58,6 +58,7 @@ from .objects import Commit, Tag
 from .refs import ReflogEntry
 from .repair import RepairReport
 from .repo import Repo, RepoStats, Staged
+from .reuse import ReuseHint, ReuseOutcome
 from .training.retention import RetentionPolicy
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ __all__ = [
     "__version__",
     "Repo",
     "RepoStats",
+    "ReuseHint",
+    "ReuseOutcome",
     "CheckpointManager",
     "RetentionPolicy",
     "GcReport",

@@ -73,6 +73,8 @@ from .metadata import commit_body as _commit_body
 from .objects import Commit, Manifest, ObjectStore, PreparedObject, Tag, canonical_json
 from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name, is_valid_ref
 from .repair import RepairReport, rebuild_index
+from .reuse import ReuseHint
+from .reuse import prepare as prepare_reuse
 from .signing import sign_tag
 from .state import MapLocation, blob_kinds, decode_state, dict_items_shifted, encode_state, iter_tensors, select_keys
 from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
@@ -488,6 +490,7 @@ class Repo:
         code_version: Mapping[str, Any] | None | bool = True,
         author: str | None = None,
         progress: Progress | None = None,
+        reuse: ReuseHint | None = None,
     ) -> str:
         """Commit ``state`` and return the new commit's id (hex).
 
@@ -499,6 +502,9 @@ class Repo:
         The commit is durable when this returns. If the branch moved meanwhile, raises
         RefConflictError and leaves the branch as the other writer left it.
         ``progress(done_bytes, total_bytes)`` is called as the state's bytes are stored.
+        ``reuse`` (a :class:`ckptvcs.reuse.ReuseHint`) names tensors whose bytes are those of
+        an earlier commit: their chunk ids are taken from it without hashing, but for a
+        rotating sample that is checked (docs/library.md, "Reusing unchanged tensors").
 
         The same as :meth:`stage` then :meth:`publish`, under one shared hold of the
         repository lock (so gc cannot run in between and no staged record is needed).
@@ -510,7 +516,7 @@ class Repo:
         target, expected, parent = self._commit_target(branch)
         who = author or provenance.default_author()
         with self._lock.hold(exclusive=False):
-            staged, manifest = self._stage_locked(encoded, parent, progress, started, write_manifest=False)
+            staged, manifest = self._stage_locked(encoded, parent, progress, started, reuse, write_manifest=False)
             return self._publish_locked(staged, body, target, expected, who, manifest)
 
     def stage(
@@ -658,8 +664,10 @@ class Repo:
                 fut.cancel()
         return memoryview(buf)[start - lo:stop - lo]
 
-    def _stage_locked(self, encoded: Any, parent: str | None, progress: Progress | None, started: float, *,
-                      write_manifest: bool = True) -> tuple[Staged, PreparedObject]:
+    def _stage_locked(
+        self, encoded: Any, parent: str | None, progress: Progress | None, started: float,
+        reuse: ReuseHint | None = None, *, write_manifest: bool = True,
+    ) -> tuple[Staged, PreparedObject]:
         """State → chunks → manifest, under the caller's shared lock; no ref moves.
 
         The parent's delta bases are chosen first, from its manifest alone, and handed
@@ -669,6 +677,7 @@ class Repo:
         """
         bases = self._delta_bases(parent, encoded)
         self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
+        known = prepare_reuse(reuse, encoded, self.chunks, self._reuse_source) if reuse is not None else None
         session = self.chunks.write_session()
         try:
             chunk_lists = session.put_blobs(
@@ -676,6 +685,7 @@ class Repo:
                 progress,
                 dtypes=[blob.dtype for blob in encoded.blobs],
                 bases=bases,
+                known=known,
             )
             stats = session.finish()
         except BaseException:
@@ -770,6 +780,19 @@ class Repo:
         except (CorruptObjectError, RevisionNotFoundError):
             return None  # a damaged parent is no base; the new commit stands on its own
         return delta.parent_bases(manifest.root, manifest.blobs, encoded.root, [b.dtype for b in encoded.blobs])
+
+    def _reuse_source(self, commit_id: str) -> tuple[Any, list[dict[str, Any]]] | str:
+        """The manifest whose chunk ids a reuse hint may take, or why not (ckptvcs.reuse)."""
+        if not _HEX_ID.match(commit_id) or not self.objects.has(commit_id):
+            return f"commit {commit_id[:12]} does not exist"
+        if self.is_pruned(commit_id):
+            return f"commit {commit_id[:12]} was pruned"
+        recent = self._recent_manifest
+        try:
+            manifest = recent[1] if recent is not None and recent[0] == commit_id else self.manifest(commit_id)
+        except CkptvcsError as err:
+            return f"commit {commit_id[:12]} is unreadable: {err}"
+        return manifest.root, manifest.blobs
 
     def _commit_target(self, branch: str | None) -> tuple[str, str | None, str | None]:
         """``(ref to update, its expected current value, parent commit)``."""

@@ -78,6 +78,8 @@ class WriteStats:
     new_raw_bytes: int = 0
     new_stored_bytes: int = 0
     delta_chunks: int = 0  # new chunks stored as a delta against a base
+    hashed_bytes: int = 0  # bytes read and hashed (all of them, but for the chunks ids were given for)
+    known_chunks: int = 0  # chunks whose ids the caller gave (put_blobs ``known``): not read at all
     packs: list[str] = field(default_factory=list)
     blob_new_stored_bytes: list[int] = field(default_factory=list)  # per blob of put_blobs: what it added
 
@@ -90,6 +92,14 @@ class _Encoded:
     payload: bytes | memoryview | None = None  # None: already stored, nothing to write
     base: bytes | None = None
     buffer: bytearray | None = None  # the recycled buffer holding the payload, if any
+    known: bool = False  # the caller gave the id: the bytes were not read
+
+
+def _known(chunk_id: bytes, raw_len: int) -> Future[_Encoded]:
+    """A finished future of a chunk whose id the caller gave (nothing to hash or write)."""
+    done: Future[_Encoded] = Future()
+    done.set_result(_Encoded(chunk_id, raw_len, known=True))
+    return done
 
 
 # Payloads below this size get their own small buffer instead of a recycled chunk-sized one.
@@ -466,6 +476,7 @@ class WriteSession:
         *,
         dtypes: Sequence[str | None] | None = None,
         bases: Sequence[Sequence[bytes | None] | None] | None = None,
+        known: Sequence[Sequence[bytes] | None] | None = None,
     ) -> list[list[bytes]]:
         """Store many blobs, pipelining hashing, encoding and writing across the thread pool.
 
@@ -474,6 +485,8 @@ class WriteSession:
         ``j`` of blob ``i`` (the chunk at the same place in the parent commit), or None.
         At most a bounded window of chunks is in flight, so no second copy of the state
         is ever held. ``progress(done_bytes, total_bytes)`` is called as chunks are stored.
+        ``known[i]``, when given, is the list of blob ``i``'s chunk ids, already stored with
+        their chains (the caller checked it: ckptvcs.reuse): the blob is not read at all.
         """
         store = self._store
         window = 2 * store._workers + 2
@@ -487,6 +500,7 @@ class WriteSession:
             blob_no, fut = pending.popleft()
             enc = fut.result()
             result[blob_no].append(enc.chunk_id)
+            self.stats.hashed_bytes += enc.raw_len if not enc.known else 0
             before = self.stats.new_stored_bytes
             self._append(enc)
             self.stats.blob_new_stored_bytes[first + blob_no] += self.stats.new_stored_bytes - before
@@ -501,9 +515,14 @@ class WriteSession:
             self.stats.logical_bytes += len(blob)
             layout = planes.layout_for_dtype(dtypes[blob_no] if dtypes is not None else None)
             blob_bases = bases[blob_no] if bases is not None else None
+            blob_known = known[blob_no] if known is not None else None
             for chunk_no, (start, end) in enumerate(store.split(len(blob))):
                 if len(pending) >= window:
                     drain_one()
+                if blob_known is not None:
+                    pending.append((blob_no, _known(blob_known[chunk_no], end - start)))
+                    self.stats.known_chunks += 1
+                    continue
                 base_id = blob_bases[chunk_no] if blob_bases is not None and chunk_no < len(blob_bases) else None
                 pending.append((blob_no, store.pool.submit(self._encode, blob[start:end], layout, base_id)))
         while pending:

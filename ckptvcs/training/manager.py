@@ -57,6 +57,7 @@ from .policies import (
 from .preemption import PreemptionWatcher
 from .retention import CheckpointRecord, RetentionPolicy, best_value, parse_time
 from .rng import capture_rng, restore_rng
+from .unchanged import UnchangedTracker
 from .verify_worker import BackgroundVerifier
 
 __all__ = ["CheckpointManager", "MANAGER_KEY"]
@@ -84,6 +85,12 @@ class CheckpointManager:
     the trigger keywords (``every_steps``, ``every_seconds``, ``best_metric``) and the keep
     keywords (``keep_last``, ``keep_best``, ``keep_every_steps``, ``max_age``) are shorthands
     for them, and passing a policy with a shorthand of its family raises PolicyConflictError.
+
+    ``reuse_unchanged`` (default True) lets a commit take the chunk ids of tensors the loop did
+    not touch since this manager's last commit instead of hashing them (version counters,
+    storages and optimizer step hooks say which), re-hashing a rotating ``1/reuse_check_every``
+    of them at every save; a mismatch warns and turns it off for the run
+    (ckptvcs.training.unchanged, docs/training.md "Unchanged tensors").
 
     ``remote=`` (a configured remote name, or a URL, added as ``origin``) pushes the branch
     after each save on one background worker (ckptvcs.training.remote_sync); the keep policy
@@ -124,6 +131,8 @@ class CheckpointManager:
         verify_every: int = 0,
         verify_check: str | None = None,
         verify_timeout: float | None = None,
+        reuse_unchanged: bool = True,
+        reuse_check_every: int = 8,
     ) -> None:
         if not isinstance(state, Mapping) or not state:
             raise InvalidInputError("state must be a non-empty dict of name -> object, tensor or value")
@@ -207,6 +216,7 @@ class CheckpointManager:
             raise InvalidInputError("verify_check and verify_timeout need verify_every=N (verify every N-th save)")
         self._verifier = (BackgroundVerifier(self.repo, verify_every, verify_check, verify_timeout)
                           if verify_every else None)
+        self._unchanged = _unchanged_tracker(self.state, reuse_unchanged, reuse_check_every)
         self._closed = False
         self._preemption = PreemptionWatcher(preemption_grace)
         self._on_signal = self._preemption.on_signal  # the handler installed for SIGTERM/SIGINT
@@ -369,6 +379,8 @@ class CheckpointManager:
             self.epoch = commit.epoch
             self.metrics = dict(commit.metrics)
             self._wall_offset = 0.0
+        if self._unchanged is not None:
+            self._unchanged.forget()  # the next save hashes every byte again
         self._started = self._clock()
         self._last_save_clock = self._started
         self._last_saved_step = step
@@ -426,6 +438,8 @@ class CheckpointManager:
             self._closed = True
             self._preemption.uninstall()
             self._saver.close()
+            if self._unchanged is not None:
+                self._unchanged.close()
             if self._verifier is not None:
                 self._verifier.close()
             if self._remote is not None:
@@ -451,6 +465,12 @@ class CheckpointManager:
     def wall_time(self) -> float:
         """Seconds of training wall time, summed over resumed runs."""
         return self._wall_offset + (self._clock() - self._started)
+
+    @property
+    def last_reuse(self) -> Any:
+        """A :class:`ckptvcs.ReuseOutcome`: how many chunks the last commit took from the previous
+        one without hashing them (``reuse_unchanged``), or None (hints off, or a first save)."""
+        return self._unchanged.last_outcome if self._unchanged is not None else None
 
     @property
     def preempted(self) -> bool:
@@ -505,17 +525,18 @@ class CheckpointManager:
         self._raise_background_error(wait=True)  # at most one save in flight
         plain = _plain_metrics(metrics)
         captured = self._capture(step, plain)
+        hint = self._unchanged.capture(captured) if self._unchanged is not None else None  # live tensors, before any copy
         options = dict(
             message=message, branch=self.branch, step=step, epoch=self.epoch, metrics=plain, **self._commit_options
         )
         if not self.async_save:
-            commit_id = self._commit_and_retain(captured, options, tag)
+            commit_id = self._commit_and_retain(captured, options, tag, hint)
             self._saved(step, plain)
             return commit_id
         snapshot = self._saver.snapshot(captured)  # the only part the loop waits for (the previous save is done)
         del captured
         encode_state(snapshot)  # refuse unsupported values here, not in the background
-        future = self._saver.submit(step, self._commit_and_retain, snapshot, options, tag)
+        future = self._saver.submit(step, self._commit_and_retain, snapshot, options, tag, hint)
         self._saved(step, plain)
         return future
 
@@ -546,10 +567,22 @@ class CheckpointManager:
         self.metrics = metrics
         return captured
 
-    def _commit_and_retain(self, captured: dict[str, Any], options: dict[str, Any], tag: str | None) -> str:
-        """Commit, tag, then apply retention: the prune decisions follow a durable commit."""
-        commit_id = self.repo.commit(captured, **options)
+    def _commit_and_retain(
+        self, captured: dict[str, Any], options: dict[str, Any], tag: str | None, hint: Any = None
+    ) -> str:
+        """Commit, tag, then apply retention: the prune decisions follow a durable commit.
+
+        ``hint``: ``(ReuseHint or None, fingerprints)`` from the unchanged-tensor tracker.
+        """
+        try:
+            commit_id = self.repo.commit(captured, reuse=hint[0] if hint else None, **options)
+        except BaseException:
+            if self._unchanged is not None:
+                self._unchanged.forget()
+            raise
         self.last_commit = commit_id
+        if hint is not None and self._unchanged is not None:
+            self._unchanged.committed(commit_id, hint[1], hint[0])
         if tag is not None:
             self._tag_once(tag, commit_id, options["message"])
         if self._verifier is not None:
@@ -735,6 +768,21 @@ def _remote_sync(repo: Repo, remote: str, branch: str | None) -> Any:
     from .remote_sync import RemoteSync
 
     return RemoteSync(repo, remote, branch)
+
+
+def _unchanged_tracker(state: Mapping[str, Any], enabled: bool, check_every: int) -> UnchangedTracker | None:
+    """The tracker of untouched tensors (``reuse_unchanged``), watching every optimizer of ``state``."""
+    if not isinstance(enabled, bool):
+        raise InvalidInputError(f"reuse_unchanged must be True or False, got {enabled!r}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise InvalidInputError(f"reuse_check_every must be an integer >= 1, got {check_every!r}")
+    if not enabled:
+        return None
+    tracker = UnchangedTracker(check_every)
+    for obj in state.values():
+        if isinstance(obj, torch.optim.Optimizer):
+            tracker.watch(obj)
+    return tracker
 
 
 def _done(value: Any) -> Future[Any]:
