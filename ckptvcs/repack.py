@@ -235,7 +235,7 @@ def write(store: ChunkStore, chains: list[Chain], progress: Callable[[int, int],
     """
     sealed: list[PackWriter] = []
     writer: PackWriter | None = None
-    window = 2 * store._workers + 2
+    window = store._workers + 1  # chains in flight: each holds up to K chunk-sized payloads
     pending: deque[Future[_Encoded]] = deque()
     written = 0
 
