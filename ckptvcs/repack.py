@@ -229,29 +229,37 @@ def _decodes_to(kind: int, payload: bytes | memoryview, chunk_id: bytes, raw_len
 def write(store: ChunkStore, chains: list[Chain], progress: Callable[[int, int], None] | None = None) -> list[PackWriter]:
     """Encode, verify and write the new entries of ``chains`` into new sealed packs.
 
-    Chains are encoded on the store's thread pool, a bounded window ahead of the writer.
-    Nothing is indexed here; an error aborts the open pack (sealed ones stay as garbage
-    for gc: nothing indexes them).
+    Keyframes and deltas go to separate packs: the next repack turns the keyframes of
+    today's tips into deltas, and a pack holding only them is then deleted whole by the
+    sweep instead of staying half dead (or being copied). Chains are encoded on the
+    store's thread pool, a bounded window ahead of the writers. Nothing is indexed here;
+    an error aborts the open packs (sealed ones stay as garbage for gc: nothing indexes
+    them).
     """
     sealed: list[PackWriter] = []
-    writer: PackWriter | None = None
+    writers: dict[bool, PackWriter] = {}  # is a delta → the open pack
     window = store._workers + 1  # chains in flight: each holds up to K chunk-sized payloads
     pending: deque[Future[_Encoded]] = deque()
     written = 0
 
+    def seal(delta: bool) -> None:
+        writer = writers.pop(delta)
+        with _fs.storage_errors(f"sealing pack {writer.name}"):
+            writer.seal()
+        sealed.append(writer)
+
     def drain_one() -> None:
-        nonlocal writer, written
+        nonlocal written
         for cid, kind, raw_len, payload, base in pending.popleft().result():
-            if writer is None:
+            delta = base is not None
+            if delta not in writers:
                 with _fs.storage_errors("creating a pack for repack"):
-                    writer = PackWriter(store.backend)
+                    writers[delta] = PackWriter(store.backend)
+            writer = writers[delta]
             with _fs.storage_errors(f"writing pack {writer.name}"):
                 writer.add(cid, kind, raw_len, payload, base=base)
             if writer.size >= PACK_TARGET_SIZE:
-                with _fs.storage_errors(f"sealing pack {writer.name}"):
-                    writer.seal()
-                sealed.append(writer)
-                writer = None
+                seal(delta)
         written += 1
         if progress is not None:
             progress(written, len(chains))
@@ -263,15 +271,12 @@ def write(store: ChunkStore, chains: list[Chain], progress: Callable[[int, int],
             pending.append(store.pool.submit(_encode_chain, store, chain))
         while pending:
             drain_one()
-        if writer is not None:
-            with _fs.storage_errors(f"sealing pack {writer.name}"):
-                writer.seal()
-            sealed.append(writer)
-            writer = None
+        for delta in list(writers):
+            seal(delta)
     except BaseException:
         for fut in pending:
             fut.cancel()
-        if writer is not None:
+        for writer in writers.values():
             writer.abort()
         raise
     return sealed
