@@ -1681,7 +1681,8 @@ class Repo:
             report.stored_bytes_after = sum(e.stored_len for e in moved)
             with _fs.storage_errors("updating the chunk index after repack"):
                 self.chunks.index.update(put=moved, remove=[])
-            swept = collect_garbage(self, dry_run=False, only=set(), staged=self._staged_for_gc(math.inf))
+            swept = collect_garbage(self, dry_run=False, only=set(), staged=self._staged_for_gc(math.inf),
+                                    rewrite_dead_fraction=repacking.SWEEP_DEAD_FRACTION)
             report.pack_bytes_after = swept.pack_bytes_after
             report.gc = swept.as_dict()
             report.seconds = time.perf_counter() - started
