@@ -179,13 +179,15 @@ def _pack_entries(backend: Backend, report: RepairReport, progress: Callable[[in
         yield from _Salvage(backend, intact, salvaged, chunk_size).entries(report)
 
 
-def _decodable(entries: Iterable[PackEntry], report: RepairReport) -> list[PackEntry]:
+def _decodable(entries: Iterable[PackEntry], report: RepairReport, backend: Backend | None = None) -> list[PackEntry]:
     """One entry per chunk whose delta chain resolves among the chosen entries.
 
     The first decodable entry of a chunk wins (a chunk stored twice by racing writers
     is valid in either pack). A delta whose base is in no pack (gc released the base
     while the dead delta stayed in a mostly live pack) is left out: its row would name
-    bytes no one can read, and a commit of the same bytes would trust it.
+    bytes no one can read, and a commit of the same bytes would trust it. With
+    ``backend``, a chunk found in several packs keeps a copy that verifies
+    (:func:`_prefer_verifying`).
     """
     candidates: dict[bytes, list[PackEntry]] = {}
     for entry in entries:
@@ -202,9 +204,72 @@ def _decodable(entries: Iterable[PackEntry], report: RepairReport) -> list[PackE
                     break
         return chosen[chunk]
 
-    kept = [entry for entry in (choose(chunk, 0) for chunk in candidates) if entry is not None]
+    for chunk in candidates:
+        choose(chunk, 0)
+    if backend is not None:
+        _prefer_verifying(backend, candidates, chosen, report)
+    kept = [entry for entry in chosen.values() if entry is not None]
     report.undecodable = len(candidates) - len(kept)
     return kept
+
+
+def _prefer_verifying(backend: Backend, candidates: dict[bytes, list[PackEntry]],
+                      chosen: dict[bytes, PackEntry | None], report: RepairReport) -> None:
+    """For each chunk stored more than once, keep a copy that decodes to its id.
+
+    Duplicates are normal after an interrupted gc or repack (the new pack sealed, the
+    old one not yet deleted) and after racing writers; the copies may use different
+    encodings and bases (a repack turns chains around, so the new copy of a chunk may
+    name as base a chunk whose old copy names it). Each duplicated chunk is decoded
+    through its chosen chain; when that fails (bit rot in it or below it), the other
+    copies of it and of the chunks below it are tried, depth first, never coming back
+    to a chunk already on the path (no cycle), and the first path whose every level
+    hashes to its id replaces the choices along it. Only duplicated chunks are read, so
+    a repository without any costs nothing.
+    """
+    duplicated = [c for c, found in candidates.items() if len(found) > 1 and chosen.get(c) is not None]
+    if not duplicated:
+        return
+    packs = PackFiles(backend)
+    budget = [0]
+
+    def resolve(chunk: bytes, seen: frozenset[bytes]) -> tuple[np.ndarray, list[PackEntry]] | None:
+        first = chosen.get(chunk)
+        options = ([first] if first is not None else []) + [c for c in candidates.get(chunk, ()) if c != first]
+        for entry in options:
+            budget[0] += 1
+            if budget[0] > 100_000:  # only crafted damage gets here: leave the first choice
+                return None
+            base_bytes: np.ndarray | None = None
+            path: list[PackEntry] = []
+            if entry.base is not None:
+                if entry.base in seen or len(seen) > MAX_CHAIN_LENGTH:
+                    continue
+                below = resolve(entry.base, seen | {entry.base})
+                if below is None or len(below[0]) != entry.raw_len:
+                    continue
+                base_bytes, path = below
+            out = np.empty(entry.raw_len, dtype=np.uint8)
+            try:
+                codec.decode_into(entry.codec, packs.read_payload(entry), memoryview(out), base=base_bytes)
+            except (CorruptObjectError, OSError):
+                continue
+            if chunk_hash(memoryview(out)) == entry.chunk_id:
+                return out, [*path, entry]
+        return None
+
+    try:
+        for chunk in duplicated:
+            budget[0] = 0
+            found = resolve(chunk, frozenset({chunk}))
+            for entry in found[1] if found is not None else ():
+                previous = chosen.get(entry.chunk_id)
+                if previous != entry:
+                    if previous is not None:
+                        report.dropped.append(f"{previous.pack} offset {previous.offset}")
+                    chosen[entry.chunk_id] = entry
+    finally:
+        packs.close()
 
 
 def rebuild_index(root: Path, store: RepairStore, progress: Callable[[int, int], None] | None = None) -> RepairReport:
@@ -223,7 +288,7 @@ def rebuild_index(root: Path, store: RepairStore, progress: Callable[[int, int],
         env = open_environment(work)
         try:
             entries = _pack_entries(store.backend, report, progress, store.chunk_size)
-            report.chunks = write_entries(env, _decodable(entries, report))
+            report.chunks = write_entries(env, _decodable(entries, report, store.backend))
             env.sync(True)
         finally:
             env.close()

@@ -71,7 +71,9 @@ from .gc import COLLECTED_RULE, GcReport, collect_garbage
 from .hugepages import advise_huge_pages
 from .metadata import commit_body as _commit_body
 from .objects import Commit, Manifest, ObjectStore, PreparedObject, Tag, canonical_json
+from .pack import pack_names
 from .refs import HEAD, ZERO_ID, ReflogEntry, Refs, check_ref_name, is_valid_ref
+from .repack import RepackReport
 from .repair import RepairReport, rebuild_index
 from .reuse import ReuseHint
 from .reuse import prepare as prepare_reuse
@@ -1723,6 +1725,62 @@ class Repo:
         self._check_process()
         with self._lock.hold(exclusive=True):
             return rebuild_index(self.root, self.chunks, progress)
+
+    def repack(self, *, dry_run: bool = False, progress: Progress | None = None,
+               lock_timeout: float = 60.0) -> RepackReport:
+        """Store the newest checkpoint of every branch as keyframes (docs/format.md section 12.1).
+
+        Each chunk of a branch tip (or a detached HEAD) that is stored as a delta is
+        re-encoded whole, and the older versions of its chain become deltas against
+        their newer neighbours (their payloads copied verbatim: XOR is symmetric).
+        Commits and manifests do not change. Under the exclusive repository lock: new
+        packs sealed, every new entry verified against its id, then one index
+        transaction, then gc's sweep releases the superseded entries (``gc(only=[])``:
+        no commit's data goes). ``progress(chains done, chains)``.
+        """
+        from . import repack as repacking
+
+        self._check_process()
+        with self._lock.hold(exclusive=True, timeout=lock_timeout):
+            started = time.perf_counter()
+            self._refuse_if_damaged("repack")
+            self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
+            tips = list(self.branches().values())
+            _, head = self.refs.follow(HEAD)
+            tips = list(dict.fromkeys(tips + ([head] if head else [])))
+            manifests = [Manifest.parse(m, self.objects.get(m, "manifest")[1])
+                         for m in (self.objects.read_commit(t).manifest for t in tips)]
+            tip_chunks = repacking.tip_layouts(manifests)
+            rows = {entry.chunk_id: entry for entry in self.chunks.index}
+            chains = repacking.plan(rows, tip_chunks, self.chunks.keyframe_interval)
+            report = RepackReport(dry_run=dry_run, tips=len(tips), tip_chunks=len(tip_chunks))
+            report.delta_tip_chunks = sum(1 for c in tip_chunks if c in rows and rows[c].base is not None)
+            report.keyframes = len(chains)
+            report.rebased = sum(len(c.chunks) - 1 for c in chains)
+            report.stored_bytes_before = sum(rows[cid].stored_len for c in chains for cid in c.chunks)
+            # A dry run's estimate: the tip's keyframe as large as its chain's old keyframe.
+            report.stored_bytes_after = sum(self.chunks.chain_end(rows[c.chunks[0]])[1].stored_len
+                                            + sum(p.stored_len for p in c.payloads) for c in chains)
+            report.partial = sum(1 for c in chains if rows[c.chunks[-1]].base is not None)
+            if dry_run or not chains:
+                report.seconds = time.perf_counter() - started
+                return report
+            with _fs.storage_errors("listing packs"):
+                report.pack_bytes_before = sum(self.backend.size(layout.pack_key(n)) or 0
+                                               for n in pack_names(self.backend))
+            written = repacking.write(self.chunks, chains, progress)
+            moved = [e for w in written for e in w.entries]
+            report.packs_written = [w.name for w in written]
+            report.stored_bytes_after = sum(e.stored_len for e in moved)
+            with _fs.storage_errors("updating the chunk index after repack"):
+                self.chunks.index.update(put=moved, remove=[])
+            swept = collect_garbage(self, dry_run=False, only=set(), staged=self._staged_for_gc(math.inf),
+                                    rewrite_dead_fraction=repacking.SWEEP_DEAD_FRACTION)
+            report.pack_bytes_after = swept.pack_bytes_after
+            report.gc = swept.as_dict()
+            report.seconds = time.perf_counter() - started
+        self._record_gc(swept, report.seconds, restricted=True)
+        return report
 
 
 def _new_config(chunk_size: int, keyframe_interval: int, reflog_expire: str) -> dict[str, Any]:

@@ -163,6 +163,25 @@ def scenario_gc(store: str, ack_path: str, first_seed: int) -> None:
             seed += 1
 
 
+def make_drift_state(seed: int) -> dict:
+    """Step ``seed`` of a dense update: every weight moves a little, so a commit after
+    the previous step stores every chunk as an XOR delta (work for repack)."""
+    base = np.random.default_rng(0).standard_normal(6_000).astype(np.float32)
+    drift = np.random.default_rng(seed).standard_normal(6_000).astype(np.float32) * 1e-4
+    return {"w": torch.from_numpy(base + drift), "seed": seed}
+
+
+def scenario_repack(store: str, ack_path: str, first_seed: int) -> None:
+    """Repack in a loop (the verifier commits new delta tips between kills)."""
+    with Repo.open(store) as repo:
+        ack(ack_path, READY)
+        seed = first_seed
+        while True:
+            repo.repack()
+            ack(ack_path, f"repack{seed}")
+            seed += 1
+
+
 def scenario_slow(store: str, ack_path: str, first_seed: int) -> None:
     """Operations as slow as a busy machine makes them (0.3 s each): tests the harness itself."""
     ack(ack_path, READY)

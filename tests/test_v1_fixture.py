@@ -97,3 +97,16 @@ def test_today_commits_on_top_of_a_v1_repository(v1_copy: Path) -> None:
         assert torch.equal(repo.load(cid)["model"]["weight"], torch.ones(64, 64))
         report = repo.fsck(read_data=True)
         assert report.ok and not report.findings, report.summary()
+
+
+def test_a_v1_repository_repacks_and_every_commit_still_loads(v1_copy: Path) -> None:
+    """Repack works on a repository written before it existed; every commit loads after it."""
+    describe = _generator().describe
+    expected = json.loads((DATA / "v1-repo.values.json").read_text())
+    with Repo.open(v1_copy) as repo:
+        pruned = set(repo.pruned())
+        repo.repack()
+        for cid, values in expected.items():
+            if cid not in pruned:
+                assert describe(repo.load(cid)) == values, cid
+        assert repo.fsck(read_data=True).ok

@@ -131,6 +131,27 @@ def repair_index(ctx: click.Context) -> None:
 
 
 @cli.command()
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be re-encoded; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def repack(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Store the newest checkpoint of every branch as keyframes (reverse deltas, as git's repack).
+
+    Chunks of branch tips stored as deltas are re-encoded whole; their older versions
+    become deltas against the newer ones. Commits do not change; loading a tip reads no
+    delta chain. Runs under the exclusive repository lock, like gc.
+    """
+    repo = _repo(ctx)
+    with _phase_progress({"chains": "re-encoding chains"}) as progress:
+        report = repo.repack(dry_run=dry_run,
+                             progress=None if progress is None else lambda d, t: progress("chains", d, t))
+    if as_json:
+        click.echo(json.dumps(report.__dict__, indent=2))
+        return
+    click.echo(report.summary())
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--gc", "with_gc", is_flag=True,
               help="Also run gc's dry run: what gc would reclaim (reads every commit; slow on long histories).")

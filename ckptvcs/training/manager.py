@@ -34,6 +34,7 @@ from .. import _validate, provenance
 from .._lazy import LazyMapping
 from ..errors import (
     IndexMismatchError,
+    IntegrityError,
     InvalidInputError,
     KeyNotFoundError,
     LockTimeoutError,
@@ -77,7 +78,9 @@ class CheckpointManager:
     pruned data leaves the disk without a separate ``ckptvcs gc``; it releases only what this
     manager's retention pruned. A gc that cannot run (the repository lock busy for ``gc_lock_timeout``
     seconds, or an index gc refuses to trust) is skipped with a RuntimeWarning and tried again after
-    the next save, never failing the save it follows. With
+    the next save, never failing the save it follows. ``repack_every=N`` runs ``repo.repack()``
+    after every N saves, so the newest checkpoint loads from keyframes (default: 1 with
+    ``async_save``, in the background; 0, off, for synchronous saves). With
     ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
     seconds takes its course without a save. See docs/training.md for every argument.
 
@@ -123,6 +126,7 @@ class CheckpointManager:
         data_version: str | None = None,
         code_version: Mapping[str, Any] | None | bool = True,
         gc_every: int = 1,
+        repack_every: int | None = None,
         preemption_grace: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         save_policy: SavePolicy | None = None,
@@ -150,6 +154,13 @@ class CheckpointManager:
         if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
             raise InvalidInputError(f"gc_every must be a non-negative integer (0 disables), got {gc_every!r}")
         self.gc_every = gc_every
+        if repack_every is not None and (isinstance(repack_every, bool) or not isinstance(repack_every, int)
+                                         or repack_every < 0):
+            raise InvalidInputError(f"repack_every must be a non-negative integer (0 disables), got {repack_every!r}")
+        # Default: after every save when saves run in the background (the loop never waits
+        # for it), off for synchronous saves (it would lengthen save()).
+        self.repack_every = (1 if async_save else 0) if repack_every is None else repack_every
+        self._saves_since_repack = 0
         self._saves_since_gc = 0
         self._pruned_since_gc = False
         self._pruned_by_me: set[str] = set()  # what retention pruned and no gc of ours collected yet
@@ -590,6 +601,7 @@ class CheckpointManager:
         if not self._retention_blocked():
             self._apply_retention()
             self._maybe_collect_garbage()
+            self._maybe_repack()
         if self._remote is not None:
             self._remote.submit()
         return commit_id
@@ -628,6 +640,26 @@ class CheckpointManager:
             self._pruned_by_me.clear()
             self._saves_since_gc = 0
             self._pruned_since_gc = False
+
+    def _maybe_repack(self) -> None:
+        """With ``repack_every=N``: after every N saves, ``repo.repack()`` so the newest
+        checkpoint (the one a resume loads) is stored as keyframes (docs/format.md 12.1).
+
+        It runs where the commit ran (the background worker with ``async_save``), after
+        the commit is durable; one that cannot get the lock or refuses is skipped with a
+        warning and tried again after the next save, never failing the save.
+        """
+        if self.repack_every == 0:
+            return
+        self._saves_since_repack += 1
+        if self._saves_since_repack < self.repack_every:
+            return
+        try:
+            self.repo.repack(lock_timeout=self.gc_lock_timeout)
+        except (LockTimeoutError, IndexMismatchError, RepositoryDamagedError, IntegrityError) as err:
+            warnings.warn(f"automatic repack skipped, the save is committed: {err}", RuntimeWarning, stacklevel=2)
+            return
+        self._saves_since_repack = 0
 
     # -- retention ------------------------------------------------------------------------------
 
