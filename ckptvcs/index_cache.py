@@ -12,8 +12,9 @@ between processes and its readers never block; what one rank indexes, the others
 
 The cache is never trusted over the store: every chunk read is verified against its id,
 rows of deleted packs are dropped at each sync, and a cache that does not open or names
-another store is discarded and rebuilt. ``CKPTVCS_INDEX_CACHE=off`` restores a private
-temporary index per handle, removed at close. A memory store (its data dies with the
+another store is discarded and rebuilt. ``CKPTVCS_INDEX_CACHE=off`` (or a cache folder that
+cannot be created) gives a private temporary index per handle, removed at close. Keep the
+cache on a local disk: LMDB does not work on network file systems. A memory store (its data dies with the
 process) gets a temporary one unless ``CKPTVCS_INDEX_CACHE`` names a folder.
 """
 
@@ -64,7 +65,7 @@ def open_cache(backend: Backend, config: dict[str, Any]) -> Path:
     identity = _identity(backend, config)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     root = base / digest
-    with _fs.storage_errors(f"preparing the index cache {root}"):
+    try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         record = root / _IDENTITY
         try:
@@ -75,6 +76,9 @@ def open_cache(backend: Backend, config: dict[str, Any]) -> Path:
             if found is not None:
                 discard_index(root)
             _fs.atomic_write(record, json.dumps(identity, sort_keys=True).encode())
+    except OSError:
+        # No usable cache here (a read-only home, a full disk): a private index still works.
+        return Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
     return root
 
 

@@ -322,3 +322,18 @@ def test_fsck_names_an_index_object_without_its_pack_as_garbage_and_opens_ignore
     with Repo.open(backend=backend) as repo:
         assert stray not in repo.chunks.index.indexed_packs()
         assert torch.equal(repo.load(first)["w"], _state(1)["w"])
+
+
+def test_a_cache_folder_that_cannot_be_made_gives_a_private_index(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("CKPTVCS_INDEX_CACHE", str(blocker / "cache"))
+    backend = MemoryBackend(f"idx-{uuid.uuid4().hex[:8]}")
+    with Repo.init(None, chunk_size=CHUNK, backend=backend) as repo:
+        first = repo.commit(_state(1), "one", code_version=None)
+        private = repo.root
+        assert private.name.startswith("ckptvcs-index-")
+    assert not private.exists()  # removed at close
+    with Repo.open(backend=backend) as repo:
+        assert torch.equal(repo.load(first)["w"], _state(1)["w"])
