@@ -45,6 +45,7 @@ from .errors import CkptvcsError, CorruptObjectError, IntegrityError, InvalidRef
 from .index import ChunkIndex
 from .objects import Commit, Manifest, ObjectStore, Tag
 from .pack import PackEntry, iter_backend_pack, with_delta_bases
+from .pack_index import read_pack_index
 from .refs import HEAD, REFLOG_LINE, ZERO_ID, Refs, check_ref_name
 from .state import iter_tensors, validate_tree
 from .store import MAX_CHAIN_LENGTH
@@ -528,6 +529,7 @@ class _Checker:
             names = sorted(os.listdir(folder)) if folder.is_dir() else []
         else:
             names = [key[len(layout.PACKS) + 1:] for key in backend.list(layout.PACKS)]
+            names = self.check_pack_indexes(names)
         packs: dict[str, dict[int, PackEntry]] = {}
         located: dict[bytes, list[PackEntry]] = {}
         damaged: set[str] = set()
@@ -555,6 +557,28 @@ class _Checker:
                 located.setdefault(entry.chunk_id, []).append(entry)
         self.report.packs = len(packs)
         return packs, located, damaged
+
+    def check_pack_indexes(self, names: list[str]) -> list[str]:
+        """``names`` without the pack index objects (``<pack>.idx``) of a store without local
+        files, each checked: a damaged one is reported (readers walk that pack's headers
+        instead), one of no pack is garbage."""
+        packs = {n[: -len(layout.PACK_SUFFIX)] for n in names if _PACK_NAME.match(n)}
+        rest = []
+        for name in names:
+            stem = name.removesuffix(layout.PACK_INDEX_SUFFIX)
+            if stem == name or not _PACK_NAME.match(stem + layout.PACK_SUFFIX):
+                rest.append(name)
+            elif stem not in packs:
+                self.add("garbage", f"packs/{name} is the index of no pack", objects=[f"packs/{name}"])
+            else:
+                try:
+                    read_pack_index(self.repo.backend, stem)
+                except CorruptObjectError as err:
+                    self.add("corrupt", f"{err} (derived data: readers walk the pack's own headers instead)",
+                             objects=[f"packs/{name}"])
+                except OSError as err:
+                    self.add("unreadable", f"packs/{name} cannot be read: {err}", objects=[f"packs/{name}"])
+        return rest
 
     def check_index(self, index: dict[bytes, PackEntry], packs: dict[str, dict[int, PackEntry]],
                     damaged: set[str]) -> None:

@@ -42,6 +42,7 @@ from .errors import CkptvcsError, CorruptObjectError, IndexMismatchError
 from .index import ChunkIndex
 from .objects import Commit, Manifest
 from .pack import PackEntry, PackFiles, PackWriter, entry_size, iter_backend_pack, pack_names, with_delta_bases
+from .pack_index import index_sealed_pack
 from .store import MAX_CHAIN_LENGTH, PACK_TARGET_SIZE
 
 __all__ = [
@@ -360,7 +361,9 @@ def collect_garbage(
     with _fs.storage_errors("deleting packs no kept commit needs"):
         for plan in delete + rewrite:
             repo.chunks.packs.forget(plan.name)
-        backend.delete_many([plan.key for plan in delete + rewrite])  # one folder fsync locally
+        # A store without local files has an index object beside each pack (pack_index.py).
+        indexes = [layout.pack_index_key(p.name) for p in delete + rewrite] if local is None else []
+        backend.delete_many([plan.key for plan in delete + rewrite] + indexes)  # one folder fsync locally
 
     with _fs.storage_errors("listing packs"):
         report.pack_bytes_after = sum(backend.size(layout.pack_key(name)) or 0 for name in pack_names(backend))
@@ -429,11 +432,13 @@ def _copy_live_entries(repo: GcRepository, plans: list[_PackPlan]) -> list[PackW
                 if writer.size >= PACK_TARGET_SIZE:
                     with _fs.storage_errors(f"sealing pack {writer.name}"):
                         writer.seal()
+                        index_sealed_pack(writer)
                     sealed.append(writer)
                     writer = None
         if writer is not None:
             with _fs.storage_errors(f"sealing pack {writer.name}"):
                 writer.seal()
+                index_sealed_pack(writer)
             sealed.append(writer)
             writer = None
     except BaseException:

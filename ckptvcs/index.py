@@ -37,6 +37,8 @@ _registry_lock = threading.Lock()
 _registry: dict[tuple[int, str, int | None], list[Any]] = {}
 
 
+_PACKS_DB = b"packs"  # the packs a cached index has read (stores without local files)
+
 REBUILT_SUFFIX = ".rebuilt"  # a complete rebuilt index waiting to be swapped in (repair)
 
 
@@ -205,6 +207,7 @@ class ChunkIndex:
                 self._env, self._key = _acquire_environment(self.path, self._map_size)
                 self._closed = False
                 self._db = self._env.open_db(b"chunks", create=not self._env.flags()["readonly"])
+                self._packs_db: Any = None
             except lmdb.Error as err:
                 self.close()
                 raise StorageError(
@@ -283,6 +286,65 @@ class ChunkIndex:
                     txn.put(key, value)
 
         self._run(op)
+
+    # -- the packs a cached index has read (stores without local files, index_cache.py) --
+
+    def _packs(self) -> Any:
+        """The ``packs`` database: pack id → b"1" for each pack whose entries are indexed."""
+        if self._packs_db is None:
+            self._packs_db = self._run(lambda: self._env.open_db(_PACKS_DB, create=True))
+        return self._packs_db
+
+    def indexed_packs(self) -> set[str]:
+        """The packs recorded as indexed (by :meth:`add_pack`)."""
+        db = self._packs()
+
+        def op() -> set[str]:
+            with self._env.begin(db=db) as txn:
+                return {bytes(key).hex() for key, _ in txn.cursor()}
+
+        return self._run(op)
+
+    def add_pack(self, pack: str, entries: Iterable[PackEntry], *, replace: bool = False) -> int:
+        """Insert a pack's entries and record the pack as indexed, in one write transaction.
+
+        ``replace``: rows of chunks already indexed are replaced (a writer's own new
+        pack, as :meth:`add`); otherwise they keep their row (the first pack indexed
+        wins, as in a rebuild). Returns the number of rows written.
+        """
+        rows = [(e.chunk_id, encode_entry(e)) for e in entries]
+        packs = self._packs()
+
+        def op() -> int:
+            with self._env.begin(write=True) as txn:
+                added = sum(txn.put(key, value, overwrite=replace, db=self._db) for key, value in rows)
+                txn.put(bytes.fromhex(pack), b"1", db=packs)
+                return added
+
+        return self._run(op)
+
+    def drop_packs(self, gone: set[str]) -> set[bytes]:
+        """Forget packs that no longer exist: their record and every row naming them, in one
+        write transaction (one pass over the rows). Returns the chunk ids whose row went."""
+        ids = {bytes.fromhex(p) for p in gone}
+        packs = self._packs()
+        if not ids:
+            return set()
+
+        def op() -> set[bytes]:
+            dropped = set()
+            with self._env.begin(write=True) as txn:
+                cursor = txn.cursor(db=self._db)
+                for key, value in cursor:
+                    if bytes(value[:16]) in ids:
+                        dropped.add(bytes(key))
+                for key in dropped:
+                    txn.delete(key, db=self._db)
+                for pack_id in ids:
+                    txn.delete(pack_id, db=packs)
+            return dropped
+
+        return self._run(op)
 
     def map_size(self) -> int:
         """The current size of the LMDB map (grown on demand)."""

@@ -13,8 +13,8 @@ __all__ = [
     "LOGS", "DELETED_LOGS", "PRUNED", "STAGED", "FSCK_RECORD", "STATS_CACHE",
     "STATS_CACHE_COMMITS", "CATALOG_CACHE", "INDEX_REBUILT", "INDEX_REBUILD_PREFIX",
     "INDEX_OLD_PREFIX", "RECORDS", "AUDIT", "VERIFIED", "KEYS",
-    "TOP_LEVEL", "FILES", "INIT_FOLDERS", "LOCK_SUFFIX", "TMP_SUFFIX", "PACK_SUFFIX",
-    "object_key", "object_folder", "pack_key", "pack_name", "ref_key", "reflog_key", "pruned_key", "staged_key",
+    "TOP_LEVEL", "FILES", "INIT_FOLDERS", "LOCK_SUFFIX", "TMP_SUFFIX", "PACK_SUFFIX", "PACK_INDEX_SUFFIX",
+    "object_key", "object_folder", "pack_key", "pack_name", "pack_index_key", "ref_key", "reflog_key", "pruned_key", "staged_key",
     "lock_key", "join",
 ]
 
@@ -49,6 +49,7 @@ KEYS = "keys"  # public keys trusted by `tag -v` (trust.py)
 LOCK_SUFFIX = ".lock"  # a ref's lock file, the staging file of its new value
 TMP_SUFFIX = ".tmp"  # a temporary file (see _fs.temp_name); never a key
 PACK_SUFFIX = ".pack"
+PACK_INDEX_SUFFIX = ".idx"  # a pack's index object, in stores without local files (pack_index.py)
 
 # The store's own top-level entries: none may be a symbolic link (docs/format.md, "Symbolic links").
 TOP_LEVEL = (CONFIG, HEAD, LOCK, LOCK_GATE, OBJECTS, PACKS, TMP, INDEX, REFS, LOGS, PRUNED, STAGED, RECORDS, AUDIT,
@@ -75,6 +76,11 @@ def object_key(oid: str) -> str:
 def pack_key(name: str) -> str:
     """``packs/<name>.pack``."""
     return f"{PACKS}/{name}{PACK_SUFFIX}"
+
+
+def pack_index_key(name: str) -> str:
+    """``packs/<name>.idx``: the pack's index object (written in stores without local files)."""
+    return f"{PACKS}/{name}{PACK_INDEX_SUFFIX}"
 
 
 def pack_name(key: str) -> str:

@@ -69,6 +69,7 @@ from .expiry import DEFAULT_REFLOG_EXPIRE, parse_expiry
 from .fsck import FsckProgress, FsckReport, check_repository
 from .gc import COLLECTED_RULE, GcReport, collect_garbage
 from .hugepages import advise_huge_pages
+from .index_cache import discard_index, is_temporary, open_cache
 from .metadata import commit_body as _commit_body
 from .objects import Commit, Manifest, ObjectStore, PreparedObject, Tag, canonical_json
 from .pack import pack_names
@@ -226,7 +227,7 @@ class Repo:
         # local cache directory that holds the chunk index (derived, rebuilt from the packs).
         self.root = root
         self.backend: Backend = backend if backend is not None else LocalBackend(root)
-        self._cache_dir = root if self.backend.local_root() is None else None
+        self._cache_dir = root if self.backend.local_root() is None and is_temporary(root) else None
         self.config = config
         self.chunk_size: int = config["chunk_size"]
         self._pid = os.getpid()
@@ -328,15 +329,16 @@ class Repo:
         with _fs.storage_errors(f"creating repository {backend.describe()}"):
             backend.put(layout.HEAD, f"ref: refs/heads/{DEFAULT_BRANCH}\n".encode())
             backend.put(layout.CONFIG, json.dumps(config, indent=2).encode() + b"\n", if_absent=True)
-        return cls(_index_cache_dir(), config, backend)
+        return cls(open_cache(backend, config), config, backend)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None, *, backend: Backend | None = None) -> Repo:
         """Open the repository at ``path`` (or at ``path/.ckptvcs``), or the one ``backend`` holds.
 
         A repository whose chunk index is missing (deleted, or not copied: it is derived
-        data; always, in a backend without local files) gets it rebuilt from the packs
-        here, under the exclusive lock.
+        data) gets it rebuilt from the packs here, under the exclusive lock. In a backend
+        without local files the index lives in this host's index cache (index_cache.py)
+        and is brought up to date from the packs' index objects instead.
         """
         root: Path | str
         if backend is not None and backend.local_root() is None:
@@ -379,7 +381,7 @@ class Repo:
         except InvalidInputError as err:
             raise CorruptObjectError(f"{root}/config.json: {err}") from None
         if isinstance(root, str):
-            return cls(_index_cache_dir(), config, backend)
+            return cls(open_cache(backend, config), config, backend)
         return cls(root, config, backend)
 
     @classmethod
@@ -406,6 +408,9 @@ class Repo:
         The check is repeated under the exclusive lock, so of several processes opening
         at once, one rebuilds and the others use its result.
         """
+        if self.backend.local_root() is None:
+            self._sync_cached_index()
+            return
         if not self._index_missing():
             return
         try:
@@ -417,6 +422,17 @@ class Repo:
                 f"{self.root}: the chunk index (index/, derived from the packs) is missing and could not be "
                 f"rebuilt now ({err}); rebuild it with `ckptvcs repair index`"
             ) from None
+
+    def _sync_cached_index(self) -> None:
+        """Bring the cached index of a store without local files up to date (index_cache.py):
+        one listing of ``packs/`` and one GET per pack it has not read yet. A cache that
+        does not open is discarded and rebuilt from the store (derived data)."""
+        try:
+            self.chunks.index.indexed_packs()
+        except StorageError:
+            self.chunks.close_index()
+            discard_index(self.root)
+        self.chunks.refresh_index()
 
     def _index_missing(self) -> bool:
         index = self.root / layout.INDEX
@@ -1795,13 +1811,6 @@ def _new_config(chunk_size: int, keyframe_interval: int, reflog_expire: str) -> 
         "id": uuid.uuid4().hex,
         "created": provenance.utc_now(),
     }
-
-
-def _index_cache_dir() -> Path:
-    """A private local directory for the chunk index of a store without local files."""
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="ckptvcs-index-"))
 
 
 class _StoreLock:

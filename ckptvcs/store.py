@@ -31,7 +31,9 @@ from . import _fs, codec, layout, planes, scratch
 from .backends import Backend, LocalBackend
 from .errors import CkptvcsError, CorruptObjectError, IntegrityError
 from .index import ChunkIndex, SessionLookups
-from .pack import PackEntry, PackFiles, PackWriter, iter_backend_pack, pack_names
+from .pack import PackEntry, PackFiles, PackWriter
+from .pack_index import index_sealed_pack
+from .store_index import sync_index
 
 __all__ = ["ChunkStore", "WriteSession", "WriteStats", "Progress", "chunk_hash"]
 
@@ -184,7 +186,6 @@ class ChunkStore:
         # of a chunk (at the latest) is a keyframe. 1 disables deltas.
         self.keyframe_interval = keyframe_interval
         self._index: ChunkIndex | None = None
-        self._seen_packs: set[str] | None = None  # packs indexed so far (stores without local files)
         self.packs = PackFiles(self.backend)
         self._workers = workers or max(1, min(8, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
@@ -201,40 +202,28 @@ class ChunkStore:
 
     def refresh_index(self) -> int:
         """Reopen a swapped index (``ChunkIndex.refresh``) and, in a store without local
-        files, index the packs another handle wrote since this one last looked.
+        files, bring the index up to date with ``packs/``.
 
         A local store has one index on disk that every writer adds to. A store without
-        local files (memory, S3) gives each Repo handle its own index, rebuilt from the
-        packs at open; two handles on one store (the ranks of a multi-host writer) learn
-        of each other's packs here: one listing of ``packs/``, then a header walk of each
-        pack not yet seen (a damaged one is left to fsck and ``repair index``). Chunks the
-        index already holds keep their rows. Returns how many chunks were added.
+        local files (memory, S3) keeps its index in a local cache (``index_cache``) that
+        records which packs it has read; Repo handles learn here of packs other handles
+        wrote (the ranks of a multi-host writer) and of packs gc deleted: one listing of
+        ``packs/``, then one GET of ``packs/<name>.idx`` per new pack, in parallel
+        (``store_index.sync_index``; a pack without a readable index falls back to a
+        walk of its entry headers; a damaged pack is left to fsck and ``repair index``).
+        Rows of deleted packs are dropped. Chunks the index already holds keep their
+        rows. Returns how many chunks were added.
         """
         self.index.refresh()
         if self.backend.capabilities.local_path:
             return 0
-        if self._seen_packs is None:
-            self._seen_packs = {entry.pack for entry in self.index}
-        added = 0
-        for name in pack_names(self.backend):
-            if name in self._seen_packs:
-                continue
-            try:
-                entries = list(iter_backend_pack(self.backend, name))
-            except CorruptObjectError:
-                continue
-            missing = self.index.missing(e.chunk_id for e in entries)
-            self.index.add(e for e in entries if e.chunk_id in missing)
-            added += len(missing)
-            self._seen_packs.add(name)
-        return added
+        return sync_index(self.backend, self.index, self.index_dir.parent / "sync.lock")
 
     def close_index(self) -> None:
         """Release the index (before ``repair index`` swaps it); reopened on next use."""
         if self._index is not None:
             self._index.close()
             self._index = None
-            self._seen_packs = None
 
     @property
     def pool(self) -> ThreadPoolExecutor:
@@ -356,6 +345,8 @@ class ChunkStore:
             # we looked it up: look again, once.
             if self.packs.exists(entry.pack):
                 raise
+            if not self.backend.capabilities.local_path:
+                self.refresh_index()  # another handle's gc: learn where it moved the chunk
             moved = self.index.get(entry.chunk_id)
             if moved is None or moved == entry:
                 raise
@@ -634,7 +625,13 @@ class WriteSession:
             writer.abort()
             raise
         self._lookups.reset()  # no read transaction of ours open while the index is written
-        self._store.index.add(writer.entries)
+        if self._store.backend.capabilities.local_path:
+            self._store.index.add(writer.entries)
+        else:
+            # Its index object first, before anything (the index, a manifest) names its chunks.
+            with _fs.storage_errors(f"writing the index of pack {writer.name}"):
+                index_sealed_pack(writer)
+            self._store.index.add_pack(writer.name, writer.entries, replace=True)
         self.stats.packs.append(writer.name)
 
     def finish(self) -> WriteStats:

@@ -37,6 +37,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore:ComplexHalf support is experimental:UserWarning")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _index_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test's stores without local files keep their chunk index cache (index_cache.py)
+    in one session folder, never in the user's ~/.cache (rank processes inherit it)."""
+    folder = tmp_path_factory.mktemp("index-cache")
+    before = os.environ.get("CKPTVCS_INDEX_CACHE")
+    os.environ["CKPTVCS_INDEX_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("CKPTVCS_INDEX_CACHE", None)
+    else:
+        os.environ["CKPTVCS_INDEX_CACHE"] = before
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
 

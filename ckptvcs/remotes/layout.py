@@ -11,11 +11,8 @@ packs/<name>.idx       the pack's index: where each chunk of the pack sits (belo
 ```
 
 A pack index lets a reader find a chunk by reading one small object per pack instead of
-listing or reading packs. Layout, little-endian:
-``"CKPTIDX1" | u32 version (1) | u32 entry count | u64 pack size`` then one 82-byte record
-per entry ``32-byte chunk id | u64 payload offset | u32 stored_len | u32 raw_len | u8 codec |
-u8 flags (bit 0: has base) | 32-byte base id (zeros without)`` and a 32-byte BLAKE3 of all
-that precedes it. Everything read from a remote is untrusted: sizes are bounded before
+listing or reading packs; its format (ckptvcs.pack_index) is the one a repository on object
+storage writes beside its own packs. Everything read from a remote is untrusted: sizes are bounded before
 reading, names checked, and every chunk and object is verified against its id on arrival.
 """
 
@@ -23,65 +20,27 @@ from __future__ import annotations
 
 import json
 import re
-import struct
-from collections.abc import Iterable
-
-import blake3
 
 from ckptvcs.backends.base import Backend, ConcurrentUpdate, KeyMissing
 from ckptvcs.errors import CorruptObjectError, StorageError
 from ckptvcs.pack import PackEntry
+from ckptvcs.pack_index import MAX_INDEX_SIZE, encode_pack_index
+from ckptvcs.pack_index import decode_pack_index as _decode_pack_index
 from ckptvcs.refs import is_valid_ref
 
 __all__ = ["RemoteStore", "encode_pack_index", "decode_pack_index", "REMOTE_FORMAT"]
 
 REMOTE_FORMAT = "ckptvcs-remote"
 REMOTE_VERSION = 1
-_IDX_HEADER = struct.Struct("<8sIIQ")
-_IDX_MAGIC = b"CKPTIDX1"
-_IDX_RECORD = struct.Struct("<32sQIIBB32s")
-_NO_BASE = bytes(32)
 _PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _MAX_SMALL = 1 << 20  # config, refs, HEAD
 _MAX_OBJECT = 1 << 30  # an object's stored bytes (the local reader's bound too)
-_MAX_IDX_ENTRIES = 1 << 26
-
-
-def encode_pack_index(pack_size: int, entries: Iterable[PackEntry]) -> bytes:
-    """The ``packs/<name>.idx`` bytes for a pack of ``pack_size`` bytes holding ``entries``."""
-    records = [
-        _IDX_RECORD.pack(e.chunk_id, e.offset, e.stored_len, e.raw_len, e.codec, 1 if e.base is not None else 0,
-                         e.base if e.base is not None else _NO_BASE)
-        for e in entries
-    ]
-    body = _IDX_HEADER.pack(_IDX_MAGIC, REMOTE_VERSION, len(records), pack_size) + b"".join(records)
-    return body + blake3.blake3(body).digest()
 
 
 def decode_pack_index(pack: str, data: bytes) -> tuple[int, list[PackEntry]]:
-    """``(pack size, entries)`` of a pack index; anything malformed is CorruptObjectError."""
-    def bad(why: str) -> CorruptObjectError:
-        return CorruptObjectError(f"remote pack index {pack}.idx {why}", pack=pack, damaged_on_disk=True, problem=why)
-
-    if len(data) < _IDX_HEADER.size + 32:
-        raise bad("is truncated")
-    body, digest = data[:-32], data[-32:]
-    if blake3.blake3(body).digest() != digest:
-        raise bad("fails its BLAKE3 check")
-    magic, version, count, pack_size = _IDX_HEADER.unpack_from(body)
-    if magic != _IDX_MAGIC or version != REMOTE_VERSION:
-        raise bad("has an unknown magic or version")
-    if count > _MAX_IDX_ENTRIES or len(body) != _IDX_HEADER.size + count * _IDX_RECORD.size:
-        raise bad("has a wrong length for its entry count")
-    entries = []
-    for i in range(count):
-        chunk_id, offset, stored_len, raw_len, codec, flags, base = _IDX_RECORD.unpack_from(
-            body, _IDX_HEADER.size + i * _IDX_RECORD.size)
-        if flags & ~1 or offset + stored_len > pack_size:
-            raise bad(f"entry {i} is invalid")
-        entries.append(PackEntry(chunk_id, pack, offset, stored_len, raw_len, codec, base if flags & 1 else None))
-    return pack_size, entries
+    """``(pack size, entries)`` of a remote pack index (ckptvcs.pack_index: one format)."""
+    return _decode_pack_index(pack, data, what="remote pack index")
 
 
 def pack_key(name: str) -> str:
@@ -245,7 +204,7 @@ class RemoteStore:
 
     def pack_index(self, name: str) -> tuple[int, list[PackEntry]]:
         try:
-            data = self.backend.get(index_key(name), max_size=_IDX_HEADER.size + 32 + _MAX_IDX_ENTRIES * _IDX_RECORD.size)
+            data = self.backend.get(index_key(name), max_size=MAX_INDEX_SIZE)
         except KeyMissing:
             raise CorruptObjectError(f"{self.describe()}: pack index {name}.idx is missing", pack=name) from None
         except OSError as err:
