@@ -667,6 +667,8 @@ class CheckpointManager:
         if self.keep_policy is None and not tiered:
             return
         others = self._other_branches_history()
+        if self._remote is not None:  # what the worker pruned on both tiers is gone from this run
+            others = others | self._remote.pruned
         records = [r for r in self._history() if r.id not in others]
         decisions = ([] if self.keep_policy is None
                      else prune_decisions(records, self.keep_policy, self._protected(), time.time()))
@@ -677,15 +679,13 @@ class CheckpointManager:
                 self._remote.archive_later([r.id for r in records if r.id not in dropping][tier.keep_local_last:])
             if tier is None or not tier.prune_remote:
                 self._remote.archive_later([d.id for d in decisions])
-                return
-            self._remote.prune_later([(d.id, d.rule, d.reason) for d in decisions])
+            else:  # pruned on both tiers by the worker, after a push: the remote then holds the history
+                self._remote.prune_later([(d.id, d.rule, d.reason) for d in decisions])
+            return
         dropped = set()
         for decision in decisions:
             try:
                 self.repo.prune(decision.id, decision.rule, decision.reason)
-                record = self.repo.pruned_record(decision.id)
-                if record is not None and record.get("rule") == ARCHIVED_RULE:  # pruned on both tiers now
-                    self.repo._write_pruned_record(decision.id, decision.rule, decision.reason)
             except ProtectedCommitError:
                 continue  # a ref moved onto it meanwhile: it stays
             dropped.add(decision.id)

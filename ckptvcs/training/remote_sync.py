@@ -72,6 +72,7 @@ class RemoteSync:
         self.policy: TierPolicy | None = configured if keep_local_last is None else TierPolicy(
             self.name, keep_local_last, configured.prune_remote if configured is not None else False)
         self._to_prune: list[tuple[str, str, str]] = []
+        self.pruned: set[str] = set()  # pruned on both tiers by this worker
         self._repo = repo
         self._branch = branch
         self._lock = threading.Lock()
@@ -98,7 +99,7 @@ class RemoteSync:
         """``(commit, rule, reason)`` the keep policy drops on both tiers (the tier policy's
         ``prune_remote``): a remote prune record is written after the next successful push."""
         with self._lock:
-            known = {d[0] for d in self._to_prune}
+            known = {d[0] for d in self._to_prune} | self.pruned
             self._to_prune += [d for d in decisions if d[0] not in known]
 
     def submit(self) -> None:
@@ -170,14 +171,37 @@ class RemoteSync:
                 if done.archived and self._repo.chunk_source is None:  # the loop's handle loads them back
                     self._repo.chunk_source = LazyChunkSource(self._repo, self.name)
                 self.archive_later(done.not_on_remote)
-            for commit_id, rule, reason in to_prune:
-                prune_on_remote(repo, self.name, [commit_id], rule, reason)
-                to_prune = to_prune[1:]
+            if to_prune:
+                self._prune_both(repo, to_prune)
+                to_prune = []
             self.error = None
         except Exception as err:  # reported at the next call; retried by the next push
             self.error = err
             self.archive_later(to_archive)
             self.prune_later(to_prune)
+
+    def _prune_both(self, repo: Repo, decisions: list[tuple[str, str, str]]) -> None:
+        """The tier policy's ``prune_remote``: a remote prune record (``gc --remote`` reclaims the
+        data), then the local prune (an archived commit's record takes the keep rule), then a gc
+        of those commits. Runs after a successful push, so the remote holds their history."""
+        from ..errors import ProtectedCommitError
+        from ..repo import ARCHIVED_RULE
+
+        done = []
+        for commit_id, rule, reason in decisions:
+            prune_on_remote(repo, self.name, [commit_id], rule, reason)
+            try:
+                repo.prune(commit_id, rule, reason)
+            except ProtectedCommitError:
+                continue  # a ref moved onto it meanwhile: it stays (and the remote keeps it: a ref names it)
+            record = repo.pruned_record(commit_id)
+            if record is not None and record.get("rule") == ARCHIVED_RULE:
+                repo._write_pruned_record(commit_id, rule, reason)
+            done.append(commit_id)
+        with self._lock:
+            self.pruned.update(done)
+        if done:
+            repo.gc(only=done)
 
     def _open(self) -> Repo:
         if self._handle is None:
