@@ -218,13 +218,19 @@ def _status_lines(branch_name: str | None, head: Commit | None, report: Any, che
 @cli.command()
 @click.argument("rev", shell_complete=_complete_rev)
 @click.option("--reason", default="", help="Why, in words (kept in the commit's pruned record).")
+@click.option("--remote", "remote_name", metavar="NAME",
+              help="Also prune it on remote NAME (a remote prune record: `gc --remote` reclaims its data).")
 @click.pass_context
-def prune(ctx: click.Context, rev: str, reason: str) -> None:
+def prune(ctx: click.Context, rev: str, reason: str, remote_name: str | None) -> None:
     """Drop REV's tensor data at the next gc, keeping its history record.
 
     The commit stays in log and show (marked pruned) with its metadata and metrics, and
     its children keep their parent; loading it fails from now on. A commit a branch,
     tag or HEAD points at cannot be pruned. The space returns with `ckptvcs gc`.
     """
+    if remote_name is not None:
+        from .remote import prune_remote_cmd
+
+        prune_remote_cmd(_repo(ctx), remote_name, rev, reason)
     commit_id = _repo(ctx).prune(rev, rule="manual", reason=reason)
     click.echo(f"Pruned {commit_id[:12]}: history kept; its data goes at the next `ckptvcs gc`")

@@ -10,7 +10,7 @@ from ..errors import RepositoryDamagedError, UsageError
 from ..remotes import add_remote, archive, clone, fetch, list_remotes, pull, push, remove_remote
 from ..remotes.check import check_remote
 from ..remotes.policy import TierPolicy, clear_policy, get_policy, set_policy
-from ..repo import Repo
+from ..repo import ARCHIVED_RULE, Repo
 from ._app import _human, _progress, _repo, cli
 
 
@@ -202,3 +202,20 @@ def gc_remote_cmd(repo: Repo, name: str, dry_run: bool, grace: str | None, as_js
         return
     for line in report.lines():
         click.echo(line)
+
+
+def prune_remote_cmd(repo: Repo, name: str, rev: str, reason: str) -> None:
+    """``prune --remote NAME REV``: the remote prune record (before the local prune)."""
+    from ..remotes.remote_gc import prune_on_remote
+
+    commit_id = repo.resolve(rev)
+    if commit_id in repo._all_tips():
+        return  # the local prune refuses it (a ref tip), before anything changes on the remote
+    if not prune_on_remote(repo, name, [commit_id], "manual", reason):
+        raise UsageError(f"commit {commit_id[:12]} is a branch tip or tagged commit on remote {name}: it cannot be "
+                         "pruned there")
+    record = repo.pruned_record(commit_id)
+    if record is not None and record.get("rule") == ARCHIVED_RULE:  # its only copy is going: not archived any more
+        repo._write_pruned_record(commit_id, "manual", reason)
+    click.echo(f"Pruned {commit_id[:12]} on remote {name}: its data goes at the next `ckptvcs gc --remote {name}` "
+               "past the grace period")
