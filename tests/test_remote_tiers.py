@@ -8,6 +8,7 @@ gc has read the refs again and chosen what to delete).
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,7 +181,9 @@ def test_remote_prune_records_let_gc_reclaim_and_clones_say_pruned(origin: Repo,
     add_remote(origin, "origin", memory_url)
     push(origin, "origin")
     assert prune_on_remote(origin, "origin", [ids[2]], "manual") == []  # a ref tip is never pruned
+    assert json.loads(_open(memory_url).get("config.json"))["version"] == 1
     assert prune_on_remote(origin, "origin", [ids[0]], "keep_last=2", "older") == [ids[0]]
+    assert json.loads(_open(memory_url).get("config.json"))["version"] == 2  # older ckptvcs refuse it now
     before = gc_remote(origin, "origin", grace=0, dry_run=True)
     assert before.pruned_commits == 1 and before.live_commits == 3
     report = gc_remote(origin, "origin", grace=0)

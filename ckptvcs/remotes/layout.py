@@ -38,6 +38,7 @@ __all__ = ["RemoteStore", "encode_pack_index", "decode_pack_index", "REMOTE_FORM
 
 REMOTE_FORMAT = "ckptvcs-remote"
 REMOTE_VERSION = 1
+PRUNED_VERSION = 2  # a remote with prune records: older ckptvcs would take gc'd chunks for damage, so they refuse it
 _IDX_HEADER = struct.Struct("<8sIIQ")
 _IDX_MAGIC = b"CKPTIDX1"
 _IDX_RECORD = struct.Struct("<32sQIIBB32s")
@@ -125,7 +126,7 @@ class RemoteStore:
             config = None
         if not isinstance(config, dict) or config.get("format") != REMOTE_FORMAT:
             raise CorruptObjectError(f"{self.describe()} is not a ckptvcs remote (config.json has another format)")
-        if not isinstance(config.get("version"), int) or config["version"] > REMOTE_VERSION:
+        if not isinstance(config.get("version"), int) or config["version"] > PRUNED_VERSION:
             raise CorruptObjectError(f"{self.describe()} uses remote format {config.get('version')!r}, newer than "
                                      "this ckptvcs supports; upgrade ckptvcs")
         return config
@@ -271,11 +272,32 @@ class RemoteStore:
         return {oid for key in keys if _HEX_ID.match(oid := key.removeprefix("pruned/"))}
 
     def put_pruned(self, commit_id: str, record: dict[str, str]) -> bool:
-        """Write ``pruned/<commit id>`` (once: an existing record stands)."""
+        """Write ``pruned/<commit id>`` (once: an existing record stands); the remote's config
+        says version 2 first, so a ckptvcs that does not know prune records refuses the remote
+        instead of reporting the chunks gc reclaimed as damage."""
+        self._require_version(PRUNED_VERSION)
         try:
             return self.backend.put(f"pruned/{commit_id}", json.dumps(record, sort_keys=True).encode(), if_absent=True)
         except OSError as err:
             raise self._storage(f"writing the prune record of {commit_id}", err) from None
+
+    def _require_version(self, version: int) -> None:
+        while True:  # compare-and-swap of config.json: another writer's change makes us read it again
+            try:
+                raw = self.backend.get("config.json", max_size=_MAX_SMALL)
+            except OSError as err:
+                raise self._storage("reading config.json", err) from None
+            config = self.config()
+            if config is None or int(config["version"]) >= version:  # type: ignore[call-overload]
+                return
+            body = json.dumps({**config, "version": version}, sort_keys=True).encode()
+            try:
+                self.backend.compare_and_swap("config.json", raw, body)
+                return
+            except ConcurrentUpdate:
+                continue
+            except OSError as err:
+                raise self._storage("updating config.json", err) from None
 
     def modified_times(self, prefix: str) -> dict[str, float]:
         """Key → last-modified time (seconds since the epoch, the store's clock) under ``prefix``.

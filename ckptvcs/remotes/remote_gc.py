@@ -120,21 +120,21 @@ def gc_remote(repo: Repo | None, remote: str | Backend, *, grace: float = DEFAUL
     report.live_objects = len(live.objects)
     live_packs, unlocated, needed = _live_packs(indexes, live.chunks)
     report.live_packs = len(live_packs)
-    cutoff = now - grace
+    cutoff = now - grace  # at or before it: old enough (stores stamp whole seconds; grace 0 means none)
     doomed_packs, doomed_objects = [], []
     pack_names = {m.group(1) for k in times if (m := _PACK.match(k))}
     for name in sorted(pack_names - live_packs):
         if name not in indexes and unlocated:
             continue  # a needed chunk is in no index: it may be in this idx-less pack; keep it
         keys = [k for k in (index_key(name), pack_key(name)) if k in times]
-        if max(times[k] for k in keys) < cutoff:
+        if max(times[k] for k in keys) <= cutoff:
             doomed_packs.append(name)
         else:
             report.kept_young += 1
     for key, stamp in times.items():
         m = _OBJECT.match(key)
         if m and m.group(1) + m.group(2) not in live.objects:
-            if stamp < cutoff:
+            if stamp <= cutoff:
                 doomed_objects.append(key)
             else:
                 report.kept_young += 1
