@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ckptvcs import CheckpointManager, Repo
-from ckptvcs.errors import CommitPrunedError, InvalidInputError, UsageError
+from ckptvcs.errors import CkptvcsError, CommitPrunedError, InvalidInputError, UsageError
 from ckptvcs.remotes import add_remote, archive, clone, push, remove_remote, where
 from ckptvcs.remotes.check import check_remote
 from ckptvcs.remotes.policy import TierPolicy, clear_policy, get_policy, set_policy
@@ -252,3 +252,25 @@ def test_keep_best_counts_archived_checkpoints(origin: Repo, memory_url: str) ->
         assert torch.equal(again.load(best)["model"]["w"], _weights(1)["w"])  # fetched back, bit-exact
     gc_remote(origin, "origin", grace=0)
     assert check_remote(origin, "origin").ok
+
+
+def test_prune_remote_never_prunes_while_the_remote_is_unreachable(origin: Repo, tmp_path: Path) -> None:
+    """With prune_remote, the keep policy's drops are pruned only after a successful push: while
+    pushes fail, every checkpoint keeps its data locally (the only copy)."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"x")  # a remote "folder" under a file: every push fails
+    add_remote(origin, "origin", str(blocker / "remote"))
+    set_policy(origin, "origin", 1, prune_remote=True)
+    with pytest.warns(RuntimeWarning, match="background push"):
+        mgr = CheckpointManager(origin, {"model": _weights(0)}, remote="origin", keep_last=1, code_version=None)
+        ids = []
+        for step in range(1, 4):
+            mgr.state = {"model": _weights(step)}
+            ids.append(mgr.save(step))
+            mgr.wait()
+        assert mgr.remote_error is not None
+        with pytest.raises(CkptvcsError):
+            mgr.close()  # the last push fails again: raised, not swallowed
+    assert all(origin.pruned_record(c) is None for c in ids)
+    for step, commit_id in enumerate(ids, start=1):
+        assert torch.equal(origin.load(commit_id)["model"]["w"], _weights(step)["w"])
