@@ -283,6 +283,28 @@ class FsspecBackend:
                 keys.append(key)
         return iter(sorted(keys))
 
+    def list_modified(self, prefix: str = "") -> dict[str, float]:
+        """Every key under ``prefix`` with its last-modified time (seconds since the epoch, the
+        store's own clock: S3 ``LastModified``, a file's mtime, memory's creation time).
+        Not in the Backend protocol: remote gc's grace period needs it."""
+        prefix = check_prefix(prefix)
+        base = self._path(prefix) if prefix else self.root
+        try:
+            with self._errors(prefix or "."):
+                found = self.fs.find(base or "", detail=True)
+        except KeyMissing:
+            return {}
+        start = len(self.root) + 1 if self.root else 0
+        out: dict[str, float] = {}
+        for path, info in found.items():
+            path = path.lstrip("/") if not self.root.startswith("/") else path
+            key = path[start:] if path.startswith(self.root) else path
+            if (prefix and not key.startswith(prefix + "/")) or not key or key.endswith("/") \
+                    or key.rsplit("/", 1)[-1].startswith(".cas.lock") or info.get("type") == "directory":
+                continue
+            out[key] = _modified(info)
+        return out
+
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         if not if_absent:
             self._upload(key, io.BytesIO(data), len(data))
@@ -401,3 +423,17 @@ def _read_body(fs: Any, body: Any) -> bytes:
         return bytes(await body.read())
 
     return bytes(sync(fs.loop, read))
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """A listing entry's last-modified time in seconds since the epoch; unknown: infinity (the
+    newest possible: a grace period then protects the key forever, never the other way)."""
+    for name in ("LastModified", "mtime", "created", "last_modified"):
+        value = info.get(name)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        if isinstance(value, (int, float)):
+            return float(value)
+    return float("inf")

@@ -57,13 +57,23 @@ def stats(ctx: click.Context, as_json: bool) -> None:
                    "or a number and unit such as 90s, 12h, 7d, 2.weeks, 3.months "
                    "(default: config.json's reflog_expire, 30.days).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--remote", "remote_name", metavar="NAME", help="Collect on remote NAME instead (docs/remotes.md).")
+@click.option("--grace", metavar="AGE", help="With --remote: only delete what is older than AGE (default 1d; "
+              "longer than any push takes).")
 @click.pass_context
-def gc(ctx: click.Context, dry_run: bool, expire: str | None, as_json: bool) -> None:
+def gc(ctx: click.Context, dry_run: bool, expire: str | None, as_json: bool, remote_name: str | None,
+       grace: str | None) -> None:
     """Reclaim the space of chunks no kept commit needs (pruned or unreachable commits).
 
     Kept: every commit a branch, tag or HEAD reaches, and (git's grace) every commit
-    a reflog entry younger than the expiry names, with its history.
+    a reflog entry younger than the expiry names, with its history. With --remote NAME:
+    the remote's packs and objects no remote ref needs, older than --grace.
     """
+    if remote_name is not None:
+        from .remote import gc_remote_cmd
+
+        gc_remote_cmd(_repo(ctx), remote_name, dry_run, grace, as_json)
+        return
     report = _repo(ctx).gc(dry_run=dry_run, prune_unreachable_after=expire)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
@@ -229,13 +239,19 @@ def _status_lines(branch_name: str | None, head: Commit | None, report: Any, che
 @cli.command()
 @click.argument("rev", shell_complete=_complete_rev)
 @click.option("--reason", default="", help="Why, in words (kept in the commit's pruned record).")
+@click.option("--remote", "remote_name", metavar="NAME",
+              help="Also prune it on remote NAME (a remote prune record: `gc --remote` reclaims its data).")
 @click.pass_context
-def prune(ctx: click.Context, rev: str, reason: str) -> None:
+def prune(ctx: click.Context, rev: str, reason: str, remote_name: str | None) -> None:
     """Drop REV's tensor data at the next gc, keeping its history record.
 
     The commit stays in log and show (marked pruned) with its metadata and metrics, and
     its children keep their parent; loading it fails from now on. A commit a branch,
     tag or HEAD points at cannot be pruned. The space returns with `ckptvcs gc`.
     """
+    if remote_name is not None:
+        from .remote import prune_remote_cmd
+
+        prune_remote_cmd(_repo(ctx), remote_name, rev, reason)
     commit_id = _repo(ctx).prune(rev, rule="manual", reason=reason)
     click.echo(f"Pruned {commit_id[:12]}: history kept; its data goes at the next `ckptvcs gc`")

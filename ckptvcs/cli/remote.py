@@ -6,10 +6,11 @@ import json
 
 import click
 
-from ..errors import RepositoryDamagedError
+from ..errors import RepositoryDamagedError, UsageError
 from ..remotes import add_remote, archive, clone, fetch, list_remotes, pull, push, remove_remote
 from ..remotes.check import check_remote
-from ..repo import Repo
+from ..remotes.policy import TierPolicy, clear_policy, get_policy, set_policy
+from ..repo import ARCHIVED_RULE, Repo
 from ._app import _human, _progress, _repo, cli
 
 
@@ -24,10 +25,13 @@ def remote(ctx: click.Context, verbose: bool) -> None:
     """List remotes (-v: with URLs), or add and remove them."""
     if ctx.invoked_subcommand is not None:
         return
-    for name, cfg in list_remotes(_repo(ctx)).items():
+    repo = _repo(ctx)
+    policy = get_policy(repo) if verbose else None
+    for name, cfg in list_remotes(repo).items():
         if verbose:
             endpoint = f"  (endpoint {cfg.endpoint_url})" if cfg.endpoint_url else ""
-            click.echo(f"{name}\t{cfg.url}{endpoint}")
+            tier = f"  [tier policy: {policy.line()}]" if policy is not None and policy.remote == name else ""
+            click.echo(f"{name}\t{cfg.url}{endpoint}{tier}")
         else:
             click.echo(name)
 
@@ -36,11 +40,54 @@ def remote(ctx: click.Context, verbose: bool) -> None:
 @click.argument("name")
 @click.argument("url")
 @click.option("--endpoint-url", help="S3-compatible server (MinIO, SeaweedFS, ...); default $AWS_ENDPOINT_URL or AWS.")
+@click.option("--keep-local-last", type=int, metavar="N",
+              help="Also set the tier policy: the newest N checkpoints stay local, the rest only on NAME.")
+@click.option("--prune-remote", is_flag=True, help="With --keep-local-last: what the training manager's keep "
+              "policy drops is pruned on the remote too (gc --remote reclaims it).")
 @click.pass_context
-def remote_add(ctx: click.Context, name: str, url: str, endpoint_url: str | None) -> None:
+def remote_add(ctx: click.Context, name: str, url: str, endpoint_url: str | None, keep_local_last: int | None,
+               prune_remote: bool) -> None:
     """Add remote NAME at URL (s3://bucket/prefix, a path, memory://name). Credentials: the AWS variables."""
-    add_remote(_repo(ctx), name, url, endpoint_url)
+    repo = _repo(ctx)
+    if keep_local_last is None and prune_remote:
+        raise UsageError("--prune-remote needs --keep-local-last N (it is part of the tier policy)")
+    if keep_local_last is not None:
+        TierPolicy(name, keep_local_last, prune_remote)  # refuse bad input before adding anything
+    add_remote(repo, name, url, endpoint_url)
     click.echo(f"Added remote {name}: {url}")
+    if keep_local_last is not None:
+        click.echo(f"Tier policy: {set_policy(repo, name, keep_local_last, prune_remote=prune_remote).line()}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def tier(ctx: click.Context) -> None:
+    """Show the tier policy (which checkpoints stay local), or set and unset it (docs/remotes.md)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    policy = get_policy(_repo(ctx))
+    click.echo("no tier policy (archive with `ckptvcs archive NAME --keep-last N`)" if policy is None
+               else f"tier policy: {policy.line()}")
+
+
+@tier.command("set")
+@click.argument("name")
+@click.option("--keep-local-last", type=int, required=True, metavar="N",
+              help="The newest N checkpoints (and every tagged one and ref tip) keep their data local.")
+@click.option("--prune-remote", is_flag=True, help="What the training manager's keep policy drops is pruned on "
+              "the remote too (gc --remote reclaims it), instead of archived.")
+@click.pass_context
+def tier_set(ctx: click.Context, name: str, keep_local_last: int, prune_remote: bool) -> None:
+    """Set the tier policy: keep the newest N checkpoints local, the rest only on remote NAME."""
+    policy = set_policy(_repo(ctx), name, keep_local_last, prune_remote=prune_remote)
+    click.echo(f"tier policy: {policy.line()}")
+
+
+@tier.command("unset")
+@click.pass_context
+def tier_unset(ctx: click.Context) -> None:
+    """Remove the tier policy (nothing is fetched back or archived by this)."""
+    click.echo("tier policy removed" if clear_policy(_repo(ctx)) else "no tier policy was set")
 
 
 @remote.command("remove")
@@ -124,13 +171,16 @@ def fsck_remote(repo: Repo, name: str, read_data: bool, as_json: bool) -> None:
 
 
 @cli.command("archive")
-@click.argument("name", default="origin")
-@click.option("--keep-last", type=click.IntRange(min=1), required=True,
-              help="Keep the data of the newest N commits local (and every tag and branch tip).")
+@click.argument("name", required=False)
+@click.option("--keep-last", type=click.IntRange(min=1),
+              help="Keep the data of the newest N commits local (and every tag and branch tip); "
+                   "default: the tier policy's (`ckptvcs tier set`).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be archived.")
 @click.pass_context
-def archive_cmd(ctx: click.Context, name: str, keep_last: int, dry_run: bool) -> None:
-    """Release the local data of older commits that remote NAME holds (verified); loads fetch it back."""
+def archive_cmd(ctx: click.Context, name: str | None, keep_last: int | None, dry_run: bool) -> None:
+    """Release the local data of older commits that remote NAME holds (verified); loads fetch it back.
+
+    NAME and --keep-last default to the tier policy (else NAME is origin and --keep-last is required)."""
     report = archive(_repo(ctx), name, keep_last=keep_last, dry_run=dry_run)
     verb = "would archive" if dry_run else "archived"
     click.echo(f"{verb} {len(report.archived)} commit(s) to {report.remote}; kept {len(report.kept)} local"
@@ -138,3 +188,34 @@ def archive_cmd(ctx: click.Context, name: str, keep_last: int, dry_run: bool) ->
                   if report.not_on_remote else ""))
     if report.gc is not None:
         click.echo(f"freed {_human(report.gc.bytes_reclaimed)} locally")
+
+
+def gc_remote_cmd(repo: Repo, name: str, dry_run: bool, grace: str | None, as_json: bool) -> None:
+    """``gc --remote NAME``: delete what no remote ref needs, older than the grace period."""
+    from ..expiry import parse_expiry
+    from ..remotes.remote_gc import DEFAULT_GRACE, gc_remote
+
+    seconds = DEFAULT_GRACE if grace is None else parse_expiry(grace)
+    report = gc_remote(repo, name, grace=seconds, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    for line in report.lines():
+        click.echo(line)
+
+
+def prune_remote_cmd(repo: Repo, name: str, rev: str, reason: str) -> None:
+    """``prune --remote NAME REV``: the remote prune record (before the local prune)."""
+    from ..remotes.remote_gc import prune_on_remote
+
+    commit_id = repo.resolve(rev)
+    if commit_id in repo._all_tips():
+        return  # the local prune refuses it (a ref tip), before anything changes on the remote
+    if not prune_on_remote(repo, name, [commit_id], "manual", reason):
+        raise UsageError(f"commit {commit_id[:12]} is a branch tip or tagged commit on remote {name}: it cannot be "
+                         "pruned there")
+    record = repo.pruned_record(commit_id)
+    if record is not None and record.get("rule") == ARCHIVED_RULE:  # its only copy is going: not archived any more
+        repo._write_pruned_record(commit_id, "manual", reason)
+    click.echo(f"Pruned {commit_id[:12]} on remote {name}: its data goes at the next `ckptvcs gc --remote {name}` "
+               "past the grace period")

@@ -102,6 +102,10 @@ def _check_history(store: RemoteStore, refs: dict[str, str], located: dict[bytes
     seen: set[str] = set()
     frontier = [(oid, ref) for ref, oid in refs.items()]
     needed: dict[bytes, str] = {}
+    pruned = store.pruned_ids() - set(refs.values())  # commits whose data gc --remote may have reclaimed
+    tips = {oid for oid, _ in frontier}
+    skip: set[str] = set()  # manifests only pruned commits use
+    used: set[str] = set()
     while frontier:
         oid, via = frontier.pop()
         if oid in seen:
@@ -117,10 +121,14 @@ def _check_history(store: RemoteStore, refs: dict[str, str], located: dict[bytes
         if kind == "commit":
             report.commits += 1
             children = [body.get("manifest"), *body.get("parents", [])]
+            (skip if oid in pruned and oid not in tips else used).add(body.get("manifest"))
             via = f"commit {oid[:12]}"
         elif kind == "tag":
             children = [body.get("object")]
+            tips.add(body.get("object"))
         elif kind == "manifest":
+            if oid in skip and oid not in used:
+                continue
             for blob in body.get("blobs", []):
                 for chunk in blob.get("chunks", []):
                     needed.setdefault(bytes.fromhex(chunk), via)

@@ -135,3 +135,8 @@ def remove_remote(repo: Repo, name: str) -> None:
         if value is not None:
             repo.refs.remove_if_equals(ref, value, who="ckptvcs", message=f"remote remove {name}")
     _write_remotes(repo, remotes)
+    from ckptvcs.remotes.policy import clear_policy, get_policy
+
+    policy = get_policy(repo)
+    if policy is not None and policy.remote == name:  # a policy naming a remote that is gone would fail each use
+        clear_policy(repo)

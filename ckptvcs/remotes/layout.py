@@ -8,6 +8,7 @@ refs/tags/<name>       "<tag object id>\\n"
 objects/<xx>/<rest>    an object's stored bytes, exactly as in a local repository
 packs/<name>.pack      a sealed pack, byte for byte as in the repository that pushed it
 packs/<name>.idx       the pack's index: where each chunk of the pack sits (below)
+pruned/<commit id>     a remote prune record (JSON): the commit's data is not needed (gc --remote)
 ```
 
 A pack index lets a reader find a chunk by reading one small object per pack instead of
@@ -32,6 +33,7 @@ __all__ = ["RemoteStore", "encode_pack_index", "decode_pack_index", "REMOTE_FORM
 
 REMOTE_FORMAT = "ckptvcs-remote"
 REMOTE_VERSION = 1
+PRUNED_VERSION = 2  # a remote with prune records: older ckptvcs would take gc'd chunks for damage, so they refuse it
 _PACK_NAME = re.compile(r"^[0-9a-f]{32}$")
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 _MAX_SMALL = 1 << 20  # config, refs, HEAD
@@ -83,7 +85,7 @@ class RemoteStore:
             config = None
         if not isinstance(config, dict) or config.get("format") != REMOTE_FORMAT:
             raise CorruptObjectError(f"{self.describe()} is not a ckptvcs remote (config.json has another format)")
-        if not isinstance(config.get("version"), int) or config["version"] > REMOTE_VERSION:
+        if not isinstance(config.get("version"), int) or config["version"] > PRUNED_VERSION:
             raise CorruptObjectError(f"{self.describe()} uses remote format {config.get('version')!r}, newer than "
                                      "this ckptvcs supports; upgrade ckptvcs")
         return config
@@ -216,3 +218,63 @@ class RemoteStore:
             return self.backend.put(index_key(name), data, if_absent=True)
         except OSError as err:
             raise self._storage(f"uploading pack index {name}", err) from None
+
+    # -- prune records and listing with times (remote gc) --------------------------------
+
+    def pruned_ids(self) -> set[str]:
+        """Commits with a remote prune record (``pruned/<id>``): their data is no longer needed on
+        the remote (``gc --remote`` reclaims it once no live commit shares it; history stays)."""
+        try:
+            keys = list(self.backend.list("pruned"))
+        except OSError as err:
+            raise self._storage("listing prune records", err) from None
+        return {oid for key in keys if _HEX_ID.match(oid := key.removeprefix("pruned/"))}
+
+    def put_pruned(self, commit_id: str, record: dict[str, str]) -> bool:
+        """Write ``pruned/<commit id>`` (once: an existing record stands); the remote's config
+        says version 2 first, so a ckptvcs that does not know prune records refuses the remote
+        instead of reporting the chunks gc reclaimed as damage."""
+        self._require_version(PRUNED_VERSION)
+        try:
+            return self.backend.put(f"pruned/{commit_id}", json.dumps(record, sort_keys=True).encode(), if_absent=True)
+        except OSError as err:
+            raise self._storage(f"writing the prune record of {commit_id}", err) from None
+
+    def _require_version(self, version: int) -> None:
+        while True:  # compare-and-swap of config.json: another writer's change makes us read it again
+            try:
+                raw = self.backend.get("config.json", max_size=_MAX_SMALL)
+            except OSError as err:
+                raise self._storage("reading config.json", err) from None
+            config = self.config()
+            if config is None or int(config["version"]) >= version:  # type: ignore[call-overload]
+                return
+            body = json.dumps({**config, "version": version}, sort_keys=True).encode()
+            try:
+                self.backend.compare_and_swap("config.json", raw, body)
+                return
+            except ConcurrentUpdate:
+                continue
+            except OSError as err:
+                raise self._storage("updating config.json", err) from None
+
+    def modified_times(self, prefix: str) -> dict[str, float]:
+        """Key → last-modified time (seconds since the epoch, the store's clock) under ``prefix``.
+
+        Needs a backend that reports times (``FsspecBackend.list_modified``); others raise UsageError."""
+        lister = getattr(self.backend, "list_modified", None)
+        if lister is None:
+            from ckptvcs.errors import UsageError
+
+            raise UsageError(f"{self.describe()}: this storage does not report modification times; gc --remote "
+                             "needs them (its grace period)")
+        try:
+            return dict(lister(prefix))
+        except OSError as err:
+            raise self._storage(f"listing {prefix}", err) from None
+
+    def delete(self, key: str) -> bool:
+        try:
+            return self.backend.delete(key)
+        except OSError as err:
+            raise self._storage(f"deleting {key}", err) from None

@@ -27,6 +27,7 @@ from ckptvcs.pack import PackEntry
 from ckptvcs.remotes.config import get_remote, open_backend, set_lazy_remote
 from ckptvcs.remotes.layout import RemoteStore
 from ckptvcs.remotes.lazy import _ranges, _start, locate_chunks, read_run
+from ckptvcs.remotes.policy import TierPolicy, get_policy
 from ckptvcs.remotes.transfer import _local_parents, _manifest_chunks, _peel_local, _walk
 from ckptvcs.repo import ARCHIVED_RULE
 
@@ -51,16 +52,34 @@ class ArchiveReport:
     gc: GcReport | None = None
 
 
-def archive(repo: Repo, remote: str = "origin", *, keep_last: int, dry_run: bool = False) -> ArchiveReport:
-    """Release the local data of commits older than the last ``keep_last`` that ``remote`` holds, verified."""
+def archive(repo: Repo, remote: str | None = None, *, keep_last: int | None = None,
+            dry_run: bool = False) -> ArchiveReport:
+    """Release the local data of commits older than the last ``keep_last`` that ``remote`` holds, verified.
+
+    Arguments left None come from the tier policy in config.json (``ckptvcs tier set``);
+    without one, ``remote`` defaults to ``origin`` and ``keep_last`` is required (UsageError)."""
+    policy = get_policy(repo)
+    if policy is not None and remote in (None, policy.remote):
+        remote = policy.remote
+        keep_last = policy.keep_local_last if keep_last is None else keep_last
+    remote = "origin" if remote is None else remote
+    if keep_last is None:
+        raise UsageError(f"no tier policy for remote {remote!r}: give keep_last (--keep-last N), or set one with "
+                         f"`ckptvcs tier set {remote} --keep-local-last N`")
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise UsageError(f"keep_last must be a positive integer, got {keep_last!r}")
     commits = [c.id for c in repo.all_commits()]  # newest first
-    protected = set(repo._all_tips()) | {t.object for t in repo.tags().values()}
+    protected = _protected(repo)
     kept = [c for c in commits if c in protected or c in commits[:keep_last]]
     report = archive_commits(repo, remote, [c for c in commits if c not in kept], dry_run=dry_run)
     report.kept = kept + report.kept
     return report
+
+
+def _protected(repo: Repo) -> set[str]:
+    """Commits whose data stays local: every ref tip (branches, HEAD, remote-tracking refs)
+    and every tagged commit."""
+    return set(repo._all_tips()) | {t.object for t in repo.tags().values()}
 
 
 def archive_commits(repo: Repo, remote: str, commits: list[str], *, dry_run: bool = False) -> ArchiveReport:
@@ -73,7 +92,7 @@ def archive_commits(repo: Repo, remote: str, commits: list[str], *, dry_run: boo
     cfg = get_remote(repo, remote)
     store = RemoteStore(open_backend(cfg.url, cfg.endpoint_url))
     report = ArchiveReport(store.describe())
-    protected = set(repo._all_tips()) | {t.object for t in repo.tags().values()}
+    protected = _protected(repo)
     report.kept = [c for c in commits if c in protected]
     older = [c for c in dict.fromkeys(commits) if c not in protected and repo.pruned_record(c) is None]
     if not older:
@@ -162,6 +181,7 @@ class TierSummary:
     lazy_remote: str | None = None
     commits: dict[str, str] = field(default_factory=dict)  # commit id → tier
     on_remote: dict[str, list[str]] = field(default_factory=dict)  # commit id → remotes whose refs reach it
+    policy: TierPolicy | None = None  # the tier policy in config.json (ckptvcs tier set)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -172,7 +192,7 @@ class TierSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"remotes": dict(self.remotes), "lazy_remote": self.lazy_remote, "counts": self.counts,
-                "commits": dict(self.commits)}
+                "commits": dict(self.commits), "policy": None if self.policy is None else self.policy.to_json()}
 
     def line(self) -> str:
         """One line in words: ``3 local only, 2 local + remote, 4 only on the remote (archived)...``."""
@@ -182,7 +202,8 @@ class TierSummary:
                  "remote_only": "only on the remote (archived)", "not_fetched": "not fetched yet (lazy)",
                  "pruned": "pruned (no copy)"}
         parts = [f"{n} {words[t]}" for t, n in self.counts.items() if n]
-        return f"{', '.join(parts) or 'no commits'}; remotes: {', '.join(sorted(self.remotes))}"
+        policy = f"; policy: {self.policy.line()}" if self.policy is not None else ""
+        return f"{', '.join(parts) or 'no commits'}; remotes: {', '.join(sorted(self.remotes))}{policy}"
 
 
 def where(repo: Repo) -> TierSummary:
@@ -192,6 +213,7 @@ def where(repo: Repo) -> TierSummary:
     summary = TierSummary({n: r.url for n, r in list_remotes(repo).items()})
     lazy = repo.config.get("lazy_remote")
     summary.lazy_remote = lazy if isinstance(lazy, str) else None
+    summary.policy = get_policy(repo)
     # Parents and the walk come from the commit-summary cache (catalog_cache.py): status and
     # stats print this line, and reading every commit object made them linear in the history.
     summaries = Summaries(repo.backend, repo.objects.read_commit)

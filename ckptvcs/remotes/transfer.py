@@ -223,8 +223,14 @@ def push(
         have_all = set(_walk(_local_parents(repo), have, set()))
         tips = [c for c in (_peel_local(repo, new) for _, new in moves.values()) if c is not None]
         commits = _walk(_local_parents(repo), tips, have_all)
+        tag_ids = [new for _, new in moves.values()]
         with repo._lock.hold(exclusive=False):  # no gc rewrites or deletes a pack while it is read for upload
-            _send_data(repo, store, commits, have_all, [new for _, new in moves.values()], report, progress, workers)
+            # Chunks of commits the remote pruned may be gone there (gc --remote): they do not count as held.
+            _send_data(repo, store, commits, have_all - store.pruned_ids(), tag_ids, report, progress, workers)
+            # A remote gc may have deleted what this push relies on since it looked: check it all and
+            # upload again what is missing, just before the commit point (docs/remotes.md, the race).
+            _send_data(repo, store, commits, have_all - store.pruned_ids(), tag_ids, report, None, workers,
+                       every_pack=True)
         for ref, (old, new) in moves.items():
             try:
                 store.swap_ref(ref, old, new)  # the commit point
@@ -238,6 +244,9 @@ def push(
             report.updated[ref] = (old, new)
             if name is not None:
                 _update_tracking(repo, name, ref, new)
+        with repo._lock.hold(exclusive=False):  # and once after it: repairs a delete that raced the swap
+            _send_data(repo, store, commits, have_all - store.pruned_ids(), tag_ids, report, None, workers,
+                       every_pack=True)
     return report
 
 
@@ -261,11 +270,13 @@ def _check_fast_forward(repo: Repo, store: RemoteStore, ref: str, old: str, new:
 
 
 def _send_data(repo: Repo, store: RemoteStore, commits: list[str], have: set[str], tag_ids: list[str],
-               report: PushReport, progress: Progress | None, workers: int) -> None:
+               report: PushReport, progress: Progress | None, workers: int, *, every_pack: bool = False) -> None:
     """Packs, then objects, for ``commits`` (and the tag objects among ``tag_ids``).
 
     ``have``: commits the remote's refs reach, so the remote holds their chunks (invariant 1):
     those chunks are not sent again even when a local gc has moved them to a new pack.
+    ``every_pack``: check each needed pack on the remote (its size, then its index) instead of
+    trusting the listing of indexes: the re-check around the ref swap.
     """
     objects: list[str] = []
     needed: set[bytes] = set()
@@ -298,16 +309,23 @@ def _send_data(repo: Repo, store: RemoteStore, commits: list[str], have: set[str
         entries[base] = entry
         if entry.base is not None and entry.base not in entries:
             frontier.append(entry.base)
-    on_remote = store.pack_names()
+    on_remote = set() if every_pack else store.pack_names()
     packs = sorted({e.pack for e in entries.values()} - on_remote)
     sizes = {p: (repo.root / "packs" / f"{p}.pack").stat().st_size for p in packs}
     counter = _Counter(sum(sizes.values()), progress)
 
     def send_pack(pack: str) -> int:
+        if every_pack:
+            try:
+                whole = store.backend.size(pack_key(pack)) == sizes[pack] and store.backend.size(index_key(pack))
+            except OSError as err:
+                raise StorageError(f"{store.describe()}: looking up pack {pack} failed: {err}") from None
+            if whole:
+                return 0
         return _upload_pack(repo.root / "packs" / f"{pack}.pack", pack, store, counter)
 
     sent = _parallel(workers, send_pack, packs)
-    report.packs_sent = [p for p, n in zip(packs, sent) if n]
+    report.packs_sent += [p for p, n in zip(packs, sent) if n and p not in report.packs_sent]
     report.bytes_sent += sum(sent)
 
     def send_object(oid: str) -> int:
@@ -317,7 +335,7 @@ def _send_data(repo: Repo, store: RemoteStore, commits: list[str], have: set[str
         return len(stored) if store.put_object(oid, stored) else 0
 
     object_bytes = _parallel(workers, send_object, list(dict.fromkeys(objects)))
-    report.objects_sent = sum(1 for n in object_bytes if n)
+    report.objects_sent += sum(1 for n in object_bytes if n)
     report.bytes_sent += sum(object_bytes)
 
 
@@ -403,9 +421,12 @@ def fetch(
         with repo._lock.hold(exclusive=False):
             repo.chunks.index.refresh()
             objects = _fetch_objects(repo, store, remote_refs.values(), scratch, workers)
+            dropped = _pruned_on_remote(repo, store, objects, remote_refs)
+            live_manifests = {body.get("manifest") for oid, (kind, body) in objects.items()
+                              if kind == "commit" and oid not in dropped}
             needed: set[bytes] = set()
-            for kind, body in objects.values():
-                if kind == "manifest":
+            for oid, (kind, body) in objects.items():
+                if kind == "manifest" and oid in live_manifests:
                     needed.update(_manifest_chunks(body))
             missing = set() if lazy else repo.chunks.index.missing(needed)
             if missing:
@@ -415,11 +436,32 @@ def fetch(
                     raise CorruptObjectError(f"{store.describe()}: object {oid} is not in canonical form",
                                              object_id=oid, path=object_key(oid))
             report.objects_received = len(objects)
+            for oid in dropped:  # their data is not here and no longer on the remote: say so, as a local prune does
+                repo._write_pruned_record(oid, REMOTE_PRUNED_RULE, f"pruned on remote {name or store.describe()}")
             _move_refs(repo, name, remote_refs, report)
     finally:
         if scratch.root is not None:
             shutil.rmtree(scratch.root, ignore_errors=True)
     return report
+
+
+REMOTE_PRUNED_RULE = "pruned-on-remote"
+
+
+def _pruned_on_remote(repo: Repo, store: RemoteStore, objects: dict[str, tuple[str, Any]],
+                      remote_refs: dict[str, str]) -> set[str]:
+    """The newly fetched commits that carry a remote prune record (their chunks are not fetched),
+    ref tips and tagged commits excepted (their data is always live on the remote)."""
+    pruned = store.pruned_ids() & {oid for oid, (kind, _) in objects.items() if kind == "commit"}
+    if not pruned:
+        return set()
+    tips = set()
+    for value in remote_refs.values():
+        oid: Any = value
+        while oid in objects and objects[oid][0] == "tag":
+            oid = objects[oid][1].get("object")
+        tips.add(oid)
+    return {c for c in pruned if c not in tips and repo.pruned_record(c) is None}
 
 
 def _fetch_objects(repo: Repo, store: RemoteStore, tips: Iterable[str], scratch: ObjectStore,

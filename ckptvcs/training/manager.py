@@ -44,7 +44,7 @@ from ..errors import (
     RepositoryDamagedError,
     StepOrderError,
 )
-from ..repo import Repo
+from ..repo import ARCHIVED_RULE, Repo
 from ..state import encode_state
 from .async_save import BackgroundSaver
 from .policies import (
@@ -100,7 +100,11 @@ class CheckpointManager:
     then archives what it drops (data only on the remote, verified) instead of pruning it.
     A failed push warns at the next call, sets :attr:`remote_error` and is retried by the
     next save's push; ``wait()`` drains the pushes, ``close()`` retries a failed last push
-    once and raises its error if it fails again (docs/remotes.md).
+    once and raises its error if it fails again (docs/remotes.md). With a tier policy
+    (``keep_local_last=N``, or ``ckptvcs tier set`` in the repository's config), the keep
+    policy decides what exists on both tiers and the newest N kept checkpoints stay local,
+    the other kept ones are archived; with the policy's ``prune_remote``, what the keep
+    policy drops is pruned locally and on the remote (``gc --remote`` reclaims it).
     """
 
     gc_lock_timeout: float = 10.0
@@ -132,6 +136,7 @@ class CheckpointManager:
         save_policy: SavePolicy | None = None,
         keep_policy: KeepPolicy | None = None,
         remote: str | None = None,
+        keep_local_last: int | None = None,
         verify_every: int = 0,
         verify_check: str | None = None,
         verify_timeout: float | None = None,
@@ -193,7 +198,9 @@ class CheckpointManager:
             branch = self.repo.head()[0]  # None: HEAD is detached, commit there
         self.branch = branch
         # remote=: each save is pushed in the background, and the keep policy archives instead of pruning.
-        self._remote = _remote_sync(self.repo, remote, branch) if remote is not None else None
+        if keep_local_last is not None and remote is None:
+            raise InvalidInputError("keep_local_last needs remote= (the tier the other checkpoints live on)")
+        self._remote = _remote_sync(self.repo, remote, branch, keep_local_last) if remote is not None else None
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.best_metric = best_metric
@@ -680,7 +687,9 @@ class CheckpointManager:
             return self._records
         fresh: list[CheckpointRecord] = []
         oid: str | None = head
-        pruned = self.repo.pruned()
+        # An archived commit is still a checkpoint of the run (its data on the remote): the keep
+        # rules count it, so an archived best is not replaced by a worse local one.
+        pruned = {c for c, r in self.repo.pruned().items() if r.get("rule") != ARCHIVED_RULE}
         while oid is not None and oid not in known:
             commit = self.repo.objects.read_commit(oid)
             if oid not in pruned:
@@ -719,13 +728,24 @@ class CheckpointManager:
         return protected
 
     def _apply_retention(self) -> None:
-        if self.keep_policy is None:
+        tiered = self._remote is not None and self._remote.policy is not None
+        if self.keep_policy is None and not tiered:
             return
         others = self._other_branches_history()
+        if self._remote is not None:  # what the worker pruned on both tiers is gone from this run
+            others = others | self._remote.pruned
         records = [r for r in self._history() if r.id not in others]
-        decisions = prune_decisions(records, self.keep_policy, self._protected(), time.time())
+        decisions = ([] if self.keep_policy is None
+                     else prune_decisions(records, self.keep_policy, self._protected(), time.time()))
         if self._remote is not None:  # two tiers: archived after the push (remote copy verified), never lost
-            self._remote.archive_later([d.id for d in decisions])
+            tier = self._remote.policy
+            if tier is not None:  # the newest N kept stay local; the other kept ones live on the remote
+                dropping = {d.id for d in decisions}
+                self._remote.archive_later([r.id for r in records if r.id not in dropping][tier.keep_local_last:])
+            if tier is None or not tier.prune_remote:
+                self._remote.archive_later([d.id for d in decisions])
+            else:  # pruned on both tiers by the worker, after a push: the remote then holds the history
+                self._remote.prune_later([(d.id, d.rule, d.reason) for d in decisions])
             return
         dropped = set()
         for decision in decisions:
@@ -795,11 +815,11 @@ class CheckpointManager:
             self._preemption.let_act(signum)
 
 
-def _remote_sync(repo: Repo, remote: str, branch: str | None) -> Any:
+def _remote_sync(repo: Repo, remote: str, branch: str | None, keep_local_last: int | None) -> Any:
     """The background pusher, imported only when a remote is asked for (the remotes package stays unloaded otherwise)."""
     from .remote_sync import RemoteSync
 
-    return RemoteSync(repo, remote, branch)
+    return RemoteSync(repo, remote, branch, keep_local_last)
 
 
 def _unchanged_tracker(state: Mapping[str, Any], enabled: bool, check_every: int) -> UnchangedTracker | None:

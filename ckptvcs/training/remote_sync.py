@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 from ..errors import CkptvcsError, InvalidInputError, StorageError
 from ..remotes.config import add_remote, get_remote, list_remotes
 from ..remotes.lazy import LazyChunkSource
+from ..remotes.policy import TierPolicy, get_policy
+from ..remotes.remote_gc import prune_on_remote
 from ..remotes.tiers import archive_commits
 from ..remotes.transfer import push
 
@@ -60,10 +62,17 @@ def resolve_remote(repo: Repo, remote: str) -> str:
 class RemoteSync:
     """Pushes one branch to one remote on a background thread (see the module docstring)."""
 
-    def __init__(self, repo: Repo, remote: str, branch: str | None) -> None:
+    def __init__(self, repo: Repo, remote: str, branch: str | None, keep_local_last: int | None = None) -> None:
         if branch is None:
             raise InvalidInputError("remote= needs the manager on a branch (HEAD is detached): pass branch=")
         self.name = resolve_remote(repo, remote)
+        configured = get_policy(repo)
+        configured = configured if configured is not None and configured.remote == self.name else None
+        # The tier policy: an explicit keep_local_last overrides the configured one (prune_remote comes from config).
+        self.policy: TierPolicy | None = configured if keep_local_last is None else TierPolicy(
+            self.name, keep_local_last, configured.prune_remote if configured is not None else False)
+        self._to_prune: list[tuple[str, str, str]] = []
+        self.pruned: set[str] = set()  # pruned on both tiers by this worker
         self._repo = repo
         self._branch = branch
         self._lock = threading.Lock()
@@ -85,6 +94,13 @@ class RemoteSync:
         with self._lock:  # the manager passes its whole drop list each save: skip what is archived already
             fresh = [c for c in commit_ids if c not in self._archived]
             self._to_archive = list(dict.fromkeys(self._to_archive + fresh))
+
+    def prune_later(self, decisions: list[tuple[str, str, str]]) -> None:
+        """``(commit, rule, reason)`` the keep policy drops on both tiers (the tier policy's
+        ``prune_remote``): a remote prune record is written after the next successful push."""
+        with self._lock:
+            known = {d[0] for d in self._to_prune} | self.pruned
+            self._to_prune += [d for d in decisions if d[0] not in known]
 
     def submit(self) -> None:
         """Queue a push of the branch (a push already waiting to start covers this one)."""
@@ -142,6 +158,7 @@ class RemoteSync:
     def _run(self) -> None:
         with self._lock:
             to_archive, self._to_archive = self._to_archive, []
+            to_prune, self._to_prune = self._to_prune, []
         try:
             repo = self._open()
             report = push(repo, self.name, [self._branch])
@@ -154,10 +171,37 @@ class RemoteSync:
                 if done.archived and self._repo.chunk_source is None:  # the loop's handle loads them back
                     self._repo.chunk_source = LazyChunkSource(self._repo, self.name)
                 self.archive_later(done.not_on_remote)
+            if to_prune:
+                self._prune_both(repo, to_prune)
+                to_prune = []
             self.error = None
         except Exception as err:  # reported at the next call; retried by the next push
             self.error = err
             self.archive_later(to_archive)
+            self.prune_later(to_prune)
+
+    def _prune_both(self, repo: Repo, decisions: list[tuple[str, str, str]]) -> None:
+        """The tier policy's ``prune_remote``: a remote prune record (``gc --remote`` reclaims the
+        data), then the local prune (an archived commit's record takes the keep rule), then a gc
+        of those commits. Runs after a successful push, so the remote holds their history."""
+        from ..errors import ProtectedCommitError
+        from ..repo import ARCHIVED_RULE
+
+        done = []
+        for commit_id, rule, reason in decisions:
+            prune_on_remote(repo, self.name, [commit_id], rule, reason)
+            try:
+                repo.prune(commit_id, rule, reason)
+            except ProtectedCommitError:
+                continue  # a ref moved onto it meanwhile: it stays (and the remote keeps it: a ref names it)
+            record = repo.pruned_record(commit_id)
+            if record is not None and record.get("rule") == ARCHIVED_RULE:
+                repo._write_pruned_record(commit_id, rule, reason)
+            done.append(commit_id)
+        with self._lock:
+            self.pruned.update(done)
+        if done:
+            repo.gc(only=done)
 
     def _open(self) -> Repo:
         if self._handle is None:
