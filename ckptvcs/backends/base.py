@@ -236,6 +236,8 @@ def append_many(backend: Backend, appends: Sequence[tuple[str, bytes]]) -> None:
         return
     for key, data in appends:
         backend.append(key, data)
+
+
 @runtime_checkable
 class FolderTokens(Protocol):
     """An optional extension of :class:`Backend`: cheap change tokens for folders.
