@@ -218,13 +218,12 @@ def test_cli_repack_on_no_repository_is_one_error_line(tmp_path: Path) -> None:
 
 
 def test_manager_with_async_save_repacks_in_the_background(small_repo: Repo) -> None:
-    """The default hook: with async_save every save is followed by a repack on the
+    """repack_every=1 with async_save: every save is followed by a repack on the
     background worker, so the newest checkpoint is always stored as keyframes."""
     from ckptvcs import CheckpointManager
 
     weights = {"w": drifting_state(0)["model"]["w"].clone()}
-    with CheckpointManager(small_repo, {"model": weights}, async_save=True, code_version=None) as mgr:
-        assert mgr.repack_every == 1
+    with CheckpointManager(small_repo, {"model": weights}, async_save=True, repack_every=1, code_version=None) as mgr:
         for step in range(1, 7):
             weights["w"] += torch.from_numpy(np.random.default_rng(step).standard_normal(N).astype(np.float32)) * 1e-4
             mgr.save(step).result()
@@ -236,7 +235,7 @@ def test_manager_with_async_save_repacks_in_the_background(small_repo: Repo) -> 
     assert small_repo.fsck(read_data=True).ok
 
 
-def test_manager_repack_every_is_checked_and_off_for_synchronous_saves(small_repo: Repo) -> None:
+def test_manager_repack_every_is_checked_and_off_by_default(small_repo: Repo) -> None:
     from ckptvcs import CheckpointManager, InvalidInputError
 
     with pytest.raises(InvalidInputError, match="repack_every"):

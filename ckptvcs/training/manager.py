@@ -79,8 +79,9 @@ class CheckpointManager:
     manager's retention pruned. A gc that cannot run (the repository lock busy for ``gc_lock_timeout``
     seconds, or an index gc refuses to trust) is skipped with a RuntimeWarning and tried again after
     the next save, never failing the save it follows. ``repack_every=N`` runs ``repo.repack()``
-    after every N saves, so the newest checkpoint loads from keyframes (default: 1 with
-    ``async_save``, in the background; 0, off, for synchronous saves). With
+    after every N saves, so the newest checkpoint loads from keyframes (default 0, off: a repack
+    holds the exclusive lock and, like gc, reads every reachable commit; with ``async_save`` it
+    runs on the background worker). With
     ``save_on_preemption``, a signal that meets no ``step()`` within ``preemption_grace``
     seconds takes its course without a save. See docs/training.md for every argument.
 
@@ -130,7 +131,7 @@ class CheckpointManager:
         data_version: str | None = None,
         code_version: Mapping[str, Any] | None | bool = True,
         gc_every: int = 1,
-        repack_every: int | None = None,
+        repack_every: int = 0,
         preemption_grace: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         save_policy: SavePolicy | None = None,
@@ -159,12 +160,11 @@ class CheckpointManager:
         if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
             raise InvalidInputError(f"gc_every must be a non-negative integer (0 disables), got {gc_every!r}")
         self.gc_every = gc_every
-        if repack_every is not None and (isinstance(repack_every, bool) or not isinstance(repack_every, int)
-                                         or repack_every < 0):
+        if isinstance(repack_every, bool) or not isinstance(repack_every, int) or repack_every < 0:
             raise InvalidInputError(f"repack_every must be a non-negative integer (0 disables), got {repack_every!r}")
         # Default: after every save when saves run in the background (the loop never waits
         # for it), off for synchronous saves (it would lengthen save()).
-        self.repack_every = (1 if async_save else 0) if repack_every is None else repack_every
+        self.repack_every = repack_every
         self._saves_since_repack = 0
         self._saves_since_gc = 0
         self._pruned_since_gc = False
