@@ -79,6 +79,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_sequences  # noqa: E402
+import minilm  # noqa: E402
 
 from ckptvcs import codec, planes  # noqa: E402
 
@@ -227,10 +228,14 @@ class Accumulator:
         self.totals["estimate"] += codings[est]["zstd-1"]
         for p, size in codings[est]["planes_zstd1"].items():
             self.sums[(kind, "estimate", plane_name(p, width), "zstd-1")] += size
-        for method in ("best", "best-zstd", "o0"):
-            self.totals[method] += min(c[method] for c in codings.values())
-        self.totals["ckptvcs"] += self._ckptvcs_codec(raw, previous if has_base else None, width)
-        self.totals["first" if first else "later"] += codings[est]["zstd-1"]
+        sizes = {method: min(c[method] for c in codings.values()) for method in ("best", "best-zstd", "o0")}
+        sizes["estimate"] = codings[est]["zstd-1"]
+        sizes["ckptvcs"] = self._ckptvcs_codec(raw, previous if has_base else None, width)
+        for method, size in sizes.items():
+            if method != "estimate":
+                self.totals[method] += size
+            if not first:  # the later checkpoints alone: what a long sequence tends to
+                self.totals[f"{method} later"] += size
         return raw
 
     def _coding(self, kind: str, coding: str, data: np.ndarray, base: np.ndarray | None, width: int) -> dict[str, Any]:
@@ -325,6 +330,75 @@ def measure(files: list[Path], zstd19_every: int) -> dict[str, Any]:
     return {"totals": dict(acc.totals), "planes": rows}
 
 
+# -- predicting the weights from the optimizer state --------------------------------------------
+
+WEIGHT_DECAY, BETA1, BETA2, EPS = 0.01, 0.9, 0.999, 1e-8  # minilm.py's AdamW (torch defaults)
+
+
+def optimized_weights(sequence: str, state: dict[str, Any]) -> list[torch.Tensor | None]:
+    """The fp32 weights AdamW updates, in the optimizer's parameter order (minilm.py's runs)."""
+    if sequence == "bf16-master":
+        return list(state["master_weights"])
+    model: torch.nn.Module = minilm.MaskedLM(minilm.MiniLM()) if sequence == "mlm-tied" else minilm.MiniLM()
+    names = [n for n, _ in model.named_parameters()]
+    if sequence == "frozen-embeddings":
+        names = [n for n in names if not n.startswith("embeddings.")]
+    if sequence == "adapters":
+        return []
+    return [state["model"].get(n) for n in names]
+
+
+def _ordered(x: torch.Tensor) -> np.ndarray:
+    """fp32 bit patterns as integers that order like the floats (so a difference is a step count)."""
+    i = x.contiguous().view(torch.int32).numpy().astype(np.int64)
+    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+def _zigzag32(r: np.ndarray) -> np.ndarray:
+    return ((r << 1) ^ (r >> 63)).astype(np.uint64).astype(np.uint32)
+
+
+def adamw_prediction(sequence: str, files: list[Path], steps: int) -> dict[str, float]:
+    """Bytes of the weights' deltas: XOR + planes + zstd-1 against a residual from an AdamW prediction.
+
+    The checkpoint holds the optimizer's moments after the step it was taken at, so a
+    decoder that has the previous weights and the new moments can predict the new
+    weights: ``w0 * (1 - lr*wd)^k - k * lr * m_hat / (sqrt(v_hat) + eps)`` for ``k``
+    steps (exact for one step up to rounding; for several, the moments of the steps in
+    between are unknown). What is left to store is the difference of the weights' bit
+    patterns from the prediction's (as ordered integers, zig-zag, byte planes).
+    """
+    lr = 5e-5 if sequence in minilm.MASKED_LM else 2e-5
+    cctx = zstandard.ZstdCompressor(level=1)
+    out = {"xor zstd-1": 0.0, "difference zstd-1": 0.0, "predicted zstd-1": 0.0, "predicted KT up": 0.0}
+    before = torch.load(files[0], weights_only=True)
+    for path in files[1:]:
+        after = torch.load(path, weights_only=True)
+        moments = after["optimizer"]["state"]
+        for i, (w0, w1) in enumerate(zip(optimized_weights(sequence, before), optimized_weights(sequence, after))):
+            if i not in moments or w0 is None or w1 is None or w1.dtype != torch.float32:
+                continue
+            t = int(moments[i]["step"])
+            m, v = moments[i]["exp_avg"].reshape(-1), moments[i]["exp_avg_sq"].reshape(-1)
+            w0, w1 = w0.reshape(-1), w1.reshape(-1)
+            update = (m / (1 - BETA1**t)) / ((v / (1 - BETA2**t)).sqrt() + EPS)
+            pred = (w0 * (1 - lr * WEIGHT_DECAY) ** steps - steps * lr * update).float()
+            residuals = {
+                "xor zstd-1": (w1.view(torch.int32) ^ w0.view(torch.int32)).numpy().view(np.uint32),
+                "difference zstd-1": _zigzag32(_ordered(w1) - _ordered(w0)),
+                "predicted zstd-1": _zigzag32(_ordered(w1) - _ordered(pred)),
+            }
+            for name, values in residuals.items():
+                rows = values.view(np.uint8).reshape(-1, 4).T.copy()
+                out[name] += sum(len(cctx.compress(r.tobytes())) for r in rows)
+                if name == "predicted zstd-1":
+                    out["predicted KT up"] += code_lengths(rows[3])[1] + sum(
+                        min(code_lengths(rows[p], rows[p + 1], 256)[1], len(cctx.compress(rows[p].tobytes())))
+                        for p in range(3))
+        before = after
+    return out
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -339,6 +413,22 @@ def render(report: dict[str, Any]) -> str:
         est = t["estimate"]
         out.append(f"| {name} | {est / 1e6:.1f} MB | {t['ckptvcs'] / est:.3f} | {t['best-zstd'] / est:.3f} "
                    f"| {t['o0'] / est:.3f} | **{t['best'] / est:.3f}** |")
+        if t.get("estimate later"):
+            later = t["estimate later"]
+            out.append(f"| {name}, checkpoints after the first | {later / 1e6:.1f} MB | {t['ckptvcs later'] / later:.3f} "
+                       f"| {t['best-zstd later'] / later:.3f} | {t['o0 later'] / later:.3f} "
+                       f"| **{t['best later'] / later:.3f}** |")
+    predicted = {n: r for n, r in report["sequences"].items() if r.get("adamw_prediction", {}).get("xor zstd-1")}
+    if predicted:
+        out += ["", "The weights' deltas (fp32 weights AdamW updates, checkpoints after the first), byte planes each:", "",
+                "| sequence | XOR + zstd-1 | integer difference + zstd-1 | residual from the AdamW prediction + zstd-1 "
+                "| + context model (KT, up) | saving / the sequence's estimate |", "|---|---|---|---|---|---|"]
+        for name, r in predicted.items():
+            a, est = r["adamw_prediction"], r["totals"]["estimate"]
+            best = min(a["predicted zstd-1"], a["predicted KT up"])
+            out.append(f"| {name} | {a['xor zstd-1'] / 1e6:.1f} MB | {a['difference zstd-1'] / 1e6:.1f} MB | "
+                       f"{a['predicted zstd-1'] / 1e6:.1f} MB | {a['predicted KT up'] / 1e6:.1f} MB | "
+                       f"{(a['xor zstd-1'] - best) / est:.3f} |")
     for name, r in report["sequences"].items():
         out += ["", f"### {name}: bits per byte of each plane", "",
                 "share = the plane's part of the estimate's bytes (self and delta together); methods in bits per "
@@ -408,6 +498,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = work / "seq" / f"{sequence}-{args.count}x{args.steps}"
         files = bench_sequences.generate(sequence, folder, args.count, args.steps, 0.0)
         report["sequences"][sequence] = measure(files, args.zstd19_every)
+        print("    weights predicted from the optimizer state", file=sys.stderr)
+        report["sequences"][sequence]["adamw_prediction"] = adamw_prediction(sequence, files, args.steps)
         if args.out:  # partial results survive an interrupted run
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2))
