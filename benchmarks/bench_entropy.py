@@ -219,16 +219,17 @@ class Accumulator:
         raw = bench_sequences.tensor_bytes(tensor).copy()
         width = tensor.element_size() if kind != "other" else 1
         has_base = previous is not None and previous.shape == raw.shape
-        codings = {"self": self._coding(kind, "self", raw, None, width)}
+        codings = {"self": self._coding(kind, "self", raw, None, width, tensor.element_size())}
         if has_base:
             assert previous is not None
-            codings["xor"] = self._coding(kind, "xor", np.bitwise_xor(raw, previous), previous, width)
+            codings["xor"] = self._coding(kind, "xor", np.bitwise_xor(raw, previous), previous, width,
+                                          tensor.element_size())
         # The estimate: per tensor the smaller of the two zstd-1 sums (bench_sequences.estimate).
         est = min(codings, key=lambda c: codings[c]["zstd-1"])
         self.totals["estimate"] += codings[est]["zstd-1"]
         for p, size in codings[est]["planes_zstd1"].items():
             self.sums[(kind, "estimate", plane_name(p, width), "zstd-1")] += size
-        sizes = {method: min(c[method] for c in codings.values()) for method in ("best", "best-zstd", "o0")}
+        sizes = {method: min(c[method] for c in codings.values()) for method in ("best", "best-zstd", "o0", "floor")}
         sizes["estimate"] = codings[est]["zstd-1"]
         sizes["ckptvcs"] = self._ckptvcs_codec(raw, previous if has_base else None, width)
         for method, size in sizes.items():
@@ -238,18 +239,25 @@ class Accumulator:
                 self.totals[f"{method} later"] += size
         return raw
 
-    def _coding(self, kind: str, coding: str, data: np.ndarray, base: np.ndarray | None, width: int) -> dict[str, Any]:
-        """Sizes of one tensor coded self-contained or as a delta, per plane and method."""
+    def _coding(self, kind: str, coding: str, data: np.ndarray, base: np.ndarray | None, width: int,
+                est_width: int) -> dict[str, Any]:
+        """Sizes of one tensor coded self-contained or as a delta, per plane and method.
+
+        ``est_width`` is the element size the estimate splits planes by (it does so for
+        integers too; they are coded here as one plane, as ckptvcs does).
+        """
         rows = data.reshape(-1, width).T.copy() if width > 1 else data.reshape(1, -1)
         base_rows = base.reshape(-1, width).T.copy() if base is not None and width > 1 else None
         ckpt_planes = self._ckptvcs_planes(data, width)
         models = context_models(rows, base_rows) if width > 1 else {}
-        result: dict[str, Any] = {"zstd-1": 0, "best": 0.0, "best-zstd": 0.0, "o0": 0.0, "planes_zstd1": {}}
+        result: dict[str, Any] = {"zstd-1": 0, "best": 0.0, "best-zstd": 0.0, "o0": 0.0, "floor": 0.0,
+                                  "planes_zstd1": {}}
         for p in range(rows.shape[0]):
             pname = plane_name(p, width)
             key = (kind, coding, pname)
             self.raw[key] += rows.shape[1]
-            z1 = len(self.cctx1.compress(rows[p].tobytes()))
+            z1 = (len(self.cctx1.compress(rows[p].tobytes())) if est_width == width
+                  else bench_sequences.planes_zstd1(data, est_width, self.cctx1))
             result["planes_zstd1"][p] = z1
             candidates = {"zstd-1": float(z1), "ckptvcs": float(ckpt_planes[p]), "raw": float(rows.shape[1])}
             for model, (entropy, kt) in models.get(p, {}).items():
@@ -264,6 +272,7 @@ class Accumulator:
             result["best"] += candidates[best_method]
             result["best-zstd"] += min(z1, ckpt_planes[p], rows.shape[1])
             result["o0"] += min(candidates.get("KT o0", z1), z1, rows.shape[1])
+            result["floor"] += min([candidates[best_method], *(h for h, _ in models.get(p, {}).values())])
         self._zstd19_sample(kind, coding, rows, width)
         return result
 
@@ -402,22 +411,27 @@ def adamw_prediction(sequence: str, files: list[Path], steps: int) -> dict[str, 
 # -- report ---------------------------------------------------------------------------------
 
 
+def _ratio(totals: dict[str, float], key: str, reference: float) -> str:
+    return f"{totals[key] / reference:.3f}" if key in totals else "-"
+
+
 def render(report: dict[str, Any]) -> str:
     out = [f"{report['count']} checkpoints, {report['steps']} AdamW steps apart; sizes relative to the "
            "simple per-tensor estimate (byte planes + zstd-1, or the XOR delta, per tensor).", "",
            "| sequence | estimate | ckptvcs codec | best zstd (per plane: zstd-1, ckptvcs, raw) "
-           "| + adaptive order-0 | best context model (any, per tensor plane) |",
-           "|---|---|---|---|---|---|"]
+           "| + adaptive order-0 | best context model (any, per tensor plane) | floor: entropy given the best "
+           "context, model cost ignored |",
+           "|---|---|---|---|---|---|---|"]
     for name, r in report["sequences"].items():
         t = r["totals"]
         est = t["estimate"]
         out.append(f"| {name} | {est / 1e6:.1f} MB | {t['ckptvcs'] / est:.3f} | {t['best-zstd'] / est:.3f} "
-                   f"| {t['o0'] / est:.3f} | **{t['best'] / est:.3f}** |")
+                   f"| {t['o0'] / est:.3f} | **{t['best'] / est:.3f}** | {_ratio(t, 'floor', est)} |")
         if t.get("estimate later"):
             later = t["estimate later"]
             out.append(f"| {name}, checkpoints after the first | {later / 1e6:.1f} MB | {t['ckptvcs later'] / later:.3f} "
                        f"| {t['best-zstd later'] / later:.3f} | {t['o0 later'] / later:.3f} "
-                       f"| **{t['best later'] / later:.3f}** |")
+                       f"| **{t['best later'] / later:.3f}** | {_ratio(t, 'floor later', later)} |")
     predicted = {n: r for n, r in report["sequences"].items() if r.get("adamw_prediction", {}).get("xor zstd-1")}
     if predicted:
         out += ["", "The weights' deltas (fp32 weights AdamW updates, checkpoints after the first), byte planes each:", "",
