@@ -30,8 +30,10 @@ against the same tensor of the previous checkpoint:
 * ``H0``: the order-0 Shannon entropy of the plane (a floor for any coder that sees
   bytes one at a time without context; the model itself is not counted);
 * context models, as the code length of an adaptive arithmetic/ANS coder that learns
-  the model while coding (the Krichevsky-Trofimov estimator, alpha = 1/2, per
-  context, per tensor plane: an *achievable* size, model cost included):
+  the model while coding (a Dirichlet prior per context, the smaller of alpha 1/2,
+  Krichevsky-Trofimov, and 1/32, per tensor plane: an *achievable* size, model cost
+  included; labelled KT below), and the empirical entropy given the same context (a
+  floor no coder reaches: the model's cost ignored, it overfits many contexts):
 
   - ``o0``: no context;
   - ``prev``: the previous byte of the same plane (order 1);
@@ -88,6 +90,10 @@ CHUNK = 1 << 20
 QUICK: dict[str, Any] = {"sequences": ["mlm-tied", "bf16-master", "full"], "count": 2, "steps": 2, "zstd19_every": 24}
 DEFAULT_SEQUENCES = ["mlm-tied", "full", "bf16-master", "frozen-embeddings"]
 LN2 = math.log(2)
+# The adaptive coder's prior per context: KT's 1/2, and a small one that learns sparse
+# contexts (few distinct bytes) cheaply; the smaller code length is taken per plane
+# (a coder would spend one flag on the choice).
+ALPHAS = (0.5, 1 / 32)
 
 # Byte counts are accumulated under (kind, coding, plane, method).
 Key = tuple[str, str, str, str]
@@ -118,16 +124,24 @@ def _joint_counts(sym: np.ndarray, ctx: np.ndarray | None, nctx: int) -> tuple[n
 def code_lengths(sym: np.ndarray, ctx: np.ndarray | None = None, nctx: int = 1) -> tuple[float, float]:
     """``(empirical conditional entropy, adaptive KT code length)`` of ``sym`` given ``ctx``, in bytes.
 
-    The entropy is a floor that ignores the model's cost; the KT length (alpha 1/2 over
-    256 symbols per context) is what a sequential adaptive coder reaches, within two
-    bits per context.
+    The entropy is a floor that ignores the model's cost (with many contexts and few
+    bytes it overfits towards 0); the adaptive length (the smaller of a Dirichlet prior
+    with alpha 1/2, KT, and 1/32 per context) is what a sequential adaptive coder
+    reaches, within a few bits per context.
     """
     counts, totals = _joint_counts(sym, ctx, nctx)
     c = counts.astype(np.float64)
     t = totals.astype(np.float64)
     entropy = float((t * np.log2(t)).sum() - (c * np.log2(c)).sum())
-    kt = float((_lgamma(t + 128.0) - math.lgamma(128.0)).sum() - (_lgamma(c + 0.5) - math.lgamma(0.5)).sum()) / LN2
+    kt = min(_dirichlet_bits(c, t, alpha) for alpha in ALPHAS)
     return entropy / 8, kt / 8
+
+
+def _dirichlet_bits(counts: np.ndarray, totals: np.ndarray, alpha: float) -> float:
+    """Code length in bits of a sequential coder with a Dirichlet(alpha) prior per context (KT: 1/2)."""
+    k = 256 * alpha
+    return float((_lgamma(totals + k) - math.lgamma(k)).sum()
+                 - (_lgamma(counts + alpha) - math.lgamma(alpha)).sum()) / LN2
 
 
 def _prev(plane: np.ndarray) -> np.ndarray:
