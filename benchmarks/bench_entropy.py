@@ -59,6 +59,7 @@ Run
     .venv/bin/python benchmarks/bench_entropy.py --quick   # mlm-tied, bf16-master, full; 2 checkpoints
     .venv/bin/python benchmarks/bench_entropy.py           # + frozen-embeddings; 3 checkpoints 10 steps apart
     .venv/bin/python benchmarks/bench_entropy.py --out bench-out/entropy.json
+    .venv/bin/python benchmarks/bench_entropy.py --render bench-out/entropy.json   # re-print the tables
 
 Checkpoint files are shared with bench_sequences.py (``--work-dir``).
 """
