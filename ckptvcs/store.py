@@ -185,6 +185,11 @@ class ChunkStore:
         # A delta chain holds at most keyframe_interval - 1 deltas: every K-th version
         # of a chunk (at the latest) is a keyframe. 1 disables deltas.
         self.keyframe_interval = keyframe_interval
+        # Chunks under a sixteenth of the chunk size (in practice a small tensor's only
+        # chunk: a bias, a norm's weight) are stored self-contained: a delta would save a
+        # few KB at the price of reading and decoding its base chain, which is most of a
+        # small state's commit time (docs/performance.md, "Tiny commits, fifth pass").
+        self.min_delta_bytes = max(1, chunk_size // 16)
         self._index: ChunkIndex | None = None
         self.packs = PackFiles(self.backend)
         self._workers = workers or max(1, min(8, os.cpu_count() or 1))
@@ -565,7 +570,8 @@ class WriteSession:
     ) -> tuple[tuple[bytes, memoryview] | None, float | None]:
         """``((base id, base bytes), plain estimate)`` when a delta against ``base_id`` is allowed.
 
-        Allowed when the base is stored, has the chunk's length, and a delta on top of
+        Allowed when the chunk is at least ``min_delta_bytes`` long, the base is stored,
+        has the chunk's length, and a delta on top of
         it keeps its chain within ``keyframe_interval - 1`` deltas (so every K-th
         version of a chunk, at the latest, is a keyframe). A base that fails its own
         verification is not built upon: the chunk becomes a keyframe instead (None).
@@ -574,7 +580,7 @@ class WriteSession:
         computing one when the delta clearly beats it).
         """
         store = self._store
-        if base_id is None or base_id == chunk_id or store.keyframe_interval <= 1:
+        if base_id is None or base_id == chunk_id or store.keyframe_interval <= 1 or raw_len < store.min_delta_bytes:
             return None, None
         entry = store._entry(base_id)
         if entry is None or entry.raw_len != raw_len:
