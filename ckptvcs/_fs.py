@@ -385,13 +385,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, exclusive: bool =
     if exclusive and path.exists():
         return False
     tmp = path.with_name(temp_name("." + path.name + "."))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    write_synced(tmp, data)
     try:
-        try:
-            write_all(fd, data)
-            fsync_file(fd)
-        finally:
-            os.close(fd)
         durable_rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -8,6 +8,7 @@ Tests marked ``slow`` run only with ``--run-slow``.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from ckptvcs import Repo
-from s3server import S3Server, run_server, weed_binary
+from ckptvcs.objects import ObjectStore
+from s3server import S3Server, make_bucket, run_server, weed_binary
 
 settings.register_profile(
     "ci",
@@ -98,3 +100,47 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         pytest.skip(message)
     with run_server(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
+
+
+# -- shared by the remote test files (test_remote, test_remote_tiers) --
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[Repo]:
+    repo = Repo.init(tmp_path / "origin", chunk_size=4096)
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+@pytest.fixture
+def memory_url() -> str:
+    return f"memory://ckptvcs-test-{uuid.uuid4().hex}/remote"
+
+
+@pytest.fixture
+def s3_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket; the AWS variables point at the server (as a user would set them)."""
+    bucket = f"ckptvcs-{uuid.uuid4().hex[:16]}"
+    make_bucket(s3_server, bucket)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{bucket}/team/repo"
+
+
+# -- shared by the cache test files (test_stats_cache, test_catalog_cache) --
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Ids of the commit objects read through ObjectStore.read_commit."""
+    seen: list[str] = []
+    real = ObjectStore.read_commit
+
+    def counting(self: ObjectStore, oid: str):  # type: ignore[no-untyped-def]
+        seen.append(oid)
+        return real(self, oid)
+
+    monkeypatch.setattr(ObjectStore, "read_commit", counting)
+    return seen

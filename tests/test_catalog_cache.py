@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 from ckptvcs import Repo, catalog, layout
 from ckptvcs.cli import cli
-from ckptvcs.objects import ObjectStore
 
 
 def _history(repo: Repo, commits: int, branch: str = "main", start: int = 1) -> list[str]:
@@ -41,19 +40,6 @@ def hist(repo: Repo) -> Repo:
     repo.commit({"w": np.zeros(4, dtype=np.float32)}, "c0", step=0, metrics={"val_loss": 1.0}, code_version=None)
     _history(repo, 60)
     return repo
-
-
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    seen: list[str] = []
-    real = ObjectStore.read_commit
-
-    def counting(self: ObjectStore, oid: str):  # type: ignore[no-untyped-def]
-        seen.append(oid)
-        return real(self, oid)
-
-    monkeypatch.setattr(ObjectStore, "read_commit", counting)
-    return seen
 
 
 def _walk_find(repo: Repo, *where: str, rev: str = "HEAD", all_refs: bool = False) -> list[str]:

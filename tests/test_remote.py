@@ -8,7 +8,6 @@ fail the N-th one: a push cut there must leave the remote ref on the old, comple
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,30 +101,6 @@ def _assert_state(actual: dict[str, Any], expected: dict[str, Any]) -> None:
     assert_tensor_identical(actual["opt"]["m"], expected["opt"]["m"])
     assert_tensor_identical(actual["opt"]["step"], expected["opt"]["step"])
     assert actual["step"] == expected["step"] and actual["meta"] == expected["meta"]
-
-
-@pytest.fixture
-def origin(tmp_path: Path) -> Iterator[Repo]:
-    repo = Repo.init(tmp_path / "origin", chunk_size=4096)
-    try:
-        yield repo
-    finally:
-        repo.close()
-
-
-@pytest.fixture
-def memory_url() -> str:
-    return f"memory://ckptvcs-test-{uuid.uuid4().hex}/remote"
-
-
-@pytest.fixture
-def s3_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket; the AWS variables point at the server (as a user would set them)."""
-    bucket = f"ckptvcs-{uuid.uuid4().hex[:16]}"
-    make_bucket(s3_server, bucket)
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    return f"s3://{bucket}/team/repo"
 
 
 def _open(url: str) -> FsspecBackend:

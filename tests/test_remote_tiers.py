@@ -9,8 +9,6 @@ gc has read the refs again and chosen what to delete).
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +21,7 @@ from ckptvcs.remotes import add_remote, archive, clone, push, remove_remote, whe
 from ckptvcs.remotes.check import check_remote
 from ckptvcs.remotes.policy import TierPolicy, clear_policy, get_policy, set_policy
 from ckptvcs.remotes.remote_gc import gc_remote, prune_on_remote
-from s3server import S3Server, make_bucket
 from test_remote import Spy, _assert_state, _open, _state
-
-
-@pytest.fixture
-def origin(tmp_path: Path) -> Iterator[Repo]:
-    repo = Repo.init(tmp_path / "origin", chunk_size=4096)
-    try:
-        yield repo
-    finally:
-        repo.close()
-
-
-@pytest.fixture
-def memory_url() -> str:
-    return f"memory://ckptvcs-tiers-{uuid.uuid4().hex}/remote"
-
-
-@pytest.fixture
-def s3_url(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    bucket = f"ckptvcs-gc-{uuid.uuid4().hex[:16]}"
-    make_bucket(s3_server, bucket)
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    return f"s3://{bucket}/team/repo"
 
 
 def _remote_keys(url: str, prefix: str) -> set[str]:

@@ -15,7 +15,6 @@ import torch
 
 from ckptvcs import Repo, layout
 from ckptvcs.backends import MemoryBackend, local
-from ckptvcs.objects import ObjectStore
 
 
 def _full_walk(repo: Repo) -> tuple[int, int, int, int]:
@@ -39,20 +38,6 @@ def _exact(repo: Repo) -> tuple[int, int, int, int]:
     first = _numbers(repo)
     assert first == _numbers(repo) == _full_walk(repo)
     return first
-
-
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Ids of the commit objects read through ObjectStore.read_commit."""
-    seen: list[str] = []
-    real = ObjectStore.read_commit
-
-    def counting(self: ObjectStore, oid: str):  # type: ignore[no-untyped-def]
-        seen.append(oid)
-        return real(self, oid)
-
-    monkeypatch.setattr(ObjectStore, "read_commit", counting)
-    return seen
 
 
 @pytest.fixture
