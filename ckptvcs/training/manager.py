@@ -162,9 +162,7 @@ class CheckpointManager:
         self.gc_every = gc_every
         if isinstance(repack_every, bool) or not isinstance(repack_every, int) or repack_every < 0:
             raise InvalidInputError(f"repack_every must be a non-negative integer (0 disables), got {repack_every!r}")
-        # Default: after every save when saves run in the background (the loop never waits
-        # for it), off for synchronous saves (it would lengthen save()).
-        self.repack_every = repack_every
+        self.repack_every = repack_every  # off by default: a repack's sweep reads every reachable commit
         self._saves_since_repack = 0
         self._saves_since_gc = 0
         self._pruned_since_gc = False
