@@ -485,8 +485,9 @@ class WriteSession:
         ``dtypes[i]`` (the element type of blob ``i``) selects byte-plane coding for
         floats; ``bases[i][j]`` is the chunk id to try an XOR delta against for chunk
         ``j`` of blob ``i`` (the chunk at the same place in the parent commit), or None.
-        At most a bounded window of chunks is in flight, so no second copy of the state
-        is ever held. ``progress(done_bytes, total_bytes)`` is called as chunks are stored.
+        At most a bounded window of pool tasks is in flight (a task is one chunk, or a run
+        of small chunks up to ``_GROUP_BYTES``), so no second copy of the state is ever
+        held. ``progress(done_bytes, total_bytes)`` is called as chunks are stored.
         ``known[i]``, when given, is the list of blob ``i``'s chunk ids, already stored with
         their chains (the caller checked it: ckptvcs.reuse): the blob is not read at all.
         """
