@@ -40,6 +40,12 @@ _FLOAT_WIDTHS = {
 
 _UINT: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
+# Up to this many bytes, split and merge_into use one strided copy (per plane) instead of
+# shifts: the copy is slower per byte, but the shifts' numpy calls and scratch buffers
+# cost more than the bytes in a small chunk (measured, fp32: 2 against 6 us to split
+# 3.6 KB, 2.4 against 11 us to merge; equal around 32 KiB).
+_SMALL = 32 * 1024
+
 
 def layout_for_dtype(dtype: str | None) -> int:
     """The plane layout that suits a blob's element type: byte planes for floats, else BYTES."""
@@ -75,14 +81,17 @@ def split(data: np.ndarray, layout: int, out: np.ndarray | None = None) -> tuple
         low = (padded[0::2] << 4) | (padded[1::2] & 0x0F)
         return np.stack([high, low]), data[:0]
     count = n // layout
-    # Plane i is byte i of each element in memory order, i.e. bits 8i..8i+7 of the
-    # little-endian integer: a shift and a truncating cast per plane is several times
-    # faster in numpy than a strided transpose copy.
-    elements = data[: count * layout].view(_UINT[layout])
     if out is None:
         grouped = np.empty((layout, count), dtype=np.uint8)
     else:
         grouped = out[: layout * count].reshape(layout, count)
+    if n <= _SMALL:
+        np.copyto(grouped, data[: count * layout].reshape(count, layout).T)
+        return grouped, data[count * layout :]
+    # Plane i is byte i of each element in memory order, i.e. bits 8i..8i+7 of the
+    # little-endian integer: a shift and a truncating cast per plane is several times
+    # faster in numpy than a strided transpose copy.
+    elements = data[: count * layout].view(_UINT[layout])
     shifted = scratch.buffer("split-shift", count * layout).view(_UINT[layout])  # no fresh temporary per plane
     np.copyto(grouped[0], elements, casting="unsafe")
     for i in range(1, layout):
@@ -103,7 +112,12 @@ def merge_into(planes: Sequence[np.ndarray], tail: np.ndarray, layout: int, out:
         out[1::2] = ((high << 4) | (low & 0x0F))[: n // 2]
         return
     count = n // layout
-    _combine(planes, out[: count * layout].view(_UINT[layout]))
+    if n <= _SMALL:
+        columns = out[: count * layout].reshape(count, layout)
+        for i, plane in enumerate(planes):
+            columns[:, i] = plane
+    else:
+        _combine(planes, out[: count * layout].view(_UINT[layout]))
     out[count * layout :] = tail
 
 

@@ -97,15 +97,21 @@ class _Encoded:
     known: bool = False  # the caller gave the id: the bytes were not read
 
 
-def _known(chunk_id: bytes, raw_len: int) -> Future[_Encoded]:
+def _known(chunk_id: bytes, raw_len: int) -> Future[list[_Encoded]]:
     """A finished future of a chunk whose id the caller gave (nothing to hash or write)."""
-    done: Future[_Encoded] = Future()
-    done.set_result(_Encoded(chunk_id, raw_len, known=True))
+    done: Future[list[_Encoded]] = Future()
+    done.set_result([_Encoded(chunk_id, raw_len, known=True)])
     return done
 
 
 # Payloads below this size get their own small buffer instead of a recycled chunk-sized one.
 _SMALL_PAYLOAD = 64 * 1024
+
+# put_blobs encodes consecutive chunks shorter than _GROUP_CHUNK in one pool task, up to
+# _GROUP_BYTES of them: a pool task's submit, hand-over and wake-up cost as much as
+# encoding a few-KB chunk (a tiny state is ~200 such chunks).
+_GROUP_CHUNK = 64 * 1024
+_GROUP_BYTES = 256 * 1024
 
 
 def _copy_when_done(
@@ -479,30 +485,41 @@ class WriteSession:
         ``dtypes[i]`` (the element type of blob ``i``) selects byte-plane coding for
         floats; ``bases[i][j]`` is the chunk id to try an XOR delta against for chunk
         ``j`` of blob ``i`` (the chunk at the same place in the parent commit), or None.
-        At most a bounded window of chunks is in flight, so no second copy of the state
-        is ever held. ``progress(done_bytes, total_bytes)`` is called as chunks are stored.
+        At most a bounded window of pool tasks is in flight (a task is one chunk, or a run
+        of small chunks up to ``_GROUP_BYTES``), so no second copy of the state is ever
+        held. ``progress(done_bytes, total_bytes)`` is called as chunks are stored.
         ``known[i]``, when given, is the list of blob ``i``'s chunk ids, already stored with
         their chains (the caller checked it: ckptvcs.reuse): the blob is not read at all.
         """
         store = self._store
         window = 2 * store._workers + 2
-        pending: deque[tuple[int, Future[_Encoded]]] = deque()
+        pending: deque[tuple[list[int], Future[list[_Encoded]]]] = deque()
         result: list[list[bytes]] = []
         total = sum(len(b) for b in blobs)
         done = 0
+        group: list[tuple[memoryview, int, bytes | None]] = []
+        group_blobs: list[int] = []
+        group_bytes = 0
 
         def drain_one() -> None:
             nonlocal done
-            blob_no, fut = pending.popleft()
-            enc = fut.result()
-            result[blob_no].append(enc.chunk_id)
-            self.stats.hashed_bytes += enc.raw_len if not enc.known else 0
-            before = self.stats.new_stored_bytes
-            self._append(enc)
-            self.stats.blob_new_stored_bytes[first + blob_no] += self.stats.new_stored_bytes - before
-            done += enc.raw_len
-            if progress is not None:
-                progress(done, total)
+            blob_nos, fut = pending.popleft()
+            for blob_no, enc in zip(blob_nos, fut.result()):
+                result[blob_no].append(enc.chunk_id)
+                self.stats.hashed_bytes += enc.raw_len if not enc.known else 0
+                before = self.stats.new_stored_bytes
+                self._append(enc)
+                self.stats.blob_new_stored_bytes[first + blob_no] += self.stats.new_stored_bytes - before
+                done += enc.raw_len
+                if progress is not None:
+                    progress(done, total)
+
+        def submit_group() -> None:
+            nonlocal group, group_blobs, group_bytes
+            if len(pending) >= window:
+                drain_one()
+            pending.append((group_blobs, store.pool.submit(self._encode_group, group)))
+            group, group_blobs, group_bytes = [], [], 0
 
         first = len(self.stats.blob_new_stored_bytes)
         self.stats.blob_new_stored_bytes += [0] * len(blobs)
@@ -513,17 +530,29 @@ class WriteSession:
             blob_bases = bases[blob_no] if bases is not None else None
             blob_known = known[blob_no] if known is not None else None
             for chunk_no, (start, end) in enumerate(store.split(len(blob))):
-                if len(pending) >= window:
-                    drain_one()
                 if blob_known is not None:
-                    pending.append((blob_no, _known(blob_known[chunk_no], end - start)))
+                    if group:  # keep the chunks in order
+                        submit_group()
+                    if len(pending) >= window:
+                        drain_one()
+                    pending.append(([blob_no], _known(blob_known[chunk_no], end - start)))
                     self.stats.known_chunks += 1
                     continue
                 base_id = blob_bases[chunk_no] if blob_bases is not None and chunk_no < len(blob_bases) else None
-                pending.append((blob_no, store.pool.submit(self._encode, blob[start:end], layout, base_id)))
+                group.append((blob[start:end], layout, base_id))
+                group_blobs.append(blob_no)
+                group_bytes += end - start
+                if end - start >= _GROUP_CHUNK or group_bytes >= _GROUP_BYTES:
+                    submit_group()
+        if group:
+            submit_group()
         while pending:
             drain_one()
         return result
+
+    def _encode_group(self, chunks: list[tuple[memoryview, int, bytes | None]]) -> list[_Encoded]:
+        """One pool task: consecutive chunks of put_blobs, each encoded as by ``_encode``."""
+        return [self._encode(raw, layout, base_id) for raw, layout, base_id in chunks]
 
     def _encode(self, raw: memoryview, layout: int = planes.BYTES, base_id: bytes | None = None) -> _Encoded:
         """One chunk's pool task: hash, dedup check, delta base, encode (see put_blobs)."""

@@ -74,6 +74,22 @@ def test_every_codec_round_trips_every_float_dtype_and_odd_length(dtype, n, cut,
     assert _decode(chosen, len(raw), base if chosen.base else None) == bytes(raw)
 
 
+@pytest.mark.parametrize("layout", [2, 4, 8])
+@pytest.mark.parametrize("nbytes", [0, 7, 3601, 32 * 1024 - 3, 32 * 1024, 32 * 1024 + 5, 100_003])
+def test_byte_planes_are_byte_i_of_each_element_on_both_sides_of_the_small_path(layout, nbytes) -> None:
+    # Small data is split and merged by a strided copy, larger data by shifts: both
+    # must give the layout of docs/format.md 5.2 and invert each other.
+    data = np.random.default_rng(nbytes + layout).integers(0, 256, nbytes, dtype=np.uint8)
+    count = nbytes // layout
+    expected = data[: count * layout].reshape(count, layout).T
+    for out in (None, np.empty(nbytes + 8, np.uint8)):
+        grouped, tail = planes.split(data, layout, out)
+        assert np.array_equal(grouped, expected) and np.array_equal(tail, data[count * layout :])
+    merged = np.empty(nbytes, np.uint8)
+    planes.merge_into([row.copy() for row in expected], data[count * layout :], layout, merged)
+    assert np.array_equal(merged, data)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=_dtype_name)
 def test_byte_planes_beat_plain_zstd_on_weights(dtype) -> None:
     raw = _raw(_weights(dtype, 1 << 18, 0))
