@@ -43,15 +43,22 @@ def walk(load: Callable[[str], Commit], starts: Iterable[str], n: int | None = N
 def reachable(parents: Callable[[str], Sequence[str]], starts: Iterable[str],
               stop: set[str] | frozenset[str] = frozenset()) -> set[str]:
     """Ids of the commits reachable from ``starts`` (parents included), not walking past ``stop``."""
-    seen: set[str] = set()
+    return set(reachable_in_order(parents, starts, stop))
+
+
+def reachable_in_order(parents: Callable[[str], Sequence[str]], starts: Iterable[str],
+                       stop: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """:func:`reachable`, in the order the depth-first walk meets them (deterministic for the
+    same history; parents before children is not implied)."""
+    seen: dict[str, None] = {}
     stack = [s for s in starts if s not in stop]
     while stack:
         oid = stack.pop()
         if oid in seen:
             continue
-        seen.add(oid)
+        seen[oid] = None
         stack.extend(p for p in parents(oid) if p not in seen and p not in stop)
-    return seen
+    return list(seen)
 
 
 _INVERT = bytes(255 - b for b in range(256))

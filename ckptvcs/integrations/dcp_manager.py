@@ -35,6 +35,7 @@ from ckptvcs.training.policies import (
     KeepPolicy,
     SaveContext,
     SavePolicy,
+    check_every_n,
     check_policy_conflicts,
     prune_decisions,
     save_policy_from_keywords,
@@ -116,9 +117,7 @@ class DistributedCheckpointManager:
         retention = RetentionPolicy(keep_last=keep_last, keep_best=keep_best, best_metric=best_metric,
                                     best_mode=best_mode, keep_every_steps=keep_every_steps, max_age=max_age)
         self.keep_policy = keep_policy if keep_policy is not None else retention if retention.active else None
-        if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
-            raise InvalidInputError(f"gc_every must be a non-negative integer (0 disables), got {gc_every!r}")
-        self.gc_every = gc_every
+        self.gc_every = check_every_n(gc_every, "gc_every")
         self._commit_options = {"config": config, "data_version": data_version, "code_version": code_version}
         self._last_saved_step: int | None = None
         self._last_save_time = time.monotonic()

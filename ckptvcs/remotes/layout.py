@@ -24,6 +24,8 @@ import re
 
 from ckptvcs.backends.base import Backend, ConcurrentUpdate, KeyMissing
 from ckptvcs.errors import CorruptObjectError, StorageError
+from ckptvcs.layout import object_key, pack_key  # a remote's keys are a repository's keys
+from ckptvcs.layout import pack_index_key as index_key
 from ckptvcs.pack import PackEntry
 from ckptvcs.pack_index import MAX_INDEX_SIZE, encode_pack_index
 from ckptvcs.pack_index import decode_pack_index as _decode_pack_index
@@ -43,18 +45,6 @@ _MAX_OBJECT = 1 << 30  # an object's stored bytes (the local reader's bound too)
 def decode_pack_index(pack: str, data: bytes) -> tuple[int, list[PackEntry]]:
     """``(pack size, entries)`` of a remote pack index (ckptvcs.pack_index: one format)."""
     return _decode_pack_index(pack, data, what="remote pack index")
-
-
-def pack_key(name: str) -> str:
-    return f"packs/{name}.pack"
-
-
-def index_key(name: str) -> str:
-    return f"packs/{name}.idx"
-
-
-def object_key(oid: str) -> str:
-    return f"objects/{oid[:2]}/{oid[2:]}"
 
 
 class RemoteStore:

@@ -23,12 +23,12 @@ from ckptvcs import history
 from ckptvcs.catalog_cache import Summaries
 from ckptvcs.errors import UsageError
 from ckptvcs.gc import GcReport
-from ckptvcs.pack import PackEntry
+from ckptvcs.pack import PackEntry, with_delta_bases
 from ckptvcs.remotes.config import get_remote, open_backend, set_lazy_remote
 from ckptvcs.remotes.layout import RemoteStore
 from ckptvcs.remotes.lazy import _ranges, _start, locate_chunks, read_run
 from ckptvcs.remotes.policy import TierPolicy, get_policy
-from ckptvcs.remotes.transfer import _local_parents, _manifest_chunks, _peel_local, _walk
+from ckptvcs.remotes.transfer import _local_parents, _manifest_chunks, _peel_local
 from ckptvcs.repo import ARCHIVED_RULE
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def archive_commits(repo: Repo, remote: str, commits: list[str], *, dry_run: boo
     if not older:
         return report
     held = {_peel_local(repo, v) for v in store.refs().values()}
-    on_remote = set(_walk(_local_parents(repo), [c for c in held if c is not None], set()))
+    on_remote = history.reachable(_local_parents(repo), [c for c in held if c is not None])
     report.not_on_remote = [c for c in older if c not in on_remote]
     candidates = [c for c in older if c in on_remote]
     located = locate_chunks(store)
@@ -121,14 +121,7 @@ def archive_commits(repo: Repo, remote: str, commits: list[str], *, dry_run: boo
 
 def _chunks_with_bases(repo: Repo, commit_id: str, located: dict[bytes, PackEntry]) -> set[bytes]:
     manifest = repo.objects.read_commit(commit_id).manifest
-    chunks = set(_manifest_chunks(repo.objects.get(manifest, "manifest")[1]))
-    frontier = list(chunks)
-    while frontier:
-        entry = located.get(frontier.pop())
-        if entry is not None and entry.base is not None and entry.base not in chunks:
-            chunks.add(entry.base)
-            frontier.append(entry.base)
-    return chunks
+    return with_delta_bases(_manifest_chunks(repo.objects.get(manifest, "manifest")[1]), located)
 
 
 def _unverified_chunks(repo: Repo, store: RemoteStore, chunks: set[bytes], located: dict[bytes, PackEntry],
@@ -228,7 +221,7 @@ def where(repo: Repo) -> TierSummary:
             tip = _peel_local(repo, value) if value else None
             if tip is not None:
                 tips.append(tip)
-        for commit_id in _walk(parents, tips, set()):
+        for commit_id in history.reachable_in_order(parents, tips):
             summary.on_remote.setdefault(commit_id, []).append(name)
     index = repo.chunks.index
     pruned = repo.pruned()

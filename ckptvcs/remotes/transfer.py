@@ -38,6 +38,7 @@ from ckptvcs.errors import (
     StorageError,
     UsageError,
 )
+from ckptvcs.history import reachable, reachable_in_order
 from ckptvcs.objects import ObjectStore
 from ckptvcs.pack import PackEntry, iter_pack_entries, with_delta_bases
 from ckptvcs.refs import HEAD, is_valid_ref
@@ -115,21 +116,6 @@ def _parallel(workers: int, fn: Callable[[Any], Any], items: Iterable[Any]) -> l
         return list(pool.map(fn, items))
 
 
-def _walk(parents_of: Callable[[str], list[str]], starts: Iterable[str], stop: set[str]) -> list[str]:
-    """Commits reachable from ``starts`` not walking into ``stop`` (parents before children not implied)."""
-    seen: set[str] = set()
-    order: list[str] = []
-    stack = [s for s in starts if s not in stop]
-    while stack:
-        oid = stack.pop()
-        if oid in seen:
-            continue
-        seen.add(oid)
-        order.append(oid)
-        stack.extend(p for p in parents_of(oid) if p not in seen and p not in stop)
-    return order
-
-
 def _local_parents(repo: Repo) -> Callable[[str], list[str]]:
     return lambda oid: list(repo.objects.read_commit(oid).parents)
 
@@ -147,7 +133,7 @@ def _peel_local(repo: Repo, oid: str) -> str | None:
 
 
 def _is_ancestor(repo: Repo, ancestor: str, descendant: str) -> bool:
-    return ancestor in set(_walk(_local_parents(repo), [descendant], set()))
+    return ancestor in reachable(_local_parents(repo), [descendant])
 
 
 def _manifest_chunks(body: Any) -> Iterator[bytes]:
@@ -220,9 +206,9 @@ def push(
         moves[ref] = (old, new)
     if moves:
         have = {c for c in (_peel_local(repo, v) for v in remote_refs.values()) if c is not None}
-        have_all = set(_walk(_local_parents(repo), have, set()))
+        have_all = reachable(_local_parents(repo), have)
         tips = [c for c in (_peel_local(repo, new) for _, new in moves.values()) if c is not None]
-        commits = _walk(_local_parents(repo), tips, have_all)
+        commits = reachable_in_order(_local_parents(repo), tips, have_all)
         tag_ids = [new for _, new in moves.values()]
         with repo._lock.hold(exclusive=False):  # no gc rewrites or deletes a pack while it is read for upload
             # Chunks of commits the remote pruned may be gone there (gc --remote): they do not count as held.

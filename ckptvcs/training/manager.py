@@ -51,6 +51,7 @@ from .policies import (
     KeepPolicy,
     SaveContext,
     SavePolicy,
+    check_every_n,
     check_policy_conflicts,
     prune_decisions,
     save_policy_from_keywords,
@@ -157,12 +158,9 @@ class CheckpointManager:
         if every_seconds is not None and (isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
                                           or not every_seconds > 0):
             raise InvalidInputError(f"every_seconds must be a positive number, got {every_seconds!r}")
-        if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
-            raise InvalidInputError(f"gc_every must be a non-negative integer (0 disables), got {gc_every!r}")
-        self.gc_every = gc_every
-        if isinstance(repack_every, bool) or not isinstance(repack_every, int) or repack_every < 0:
-            raise InvalidInputError(f"repack_every must be a non-negative integer (0 disables), got {repack_every!r}")
-        self.repack_every = repack_every  # off by default: a repack's sweep reads every reachable commit
+        self.gc_every = check_every_n(gc_every, "gc_every")
+        # repack is off by default: its sweep reads every reachable commit
+        self.repack_every = check_every_n(repack_every, "repack_every")
         self._saves_since_repack = 0
         self._saves_since_gc = 0
         self._pruned_since_gc = False

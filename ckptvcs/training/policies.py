@@ -375,6 +375,14 @@ SAVE_KEYWORDS = ("every_steps", "every_seconds", "best_metric")
 KEEP_KEYWORDS = ("keep_last", "keep_best", "keep_every_steps", "max_age")
 
 
+def check_every_n(value: object, name: str) -> int:
+    """``value`` of a manager's ``<work>_every=N`` option (``gc_every``, ``repack_every``): a
+    non-negative integer, 0 turning the work off; InvalidInputError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"{name} must be a non-negative integer (0 disables), got {value!r}")
+    return value
+
+
 def save_policy_from_keywords(
     every_steps: int | None = None,
     every_seconds: float | None = None,
