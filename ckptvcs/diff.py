@@ -1,7 +1,9 @@
 """Differences between two committed states, tensor by tensor and value by value.
 
 Tensors whose stored bytes are provably identical (same layout, same chunk ids) are
-never read. The rest are loaded one at a time and compared bit by bit: the fraction of
+never read. The rest are loaded in batches of up to ``COMPARE_BATCH_BYTES`` a side (one
+read each: a state of 100,000 small tensors would otherwise pay a read's fixed cost per
+tensor) and compared bit by bit: the fraction of
 elements whose bits differ, and the largest absolute difference among them (NaN when a
 NaN is involved), so a diff of two checkpoints answers "what did training change".
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -29,6 +31,23 @@ __all__ = ["DiffEntry", "DiffStat", "diff_manifests", "stat_manifests", "compare
 
 _INT_OF_SIZE_TORCH = LazyMapping(lambda: {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64})
 _INT_OF_SIZE_NUMPY = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+# The bytes of changed tensors loaded at once on each side: a diff holds at most about
+# twice this (plus one tensor larger than it) beyond the manifests.
+COMPARE_BATCH_BYTES = 64 << 20
+
+# Loads the ``(tensor node, path)`` pairs of one side, returning their decoded values.
+NodeLoader = Callable[[list[tuple[Any, str]]], list[Any]]
+
+
+class _ToCompare(NamedTuple):
+    """A tensor of equal dtype and shape on both sides whose stored bytes differ."""
+
+    slot: int  # its place in the result
+    path: str
+    node_a: dict[str, Any]
+    node_b: dict[str, Any]
+    nbytes: int  # both sides' blobs together
 
 
 @dataclass(frozen=True)
@@ -121,14 +140,10 @@ def _compare_numpy(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return count / a.size, float(np.max(magnitude[differs]))
 
 
-def diff_manifests(
-    a: Manifest,
-    b: Manifest,
-    load_a: Callable[[Any, str], Any],
-    load_b: Callable[[Any, str], Any],
-) -> list[DiffEntry]:
-    """Compare two manifests; ``load_x(node, path)`` decodes the tensor node at ``path`` of that side."""
-    result: list[DiffEntry] = []
+def diff_manifests(a: Manifest, b: Manifest, load_a: NodeLoader, load_b: NodeLoader) -> list[DiffEntry]:
+    """Compare two manifests; ``load_x(nodes)`` decodes tensor nodes (with their paths) of that side."""
+    result: list[DiffEntry | None] = []
+    compare: list[_ToCompare] = []
     tensors_a = {path: (kind, body) for path, kind, body in iter_tensors(a.root)}
     tensors_b = {path: (kind, body) for path, kind, body in iter_tensors(b.root)}
     for path in list(dict.fromkeys([*tensors_a, *tensors_b])):
@@ -139,31 +154,53 @@ def diff_manifests(
             result.append(DiffEntry(path, "tensor", "added", _describe(*tensors_b[path])))
             continue
         (kind_a, body_a), (kind_b, body_b) = tensors_a[path], tensors_b[path]
-        if _layout(kind_a, body_a, a) == _layout(kind_b, body_b, b):
+        layout_a, layout_b = _layout(kind_a, body_a, a), _layout(kind_b, body_b, b)
+        if layout_a == layout_b:
             continue
         if (kind_a, body_a.get("dtype"), body_a.get("shape")) != (kind_b, body_b.get("dtype"), body_b.get("shape")):
             result.append(
                 DiffEntry(path, "tensor", "changed", f"{_describe(kind_a, body_a)} -> {_describe(kind_b, body_b)}")
             )
             continue
-        fraction, max_abs = compare_values(load_a({kind_a: body_a}, path), load_b({kind_b: body_b}, path))
-        if fraction:
-            result.append(
-                DiffEntry(path, "tensor", "changed", _describe(kind_b, body_b), fraction, max_abs)
-            )
+        compare.append(_ToCompare(len(result), path, {kind_a: body_a}, {kind_b: body_b}, layout_a[-2] + layout_b[-2]))
+        result.append(None)  # filled below, or dropped when the bits are equal
+    for batch in _batches(compare):
+        loaded_a = load_a([(item.node_a, item.path) for item in batch])
+        loaded_b = load_b([(item.node_b, item.path) for item in batch])
+        for item, value_a, value_b in zip(batch, loaded_a, loaded_b):
+            fraction, max_abs = compare_values(value_a, value_b)
+            if fraction:
+                (kind_b, body_b), = item.node_b.items()
+                result[item.slot] = DiffEntry(item.path, "tensor", "changed", _describe(kind_b, body_b),
+                                              fraction, max_abs)
+    entries = [entry for entry in result if entry is not None]
     values_a, values_b = dict(_leaves(a.root)), dict(_leaves(b.root))
     for path in list(dict.fromkeys([*values_a, *values_b])):
         if path in values_a and path in values_b:
             if values_a[path] != values_b[path]:
                 old, new = _plain(values_a[path]), _plain(values_b[path])
-                result.append(DiffEntry(path, "value", "changed", f"{old!r} -> {new!r}", old=old, new=new))
+                entries.append(DiffEntry(path, "value", "changed", f"{old!r} -> {new!r}", old=old, new=new))
         elif path in values_a:
             old = _plain(values_a[path])
-            result.append(DiffEntry(path, "value", "removed", repr(old), old=old))
+            entries.append(DiffEntry(path, "value", "removed", repr(old), old=old))
         else:
             new = _plain(values_b[path])
-            result.append(DiffEntry(path, "value", "added", repr(new), new=new))
-    return result
+            entries.append(DiffEntry(path, "value", "added", repr(new), new=new))
+    return entries
+
+
+def _batches(compare: list[_ToCompare]) -> Iterator[list[_ToCompare]]:
+    """``compare`` cut into runs of about ``COMPARE_BATCH_BYTES`` a side (a larger tensor alone)."""
+    batch: list[_ToCompare] = []
+    size = 0
+    for item in compare:
+        if batch and size + item.nbytes > 2 * COMPARE_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item.nbytes
+    if batch:
+        yield batch
 
 
 def _plain(node: Any) -> Any:

@@ -264,6 +264,35 @@ class ChunkIndex:
 
         return self._run(op)
 
+    def get_many(self, chunk_ids: Iterable[bytes], *, base_levels: int = 0) -> dict[bytes, PackEntry]:
+        """The entries of those ``chunk_ids`` the index holds, in one read transaction.
+
+        With ``base_levels`` the delta bases they name, and theirs, down that many levels
+        of each chain, are looked up in the same transaction: a load of many chunks asks
+        LMDB once, not once per chunk and chain level (a transaction costs more than the
+        look-up).
+        """
+        pending = list(dict.fromkeys(chunk_ids))
+
+        def op() -> dict[bytes, PackEntry]:
+            found: dict[bytes, PackEntry] = {}
+            with self._env.begin(db=self._db) as txn:
+                todo = pending
+                for _ in range(base_levels + 1):
+                    bases: list[bytes] = []
+                    for cid in todo:
+                        value = txn.get(cid)
+                        if value is not None:
+                            entry = found[cid] = self._decode(cid, value)
+                            if entry.base is not None and entry.base not in found:
+                                bases.append(entry.base)
+                    todo = list(dict.fromkeys(bases))
+                    if not todo:
+                        break
+            return found
+
+        return self._run(op)
+
     def missing(self, chunk_ids: Iterable[bytes]) -> set[bytes]:
         """The subset of ``chunk_ids`` the index does not hold, in one read transaction."""
         ids = list(chunk_ids)

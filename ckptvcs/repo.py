@@ -80,7 +80,7 @@ from .reuse import ReuseHint
 from .reuse import prepare as prepare_reuse
 from .signing import sign_tag
 from .state import MapLocation, blob_kinds, decode_state, dict_items_shifted, encode_state, iter_tensors, select_keys
-from .store import DEFAULT_KEYFRAME_INTERVAL, ChunkStore, Progress
+from .store import DEFAULT_KEYFRAME_INTERVAL, BlobRead, ChunkStore, Progress
 
 if TYPE_CHECKING:
     import torch
@@ -862,15 +862,26 @@ class Repo:
         self, manifest: Manifest, node: Any, commit_id: str, progress: Progress | None = None, *, path: str = ""
     ) -> dict[int, Any]:
         """Allocate and fill the blobs ``node`` (found at ``path``) needs, verifying every chunk."""
+        return self._read_nodes(manifest, [(node, path)], commit_id, progress)
+
+    def _read_nodes(
+        self, manifest: Manifest, nodes: list[tuple[Any, str]], commit_id: str, progress: Progress | None = None
+    ) -> dict[int, Any]:
+        """Allocate and fill the blobs that the ``(node, path)`` pairs need, in one read
+        (one index transaction, small chunks grouped), verifying every chunk."""
         self._check_not_pruned(commit_id)
-        kinds = blob_kinds(node)
-        names = {body.get("blob"): name for name, _, body in iter_tensors(node, path)}
+        kinds: dict[int, str] = {}
+        names: dict[Any, str] = {}
+        for node, path in nodes:
+            kinds.update(blob_kinds(node))
+            names.update((body.get("blob"), name) for name, _, body in iter_tensors(node, path))
         if self.chunk_source is not None:  # a lazy clone: fetch (verified) the chunks this load needs first
             self.chunk_source([bytes.fromhex(c) for i in kinds if isinstance(i, int) and not isinstance(i, bool)
                                and 0 <= i < len(manifest.blobs) for c in manifest.blobs[i]["chunks"]])
         buffers: dict[int, Any] = {}
         futures: list[Future[int]] = []
         try:
+            reads: list[BlobRead] = []
             for index, kind in kinds.items():
                 if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(manifest.blobs):
                     raise CorruptObjectError(f"manifest {manifest.id} refers to blob {index!r}, which it lacks")
@@ -884,13 +895,13 @@ class Repo:
                 # Before the first touch: fewer, larger page faults while decoding into it.
                 advise_huge_pages(buf.data_ptr() if kind == "torch" else buf.ctypes.data, nbytes)
                 buffers[index] = buf
-                view = memoryview(buf.numpy() if kind == "torch" else buf)
                 name = names.get(index, "bytes value")
-                futures += self.chunks.read_into(
+                reads.append(BlobRead(
                     [bytes.fromhex(c) for c in blob["chunks"]],
-                    view,
-                    describe=lambda name=name: f"tensor {name} of commit {commit_id[:12]}",  # type: ignore[misc]
-                )
+                    memoryview(buf.numpy() if kind == "torch" else buf),
+                    lambda name=name: f"tensor {name} of commit {commit_id[:12]}",  # type: ignore[misc]
+                ))
+            futures = self.chunks.read_blobs(reads)
             total = sum(len(buf) for buf in buffers.values())
             done = 0
             for fut in as_completed(futures):
@@ -1043,10 +1054,12 @@ class Repo:
         manifest_a, manifest_b = self.manifest(a), self.manifest(b)
         commit_a, commit_b = self.resolve(a), self.resolve(b)
 
-        def loader(manifest: Manifest, commit_id: str) -> Callable[[Any, str], Any]:
-            def load_node(node: Any, path: str) -> Any:
-                return decode_state(node, self._read_blobs(manifest, node, commit_id, path=path), "cpu")
-            return load_node
+        def loader(manifest: Manifest, commit_id: str) -> Callable[[list[tuple[Any, str]]], list[Any]]:
+            def load_nodes(nodes: list[tuple[Any, str]]) -> list[Any]:
+                blobs = self._read_nodes(manifest, nodes, commit_id)
+                # Each node sees only its own blobs (its view budget is sized from them).
+                return [decode_state(node, {i: blobs[i] for i in blob_kinds(node)}, "cpu") for node, _ in nodes]
+            return load_nodes
 
         return diff_manifests(manifest_a, manifest_b, loader(manifest_a, commit_a), loader(manifest_b, commit_b))
 

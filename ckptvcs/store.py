@@ -35,7 +35,7 @@ from .pack import PackEntry, PackFiles, PackWriter
 from .pack_index import index_sealed_pack
 from .store_index import sync_index
 
-__all__ = ["ChunkStore", "WriteSession", "WriteStats", "Progress", "chunk_hash"]
+__all__ = ["BlobRead", "ChunkStore", "WriteSession", "WriteStats", "Progress", "chunk_hash"]
 
 PACK_TARGET_SIZE = 256 << 20
 DEFAULT_KEYFRAME_INTERVAL = 4
@@ -164,6 +164,32 @@ def _copy_repeats(repeats: list[tuple[int, int]], ranges: list[tuple[int, int]],
         grid[rows] = grid[j]
 
 
+@dataclass(frozen=True)
+class BlobRead:
+    """One blob to decode: its chunk ids, the buffer it fills (exactly its size), and a
+    function naming it for error messages (tensor path, commit)."""
+
+    chunk_ids: Sequence[bytes]
+    out: memoryview
+    describe: Callable[[], str]
+
+
+class _FoundEntries:
+    """Index look-ups of a read task: the entries found up front, then the index itself.
+
+    The entries were true when the read began; one that gc has since moved fails its
+    decode, and the retry path asks the index again (``_decode_with_retry``).
+    """
+
+    def __init__(self, found: dict[bytes, PackEntry], index: ChunkIndex) -> None:
+        self._found = found
+        self._index = index
+
+    def get(self, chunk_id: bytes) -> PackEntry | None:
+        entry = self._found.get(chunk_id)
+        return entry if entry is not None else self._index.get(chunk_id)
+
+
 class ChunkStore:
     """Chunks stored in ``packs/``, located through the LMDB index in ``index/``.
 
@@ -250,9 +276,9 @@ class ChunkStore:
         self.close_index()
 
     def _entry(self, chunk_id: bytes) -> PackEntry | None:
-        """The index entry of ``chunk_id``: through the write session this thread works for
-        (one read transaction per session), else straight from the index."""
-        lookups: SessionLookups | None = getattr(self._session, "lookups", None)
+        """The index entry of ``chunk_id``: through the write session or the read this thread
+        works for (one read transaction for all of it), else straight from the index."""
+        lookups: SessionLookups | _FoundEntries | None = getattr(self._session, "lookups", None)
         return (lookups or self.index).get(chunk_id)
 
     def split(self, nbytes: int) -> list[tuple[int, int]]:
@@ -270,39 +296,85 @@ class ChunkStore:
         ``describe`` names the blob in error messages (tensor path, commit).
         Each chunk is verified against its id after decoding.
         """
-        ranges = self.split(len(out))
-        if len(ranges) != len(chunk_ids):
-            raise CorruptObjectError(
-                f"{describe()}: {len(chunk_ids)} chunks listed for {len(out)} bytes"
-            )
-        entries = self._locate(chunk_ids, describe)
-        first: dict[bytes, int] = {}  # chunk id → the position it is decoded at
-        repeats: list[tuple[int, int]] = []  # (decoded position, position that copies it)
-        futures: dict[int, Future[int]] = {}
-        for i, (entry, (start, end)) in enumerate(zip(entries, ranges)):
-            j = first.setdefault(entry.chunk_id, i)
-            if j != i and ranges[j][1] - ranges[j][0] == end - start:
-                repeats.append((j, i))  # one chunk referenced again (zeros): decode once, copy
-            else:
-                futures[i] = self.pool.submit(self._read_chunk, entry, out[start:end], describe)
-        if not repeats:
-            return list(futures.values())
-        return [*futures.values(), _copy_when_done(futures, repeats, ranges, out)]
+        return self.read_blobs([BlobRead(chunk_ids, out, describe)])
 
-    def _locate(self, chunk_ids: Sequence[bytes], describe: Callable[[], str]) -> list[PackEntry]:
-        found: dict[bytes, PackEntry] = {}
-        adopted = False
-        for cid in chunk_ids:
-            if cid not in found:  # one lookup per distinct chunk
-                entry = self.index.get(cid)
-                if entry is None and not adopted and not self.backend.capabilities.local_path:
-                    adopted = True  # another handle on this store may have written it: look once
-                    self.refresh_index()
-                    entry = self.index.get(cid)
-                if entry is None:
-                    raise _damage(describe, f"chunk {cid.hex()}", "is missing from the store", chunk_id=cid)
-                found[cid] = entry
-        return [found[cid] for cid in chunk_ids]
+    def read_blobs(self, blobs: Sequence[BlobRead]) -> list[Future[int]]:
+        """Schedule decoding many blobs at once; returns futures of bytes filled.
+
+        Every chunk is verified against its id after decoding. The chunks (and the delta
+        bases their chains need) are looked up in one index read transaction, and
+        chunks shorter than ``_GROUP_CHUNK`` (a small tensor's only chunk) are decoded
+        in pool tasks of up to ``_GROUP_BYTES``: a task's hand-over costs as much as
+        decoding a few KB, and a state of 100,000 small tensors would otherwise pay it,
+        and a transaction, 100,000 times.
+        """
+        found = self._locate(blobs)
+        futures: list[Future[int]] = []
+        group: list[tuple[PackEntry, memoryview, Callable[[], str]]] = []
+        group_bytes = 0
+
+        def submit_group() -> Future[int]:
+            nonlocal group, group_bytes
+            fut = self.pool.submit(self._read_group, group, found)
+            futures.append(fut)
+            group, group_bytes = [], 0
+            return fut
+
+        for blob in blobs:
+            ranges = self.split(len(blob.out))
+            first: dict[bytes, int] = {}  # chunk id → the position it is decoded at
+            repeats: list[tuple[int, int]] = []  # (decoded position, position that copies it)
+            decoding: dict[int, Future[int]] = {}
+            small: list[int] = []  # positions decoded by the group being filled
+            for i, (cid, (start, end)) in enumerate(zip(blob.chunk_ids, ranges)):
+                j = first.setdefault(cid, i)
+                if j != i and ranges[j][1] - ranges[j][0] == end - start:
+                    repeats.append((j, i))  # one chunk referenced again (zeros): decode once, copy
+                    continue
+                group.append((found[cid], blob.out[start:end], blob.describe))
+                group_bytes += end - start
+                small.append(i)
+                if end - start >= _GROUP_CHUNK or group_bytes >= _GROUP_BYTES:
+                    fut = submit_group()
+                    decoding.update((k, fut) for k in small)
+                    small = []
+            if small and repeats:  # a repeat waits on its source: submit it now
+                fut = submit_group()
+                decoding.update((k, fut) for k in small)
+            if repeats:
+                futures.append(_copy_when_done(decoding, repeats, ranges, blob.out))
+        if group:
+            submit_group()
+        return futures
+
+    def _read_group(self, items: list[tuple[PackEntry, memoryview, Callable[[], str]]],
+                    found: dict[bytes, PackEntry]) -> int:
+        """One pool task: decode and verify each chunk of ``items``; returns the bytes filled."""
+        local = self._session
+        local.lookups = _FoundEntries(found, self.index)
+        try:
+            return sum(self._read_chunk(entry, out, describe) for entry, out, describe in items)
+        finally:
+            local.lookups = None
+
+    def _locate(self, blobs: Sequence[BlobRead]) -> dict[bytes, PackEntry]:
+        """The index entries of every chunk of ``blobs`` and of their delta chains, in one
+        read transaction; a missing chunk raises IntegrityError naming its blob."""
+        for blob in blobs:
+            if len(self.split(len(blob.out))) != len(blob.chunk_ids):
+                raise CorruptObjectError(
+                    f"{blob.describe()}: {len(blob.chunk_ids)} chunks listed for {len(blob.out)} bytes"
+                )
+        wanted = [cid for blob in blobs for cid in blob.chunk_ids]
+        found = self.index.get_many(wanted, base_levels=MAX_CHAIN_LENGTH)
+        if len(found) < len(set(wanted)) and not self.backend.capabilities.local_path:
+            self.refresh_index()  # another handle on this store may have written them: look once
+            found.update(self.index.get_many([c for c in wanted if c not in found], base_levels=MAX_CHAIN_LENGTH))
+        for blob in blobs:
+            for cid in blob.chunk_ids:
+                if cid not in found:
+                    raise _damage(blob.describe, f"chunk {cid.hex()}", "is missing from the store", chunk_id=cid)
+        return found
 
     def _read_chunk(self, entry: PackEntry, out: memoryview, describe: Callable[[], str]) -> int:
         self._decode_checked(entry, out, describe)
