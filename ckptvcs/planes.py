@@ -41,10 +41,15 @@ _FLOAT_WIDTHS = {
 _UINT: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 # Up to this many bytes, split and merge_into use one strided copy (per plane) instead of
-# shifts: the copy is slower per byte, but the shifts' numpy calls and scratch buffers
-# cost more than the bytes in a small chunk (measured, fp32: 2 against 6 us to split
-# 3.6 KB, 2.4 against 11 us to merge; equal around 32 KiB).
+# shifts: the shifts' numpy calls and scratch buffers cost more than the bytes in a small
+# chunk (measured, fp32: 2 against 6 us to split 3.6 KB, 2.4 against 11 us to merge).
 _SMALL = 32 * 1024
+# Elements this wide or wider take the strided copies at every size: with numpy 2.4 they
+# beat the shifts per byte too (measured per MiB, merging into fresh memory as a load
+# does: fp32 0.59 against 0.63 ms, fp64 0.65 against 0.77; splitting: fp32 0.31 against
+# 0.38, fp64 0.31 against 0.72). Two-byte elements keep the shifts (0.46 against 0.51
+# to merge, 0.22 against 0.31 to split).
+_STRIDED_WIDTH = 4
 
 
 def layout_for_dtype(dtype: str | None) -> int:
@@ -85,12 +90,12 @@ def split(data: np.ndarray, layout: int, out: np.ndarray | None = None) -> tuple
         grouped = np.empty((layout, count), dtype=np.uint8)
     else:
         grouped = out[: layout * count].reshape(layout, count)
-    if n <= _SMALL:
+    if n <= _SMALL or layout >= _STRIDED_WIDTH:
         np.copyto(grouped, data[: count * layout].reshape(count, layout).T)
         return grouped, data[count * layout :]
     # Plane i is byte i of each element in memory order, i.e. bits 8i..8i+7 of the
-    # little-endian integer: a shift and a truncating cast per plane is several times
-    # faster in numpy than a strided transpose copy.
+    # little-endian integer: for two-byte elements a shift and a truncating cast per
+    # plane beats a strided transpose copy.
     elements = data[: count * layout].view(_UINT[layout])
     shifted = scratch.buffer("split-shift", count * layout).view(_UINT[layout])  # no fresh temporary per plane
     np.copyto(grouped[0], elements, casting="unsafe")
@@ -112,7 +117,7 @@ def merge_into(planes: Sequence[np.ndarray], tail: np.ndarray, layout: int, out:
         out[1::2] = ((high << 4) | (low & 0x0F))[: n // 2]
         return
     count = n // layout
-    if n <= _SMALL:
+    if n <= _SMALL or layout >= _STRIDED_WIDTH:
         columns = out[: count * layout].reshape(count, layout)
         for i, plane in enumerate(planes):
             columns[:, i] = plane
@@ -125,8 +130,8 @@ def _combine(planes: Sequence[np.ndarray], out: np.ndarray | None) -> np.ndarray
     """The elements whose byte ``i`` is ``planes[i]``, built pairwise with shifts and ORs.
 
     Two halves are combined into integers of twice their width: ``out = high << w | low``.
-    Whole-array integer operations run several times faster in numpy than writing each
-    plane into a strided byte column (measured: 0.18 against 0.29 ms per MiB, fp32).
+    For two-byte elements the whole-array integer operations beat writing each plane
+    into a strided byte column (see ``_STRIDED_WIDTH`` for the wider ones).
     ``out`` (unsigned integers ``len(planes)`` bytes wide, one per plane entry) receives
     the result; a single plane is returned as it is (``out`` is None then).
     """
