@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _fs, catalog, commit_records, components, delta, history, layout, provenance, records, revisions, stats_cache, trust
 from . import verify as verification
+from ._gc import collector_paused
 from ._lazy import LazyModule
 from ._validate import check_chunk_size as _check_chunk_size
 from ._validate import check_keyframe_interval as _check_keyframe_interval
@@ -850,13 +851,14 @@ class Repo:
         """
         self._check_process()
         commit_id = self.resolve(rev)
-        manifest = self.manifest(commit_id)
-        try:
-            node = select_keys(manifest.root, None if keys is None else [keys] if isinstance(keys, str) else list(keys))
-        except KeyError as err:
-            raise KeyNotFoundError(f"commit {commit_id[:12]}: {err.args[0]}") from None
-        blobs = self._read_blobs(manifest, node, commit_id, progress)
-        return decode_state(node, blobs, map_location)
+        with collector_paused():  # a manifest of many tensors is many objects: _gc.py
+            manifest = self.manifest(commit_id)
+            try:
+                node = select_keys(manifest.root, None if keys is None else [keys] if isinstance(keys, str) else list(keys))
+            except KeyError as err:
+                raise KeyNotFoundError(f"commit {commit_id[:12]}: {err.args[0]}") from None
+            blobs = self._read_blobs(manifest, node, commit_id, progress)
+            return decode_state(node, blobs, map_location)
 
     def _read_blobs(
         self, manifest: Manifest, node: Any, commit_id: str, progress: Progress | None = None, *, path: str = ""
@@ -1051,7 +1053,8 @@ class Repo:
         Changed tensors carry the fraction of elements changed and the max absolute
         difference. Tensors whose chunks are identical are not read at all.
         """
-        manifest_a, manifest_b = self.manifest(a), self.manifest(b)
+        with collector_paused():
+            manifest_a, manifest_b = self.manifest(a), self.manifest(b)
         commit_a, commit_b = self.resolve(a), self.resolve(b)
 
         def loader(manifest: Manifest, commit_id: str) -> Callable[[list[tuple[Any, str]]], list[Any]]:
@@ -1061,7 +1064,8 @@ class Repo:
                 return [decode_state(node, {i: blobs[i] for i in blob_kinds(node)}, "cpu") for node, _ in nodes]
             return load_nodes
 
-        return diff_manifests(manifest_a, manifest_b, loader(manifest_a, commit_a), loader(manifest_b, commit_b))
+        with collector_paused():
+            return diff_manifests(manifest_a, manifest_b, loader(manifest_a, commit_a), loader(manifest_b, commit_b))
 
     def diff_stat(self, a: str, b: str) -> list[DiffStat]:
         """Added, removed and changed tensors and values between two commits, with sizes,

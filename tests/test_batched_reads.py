@@ -135,3 +135,32 @@ def test_diff_in_batches_reports_what_one_by_one_did(tmp_path: Path, monkeypatch
     assert by_path["model/big"].fraction_changed == pytest.approx(1 / 30_000)
     assert by_path["step"].old == 3 and by_path["step"].new == 4
     repo.close()
+
+
+def test_a_load_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    import gc
+
+    from ckptvcs._gc import collector_paused
+
+    repo = Repo.init(tmp_path / "r")
+    repo.commit({"w": torch.ones(3)}, message="one")
+    seen: list[bool] = []
+    assert gc.isenabled()
+    with collector_paused():
+        seen.append(gc.isenabled())
+        with collector_paused():  # nested: the inner block must not enable it early
+            pass
+        seen.append(gc.isenabled())
+    assert seen == [False, False] and gc.isenabled()
+    repo.load()
+    assert gc.isenabled()
+    with pytest.raises(Exception):
+        repo.load("no-such-revision")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        repo.load()
+        assert not gc.isenabled(), "a caller's own choice to disable it stands"
+    finally:
+        gc.enable()
+    repo.close()
