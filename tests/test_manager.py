@@ -465,6 +465,24 @@ def test_host_copy_is_deep_and_keeps_structure() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_copy_of_cuda_tensors_is_pinned_complete_and_reused() -> None:
+    from ckptvcs.snapshot import HostBuffers, host_copy
+
+    big = torch.randn(4_000_000, device="cuda")
+    state = {"big": big, "view": big[10:20], "cpu": torch.ones(3)}
+    buffers = HostBuffers()
+    copy = host_copy(state, buffers)
+    big.add_(1.0)  # queued after the copy on the same stream: must not show in it
+    assert copy["big"].device.type == "cpu" and copy["big"].is_pinned()
+    assert torch.equal(copy["big"], (big - 1.0).cpu()) and torch.equal(copy["view"], copy["big"][10:20])
+    assert not copy["cpu"].is_pinned()
+    first_ptr = copy["big"].untyped_storage().data_ptr()
+    buffers.release()
+    again = host_copy(state, buffers)
+    assert again["big"].untyped_storage().data_ptr() == first_ptr and torch.equal(again["big"], big.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_rng_and_device_tensors_round_trip(repo) -> None:
     model = nn.Linear(4, 4).cuda()
     torch.cuda.manual_seed_all(3)

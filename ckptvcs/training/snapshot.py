@@ -5,6 +5,12 @@ tensors may change while the copy is hashed, compressed and written. Tensors tha
 share storage (tied weights, views) share one copied storage, so the checkpoint keeps
 their sharing; device tensors are copied to the host. Containers are copied (an
 optimizer's ``param_groups`` may change after the save); immutable values are reused.
+
+CUDA tensors copied into reused buffers land in page-locked (pinned) host memory: the
+copies are queued without waiting (``non_blocking``), so they run back to back at the
+link's speed instead of through a staging buffer, and the copy waits once, at the end,
+for every device's current stream. Pinning costs time once, at the first save; the
+buffers are reused after it.
 """
 
 from __future__ import annotations
@@ -28,19 +34,25 @@ class HostBuffers:
     """
 
     def __init__(self) -> None:
-        self._free: dict[int, list[torch.UntypedStorage]] = {}
-        self._in_use: list[torch.UntypedStorage] = []
+        self._free: dict[tuple[int, bool], list[torch.UntypedStorage]] = {}  # (bytes, pinned) → storages
+        self._in_use: list[tuple[torch.UntypedStorage, bool]] = []
 
-    def take(self, nbytes: int) -> torch.UntypedStorage:
-        free = self._free.get(nbytes)
-        storage = free.pop() if free else torch.UntypedStorage(nbytes)
-        self._in_use.append(storage)
+    def take(self, nbytes: int, *, pinned: bool = False) -> torch.UntypedStorage:
+        """A host storage of ``nbytes``; ``pinned``: page-locked (for copies from a GPU)."""
+        free = self._free.get((nbytes, pinned))
+        if free:
+            storage = free.pop()
+        elif pinned:
+            storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
+        else:
+            storage = torch.UntypedStorage(nbytes)
+        self._in_use.append((storage, pinned))
         return storage
 
     def release(self) -> None:
         """Make every storage handed out since the last release reusable."""
-        for storage in self._in_use:
-            self._free.setdefault(storage.nbytes(), []).append(storage)
+        for storage, pinned in self._in_use:
+            self._free.setdefault((storage.nbytes(), pinned), []).append(storage)
         self._in_use = []
 
     def clear(self) -> None:
@@ -53,6 +65,7 @@ class _Copier:
         # (device, storage address, storage bytes) → copied storage on the host
         self._storages: dict[tuple[str, int, int], torch.UntypedStorage] = {}
         self._buffers = buffers
+        self.queued_on: set[torch.device] = set()  # CUDA devices with copies queued, not yet waited for
 
     def value(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -90,8 +103,11 @@ class _Copier:
             if self._buffers is None:
                 storage = raw.to("cpu", copy=True).untyped_storage()
             else:
-                storage = self._buffers.take(source.nbytes())
-                torch.empty(0, dtype=torch.uint8).set_(storage).copy_(raw)
+                on_gpu = data.device.type == "cuda"
+                storage = self._buffers.take(source.nbytes(), pinned=on_gpu)
+                torch.empty(0, dtype=torch.uint8).set_(storage).copy_(raw, non_blocking=on_gpu)
+                if on_gpu:
+                    self.queued_on.add(data.device)
             self._storages[key] = storage
         copy = torch.empty(0, dtype=data.dtype).set_(storage, data.storage_offset(), data.shape, data.stride())
         if isinstance(t, torch.nn.Parameter):
@@ -102,5 +118,12 @@ class _Copier:
 
 
 def host_copy(state: Any, buffers: HostBuffers | None = None) -> Any:
-    """A deep copy of ``state`` whose tensors live in host memory (from ``buffers`` when given)."""
-    return _Copier(buffers).value(state)
+    """A deep copy of ``state`` whose tensors live in host memory (from ``buffers`` when given).
+
+    Every copy has finished when this returns.
+    """
+    copier = _Copier(buffers)
+    copied = copier.value(state)
+    for device in copier.queued_on:
+        torch.cuda.current_stream(device).synchronize()  # the queued copies, in order on that stream
+    return copied
