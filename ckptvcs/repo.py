@@ -530,14 +530,13 @@ class Repo:
         """
         self._check_process()
         started = time.perf_counter()
-        with collector_paused():  # a state of many tensors is many objects: _gc.py
-            encoded = encode_state(state)  # refuses unsupported values before any write
-            body = _commit_body(message, step, epoch, metrics, config, data_version, code_version)
-            target, expected, parent = self._commit_target(branch)
-            who = author or provenance.default_author()
-            with self._lock.hold(exclusive=False):
-                staged, manifest = self._stage_locked(encoded, parent, progress, started, reuse, write_manifest=False)
-                return self._publish_locked(staged, body, target, expected, who, manifest)
+        encoded = encode_state(state)  # refuses unsupported values before any write
+        body = _commit_body(message, step, epoch, metrics, config, data_version, code_version)
+        target, expected, parent = self._commit_target(branch)
+        who = author or provenance.default_author()
+        with self._lock.hold(exclusive=False):
+            staged, manifest = self._stage_locked(encoded, parent, progress, started, reuse, write_manifest=False)
+            return self._publish_locked(staged, body, target, expected, who, manifest)
 
     def stage(
         self,
@@ -560,15 +559,14 @@ class Repo:
         """
         self._check_process()
         started = time.perf_counter()
-        with collector_paused():
-            encoded = encode_state(state)
-            if parent is _PARENT_OF_BRANCH:
-                parent_id = self._commit_target(branch)[2]
-            else:
-                parent_id = None if parent is None else self.resolve(_require_str(parent, "parent"))
-            with self._lock.hold(exclusive=False):
-                staged, _ = self._stage_locked(encoded, parent_id, progress, started)
-                self._write_staged_record(staged)  # before gc can run: the lock is still held
+        encoded = encode_state(state)
+        if parent is _PARENT_OF_BRANCH:
+            parent_id = self._commit_target(branch)[2]
+        else:
+            parent_id = None if parent is None else self.resolve(_require_str(parent, "parent"))
+        with self._lock.hold(exclusive=False):
+            staged, _ = self._stage_locked(encoded, parent_id, progress, started)
+            self._write_staged_record(staged)  # before gc can run: the lock is still held
         return staged
 
     def publish(
