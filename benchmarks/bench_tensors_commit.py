@@ -23,8 +23,9 @@ fixed; compare the ids printed by two checkouts).
 ``--baseline DIR`` (a folder holding an older ``ckptvcs`` package, e.g. from ``git
 worktree add /tmp/base main`` or ``git archive main ckptvcs | tar -x -C /tmp/base``) also
 measures that code in the same run: each pair is then one child process on the old code
-and one on the current code, alternating, and the table gives the per-tensor CPU time
-of both and their ratio pair by pair, and says whether both wrote the same manifests.
+and one on the current code, alternating, each measuring every size in turn (one pair
+each), and the table gives the per-tensor CPU time of both and their ratio pair by
+pair, and says whether both wrote the same manifests.
 
 Run
 ---
@@ -86,7 +87,6 @@ def run_size(n: int, pairs: int, workdir: Path) -> dict[str, Any]:
     warm.commit(make_state(10), code_version=None)
     warm.close()
     shutil.rmtree(workdir / f"warm-{n}")
-    state = make_state(n)
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in ("save1", "commit1", "save2", "commit2")}
     manifests: tuple[str, str] | None = None
     for p in range(pairs):
@@ -133,32 +133,36 @@ def report(result: dict[str, Any]) -> None:
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_child(code: Path, n: int, workdir: Path) -> dict[str, Any]:
-    """One pair at ``n`` tensors in a child process importing ckptvcs from ``code``."""
+def run_child(code: Path, sizes: list[int], workdir: Path) -> list[dict[str, Any]]:
+    """One pair at each size, in order, in a child process importing ckptvcs from ``code``
+    (every size in one process, as the main run measures them)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     out = subprocess.run(
-        [sys.executable, __file__, "--child", "--sizes", str(n), "--pairs", "1", "--dir", str(workdir)],
+        [sys.executable, __file__, "--child", "--sizes", ",".join(map(str, sizes)), "--pairs", "1",
+         "--dir", str(workdir)],
         env=env, check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def compare(n: int, pairs: int, baseline: Path, workdir: Path) -> None:
+def compare(sizes: list[int], pairs: int, baseline: Path, workdir: Path) -> None:
     """Alternate children on the old and the current code; per-tensor CPU and their ratios."""
-    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    runs: dict[str, list[list[dict[str, Any]]]] = {"before": [], "after": []}
     for _ in range(pairs):
-        runs["before"].append(run_child(baseline, n, workdir))
-        runs["after"].append(run_child(PROJECT_ROOT, n, workdir))
-    print(f"\n{n:,} tensors: before ({baseline}) and after (this checkout), {pairs} alternating pairs, CPU time")
-    print(f"  {'':32} {'before us/tensor':>17} {'after us/tensor':>16} {'after/before':>13}")
-    for label, key in (("first commit", "commit1"), ("second commit (10% changed)", "commit2"),
-                       ("torch.save + fsync (first)", "save1")):
-        before = [r["rows"][key][0][0] / n * 1e6 for r in runs["before"]]
-        after = [r["rows"][key][0][0] / n * 1e6 for r in runs["after"]]
-        ratios = statistics.median(a / b for a, b in zip(after, before))
-        print(f"  {label:32} {statistics.median(before):17.1f} {statistics.median(after):16.1f} {ratios:13.2f}")
-    same = {tuple(r["manifests"]) for r in runs["before"] + runs["after"]}
-    print(f"  manifests identical before and after: {'yes' if len(same) == 1 else 'NO'} {sorted(same)[0]}")
+        runs["before"].append(run_child(baseline, sizes, workdir))
+        runs["after"].append(run_child(PROJECT_ROOT, sizes, workdir))
+    for i, n in enumerate(sizes):
+        print(f"\n{n:,} tensors: before ({baseline}) and after (this checkout), {pairs} alternating process "
+              "pairs, CPU time")
+        print(f"  {'':32} {'before us/tensor':>17} {'after us/tensor':>16} {'after/before':>13}")
+        for label, key in (("first commit", "commit1"), ("second commit (10% changed)", "commit2"),
+                           ("torch.save + fsync (first)", "save1")):
+            before = [r[i]["rows"][key][0][0] / n * 1e6 for r in runs["before"]]
+            after = [r[i]["rows"][key][0][0] / n * 1e6 for r in runs["after"]]
+            ratios = statistics.median(a / b for a, b in zip(after, before))
+            print(f"  {label:32} {statistics.median(before):17.1f} {statistics.median(after):16.1f} {ratios:13.2f}")
+        same = {tuple(r[i]["manifests"]) for r in runs["before"] + runs["after"]}
+        print(f"  manifests identical before and after: {'yes' if len(same) == 1 else 'NO'} {sorted(same)[0]}")
 
 
 def main() -> None:
@@ -171,9 +175,9 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("1000,20000" if args.quick else "1000,10000,100000")).split(",")]
-    if args.child:  # one size, raw figures as JSON for compare()
+    if args.child:  # raw figures as JSON for compare()
         with tempfile.TemporaryDirectory(dir=args.dir, prefix="child-") as tmp:
-            print(json.dumps(run_size(sizes[0], args.pairs or 1, Path(tmp))))
+            print(json.dumps([run_size(n, args.pairs or 1, Path(tmp)) for n in sizes]))
         return
     print(f"ckptvcs {Path(ckptvcs.__file__).parent}, torch {torch.__version__}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -182,8 +186,7 @@ def main() -> None:
             pairs = args.pairs or (2 if n >= 100_000 else 3)
             report(run_size(n, pairs, Path(tmp)))
         if args.baseline:
-            for n in sizes:
-                compare(n, args.pairs or (2 if n >= 100_000 else 3), Path(args.baseline).resolve(), Path(tmp))
+            compare(sizes, args.pairs or (2 if max(sizes) >= 100_000 else 3), Path(args.baseline).resolve(), Path(tmp))
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -115,7 +115,9 @@ class _Encoder:
         # (then no value can be a tensor); subclasses still go the long way and are refused.
         loaded = sys.modules.get("torch")
         self._tensor_types = () if loaded is None else (loaded.Tensor, loaded.nn.Parameter)
-        self._strided = None if loaded is None else loaded.strided  # a LazyModule reads it anew every time
+        # Read once: a LazyModule looks up attributes that are not classes anew every time.
+        self._strided: Any = None if loaded is None else loaded.strided
+        self._uint8: Any = None if loaded is None else loaded.uint8
         self._dtype_names: dict[Any, str | None] = {}  # torch.dtype → its supported name, or None
 
     def encode(self, value: Any) -> EncodedState:
@@ -271,20 +273,21 @@ class _Encoder:
         if t.is_nested:
             raise UnsupportedValueError(path, "nested tensors are not supported (store their unbind() list)")
         if self._strided is None:
-            self._strided = torch.strided
+            self._strided, self._uint8 = torch.strided, torch.uint8
         if t.layout != self._strided:
             raise UnsupportedValueError(path, f"{t.layout} tensors are not supported (convert with .to_dense())")
         if t.is_quantized:
             raise UnsupportedValueError(path, "quantized tensors are not supported (store int_repr() and scales)")
-        device = t.device
-        if device.type == "meta":
+        on_cpu = t.is_cpu  # a flag: reading t.device builds a device object
+        device = "cpu" if on_cpu else str(t.device)
+        if not on_cpu and t.device.type == "meta":
             raise UnsupportedValueError(path, "meta tensors have no data to store")
         name = self._dtype_name(t.dtype)
         if name is None:
             raise UnsupportedValueError(path, f"dtype {t.dtype} is not supported")
         node: dict[str, Any] = {"dtype": name, "shape": list(t.shape)}
-        if device.type != "cpu":
-            node["device"] = str(device)
+        if not on_cpu:
+            node["device"] = device
         if kind is torch.nn.Parameter:  # the exact type: subclasses were refused above
             node["param"] = True
         if t.requires_grad:
@@ -297,7 +300,7 @@ class _Encoder:
             empty = torch.empty(0, dtype=torch.uint8)
             node.update(stride=[1] * data.dim(), offset=0, blob=self._blob(BlobSource(memoryview(empty.numpy()), name, empty)))
             return {"tensor": node}
-        key = (str(device), data.untyped_storage().data_ptr())  # detaching and resolving keep the device
+        key = (device, data.untyped_storage().data_ptr())  # detaching and resolving keep the device
         self._groups.setdefault(key, []).append((node, data))
         return {"tensor": node}
 
@@ -331,20 +334,18 @@ class _Encoder:
                 node.update(stride=list(t.stride()), offset=start - lo, blob=blob)
 
     def _emit_alone(self, node: dict[str, Any], t: torch.Tensor) -> bool:
-        """Emit a tensor alone in its storage group when it is one dense run of CPU memory
-        starting on a _SPAN_ALIGN boundary (most small tensors): its span is its own bytes,
-        viewed without building a storage view. False: leave it to the general path."""
-        if t.dim() != 1 or t.stride(0) != 1 or t.device.type != "cpu":
-            return False
-        start = t.storage_offset() * t.element_size()
-        if start % _SPAN_ALIGN:
+        """Emit a tensor alone in its storage group when it is contiguous CPU memory starting
+        on a _SPAN_ALIGN boundary (most tensors of a state): the span the general path
+        computes is then exactly its own bytes, viewed here without building a storage
+        view. False: leave it to the general path."""
+        if not t.is_cpu or not t.is_contiguous() or (t.storage_offset() * t.element_size()) % _SPAN_ALIGN:
             return False
         try:
-            raw = t.view(torch.uint8)  # exactly bytes [start, start + nbytes) of the storage
+            raw = t.reshape(-1).view(self._uint8)  # bytes [start, start + nbytes) of the storage: a view
         except RuntimeError:
             return False
         blob = self._blob(BlobSource(memoryview(raw.numpy()), node["dtype"], raw))
-        node.update(stride=[1], offset=0, blob=blob)
+        node.update(stride=list(t.stride()), offset=0, blob=blob)
         return True
 
 

@@ -89,8 +89,11 @@ def test_manifest_bytes_unchanged(tmp_path: pathlib.Path) -> None:
     assert type(loaded["param"]) is torch.nn.Parameter and loaded["param"].requires_grad
     assert type(loaded["frozen"]) is torch.nn.Parameter and not loaded["frozen"].requires_grad
     assert type(loaded["grad"]) is torch.Tensor and loaded["grad"].requires_grad
-    for key in ("aligned_view", "unaligned_view", "half", "bf16", "complex", "one", "matrix", "rng"):
-        assert torch.equal(loaded[key], state[key]), key
+    for key in ("aligned_view", "unaligned_view", "half", "bf16", "complex", "one", "matrix", "rng", "scalar",
+                "transposed", "bool", "conj", "neg"):
+        assert torch.equal(loaded[key], state[key].resolve_conj().resolve_neg()), key
+        assert loaded[key].stride() == state[key].stride(), key
+    assert loaded["tied"]["a"].untyped_storage().data_ptr() == loaded["tied"]["view"].untyped_storage().data_ptr()
     repo.close()
 
 
