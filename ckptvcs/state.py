@@ -114,7 +114,8 @@ class _Encoder:
         # The exact tensor types, for a fast path in _value: None when torch is not imported
         # (then no value can be a tensor); subclasses still go the long way and are refused.
         loaded = sys.modules.get("torch")
-        self._tensor_types = () if loaded is None else (loaded.Tensor, loaded.nn.Parameter)
+        self._tensor_type = None if loaded is None else loaded.Tensor
+        self._parameter_type = None if loaded is None else loaded.nn.Parameter
         # Read once: a LazyModule looks up attributes that are not classes anew every time.
         self._strided: Any = None if loaded is None else loaded.strided
         self._uint8: Any = None if loaded is None else loaded.uint8
@@ -134,7 +135,7 @@ class _Encoder:
         if cls is str:
             _check_utf8(value, path)
             return value
-        if cls in self._tensor_types:
+        if cls is self._tensor_type or cls is self._parameter_type:
             return self._tensor(value, path)
         if value is None or isinstance(value, bool):
             return value
