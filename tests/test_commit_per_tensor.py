@@ -212,10 +212,22 @@ def test_second_commit_stores_the_same_with_or_without_the_kept_paths(tmp_path: 
     assert stored[0][0] < sum(v.nbytes for v in states()[1].values()) // 2  # deltas were taken
 
 
-def test_gc_pause_restores_the_collector() -> None:
+def test_gc_pause_restores_the_collector(tmp_path: pathlib.Path) -> None:
     """A commit leaves the collector as it found it: enabled, or disabled by the caller; also
     when the commit fails; overlapping pauses from several threads re-enable it once, at the end."""
     assert gc.isenabled()
+    repo = ckptvcs.Repo.init(tmp_path / "r")
+    small = {f"t{i}": torch.full((4,), float(i)) for i in range(1100)}  # many, small: storing is paused too
+    repo.commit(small, code_version=None)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        repo.commit({**small, "t0": torch.ones(4)}, code_version=None)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert torch.equal(repo.load()["t0"], torch.ones(4))
+    repo.close()
     many = {f"t{i}": torch.zeros(1) for i in range(2000)}
     encode_state(many)
     assert gc.isenabled()
