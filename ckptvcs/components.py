@@ -14,7 +14,7 @@ decides anything about data: a wrong guess only moves bytes between two bars of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .state import iter_tensors
@@ -31,20 +31,31 @@ _OTHER_HINTS = ("rng", "random", "sched", "scaler", "sampler", "dataloader", "lo
 
 def component_of(path: str) -> str:
     """``"weights"``, ``"optimizer"`` or ``"other"`` for a tensor at ``path`` (parts joined by ``/``)."""
-    parts = [p.lower() for p in path.split("/")]
-    if parts and parts[0] == "ckptvcs.manager":
+    low = path.lower()
+    parts = low.split("/")
+    if parts[0] == "ckptvcs.manager":
         return "other"
-    if any(p in _OPTIMIZER_PARTS or p.startswith("optim") for p in parts) or (parts and parts[-1] in _OPTIMIZER_BUFFERS):
+    # Every optimizer part contains "opt", and no hint contains "/": the substring tests on
+    # the whole path skip the per-part loops for most paths and decide the same.
+    if ("opt" in low and any(p in _OPTIMIZER_PARTS or p.startswith("optim") for p in parts)) or (
+        parts[-1] in _OPTIMIZER_BUFFERS
+    ):
         return "optimizer"
-    if any(hint in p for p in parts for hint in _OTHER_HINTS):
+    if any(hint in low for hint in _OTHER_HINTS):
         return "other"
     return "weights"
 
 
-def blob_components(root: Any, blob_count: int) -> list[str]:
+def blob_components(root: Any, blob_count: int, paths: Mapping[int, str] | None = None) -> list[str]:
     """The component of each blob of a manifest tree: that of the first tensor using it
-    (``other`` for blobs no tensor uses: large bytes values)."""
+    (``other`` for blobs no tensor uses: large bytes values). ``paths``: the tree's blob
+    index → first tensor path (ckptvcs.delta.first_paths), when already computed."""
     found: list[str | None] = [None] * blob_count
+    if paths is not None:
+        for blob, path in paths.items():
+            if 0 <= blob < blob_count:
+                found[blob] = component_of(path)
+        return [c or "other" for c in found]
     for path, _, body in iter_tensors(root):
         index = body.get("blob")
         if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < blob_count and found[index] is None:
@@ -52,10 +63,13 @@ def blob_components(root: Any, blob_count: int) -> list[str]:
     return [c or "other" for c in found]
 
 
-def split(root: Any, logical: Sequence[int], stored: Sequence[int] | None = None) -> dict[str, dict[str, int]]:
+def split(
+    root: Any, logical: Sequence[int], stored: Sequence[int] | None = None, paths: Mapping[int, str] | None = None
+) -> dict[str, dict[str, int]]:
     """``{component: {"logical_bytes", "new_stored_bytes"}}`` from per-blob byte counts
-    (``stored`` left out: logical bytes only). Components with no blob are left out."""
-    kinds = blob_components(root, len(logical))
+    (``stored`` left out: logical bytes only). Components with no blob are left out.
+    ``paths``: as for :func:`blob_components`."""
+    kinds = blob_components(root, len(logical), paths)
     out: dict[str, dict[str, int]] = {}
     for i, kind in enumerate(kinds):
         entry = out.setdefault(kind, {"logical_bytes": 0} if stored is None else {"logical_bytes": 0,

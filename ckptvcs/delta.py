@@ -10,15 +10,15 @@ delta only when it is the smallest verified encoding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .state import iter_tensors
 
-__all__ = ["parent_bases"]
+__all__ = ["parent_bases", "first_paths"]
 
 
-def _first_paths(root: Any) -> dict[int, str]:
+def first_paths(root: Any) -> dict[int, str]:
     """Blob index → key path of the first tensor or array that uses it."""
     paths: dict[int, str] = {}
     for path, _kind, body in iter_tensors(root):
@@ -28,16 +28,23 @@ def _first_paths(root: Any) -> dict[int, str]:
     return paths
 
 
+_first_paths = first_paths
+
+
 def parent_bases(
-    parent_root: Any, parent_blobs: Sequence[dict[str, Any]], root: Any, dtypes: Sequence[str]
+    parent_root: Any, parent_blobs: Sequence[dict[str, Any]], root: Any, dtypes: Sequence[str], *,
+    parent_paths: Mapping[int, str] | None = None, paths: Mapping[int, str] | None = None,
 ) -> list[list[bytes] | None]:
     """For each blob of the new state (``root``, ``dtypes``): the parent's chunk ids to delta against.
 
     ``parent_root`` and ``parent_blobs`` are the parent commit's manifest. Entry ``i``
-    is None when blob ``i`` has no counterpart in the parent.
+    is None when blob ``i`` has no counterpart in the parent. ``parent_paths`` and
+    ``paths``, when given, are :func:`first_paths` of the two roots, already computed
+    (a commit walks its tree once and keeps the result for the next commit).
     """
-    parent_by_path = {path: index for index, path in _first_paths(parent_root).items()}
-    paths = _first_paths(root)
+    parent_paths = first_paths(parent_root) if parent_paths is None else parent_paths
+    parent_by_path = {path: index for index, path in parent_paths.items()}
+    paths = first_paths(root) if paths is None else paths
     result: list[list[bytes] | None] = []
     for index, dtype in enumerate(dtypes):
         match = parent_by_path.get(paths[index]) if index in paths else None

@@ -29,7 +29,8 @@ import numpy as np
 
 from . import _fs, catalog, commit_records, components, delta, history, layout, provenance, records, revisions, stats_cache, trust
 from . import verify as verification
-from ._gc import collector_paused
+from ._gcpause import paused as _gc_paused
+from ._gcpause import small_items as _small_items
 from ._lazy import LazyModule
 from ._validate import check_chunk_size as _check_chunk_size
 from ._validate import check_keyframe_interval as _check_keyframe_interval
@@ -253,6 +254,9 @@ class Repo:
         # commit's delta bases come from it without reading the object back.
         self._recent_manifest: tuple[str, Manifest] | None = None
         self._staged_manifest: Manifest | None = None
+        # (manifest id, delta.first_paths of its root) of the last staged state: the next
+        # commit's parent side, so a commit walks only its own tree.
+        self._staged_paths: tuple[str, dict[int, str]] | None = None
         self._rebuild_missing_index()
         try:
             self.chunks.index  # noqa: B018 (read for its effect) open now: a forked child is refused here, at open
@@ -694,45 +698,50 @@ class Repo:
         ``write_manifest`` the manifest is returned unwritten, for the caller to store in
         one batch with the commit object (``commit``: both durable before the ref moves).
         """
-        bases = self._delta_bases(parent, encoded)
+        with _gc_paused():  # phases as long as the tensors are many (ckptvcs._gcpause)
+            paths = delta.first_paths(encoded.root)  # one walk: delta bases and component sizes
+            bases = self._delta_bases(parent, encoded, paths)
         self.chunks.index.refresh()  # `repair index` may have swapped it since we opened it
         known = prepare_reuse(reuse, encoded, self.chunks, self._reuse_source) if reuse is not None else None
         session = self.chunks.write_session()
         try:
-            chunk_lists = session.put_blobs(
-                [blob.data for blob in encoded.blobs],
-                progress,
-                dtypes=[blob.dtype for blob in encoded.blobs],
-                bases=bases,
-                known=known,
-            )
-            stats = session.finish()
+            with _gc_paused(_small_items(len(encoded.blobs), encoded.nbytes)):
+                chunk_lists = session.put_blobs(
+                    [blob.data for blob in encoded.blobs],
+                    progress,
+                    dtypes=[blob.dtype for blob in encoded.blobs],
+                    bases=bases,
+                    known=known,
+                )
+                stats = session.finish()
         except BaseException:
             session.abort()
             raise
-        body = {
-            "root": encoded.root,
-            "blobs": [
-                {"nbytes": len(blob.data), "dtype": blob.dtype, "chunks": [c.hex() for c in chunks]}
-                for blob, chunks in zip(encoded.blobs, chunk_lists)
-            ],
-        }
-        manifest = self.objects.prepare("manifest", body)
-        if write_manifest:
-            self.objects.put_prepared([manifest])
-        manifest_id = manifest.oid
-        self._staged_manifest = Manifest(manifest_id, body["root"], body["blobs"])
-        return Staged(
-            manifest=manifest_id,
-            parent=parent,
-            tensors=encoded.tensors,
-            logical_bytes=stats.logical_bytes,
-            new_chunks=stats.new_chunks,
-            new_stored_bytes=stats.new_stored_bytes,
-            time=provenance.utc_now(),
-            save_seconds=time.perf_counter() - started,
-            components=_component_sizes(encoded, stats.blob_new_stored_bytes),
-        ), manifest
+        with _gc_paused():
+            body = {
+                "root": encoded.root,
+                "blobs": [
+                    {"nbytes": len(blob.data), "dtype": blob.dtype, "chunks": [c.hex() for c in chunks]}
+                    for blob, chunks in zip(encoded.blobs, chunk_lists)
+                ],
+            }
+            manifest = self.objects.prepare("manifest", body)
+            if write_manifest:
+                self.objects.put_prepared([manifest])
+            manifest_id = manifest.oid
+            self._staged_manifest = Manifest(manifest_id, body["root"], body["blobs"])
+            self._staged_paths = (manifest_id, paths)
+            return Staged(
+                manifest=manifest_id,
+                parent=parent,
+                tensors=encoded.tensors,
+                logical_bytes=stats.logical_bytes,
+                new_chunks=stats.new_chunks,
+                new_stored_bytes=stats.new_stored_bytes,
+                time=provenance.utc_now(),
+                save_seconds=time.perf_counter() - started,
+                components=_component_sizes(encoded, stats.blob_new_stored_bytes, paths),
+            ), manifest
 
     def _publish_locked(
         self, staged: Staged, body: dict[str, Any], target: str, expected: str | None, who: str,
@@ -789,8 +798,11 @@ class Repo:
                     "after its staged grace expired; nothing was published: stage the state again",
                 )
 
-    def _delta_bases(self, parent: str | None, encoded: Any) -> list[list[bytes] | None] | None:
-        """Per blob, the parent commit's chunk ids to try XOR deltas against (None: no parent)."""
+    def _delta_bases(
+        self, parent: str | None, encoded: Any, paths: dict[int, str] | None = None
+    ) -> list[list[bytes] | None] | None:
+        """Per blob, the parent commit's chunk ids to try XOR deltas against (None: no parent).
+        ``paths``: delta.first_paths of ``encoded.root``, when already computed."""
         if parent is None or self.chunks.keyframe_interval <= 1:
             return None
         recent = self._recent_manifest
@@ -798,7 +810,10 @@ class Repo:
             manifest = recent[1] if recent is not None and recent[0] == parent else self.manifest(parent)
         except (CorruptObjectError, RevisionNotFoundError):
             return None  # a damaged parent is no base; the new commit stands on its own
-        return delta.parent_bases(manifest.root, manifest.blobs, encoded.root, [b.dtype for b in encoded.blobs])
+        known = self._staged_paths
+        parent_paths = known[1] if known is not None and known[0] == manifest.id else None
+        return delta.parent_bases(manifest.root, manifest.blobs, encoded.root, [b.dtype for b in encoded.blobs],
+                                  parent_paths=parent_paths, paths=paths)
 
     def _reuse_source(self, commit_id: str) -> tuple[Any, list[dict[str, Any]]] | str:
         """The manifest whose chunk ids a reuse hint may take, or why not (ckptvcs.reuse)."""
@@ -851,13 +866,14 @@ class Repo:
         """
         self._check_process()
         commit_id = self.resolve(rev)
-        with collector_paused():  # a manifest of many tensors is many objects: _gc.py
+        with _gc_paused():  # phases as long as the tensors are many (ckptvcs._gcpause)
             manifest = self.manifest(commit_id)
             try:
                 node = select_keys(manifest.root, None if keys is None else [keys] if isinstance(keys, str) else list(keys))
             except KeyError as err:
                 raise KeyNotFoundError(f"commit {commit_id[:12]}: {err.args[0]}") from None
-            blobs = self._read_blobs(manifest, node, commit_id, progress)
+        blobs = self._read_blobs(manifest, node, commit_id, progress)
+        with _gc_paused():
             return decode_state(node, blobs, map_location)
 
     def _read_blobs(
@@ -871,6 +887,12 @@ class Repo:
     ) -> dict[int, Any]:
         """Allocate and fill the blobs that the ``(node, path)`` pairs need, in one read
         (one index transaction, small chunks grouped), verifying every chunk."""
+        with _gc_paused(_many_small_tensors(manifest)):  # as long as the tensors are many, when they are small
+            return self._read_nodes_unpaused(manifest, nodes, commit_id, progress)
+
+    def _read_nodes_unpaused(
+        self, manifest: Manifest, nodes: list[tuple[Any, str]], commit_id: str, progress: Progress | None
+    ) -> dict[int, Any]:
         self._check_not_pruned(commit_id)
         kinds: dict[int, str] = {}
         names: dict[Any, str] = {}
@@ -1053,7 +1075,7 @@ class Repo:
         Changed tensors carry the fraction of elements changed and the max absolute
         difference. Tensors whose chunks are identical are not read at all.
         """
-        with collector_paused():
+        with _gc_paused():
             manifest_a, manifest_b = self.manifest(a), self.manifest(b)
         commit_a, commit_b = self.resolve(a), self.resolve(b)
 
@@ -1064,7 +1086,7 @@ class Repo:
                 return [decode_state(node, {i: blobs[i] for i in blob_kinds(node)}, "cpu") for node, _ in nodes]
             return load_nodes
 
-        with collector_paused():
+        with _gc_paused(_many_small_tensors(manifest_a) or _many_small_tensors(manifest_b)):
             return diff_manifests(manifest_a, manifest_b, loader(manifest_a, commit_a), loader(manifest_b, commit_b))
 
     def diff_stat(self, a: str, b: str) -> list[DiffStat]:
@@ -1882,11 +1904,20 @@ def _check_layout(root: Path) -> None:
             raise CorruptObjectError(f"{root / name} is not a {kind}; the repository is damaged")
 
 
-def _component_sizes(encoded: Any, stored: list[int]) -> tuple[tuple[str, int, int], ...]:
+def _many_small_tensors(manifest: Manifest) -> bool:
+    """Whether reading ``manifest``'s blobs takes a time bounded by their number, not their
+    bytes (many small tensors): then the collector may be paused for it (ckptvcs._gcpause)."""
+    sizes = [blob.get("nbytes") for blob in manifest.blobs if isinstance(blob, dict)]
+    return _small_items(len(sizes), sum(n for n in sizes if isinstance(n, int)))
+
+
+def _component_sizes(
+    encoded: Any, stored: list[int], paths: dict[int, str] | None = None
+) -> tuple[tuple[str, int, int], ...]:
     """(component, logical bytes, new stored bytes) of a staged state (docs/format.md, 4.1)."""
     logical = [len(blob.data) for blob in encoded.blobs]
     if len(stored) != len(logical):
         return ()
-    split = components.split(encoded.root, logical, stored)
+    split = components.split(encoded.root, logical, stored, paths)
     return tuple((name, sizes["logical_bytes"], sizes["new_stored_bytes"]) for name, sizes in split.items())
 

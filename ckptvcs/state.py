@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from . import _gcpause
 from ._lazy import LazyMapping, LazyModule
 from .errors import CorruptObjectError, InvalidInputError, UnsupportedValueError
 
@@ -110,6 +111,15 @@ class _Encoder:
         # Storage groups: (device, storage pointer) → tensors that view that storage.
         self._groups: dict[tuple[str, int], list[tuple[dict[str, Any], torch.Tensor]]] = {}
         self._active: set[int] = set()  # containers on the current path, for cycle detection
+        # The exact tensor types, for a fast path in _value: None when torch is not imported
+        # (then no value can be a tensor); subclasses still go the long way and are refused.
+        loaded = sys.modules.get("torch")
+        self._tensor_type = None if loaded is None else loaded.Tensor
+        self._parameter_type = None if loaded is None else loaded.nn.Parameter
+        # Read once: a LazyModule looks up attributes that are not classes anew every time.
+        self._strided: Any = None if loaded is None else loaded.strided
+        self._uint8: Any = None if loaded is None else loaded.uint8
+        self._dtype_names: dict[Any, str | None] = {}  # torch.dtype → its supported name, or None
 
     def encode(self, value: Any) -> EncodedState:
         self.state.root = self._value(value, "")
@@ -121,6 +131,12 @@ class _Encoder:
         return len(self.state.blobs) - 1
 
     def _value(self, value: Any, path: str) -> Any:
+        cls = type(value)  # fast paths for the commonest exact types; the checks below decide the same
+        if cls is str:
+            _check_utf8(value, path)
+            return value
+        if cls is self._tensor_type or cls is self._parameter_type:
+            return self._tensor(value, path)
         if value is None or isinstance(value, bool):
             return value
         if isinstance(value, enum.Enum):  # before int and str: IntEnum and StrEnum members are both
@@ -220,6 +236,9 @@ class _Encoder:
         return {"path": {"type": kind, "value": text}}
 
     def _key(self, key: Any, path: str) -> Any:
+        if type(key) is str:  # the common case, decided as below
+            _check_utf8(key, path)
+            return key
         if isinstance(key, bytes) and len(key) > _INLINE_BYTES_LIMIT:
             # Keys are decoded without blobs, so they must stay inline.
             raise UnsupportedValueError(_join(path, repr(key[:16]) + "..."), "bytes dict keys longer than 64 KiB")
@@ -249,23 +268,28 @@ class _Encoder:
         return {"npscalar": {"dtype": value.dtype.str, "hex": value.tobytes().hex()}}
 
     def _tensor(self, t: torch.Tensor, path: str) -> Any:
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        kind = type(t)
+        if kind is not torch.Tensor and kind is not torch.nn.Parameter:
             raise UnsupportedValueError(path, f"tensor subclass {type(t).__qualname__} is not supported")
         if t.is_nested:
             raise UnsupportedValueError(path, "nested tensors are not supported (store their unbind() list)")
-        if t.layout != torch.strided:
+        if self._strided is None:
+            self._strided, self._uint8 = torch.strided, torch.uint8
+        if t.layout != self._strided:
             raise UnsupportedValueError(path, f"{t.layout} tensors are not supported (convert with .to_dense())")
         if t.is_quantized:
             raise UnsupportedValueError(path, "quantized tensors are not supported (store int_repr() and scales)")
-        if t.device.type == "meta":
+        on_cpu = t.is_cpu  # a flag: reading t.device builds a device object
+        device = "cpu" if on_cpu else str(t.device)
+        if not on_cpu and t.device.type == "meta":
             raise UnsupportedValueError(path, "meta tensors have no data to store")
-        name = _torch_dtype_name(t.dtype)
-        if name not in TORCH_DTYPES:
+        name = self._dtype_name(t.dtype)
+        if name is None:
             raise UnsupportedValueError(path, f"dtype {t.dtype} is not supported")
         node: dict[str, Any] = {"dtype": name, "shape": list(t.shape)}
-        if t.device.type != "cpu":
-            node["device"] = str(t.device)
-        if isinstance(t, torch.nn.Parameter):
+        if not on_cpu:
+            node["device"] = device
+        if kind is torch.nn.Parameter:  # the exact type: subclasses were refused above
             node["param"] = True
         if t.requires_grad:
             node["requires_grad"] = True
@@ -277,13 +301,24 @@ class _Encoder:
             empty = torch.empty(0, dtype=torch.uint8)
             node.update(stride=[1] * data.dim(), offset=0, blob=self._blob(BlobSource(memoryview(empty.numpy()), name, empty)))
             return {"tensor": node}
-        key = (str(data.device), data.untyped_storage().data_ptr())
+        key = (device, data.untyped_storage().data_ptr())  # detaching and resolving keep the device
         self._groups.setdefault(key, []).append((node, data))
         return {"tensor": node}
+
+    def _dtype_name(self, dtype: torch.dtype) -> str | None:
+        """The format's name of a torch dtype, None when the format lacks it (memoized)."""
+        try:
+            return self._dtype_names[dtype]
+        except KeyError:
+            name = _torch_dtype_name(dtype)
+            found = self._dtype_names[dtype] = name if name in TORCH_DTYPES else None
+            return found
 
     def _emit_torch_blobs(self) -> None:
         """Store each storage group once, as the byte span its tensors cover."""
         for members in self._groups.values():
+            if len(members) == 1 and self._emit_alone(*members[0]):
+                continue
             spans = [_byte_span(t) for _, t in members]
             lo = min(s for s, _ in spans) // _SPAN_ALIGN * _SPAN_ALIGN
             hi = max(e for _, e in spans)
@@ -298,6 +333,21 @@ class _Encoder:
             blob = self._blob(BlobSource(memoryview(raw.numpy()), members[0][0]["dtype"], raw))
             for (node, t), (start, _) in zip(members, spans):
                 node.update(stride=list(t.stride()), offset=start - lo, blob=blob)
+
+    def _emit_alone(self, node: dict[str, Any], t: torch.Tensor) -> bool:
+        """Emit a tensor alone in its storage group when it is contiguous CPU memory starting
+        on a _SPAN_ALIGN boundary (most tensors of a state): the span the general path
+        computes is then exactly its own bytes, viewed here without building a storage
+        view. False: leave it to the general path."""
+        if not t.is_cpu or not t.is_contiguous() or (t.storage_offset() * t.element_size()) % _SPAN_ALIGN:
+            return False
+        try:
+            raw = t.reshape(-1).view(self._uint8)  # bytes [start, start + nbytes) of the storage: a view
+        except RuntimeError:
+            return False
+        blob = self._blob(BlobSource(memoryview(raw.numpy()), node["dtype"], raw))
+        node.update(stride=list(t.stride()), offset=0, blob=blob)
+        return True
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
@@ -345,7 +395,8 @@ def _check_utf8(s: str, path: str) -> None:
 
 def encode_state(state: Any) -> EncodedState:
     """Validate and encode ``state``; raises UnsupportedValueError naming the key path."""
-    return _Encoder().encode(state)
+    with _gcpause.paused():  # every node it allocates lives on: no garbage to collect meanwhile
+        return _Encoder().encode(state)
 
 
 # -- decoding ---------------------------------------------------------------------
@@ -412,7 +463,13 @@ def iter_tensors(node: Any, path: str = "") -> Iterator[tuple[str, str, dict[str
             yield path, tag, _array_body(tag, node[tag], path)
             return
     for key, child in _children(node):
-        yield from iter_tensors(child, _join(path, key))
+        child_path = _join(path, key)
+        if isinstance(child, dict) and len(child) >= 1:  # a leaf answered here: no generator per tensor
+            tag = next(iter(child))
+            if tag in ("tensor", "ndarray"):
+                yield child_path, tag, _array_body(tag, child[tag], child_path)
+                continue
+        yield from iter_tensors(child, child_path)
 
 
 def blob_kinds(node: Any) -> dict[int, str]:
