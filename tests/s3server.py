@@ -120,6 +120,11 @@ def run_server(data_dir: Path, ports: tuple[int, ...] = ()) -> Iterator[S3Server
         f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
         f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}",
+        # Every bucket is a collection with volumes of its own. Left to itself, mini allows
+        # free disk / 1 GiB volumes, so a session's buckets ran out of volumes on a machine
+        # with ~40 GiB free ("No writable volumes"); small volumes and a fixed count make the
+        # suite independent of the disk it runs on (the test data is a few MB a bucket).
+        "-master.volumeSizeLimitMB=64", "-volume.max=2000",
     ]
     (data_dir / "data").mkdir(exist_ok=True)
     log = open(data_dir / "weed.log", "ab")
