@@ -28,9 +28,6 @@ def first_paths(root: Any) -> dict[int, str]:
     return paths
 
 
-_first_paths = first_paths
-
-
 def parent_bases(
     parent_root: Any, parent_blobs: Sequence[dict[str, Any]], root: Any, dtypes: Sequence[str], *,
     parent_paths: Mapping[int, str] | None = None, paths: Mapping[int, str] | None = None,

@@ -101,7 +101,7 @@ def test_tensor_paths_with_every_kind_of_key() -> None:
     """Delta pairing names tensors by key path: plain keys (str, int, bool, None) take a
     fast path, the others (float, tuple, bytes) are decoded; both must name the same paths
     as before."""
-    from ckptvcs.delta import _first_paths
+    from ckptvcs.delta import first_paths
     from ckptvcs.state import encode_state, iter_tensors
 
     t = torch.zeros(3)
@@ -109,6 +109,6 @@ def test_tensor_paths_with_every_kind_of_key() -> None:
     root = encode_state(state).root
     paths = [path for path, _, _ in iter_tensors(root)]
     assert paths == ["a/0", "a/True", "a/None", "a/1.5", "a/('x', 2)", "a/b'k'", "7/0"]
-    assert sorted(_first_paths(root).values()) == sorted(paths)
+    assert sorted(first_paths(root).values()) == sorted(paths)
     again = [path for path, _, _ in iter_tensors(encode_state(state).root)]
     assert again == paths
