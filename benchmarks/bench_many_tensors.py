@@ -6,8 +6,8 @@ Issue 16 asks that nothing slow down with the number of tensors (100,000 small t
 one state). A load used to pay, per tensor, an LMDB read transaction and a pool task, and
 a diff a whole read per changed tensor (docs/performance.md, "Many small tensors"). This
 script builds one repository per size (``--sizes``), each holding two commits of
-``{"model": {"layer<i>.weight": 16 floats, ...}, "step": n}``, the second with every
-tenth tensor changed, and measures in one run:
+bench_tensors_commit.py's state (``{"model": {"layer<i>.weight": 16 floats, ...}, "step":
+n}``), the second with every tenth tensor changed, and measures in one run:
 
 * ``Repo.load`` of the newest commit against ``torch.load`` of the same state saved by
   ``torch.save``, alternating (torch, ckptvcs, torch, ...), ratio per pair;
@@ -33,7 +33,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_core  # noqa: E402
 import bench_scale  # noqa: E402
+import bench_tensors_commit  # noqa: E402
 
 from ckptvcs import Repo  # noqa: E402
 
@@ -50,21 +51,17 @@ Timing = tuple[float, float]  # (wall seconds, process CPU seconds)
 
 
 def timed(op: Callable[[], Any]) -> Timing:
-    wall, cpu = time.perf_counter(), time.process_time()
-    op()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu, _ = bench_core.timed_cpu(op)
+    return wall, cpu
 
 
 def build(folder: Path, n: int) -> tuple[Repo, Path]:
-    """A repository of two commits of ``n`` small tensors (every tenth changed in the second)."""
-    gen = torch.Generator().manual_seed(n)
-    model = {f"layer{i}.weight": torch.randn(16, generator=gen) for i in range(n)}
+    """A repository of two commits of bench_tensors_commit's state of ``n`` small tensors
+    (every tenth changed in the second)."""
+    state = bench_tensors_commit.make_state(n)
     repo = Repo.init(folder / "repo")
-    repo.commit({"model": model, "step": 1}, message="first")
-    for i, tensor in enumerate(model.values()):
-        if i % 10 == 0:
-            tensor.add_(1.0)
-    state = {"model": model, "step": 2}
+    repo.commit(state, message="first")
+    bench_tensors_commit.change_tenth(state)
     repo.commit(state, message="second")
     saved = folder / "state.pt"
     torch.save(state, saved)

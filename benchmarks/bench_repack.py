@@ -33,8 +33,6 @@ import os
 import shutil
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +50,12 @@ MB = 1_000_000
 QUICK = {"count": 4, "steps": 2, "repeats": 2}
 
 
-def timed_cpu(op: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall seconds, process CPU seconds of every thread, result)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = op()
-    return time.perf_counter() - wall, time.process_time() - cpu, result
-
-
 def pairs(path: Path, repo: ckptvcs.Repo, commit: str, repeats: int) -> dict[str, Any]:
     """torch.load and repo.load alternating, ``repeats`` pairs: medians of the per-pair ratios."""
     wall, cpu = [], []
     for _ in range(repeats):
-        tw, tc, _ = timed_cpu(lambda: torch.load(path, weights_only=True))
-        mw, mc, _ = timed_cpu(lambda: repo.load(commit))
+        tw, tc, _ = bench_core.timed_cpu(lambda: torch.load(path, weights_only=True))
+        mw, mc, _ = bench_core.timed_cpu(lambda: repo.load(commit))
         wall.append(mw / tw)
         cpu.append(mc / tc)
     return {"wall": statistics.median(wall), "cpu": statistics.median(cpu), "wall_pairs": wall, "cpu_pairs": cpu}
@@ -100,7 +91,7 @@ def one_repack(files: list[Path], work: Path, repeats: int) -> dict[str, Any]:
         assert bench_core.states_equal(repo.load(commits[-1]), torch.load(files[-1], weights_only=True))
         before = {"loads": loads(files, repo, commits, repeats), "pack_bytes": pack_bytes(repo_dir),
                   "depth_newest": depth(repo, commits[-1]), "depth_oldest": depth(repo, commits[0])}
-        wall, cpu, report = timed_cpu(repo.repack)
+        wall, cpu, report = bench_core.timed_cpu(repo.repack)
         for f, c in zip(files, commits):
             assert bench_core.states_equal(repo.load(c), torch.load(f, weights_only=True)), "not bit-exact"
         after = {"loads": loads(files, repo, commits, repeats), "pack_bytes": pack_bytes(repo_dir),
@@ -119,8 +110,8 @@ def repack_every_commit(files: list[Path], work: Path) -> dict[str, Any]:
         for src in files:
             state = torch.load(src, weights_only=True)
             os.sync()
-            cw, cc, _ = timed_cpu(lambda: repo.commit(state, step=int(state["step"]), code_version=None))
-            rw, rc, _ = timed_cpu(repo.repack)
+            cw, cc, _ = bench_core.timed_cpu(lambda: repo.commit(state, step=int(state["step"]), code_version=None))
+            rw, rc, _ = bench_core.timed_cpu(repo.repack)
             steps.append({"commit_wall_s": cw, "commit_cpu_s": cc, "repack_wall_s": rw, "repack_cpu_s": rc})
         result = {"steps": steps, "pack_bytes": pack_bytes(repo_dir), "depth_newest": depth(repo, repo.resolve("HEAD"))}
     shutil.rmtree(repo_dir, ignore_errors=True)

@@ -38,7 +38,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import MB, machine_info, machine_line  # noqa: E402
+from bench_core import MB, machine_info, machine_line, timed_cpu  # noqa: E402
 from minilm import BATCH, SEQ_LEN, pretrained  # noqa: E402
 
 import ckptvcs  # noqa: E402
@@ -94,9 +93,8 @@ def torch_save(state: dict[str, Any], path: Path) -> None:
 
 def timed(fn: Any) -> tuple[float, float]:
     os.sync()  # no timed fsync pays for earlier dirty pages
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu, _ = timed_cpu(fn)
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> None:
